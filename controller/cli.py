@@ -1,0 +1,168 @@
+"""The `nexlify` command line.
+
+    nexlify train ...            the pipeline (alias: nexlify-train)
+    nexlify preflight ...        the checks `train` runs first, as a pass/fail table
+    nexlify worker train ...     one training run (what the pipeline starts locally or in a pod)
+    nexlify evaluate|data|bench  the trainer's own commands (nexlify.cli)
+    nexlify config schema        the JSON schema of the pipeline config (used by the Helm chart)
+
+Bad input exits with code 2 and one line naming the bad value and what is accepted, before anything
+is written. Other permanent errors exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import structlog
+
+from controller.config import PipelineConfig, quick_test_preset
+from nexlify import logs
+from nexlify.cli import add_commands as add_trainer_commands
+from nexlify.cli import build_config
+from nexlify.config import TrainConfig
+from nexlify.configtools import add_flags, flags_to_mapping, json_schema
+from nexlify.errors import InputError, NexlifyError
+
+log = structlog.get_logger("nexlify")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nexlify", description="Train RL crypto-trading agents as a pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run the pipeline: multi-start, selection, auto-retraining, summary")
+    _add_pipeline_args(train)
+    train.set_defaults(handler=cmd_train)
+
+    pre = sub.add_parser("preflight", help="check versions, device, data, output and disk; a pass/fail table")
+    _add_pipeline_args(pre)
+    pre.set_defaults(handler=cmd_preflight)
+
+    worker = sub.add_parser("worker", help="one training run")
+    worker_sub = worker.add_subparsers(dest="worker_command", required=True)
+    wt = worker_sub.add_parser("train", help="train one run and write its checkpoint and result.json")
+    wt.add_argument("--run-key", default="run", help="name of the run in logs (init-1, retrain-3)")
+    wt.add_argument("--seed", type=int, default=42)
+    wt.add_argument("--episodes", type=int, required=True)
+    wt.add_argument("--out", required=True, help="output folder or s3://bucket/prefix of this run")
+    wt.add_argument("--config", help="TrainConfig file (JSON/YAML; local path or s3://)")
+    wt.add_argument("--data-snapshot", help="folder or s3:// prefix holding the pipeline's candle snapshot")
+    wt.add_argument("--init-from", help="checkpoint to continue from (weights and optimizer)")
+    wt.add_argument("--checkpoint-every", type=int, default=0, help="episodes between resume checkpoints")
+    wt.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+    add_flags(wt, TrainConfig)
+    wt.set_defaults(handler=cmd_worker_train)
+
+    cfg = sub.add_parser("config", help="inspect the configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    schema = cfg_sub.add_parser("schema", help="print the JSON schema of the pipeline config")
+    schema.set_defaults(handler=cmd_config_schema)
+    show = cfg_sub.add_parser("show", help="print the resolved pipeline config as YAML")
+    _add_pipeline_args(show)
+    show.set_defaults(handler=cmd_config_show)
+
+    add_trainer_commands(sub)
+    return parser
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", dest="config_file", help="YAML file with the same keys as the flags; flags win")
+    p.add_argument("--quick-test", action="store_true",
+                   help="1 pair, 2 initial runs, at most 3 iterations, small episode counts (flags still win)")
+    p.add_argument("--automated", action="store_true", help="never prompt (the pipeline never prompts anyway)")
+    p.add_argument("--force", action="store_true", help="start over on an output that holds another config")
+    p.add_argument("--log-format", choices=("auto", "console", "json"), default=None,
+                   help="auto: JSON unless stderr is a terminal")
+    add_flags(p, PipelineConfig)
+
+
+def resolve_pipeline_config(args: argparse.Namespace) -> PipelineConfig:
+    file_mapping = None
+    if args.config_file:
+        import yaml
+
+        try:
+            with open(args.config_file) as fh:
+                file_mapping = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise InputError(f"--config {args.config_file}: no such file") from None
+        except yaml.YAMLError as exc:
+            raise InputError(f"--config {args.config_file} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    flags = flags_to_mapping(args, PipelineConfig)
+    preset = quick_test_preset() if args.quick_test else None
+    return build_config(PipelineConfig, file_mapping, preset, flags)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from controller.preflight import run_preflight
+    from controller.run import run_pipeline
+
+    cfg = resolve_pipeline_config(args)
+    if not run_preflight(cfg, print_table=True):
+        return 2
+    summary = run_pipeline(cfg, force=args.force)
+    print(json.dumps({k: summary[k] for k in ("stop_reason", "best_initial_score", "final_best_score",
+                                               "total_improvement_pct", "final_model_url")}, indent=2))
+    return 0
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from controller.preflight import run_preflight
+
+    return 0 if run_preflight(resolve_pipeline_config(args), print_table=True) else 2
+
+
+def cmd_worker_train(args: argparse.Namespace) -> int:
+    from controller.worker import run_worker
+
+    if args.episodes < 1:
+        raise InputError(f"--episodes {args.episodes}: accepted: a whole number >= 1")
+    return run_worker(run_key=args.run_key, seed=args.seed, episodes=args.episodes, out_url=args.out,
+                      config_url=args.config, overrides=flags_to_mapping(args, TrainConfig),
+                      data_url=args.data_snapshot, init_from=args.init_from, checkpoint_every=args.checkpoint_every)
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(PipelineConfig), indent=2))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from nexlify.configtools import to_dict
+
+    print(yaml.safe_dump(to_dict(resolve_pipeline_config(args)), sort_keys=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(getattr(args, "log_format", None) or os.environ.get("NEXLIFY_LOG_FORMAT", "auto"))
+    try:
+        return int(args.handler(args) or 0)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NexlifyError as exc:
+        log.error("failed", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def train_alias() -> int:
+    """`nexlify-train ...` is `nexlify train ...`."""
+    return main(["train", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""PipelineConfig: the training settings (TrainConfig, inlined) plus how the pipeline runs.
+
+Written once here; the CLI flags, the YAML file (`--config`), the Helm chart's `pipeline:` values and
+the summary's `config` are all this structure. TrainConfig's sections (data, env, risk, agent) sit at
+the top level of files and flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nexlify.config import TrainConfig
+from nexlify.configtools import config_hash, section, setting, to_dict
+from nexlify.errors import InputError
+
+DEFAULT_OUTPUT = "./complete_auto_training_output"
+
+
+@dataclass
+class KubernetesConfig:
+    """How runs become Jobs (`--executor kubernetes`). The Helm chart fills these from its values."""
+
+    namespace: str = setting("default", "namespace for the run Jobs")
+    name: str = setting("nexlify", "name prefix of the Jobs (<name>-<pipeline-id>-init-<i>)")
+    image: str = setting("nexlify-train:latest", "container image of the workers")
+    image_pull_policy: str = setting("IfNotPresent", "image pull policy",
+                                     choices=("Always", "IfNotPresent", "Never"))
+    worker_service_account: str = setting("", "service account of the worker pods (no API access needed)")
+    s3_secret: str = setting("", "Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the workers "
+                                 "(empty: IRSA / workload identity)")
+    s3_endpoint: str = setting("", "S3 endpoint URL passed to workers as AWS_ENDPOINT_URL (empty: AWS)")
+    gpus: int = setting(0, "nvidia.com/gpu per worker", lo=0)
+    cpu_request: str = setting("1", "worker CPU request")
+    memory_request: str = setting("2Gi", "worker memory request")
+    cpu_limit: str = setting("", "worker CPU limit (empty: none)")
+    memory_limit: str = setting("4Gi", "worker memory limit")
+    node_selector: dict = setting({}, "worker nodeSelector", cli=False)
+    tolerations: list[dict] = setting([], "worker tolerations", cli=False)
+    affinity: dict = setting({}, "worker affinity", cli=False)
+    priority_class_name: str = setting("", "worker priorityClassName")
+    kueue_queue: str = setting("", "Kueue LocalQueue name (empty: no Kueue)")
+    backoff_limit: int = setting(2, "pod retries per Job", lo=0)
+    active_deadline_seconds: int = setting(6 * 3600, "seconds before a run Job is failed", lo=1)
+    ttl_seconds_after_finished: int = setting(7 * 24 * 3600, "seconds a finished Job is kept", lo=0)
+    owner_job: str = setting("", "name of the controller's own Job, for ownerReferences (set in-cluster)",
+                             cli=False)
+
+
+@dataclass
+class PipelineConfig:
+    train: TrainConfig = section(TrainConfig, inline=True)
+    seed: int = setting(42, "seed of the first initial run; run i uses seed + 1000*i", lo=0)
+    initial_runs: int = setting(3, "independent initial runs (multi-start)", lo=1, hi=64)
+    initial_episodes: int = setting(300, "episodes per initial run", lo=1)
+    retrain_episodes: int = setting(200, "episodes per retraining iteration", lo=1)
+    improvement_threshold: float = setting(1.0, "minimum improvement in % that keeps retraining going", lo=0.0)
+    patience: int = setting(3, "retraining iterations without improvement before stopping", lo=1)
+    max_iterations: int = setting(10, "retraining iterations at most (0 = no retraining)", lo=0)
+    output: str = setting(DEFAULT_OUTPUT, "output folder or s3://bucket/prefix")
+    executor: str = setting("local", "where runs execute", choices=("local", "kubernetes"))
+    parallel: int = setting(0, "runs at once (0 = what the cores or GPUs allow)", lo=0)
+    checkpoint_every: int = setting(100, "episodes between a run's resume checkpoints (0 = only at the end)", lo=0)
+    kubernetes: KubernetesConfig = section(KubernetesConfig)
+
+    def check(self) -> None:
+        if self.output.startswith("s3://") and len(self.output) <= len("s3://"):
+            raise InputError(f"--output {self.output!r}: accepted: a folder or s3://bucket/prefix")
+
+
+# Settings that may change between a crash and the resume without changing what is computed.
+RUNTIME_ONLY = ("output", "executor", "parallel", "kubernetes", "device", "threads")
+
+
+def pipeline_hash(cfg: PipelineConfig) -> str:
+    data = to_dict(cfg)
+    for key in RUNTIME_ONLY:
+        data.pop(key, None)
+    return config_hash(data)
+
+
+def quick_test_preset() -> dict:
+    """--quick-test: one pair, two initial runs, at most three iterations, small episode counts. Flags the
+    user typed still win."""
+    return {
+        "pairs": ["BTC/USDT"],
+        "initial_runs": 2,
+        "max_iterations": 3,
+        "initial_episodes": 32,
+        "retrain_episodes": 16,
+        "num_envs": 16,
+        "episode_bars": 1500,
+        "checkpoint_every": 16,
+    }

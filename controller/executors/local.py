@@ -1,0 +1,159 @@
+"""The embedded default: each run is a `nexlify worker train` child process on this machine.
+
+At most `parallel` workers run at once. Workers log JSON lines on stderr; the executor relays each
+event through the controller's logger (so it lands in the terminal and training.log alike) and turns
+their progress events into one progress bar per run on a terminal. Children get SIGTERM if the
+controller dies (Linux PDEATHSIG), which makes them save a resume checkpoint and exit, so a re-run
+of the pipeline never finds an orphan still writing to the same run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import structlog
+
+from controller.executors.base import RunOutcome, RunSpec
+
+log = structlog.get_logger("nexlify.executor.local")
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def worker_command() -> list[str]:
+    """How to start `nexlify` with the interpreter running us (works in any venv, no PATH lookup)."""
+    return [sys.executable, "-m", "controller"]
+
+
+def default_parallel() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return max(1, torch.cuda.device_count())
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@dataclass
+class _Run:
+    spec: RunSpec
+    process: subprocess.Popen | None = None
+    relay: threading.Thread | None = None
+    tail: list[str] = field(default_factory=list)
+    bar: object | None = None
+
+
+class LocalExecutor:
+    def __init__(self, parallel: int = 0, *, extra_env: dict | None = None, progress: bool | None = None) -> None:
+        self.parallel = parallel or default_parallel()
+        self.extra_env = dict(extra_env or {})
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self._runs: dict[str, _Run] = {}
+
+    def start(self, spec: RunSpec) -> str:
+        """Register a run; processes start in wait(), at most `parallel` at a time. Idempotent by run key."""
+        self._runs.setdefault(spec.run_key, _Run(spec))
+        return spec.run_key
+
+    def wait(self, handles: list[str]) -> list[RunOutcome]:
+        pending = [self._runs[h] for h in handles]
+        running: list[_Run] = []
+        outcomes: dict[str, RunOutcome] = {}
+        position = 0
+        while pending or running:
+            while pending and len(running) < self.parallel:
+                run = pending.pop(0)
+                self._launch(run, position)
+                position += 1
+                running.append(run)
+            finished = self._wait_any(running)
+            running.remove(finished)
+            outcomes[finished.spec.run_key] = self._outcome(finished)
+        return [outcomes[h] for h in handles]
+
+    def close(self) -> None:
+        for run in self._runs.values():
+            if run.process is not None and run.process.poll() is None:
+                run.process.terminate()
+
+    # -----------------------------------------------------------------------------------------------
+
+    def _launch(self, run: _Run, position: int) -> None:
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        env["NEXLIFY_LOG_FORMAT"] = "json"
+        env["NEXLIFY_PROGRESS_SECONDS"] = "1" if self.progress else env.get("NEXLIFY_PROGRESS_SECONDS", "30")
+        argv = worker_command() + run.spec.worker_args()
+        run.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+        if self.progress:
+            from tqdm import tqdm
+
+            run.bar = tqdm(total=100, desc=run.spec.run_key, unit="%", position=position % self.parallel,
+                           leave=False)
+        run.relay = threading.Thread(target=self._relay, args=(run,), daemon=True)
+        run.relay.start()
+        log.info("run_started", run=run.spec.run_key, seed=run.spec.seed, phase=run.spec.phase,
+                 episodes=run.spec.episodes, pid=run.process.pid)
+
+    def _relay(self, run: _Run) -> None:
+        assert run.process is not None and run.process.stderr is not None
+        for line in run.process.stderr:
+            line = line.rstrip("\n")
+            run.tail = (run.tail + [line])[-20:]
+            try:
+                event = json.loads(line)
+            except ValueError:
+                log.info("worker_output", run=run.spec.run_key, line=line)
+                continue
+            name = event.pop("event", "worker_event")
+            if name == "training_progress":
+                if run.bar is not None:
+                    run.bar.n = event.get("percent", 0)
+                    run.bar.refresh()
+                    continue
+            level = event.pop("level", "info")
+            event.pop("timestamp", None)
+            event.setdefault("run", run.spec.run_key)
+            getattr(log, level if level in ("debug", "info", "warning", "error") else "info")(name, **event)
+
+    def _wait_any(self, running: list[_Run]) -> _Run:
+        while True:
+            for run in running:
+                assert run.process is not None
+                try:
+                    run.process.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    continue
+                if run.relay is not None:
+                    run.relay.join(timeout=5)
+                if run.bar is not None:
+                    run.bar.close()
+                return run
+
+    @staticmethod
+    def _outcome(run: _Run) -> RunOutcome:
+        assert run.process is not None
+        code = run.process.returncode
+        if code == 0:
+            return RunOutcome(run.spec.run_key, True, details={"exit_code": 0})
+        reason = {2: "invalid input", 143: "terminated (SIGTERM)", -15: "terminated (SIGTERM)",
+                  -9: "killed (SIGKILL, out of memory?)"}.get(code, f"exit code {code}")
+        return RunOutcome(run.spec.run_key, False, reason=f"worker failed: {reason}",
+                          details={"exit_code": code, "log_tail": run.tail[-10:]})

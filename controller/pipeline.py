@@ -1,0 +1,329 @@
+"""The pipeline as an explicit state machine whose state lives in the output store.
+
+    PLANNED -> INITIAL_RUNNING -> SELECTED -> RETRAINING(k) -> DONE(stop_reason)
+
+After every transition `pipeline_state.json` is written (atomically). On start the state is read back:
+finished runs are taken from their result.json, missing ones are (re)started (a worker continues from
+its own resume checkpoint), and every decision is a pure function of recorded scores (controller.rules),
+so a pipeline killed at any moment and started again ends with the summary an uninterrupted one writes.
+The summary is written last, so a reader never sees a summary pointing at files that are not there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import structlog
+
+import nexlify
+from controller import rules
+from controller.config import PipelineConfig, pipeline_hash
+from controller.executors.base import Executor, RunSpec
+from controller.stores import StoreKeyMissing
+from controller.stores.base import Store
+from nexlify.configtools import to_dict
+from nexlify.data.candles import candle_filename, read_candles, write_candles
+from nexlify.data.timeframes import iso_utc
+from nexlify.errors import InputError, PermanentError
+from nexlify.training import prepare_data
+
+log = structlog.get_logger("nexlify.pipeline")
+
+STATE_KEY = "pipeline_state.json"
+SUMMARY_KEY = "complete_training_summary.json"
+CONFIG_KEY = "pipeline_config.json"
+DATA_PREFIX = "data"
+STATE_VERSION = 1
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, store: Store, executor: Executor, *, force: bool = False) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.executor = executor
+        self.force = force
+        self.hash = pipeline_hash(cfg)
+        self.pipeline_id = self.hash[:8]
+        self.state: dict = {}
+        self._outputs: dict[str, str] = {}  # run key -> store key of its folder
+        self.on_transition = None  # called after every state transition (publishes training.log)
+
+    # ------------------------------------------------------------------------------------ state i/o
+
+    def _write_json(self, key: str, data: dict) -> None:
+        self.store.write_bytes(key, json.dumps(data, indent=2).encode())
+
+    def _read_json(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.store.read_bytes(key))
+        except StoreKeyMissing:
+            return None
+
+    def _transition(self, phase: str, **fields) -> None:
+        self.state["phase"] = phase
+        self.state.update(fields)
+        self.state["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._write_json(STATE_KEY, self.state)
+        log.info("phase_changed", pipeline=self.pipeline_id, phase=phase,
+                 **{k: v for k, v in fields.items() if isinstance(v, (int, float, str)) or v is None})
+        if self.on_transition is not None:
+            self.on_transition()
+
+    def load_or_plan(self) -> None:
+        """Adopt the state in the store, or plan a new pipeline. Refuses another config's output."""
+        existing = self._read_json(STATE_KEY)
+        if existing is not None and existing.get("config_hash") != self.hash and not self.force:
+            raise InputError(
+                f"{self.store.url(STATE_KEY)} belongs to a pipeline with another config "
+                f"(hash {existing.get('config_hash')}, this one {self.hash}); use another --output, "
+                "or --force to start over there (finished files are overwritten as runs are redone)")
+        if existing is not None and existing.get("config_hash") == self.hash:
+            self.state = existing
+            log.info("pipeline_resumed", pipeline=self.pipeline_id, phase=existing.get("phase"))
+            return
+        if self.force and existing is not None:
+            log.warning("pipeline_forced", pipeline=self.pipeline_id, previous_hash=existing.get("config_hash"))
+            self.store.delete(SUMMARY_KEY)
+        self.state = {
+            "state_version": STATE_VERSION, "pipeline_id": self.pipeline_id, "config_hash": self.hash,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "initial_runs": {}, "retraining": [], "timings": {},
+        }
+        self._write_json(CONFIG_KEY, to_dict(self.cfg))
+        self._transition("PLANNED")
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def snapshot_data(self) -> None:
+        """Resolve the candles once, write them into the output, record their sha256."""
+        if "data" in self.state:
+            for entry in self.state["data"]["files"]:
+                blob = self.store.read_bytes(entry["key"])
+                if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+                    raise PermanentError(f"data snapshot {self.store.url(entry['key'])} changed since the pipeline "
+                                         "started (sha256 differs); use a new --output")
+            return
+        train_cfg = self.cfg.train
+        market, windows = prepare_data(train_cfg)
+        d = train_cfg.data
+        files = []
+        for pair in market.pairs:
+            source = market.sources[pair]["file"]
+            frame = read_candles(source)
+            ts0, ts1 = int(market.timestamps[0]), int(market.timestamps[-1])
+            frame = frame[(frame["timestamp"] >= ts0) & (frame["timestamp"] <= ts1)]
+            blob = _gzip_csv(frame)
+            key = f"{DATA_PREFIX}/{candle_filename(d.exchange, pair, d.timeframe)}"
+            self.store.write_bytes(key, blob)
+            files.append({"pair": pair, "key": key, "rows": int(len(frame)), "sha256": hashlib.sha256(blob).hexdigest(),
+                          "source": source, "gaps": market.gaps[pair].as_dict()})
+        ts = market.timestamps
+        self.state["data"] = {
+            "exchange": d.exchange, "pairs": list(market.pairs), "timeframe": d.timeframe,
+            "start": market.start_iso, "end": market.end_iso, "bars": market.n_bars,
+            "train": _window(ts, windows.train, market.timeframe_ms),
+            "validation": _window(ts, windows.val, market.timeframe_ms),
+            "test": _window(ts, windows.test, market.timeframe_ms) if windows.test else None, "files": files,
+        }
+        self._write_json(STATE_KEY, self.state)
+        log.info("data_snapshot_written", pipeline=self.pipeline_id, bars=market.n_bars, pairs=market.pairs,
+                 train=self.state["data"]["train"], validation=self.state["data"]["validation"])
+
+    # ------------------------------------------------------------------------------------------ runs
+
+    def _spec(self, key: str, phase: str, seed: int, episodes: int, output: str, init_from: str | None) -> RunSpec:
+        self._outputs[key] = output
+        return RunSpec(run_key=key, phase=phase, seed=seed, episodes=episodes,
+                       config_url=self.store.url(CONFIG_KEY), data_url=self.store.url(DATA_PREFIX),
+                       output_url=self.store.url(output), init_from=init_from,
+                       checkpoint_every=self.cfg.checkpoint_every)
+
+    def _run_all(self, specs: list[RunSpec]) -> dict[str, dict]:
+        """Run the specs whose result.json is missing; return every spec's result."""
+        results: dict[str, dict] = {}
+        todo = []
+        for spec in specs:
+            result = self._result(spec)
+            if result is not None:
+                results[spec.run_key] = result
+                log.info("run_adopted", pipeline=self.pipeline_id, run=spec.run_key, val_score=result["val_score"])
+            else:
+                todo.append(spec)
+        if todo:
+            handles = [self.executor.start(spec) for spec in todo]
+            outcomes = self.executor.wait(handles)
+            failed = []
+            for spec, outcome in zip(todo, outcomes):
+                result = self._result(spec) if outcome.succeeded else None
+                if result is None:
+                    reason = outcome.reason or "result.json is missing after the run reported success"
+                    failed.append(f"{spec.run_key}: {reason}")
+                    self.state.setdefault("failures", []).append(
+                        {"run": spec.run_key, "reason": reason, "details": outcome.details})
+                    log.error("run_failed", pipeline=self.pipeline_id, run=spec.run_key, reason=reason,
+                              **{k: v for k, v in outcome.details.items() if k != "log_tail"})
+                    continue
+                results[spec.run_key] = result
+            if failed:
+                self._write_json(STATE_KEY, self.state)
+                raise PermanentError("runs failed: " + "; ".join(failed))
+        return results
+
+    def _result(self, spec: RunSpec) -> dict | None:
+        result = self._read_json(f"{self._outputs[spec.run_key]}/result.json")
+        if result is not None and result.get("status") == "succeeded":
+            return result
+        return None
+
+    # ---------------------------------------------------------------------------------------- phases
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self.load_or_plan()
+        done = self._read_json(SUMMARY_KEY)
+        if self.state.get("phase") == "DONE" and done is not None:
+            log.info("pipeline_already_done", pipeline=self.pipeline_id, final_best_score=done["final_best_score"])
+            return done
+        self.snapshot_data()
+        self._initial_phase()
+        self._retraining_phase()
+        summary = self._summary()
+        self._transition("DONE", stop_reason=self.state["stop_reason"])
+        self._write_json(SUMMARY_KEY, summary)
+        log.info("pipeline_complete", pipeline=self.pipeline_id, stop_reason=self.state["stop_reason"],
+                 best_initial_score=summary["best_initial_score"], final_best_score=summary["final_best_score"],
+                 total_improvement_pct=summary["total_improvement_pct"], final_model=summary["final_model_path"],
+                 seconds=round(time.perf_counter() - t0, 1))
+        return summary
+
+    def _initial_phase(self) -> None:
+        cfg = self.cfg
+        if self.state["phase"] not in ("PLANNED", "INITIAL_RUNNING"):
+            return
+        self._transition("INITIAL_RUNNING", runs=cfg.initial_runs)
+        t0 = time.perf_counter()
+        specs = [self._spec(f"init-{i}", "initial", rules.initial_seed(cfg.seed, i), cfg.initial_episodes,
+                            f"initial_runs/run_{i}", None) for i in range(1, cfg.initial_runs + 1)]
+        results = self._run_all(specs)
+        for i, spec in enumerate(specs, start=1):
+            r = results[spec.run_key]
+            self.state["initial_runs"][str(i)] = _run_entry(i, spec, r, f"initial_runs/run_{i}")
+            log.info("run_finished", pipeline=self.pipeline_id, phase="initial", run=spec.run_key, seed=spec.seed,
+                     val_score=round(r["val_score"], 4), train_return=round(r["train_return"], 3))
+        best_id = rules.select_best([(int(k), v["val_score"]) for k, v in self.state["initial_runs"].items()])
+        best = self.state["initial_runs"][str(best_id)]
+        self.state["timings"]["initial_s"] = self.state["timings"].get("initial_s", 0.0) + round(time.perf_counter() - t0, 3)
+        self._transition("SELECTED", best={"score": best["val_score"], "model_key": best["model_key"],
+                                           "source": f"init-{best_id}"},
+                         best_initial_run=best_id, best_initial_score=best["val_score"], patience_count=0)
+
+    def _retraining_phase(self) -> None:
+        cfg = self.cfg
+        if self.state["phase"] == "SELECTED" and cfg.max_iterations == 0:
+            self.state["stop_reason"] = rules.MAX_ITERATIONS
+            return
+        if self.state["phase"] not in ("SELECTED", "RETRAINING"):
+            return
+        t0 = time.perf_counter()
+        while self.state.get("stop_reason") is None:
+            k = len(self.state["retraining"]) + 1
+            best = self.state["best"]
+            seed = rules.retrain_seed(cfg.seed, cfg.initial_runs, k)
+            output = f"retraining/iteration_{k}"
+            spec = self._spec(f"retrain-{k}", "retrain", seed, cfg.retrain_episodes, output,
+                              self.store.url(best["model_key"]))
+            self._transition("RETRAINING", iteration=k)
+            result = self._run_all([spec])[spec.run_key]
+            score = result["val_score"]
+            decision = rules.decide(score, best["score"], self.state["patience_count"], k,
+                                    threshold=cfg.improvement_threshold, patience=cfg.patience,
+                                    max_iterations=cfg.max_iterations)
+            entry = {
+                "iteration": k, "seed": seed, "score": score, "improvement_pct": decision.improvement_pct,
+                "metrics": _avg_metrics(result["val_metrics"]), "per_pair": result["val_metrics"].get("per_pair"),
+                "model_path": f"{output}/{result['model_file']}", "train_return": result["train_return"],
+                "new_best": decision.new_best, "patience_count": decision.patience_count,
+                "continued_from": best["model_key"], "test_metrics": result.get("test_metrics"),
+                "timings": result.get("timings"),
+            }
+            self.state["retraining"].append(entry)
+            if decision.new_best:
+                self.state["best"] = {"score": score, "model_key": entry["model_path"], "source": spec.run_key}
+            self.state["patience_count"] = decision.patience_count
+            self.state["stop_reason"] = decision.stop_reason
+            self._write_json(STATE_KEY, self.state)
+            log.info("iteration_finished", pipeline=self.pipeline_id, iteration=k, seed=seed, score=round(score, 4),
+                     improvement_pct=round(decision.improvement_pct, 3), new_best=decision.new_best,
+                     patience=decision.patience_count, decision=decision.stop_reason or "continue")
+        self.state["timings"]["retraining_s"] = self.state["timings"].get("retraining_s", 0.0) + round(time.perf_counter() - t0, 3)
+
+    # --------------------------------------------------------------------------------------- summary
+
+    def _summary(self) -> dict:
+        st = self.state
+        initial = [st["initial_runs"][k] for k in sorted(st["initial_runs"], key=int)]
+        best_initial = st["best_initial_score"]
+        final = st["best"]["score"]
+        final_key = st["best"]["model_key"]
+        final_entry = next((e for e in initial if e["model_key"] == final_key), None) or \
+            next(e for e in st["retraining"] if e["model_path"] == final_key)
+        import torch
+
+        return {
+            "pipeline_complete": True,
+            "pipeline_id": self.pipeline_id,
+            "stop_reason": st["stop_reason"],
+            "initial_runs": [{k: e[k] for k in ("run_id", "seed", "val_score", "train_return", "val_metrics",
+                                                 "model_path", "per_pair", "test_metrics", "timings")}
+                             for e in initial],
+            "best_initial_run": st["best_initial_run"],
+            "retraining_iterations": [{k: e[k] for k in ("iteration", "seed", "score", "improvement_pct", "metrics",
+                                                         "model_path", "new_best", "train_return", "per_pair",
+                                                         "test_metrics", "timings")}
+                                      for e in st["retraining"]],
+            "best_initial_score": best_initial,
+            "final_best_score": final,
+            "total_improvement_pct": rules.improvement_pct(final, best_initial),
+            "final_model_path": final_key,
+            "final_model_url": self.store.url(final_key),
+            "final_test_metrics": final_entry.get("test_metrics"),
+            "config": to_dict(self.cfg),
+            "config_hash": self.hash,
+            "data": st["data"],
+            "versions": {"nexlify": nexlify.__version__, "torch": str(torch.__version__)},
+            "device": self.cfg.train.device,
+            "timings": st["timings"],
+            "failures": st.get("failures", []),
+        }
+
+
+def _run_entry(run_id: int, spec: RunSpec, result: dict, output: str) -> dict:
+    return {
+        "run_id": run_id, "seed": spec.seed, "val_score": result["val_score"],
+        "train_return": result["train_return"], "val_metrics": _avg_metrics(result["val_metrics"]),
+        "per_pair": result["val_metrics"].get("per_pair"), "model_key": f"{output}/{result['model_file']}",
+        "model_path": f"{output}/{result['model_file']}", "test_metrics": result.get("test_metrics"),
+        "timings": result.get("timings"),
+    }
+
+
+def _avg_metrics(val: dict) -> dict:
+    return {k: val[k] for k in ("avg_return", "avg_sharpe", "avg_win_rate", "avg_drawdown", "total_trades", "score")}
+
+
+def _window(ts, window: tuple[int, int], bar_ms: int) -> dict:
+    i0, i1 = window
+    return {"start": iso_utc(int(ts[i0])), "end": iso_utc(int(ts[i1 - 1]) + bar_ms), "bars": i1 - i0}
+
+
+def _gzip_csv(frame) -> bytes:
+    """The same format as the bundled files (gzip with mtime 0: identical bytes for identical rows)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "snapshot.csv.gz"
+        write_candles(frame, path)
+        return path.read_bytes()
+

@@ -1,0 +1,95 @@
+"""Preflight: the checks `nexlify train` runs before any work, printed as a pass/fail table."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+
+import torch
+
+from controller.config import PipelineConfig
+from nexlify.errors import NexlifyError
+
+MIN_FREE_BYTES = 1 << 30  # 1 GiB for checkpoints and logs of a local output
+
+
+def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
+    """(name, check) pairs; a check returns a detail string or raises with the reason it failed."""
+
+    def python() -> str:
+        if sys.version_info < (3, 11):
+            raise NexlifyError(f"Python {sys.version.split()[0]}; accepted: 3.11 or newer")
+        return sys.version.split()[0]
+
+    def torch_version() -> str:
+        return f"{torch.__version__}, {torch.get_num_threads()} threads"
+
+    def device() -> str:
+        from nexlify.training import resolve_device
+
+        dev = resolve_device(cfg.train.device)
+        if dev.type == "cuda":
+            return f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+        return "cpu" + (" (no CUDA device found)" if cfg.train.device == "auto" else "")
+
+    def data() -> str:
+        from nexlify.training import prepare_data
+
+        market, windows = prepare_data(cfg.train)
+        src = cfg.train.data.data_dir or "bundled sample"
+        return (f"{', '.join(market.pairs)} on {cfg.train.data.exchange} from {src}: {market.start_iso} .. "
+                f"{market.end_iso}, {market.n_bars} bars (train {windows.train[1] - windows.train[0]}, "
+                f"validation {windows.val[1] - windows.val[0]})")
+
+    def output() -> str:
+        from controller.stores import open_store
+
+        store = open_store(cfg.output)
+        store.check_writable()
+        return f"{store.root_url} writable"
+
+    def disk() -> str:
+        if cfg.output.startswith("s3://"):
+            return "bucket output: local disk holds temporary files only"
+        import os
+
+        path = os.path.abspath(cfg.output)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        free = shutil.disk_usage(path).free
+        if free < MIN_FREE_BYTES:
+            raise NexlifyError(f"{free / 2**30:.2f} GiB free at {path}; accepted: at least 1 GiB")
+        return f"{free / 2**30:.1f} GiB free"
+
+    items = [("python", python), ("torch", torch_version), ("device", device), ("data", data),
+             ("output", output), ("disk", disk)]
+    if cfg.executor == "kubernetes":
+        def kubernetes() -> str:
+            from controller.executors.kubernetes import check_cluster
+
+            return check_cluster(cfg.kubernetes)
+
+        items.append(("kubernetes", kubernetes))
+    return items
+
+
+def run_preflight(cfg: PipelineConfig, *, print_table: bool = True) -> bool:
+    """Run every check (all of them, even after a failure) and print the table to stderr."""
+    rows, ok = [], True
+    first_error: str | None = None
+    for name, check in checks(cfg):
+        try:
+            rows.append((name, "pass", check()))
+        except Exception as exc:  # a check's failure is a row in the table, not a crash
+            ok = False
+            rows.append((name, "FAIL", str(exc)))
+            first_error = first_error or f"{name}: {exc}"
+    if print_table:
+        width = max(len(r[0]) for r in rows)
+        print("preflight", file=sys.stderr)
+        for name, status, detail in rows:
+            print(f"  {name:<{width}}  {status:<4}  {detail}", file=sys.stderr)
+        if first_error:
+            print(f"error: preflight failed: {first_error}", file=sys.stderr)
+    return ok

@@ -1,0 +1,74 @@
+"""The pipeline's decisions as pure functions of recorded numbers: selection and the stopping rules.
+
+Because they depend only on scores already written to the state, a resumed pipeline makes exactly the
+decisions an uninterrupted one made.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+IMPROVEMENT_BELOW_THRESHOLD = "improvement_below_threshold"
+PATIENCE_EXHAUSTED = "patience_exhausted"
+MAX_ITERATIONS = "max_iterations"
+
+
+def improvement_pct(score: float, best: float) -> float:
+    """(score - best) / |best| * 100.
+
+    With best = 0 the ratio is undefined; we then count any gain as +100 %, any loss as -100 % and
+    no change as 0 %, so a positive score after a zero best is an improvement of every threshold up
+    to 100 % and retraining neither divides by zero nor stops by accident."""
+    if best == 0:
+        return math.copysign(100.0, score) if score != 0 else 0.0
+    return (score - best) / abs(best) * 100.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    improvement_pct: float
+    new_best: bool
+    patience_count: int
+    stop_reason: str | None
+
+
+def decide(score: float, best: float, patience_count: int, iteration: int, *, threshold: float, patience: int,
+           max_iterations: int) -> Decision:
+    """One retraining iteration's verdict.
+
+    - improvement <= 0: no new best; the patience counter grows; stop when it reaches `patience`.
+    - improvement >= threshold: new best, counter reset, continue.
+    - 0 < improvement < threshold: new best, then stop (improvement_below_threshold).
+    - otherwise continuing, stop anyway at `max_iterations`.
+    (A non-positive improvement never counts as one, so with threshold 0 an equal score uses patience.)
+    """
+    imp = improvement_pct(score, best)
+    if imp <= 0:
+        count = patience_count + 1
+        stop = PATIENCE_EXHAUSTED if count >= patience else None
+        decision = Decision(imp, False, count, stop)
+    elif imp >= threshold:
+        decision = Decision(imp, True, 0, None)
+    else:
+        decision = Decision(imp, True, patience_count, IMPROVEMENT_BELOW_THRESHOLD)
+    if decision.stop_reason is None and iteration >= max_iterations:
+        decision = Decision(decision.improvement_pct, decision.new_best, decision.patience_count, MAX_ITERATIONS)
+    return decision
+
+
+def select_best(scores: list[tuple[int, float]]) -> int:
+    """The run id with the highest validation score; ties go to the lower run id."""
+    if not scores:
+        raise ValueError("no scores to select from")
+    return min(scores, key=lambda item: (-item[1], item[0]))[0]
+
+
+def initial_seed(base_seed: int, run_id: int) -> int:
+    """Seeds 42, 1042, 2042, ... for run ids 1, 2, 3, ..."""
+    return base_seed + 1000 * (run_id - 1)
+
+
+def retrain_seed(base_seed: int, initial_runs: int, iteration: int) -> int:
+    """Retraining continues the sequence after the initial runs: with 3 runs, iteration 1 uses 3042."""
+    return base_seed + 1000 * (initial_runs + iteration - 1)

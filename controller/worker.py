@@ -1,0 +1,263 @@
+"""`nexlify worker train`: one training run, wherever it executes (a local process or a pod).
+
+It reads its config, data snapshot and starting checkpoint through URLs (a folder or s3://), trains,
+and writes its checkpoints and `result.json` under its output URL. It is idempotent: a run whose
+result.json says succeeded is not redone, and a run with a resume checkpoint continues from it.
+
+Exit codes: 0 done; 2 invalid input (the Kubernetes Job fails at once, no retry); 143 stopped by
+SIGTERM after saving its resume checkpoint (preemption: a replacement pod continues from it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+
+import structlog
+import torch
+
+import nexlify
+from nexlify import checkpoint
+from nexlify.config import TrainConfig
+from nexlify.configtools import apply_mapping, to_dict, validate_tree
+from nexlify.data.candles import candle_filename
+from nexlify.errors import InputError
+from nexlify.training import Preempted, prepare_data, resolve_device, train_run
+
+from controller.stores import StoreKeyMissing, open_store
+
+log = structlog.get_logger("nexlify.worker")
+
+RESULT = "result.json"
+RESUME = "resume.pt"
+EXIT_PREEMPTED = 143
+PROGRESS_SECONDS = float(os.environ.get("NEXLIFY_PROGRESS_SECONDS", "30"))
+
+
+def versions() -> dict:
+    return {"nexlify": nexlify.__version__, "python": platform.python_version(), "torch": str(torch.__version__)}
+
+
+def load_train_config(config_url: str | None, overrides: dict) -> TrainConfig:
+    """Defaults, then the config file (JSON or YAML, a PipelineConfig's file works too), then flags."""
+    cfg = TrainConfig()
+    if config_url:
+        text = _read_url_text(config_url)
+        data = _parse_mapping(text, config_url)
+        data = {k: v for k, v in data.items() if _is_train_key(k)}
+        apply_mapping(cfg, data, config_url)
+    apply_mapping(cfg, overrides, "flags")
+    validate_tree(cfg)
+    return cfg
+
+
+def _is_train_key(key: str) -> bool:
+    from nexlify.configtools import leaf_index
+
+    sections = {"data", "env", "risk", "agent"}
+    return key in sections or key in leaf_index(TrainConfig)
+
+
+def _parse_mapping(text: str, source: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _read_url_text(url: str) -> str:
+    store, key = _split(url)
+    try:
+        return store.read_bytes(key).decode()
+    except StoreKeyMissing:
+        raise InputError(f"config {url} does not exist") from None
+
+
+def _split(url: str):
+    """(store of the parent folder, object name) for a file URL."""
+    url = url.rstrip("/")
+    parent, _, name = url.rpartition("/")
+    return open_store(parent or "/"), name
+
+
+class RunOutputs:
+    """The run's output folder (local or s3://), through a store."""
+
+    def __init__(self, out_url: str) -> None:
+        self.url = out_url.rstrip("/")
+        self.store = open_store(self.url)
+
+    def result(self) -> dict | None:
+        try:
+            return json.loads(self.store.read_bytes(RESULT))
+        except StoreKeyMissing:
+            return None
+
+    def write_json(self, key: str, data: dict) -> None:
+        self.store.write_bytes(key, json.dumps(data, indent=2, sort_keys=False).encode())
+
+    def save_torch(self, key: str, obj: dict) -> None:
+        self.store.write_bytes(key, checkpoint.to_bytes(obj))
+
+    def load_torch(self, key: str, device: torch.device) -> dict | None:
+        try:
+            blob = self.store.read_bytes(key)
+        except StoreKeyMissing:
+            return None
+        return torch.load(_bytes_io(blob), map_location=device, weights_only=True)
+
+
+def _bytes_io(blob: bytes):
+    import io
+
+    return io.BytesIO(blob)
+
+
+def fetch_snapshot(data_url: str, cfg: TrainConfig, into: str) -> str:
+    """Copy the pipeline's candle snapshot (one file per pair) into a local folder."""
+    store = open_store(data_url.rstrip("/"))
+    for pair in cfg.data.pairs:
+        name = candle_filename(cfg.data.exchange, pair, cfg.data.timeframe)
+        try:
+            store.download_file(name, os.path.join(into, name))
+        except StoreKeyMissing:
+            raise InputError(f"data snapshot {data_url} has no {name} for {pair}") from None
+    return into
+
+
+def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_url: str | None = None,
+               overrides: dict | None = None, data_url: str | None = None, init_from: str | None = None,
+               checkpoint_every: int = 0) -> int:
+    structlog.contextvars.bind_contextvars(run=run_key, seed=seed)
+    cfg = load_train_config(config_url, overrides or {})
+    outputs = RunOutputs(out_url)
+    done = outputs.result()
+    if done and done.get("status") == "succeeded":
+        log.info("run_already_finished", val_score=done.get("val_score"))
+        return 0
+    device = resolve_device(cfg.device)
+
+    stop = {"requested": False}
+
+    def on_sigterm(signum, _frame):
+        stop["requested"] = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with tempfile.TemporaryDirectory(prefix="nexlify-worker-") as tmp:
+            data_dir = fetch_snapshot(data_url, cfg, tmp) if data_url else None
+            market, windows = prepare_data(cfg, data_dir)
+            init = None
+            if init_from:
+                init_path = os.path.join(tmp, "init.pt")
+                store, key = _split(init_from)
+                try:
+                    store.download_file(key, init_path)
+                except StoreKeyMissing:
+                    raise InputError(f"--init-from {init_from} does not exist") from None
+                init = checkpoint.load(init_path, map_location=device)
+            resume = outputs.load_torch(RESUME, device)
+            if resume is not None and (int(resume.get("seed", -1)) != seed):
+                log.warning("resume_ignored", reason="seed differs")
+                resume = None
+            if resume is not None:
+                log.info("run_resumed", episodes_done=int(resume["episodes_done"]))
+            log.info("run_started", episodes=episodes, pairs=cfg.data.pairs, device=str(device),
+                     init_from=init_from, train_bars=windows.train[1] - windows.train[0],
+                     val_bars=windows.val[1] - windows.val[0])
+            progress = _Progress(episodes)
+            try:
+                output = train_run(
+                    cfg, market, windows, seed=seed, episodes=episodes, init=init, resume=resume,
+                    checkpoint_every=checkpoint_every,
+                    on_checkpoint=lambda state: (outputs.save_torch(RESUME, state),
+                                                 log.info("checkpoint_saved", episodes_done=state["episodes_done"])),
+                    on_round=progress.round, on_step=progress.step, should_stop=lambda: stop["requested"],
+                )
+            except Preempted as exc:
+                if exc.state is not None:
+                    outputs.save_torch(RESUME, exc.state)
+                log.warning("run_preempted", saved=exc.state is not None,
+                            episodes_done=exc.state["episodes_done"] if exc.state else 0)
+                return EXIT_PREEMPTED
+            finally:
+                progress.close()
+            previous_episodes = int(init["episodes_trained"]) if init else 0
+            metrics = {"val": _plain(output.val_metrics)}
+            if output.test_metrics is not None:
+                metrics["test"] = _plain(output.test_metrics)
+            ckpt = checkpoint.build_checkpoint(
+                output.agent.state_dict(), config=to_dict(cfg), normalizer=output.normalizer.to_dict(),
+                episodes_trained=previous_episodes + output.episodes_trained, seed=seed, metrics=metrics,
+                extra={"run_key": run_key, "versions": versions()},
+            )
+            model_name = checkpoint.checkpoint_name(output.val_metrics["avg_return"])
+            outputs.save_torch(model_name, ckpt)
+            val = output.val_metrics
+            result = {
+                "status": "succeeded",
+                "run_key": run_key,
+                "seed": seed,
+                "val_score": val["score"],
+                "val_metrics": _plain(val),
+                "test_metrics": _plain(output.test_metrics) if output.test_metrics is not None else None,
+                "train_return": output.train_return,
+                "model_file": model_name,
+                "model_url": f"{outputs.url}/{model_name}",
+                "init_from": init_from,
+                "episodes_trained": output.episodes_trained,
+                "episodes_total": previous_episodes + output.episodes_trained,
+                "timings": output.timings,
+                "device": str(device),
+                "versions": versions(),
+            }
+            outputs.write_json(RESULT, result)
+            outputs.store.delete(RESUME)
+            log.info("run_finished", val_score=round(val["score"], 4), val_return=round(val["avg_return"], 3),
+                     train_return=round(output.train_return, 3), model=model_name,
+                     seconds=output.timings["total_s"])
+            return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _plain(metrics: dict | None) -> dict | None:
+    return json.loads(json.dumps(metrics)) if metrics is not None else None
+
+
+class _Progress:
+    """A tqdm bar on a terminal; otherwise one log event per round or every 30 s, whichever is rarer."""
+
+    def __init__(self, episodes: int) -> None:
+        self.bar = None
+        self.last = time.monotonic()
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc="training", unit="%", leave=False)
+
+    def step(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.n = round(100.0 * done / max(total, 1), 1)
+            self.bar.refresh()
+        elif time.monotonic() - self.last >= PROGRESS_SECONDS:
+            self.last = time.monotonic()
+            log.info("training_progress", percent=round(100.0 * done / max(total, 1), 1))
+
+    def round(self, info: dict) -> None:
+        log.info("episodes_finished", episode=info["episodes_done"], round=info["round"], rounds=info["rounds"],
+                 epsilon=round(info["epsilon"], 3), mean_return=round(info["mean_return"], 3))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,3 @@
+from nexlify.agent.dqn import DQNAgent, DuelingQNet
+
+__all__ = ["DQNAgent", "DuelingQNet"]

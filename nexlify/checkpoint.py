@@ -1,0 +1,81 @@
+"""Checkpoints: one torch file holding weights, optimiser, config, normaliser and metrics.
+
+Always loaded with `torch.load(..., weights_only=True)`: a checkpoint from a bucket must never run
+pickled code. Everything stored is therefore tensors or plain Python data (dicts, lists, numbers,
+strings). Users of the original guide can keep writing
+`agent.model.load_state_dict(torch.load(path, weights_only=True)["model_state_dict"])`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nexlify.errors import InputError
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("model_state_dict", "target_model_state_dict", "optimizer_state_dict", "config", "normalizer",
+                 "episodes_trained", "seed", "metrics", "format_version")
+
+
+def checkpoint_name(val_return: float) -> str:
+    """model_return{R:.1f}.pt, R the validation return in percent."""
+    return f"model_return{val_return:.1f}.pt"
+
+
+def build_checkpoint(agent_state: dict, *, config: dict, normalizer: dict, episodes_trained: int, seed: int,
+                     metrics: dict, extra: dict | None = None) -> dict:
+    ckpt = dict(agent_state)
+    ckpt.update(config=config, normalizer=normalizer, episodes_trained=int(episodes_trained), seed=int(seed),
+                metrics=metrics, format_version=FORMAT_VERSION)
+    if extra:
+        ckpt.update(extra)
+    return ckpt
+
+
+def to_bytes(ckpt: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
+
+
+def save(ckpt: dict, path: str | Path) -> None:
+    """Write atomically: a temporary file beside the target, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(ckpt, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load(source: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict:
+    """Load safely (weights_only=True) and check the format; InputError naming the file otherwise."""
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    except FileNotFoundError:
+        raise InputError(f"checkpoint {name} does not exist; expected a .pt file written by nexlify") from None
+    try:
+        with fh:
+            ckpt = torch.load(fh, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a pickle with code in it, a truncated file, not a torch file at all
+        raise InputError(f"checkpoint {name} cannot be loaded safely (weights_only=True): "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(REQUIRED_KEYS)
+    if missing:
+        raise InputError(f"checkpoint {name} is not a nexlify checkpoint: missing {', '.join(missing)}")
+    if int(ckpt["format_version"]) > FORMAT_VERSION:
+        raise InputError(f"checkpoint {name} has format_version {ckpt['format_version']}; "
+                         f"this nexlify reads up to {FORMAT_VERSION}")
+    return ckpt

@@ -1,0 +1,122 @@
+"""The trainer's own commands: `evaluate`, `data`, `bench`. (`train`, `worker` and `preflight` belong to the
+pipeline, in controller.cli, which also assembles the `nexlify` command line.)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from nexlify.configtools import apply_mapping, validate_tree
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint on any window, beside buy-and-hold")
+    ev.add_argument("--model", required=True, help="checkpoint file (.pt)")
+    ev.add_argument("--pairs", nargs="+", help="pairs (default: the checkpoint's)")
+    ev.add_argument("--exchange", help="exchange (default: the checkpoint's)")
+    ev.add_argument("--data-dir", help="candle folder (default: the checkpoint's, else the bundled sample)")
+    ev.add_argument("--start", help="first day evaluated, UTC (default: the checkpoint's validation window)")
+    ev.add_argument("--end", help="end of the window, UTC, exclusive (default: the checkpoint's data end)")
+    ev.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(handler=cmd_evaluate)
+
+    data = sub.add_parser("data", help="fetch and inspect candles")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="download candles with ccxt into an incremental cache")
+    fetch.add_argument("--exchange", default="binance")
+    fetch.add_argument("--pairs", nargs="+", default=["BTC/USDT", "ETH/USDT", "SOL/USDT"])
+    fetch.add_argument("--timeframe", default="1h")
+    fetch.add_argument("--since", required=True, help="first candle, UTC date")
+    fetch.add_argument("--until", help="end, UTC date, exclusive (default: the last closed candle)")
+    fetch.add_argument("--cache-dir", default="./data", help="folder of <exchange>_<BASE>-<QUOTE>_<tf>.csv.gz")
+    fetch.set_defaults(handler=cmd_data_fetch)
+    info = data_sub.add_parser("info", help="check candle files and report ranges and gaps")
+    info.add_argument("--exchange", default="binance")
+    info.add_argument("--pairs", nargs="+", default=["BTC/USDT", "ETH/USDT", "SOL/USDT"])
+    info.add_argument("--data-dir", help="candle folder (default: the bundled sample)")
+    info.add_argument("--start")
+    info.add_argument("--end")
+    info.set_defaults(handler=cmd_data_info)
+
+    bench = sub.add_parser("bench", help="measure environment and training throughput")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, help_text in (("env", "environment steps per second with random valid actions"),
+                            ("train", "environment steps per second while learning")):
+        b = bench_sub.add_parser(name, help=help_text)
+        b.add_argument("--pairs", nargs="+", default=["BTC/USDT", "ETH/USDT", "SOL/USDT"])
+        b.add_argument("--batch-size", type=int, default=4096 if name == "env" else 256,
+                       help="episodes stepped together")
+        b.add_argument("--steps", type=int, default=1000 if name == "env" else 2000)
+        b.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+        b.add_argument("--threads", type=int, default=1)
+        b.add_argument("--json", action="store_true")
+        b.set_defaults(handler=cmd_bench_env if name == "env" else cmd_bench_train)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nexlify.evaluate_cmd import evaluate_checkpoint, render_table
+
+    report = evaluate_checkpoint(args.model, pairs=args.pairs, exchange=args.exchange, data_dir=args.data_dir,
+                                 start=args.start, end=args.end, device=args.device)
+    print(json.dumps(report, indent=2) if args.json else render_table(report))
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from nexlify.data.fetch import fetch_many
+
+    paths = fetch_many(args.exchange, args.pairs, args.timeframe, args.since, args.until, args.cache_dir)
+    for pair, path in paths.items():
+        print(f"{pair}: {path}")
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from nexlify.data.candles import load_market
+
+    market = load_market(args.exchange, args.pairs, "1h", args.data_dir, args.start, args.end)
+    print(f"{market.exchange} {market.timeframe}: {market.start_iso} .. {market.end_iso}, {market.n_bars} bars")
+    for pair in market.pairs:
+        gaps = market.gaps[pair]
+        print(f"  {pair}: {market.sources[pair]['rows']} rows, gaps {gaps.count} ({gaps.missing_bars} bars, "
+              f"longest {gaps.longest_bars}{' from ' + gaps.longest_start if gaps.longest_start else ''}), "
+              f"sha256 {market.sources[pair]['sha256'][:12]}")
+    return 0
+
+
+def cmd_bench_env(args: argparse.Namespace) -> int:
+    from nexlify.bench import bench_env
+
+    result = bench_env(args.pairs, args.batch_size, args.steps, args.device, args.threads)
+    _print_bench(result, args.json)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from nexlify.bench import bench_train
+
+    result = bench_train(args.pairs, args.batch_size, args.steps, args.device, args.threads)
+    _print_bench(result, args.json)
+    return 0
+
+
+def _print_bench(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>24}: {value:,}" if isinstance(value, (int, float)) else f"{key:>24}: {value}")
+
+
+def build_config(cls: type, file_mapping: dict | None, preset: dict | None, flags: dict):
+    """defaults < config file < preset (--quick-test) < flags the user typed; then validated."""
+    cfg = cls()
+    if file_mapping:
+        apply_mapping(cfg, file_mapping, "config file")
+    if preset:
+        apply_mapping(cfg, {k: v for k, v in preset.items() if k not in flags}, "--quick-test")
+    apply_mapping(cfg, flags, "flags")
+    validate_tree(cfg)
+    return cfg
+

@@ -1,0 +1,1 @@
+"""The batched trading environment, its market tensors and its risk rules."""

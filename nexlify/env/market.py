@@ -1,0 +1,57 @@
+"""Market tensors: prices, normalised features and calendar of a candle series, on one device.
+
+Built once per run from the candles; every environment built on them only indexes them by cursor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nexlify.features import Normalizer, compute_features
+
+MS_PER_DAY = 86_400_000
+
+
+@dataclass
+class MarketTensors:
+    pairs: list[str]
+    timestamps: np.ndarray  # [T] int64 ms, candle open time
+    prices: torch.Tensor  # [T, N, 4] float64: open, high, low, close
+    volume: torch.Tensor  # [T, N] float64, base units
+    tradable: torch.Tensor  # [T, N] bool: False on forward-filled gap bars
+    features: torch.Tensor  # [T, N, F] float32, normalised
+    day: torch.Tensor  # [T] int64 UTC day number
+
+    @property
+    def n_bars(self) -> int:
+        return int(self.timestamps.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[-1])
+
+    @classmethod
+    def build(cls, market, normalizer: Normalizer, device: torch.device | str = "cpu",
+              raw_features: np.ndarray | None = None) -> "MarketTensors":
+        """From a nexlify.data MarketData (or anything with the same arrays) and a fitted normaliser."""
+        if raw_features is None:
+            raw_features = market_features(market)
+        prices = np.stack([market.open, market.high, market.low, market.close], axis=-1)
+        return cls(
+            pairs=list(market.pairs),
+            timestamps=np.asarray(market.timestamps, dtype=np.int64),
+            prices=torch.as_tensor(prices, dtype=torch.float64, device=device),
+            volume=torch.as_tensor(np.asarray(market.volume, dtype=np.float64), device=device),
+            tradable=torch.as_tensor(np.asarray(market.tradable, dtype=bool), device=device),
+            features=torch.as_tensor(normalizer.apply(raw_features), device=device),
+            day=torch.as_tensor(np.asarray(market.timestamps, dtype=np.int64) // MS_PER_DAY, device=device),
+        )
+
+
+def market_features(market) -> np.ndarray:
+    return compute_features(market.timestamps, market.open, market.high, market.low, market.close,
+                            market.volume, market.tradable)
+

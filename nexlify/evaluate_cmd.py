@@ -1,0 +1,76 @@
+"""`nexlify evaluate`: a checkpoint's greedy metrics on any window, beside buy-and-hold."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nexlify import checkpoint
+from nexlify.config import TrainConfig
+from nexlify.configtools import apply_mapping
+from nexlify.data.candles import load_market, split_windows
+from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
+from nexlify.env.batched import N_ACTIONS, observation_size
+from nexlify.env.market import MarketTensors
+from nexlify.agent.dqn import DuelingQNet
+from nexlify.errors import InputError
+from nexlify.evaluation import buy_and_hold, evaluate_policy
+from nexlify.features import WARMUP_BARS, Normalizer
+from nexlify.training import resolve_device
+
+WARMUP_DAYS = WARMUP_BARS // 24 + 2
+
+
+def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exchange: str | None = None,
+                        data_dir: str | None = None, start: str | None = None, end: str | None = None,
+                        device: str = "cpu") -> dict:
+    dev = resolve_device(device)
+    ckpt = checkpoint.load(model_path, map_location=dev)
+    cfg = TrainConfig()
+    apply_mapping(cfg, ckpt["config"], f"checkpoint {model_path}")
+    d = cfg.data
+    pairs = pairs or d.pairs
+    exchange = exchange or d.exchange
+    data_dir = data_dir if data_dir is not None else d.data_dir
+    end = end or d.end
+    end_ms = parse_utc_ms(end, "--end")
+    if start is None:  # the checkpoint's own validation (and test) window
+        start_ms = end_ms - (d.val_days + d.test_days) * MS_PER_DAY
+    else:
+        start_ms = parse_utc_ms(start, "--start")
+    if start_ms >= end_ms:
+        raise InputError(f"--start {iso_utc(start_ms)} is not before --end {iso_utc(end_ms)}")
+    market = load_market(exchange, pairs, d.timeframe, data_dir, iso_utc(start_ms - WARMUP_DAYS * MS_PER_DAY),
+                         iso_utc(end_ms))
+    i0 = int(np.searchsorted(market.timestamps, start_ms, side="left"))
+    if i0 - 1 < WARMUP_BARS:
+        raise InputError(f"not enough candles before --start {iso_utc(start_ms)} for the {WARMUP_BARS}-bar "
+                         f"feature warm-up; the data starts at {market.start_iso}")
+    window = (i0, market.n_bars)
+    tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), dev)
+    model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden).to(dev)
+    model.load_state_dict(ckpt["model_state_dict"])
+    metrics = evaluate_policy(model, tensors, window, cfg.env, cfg.risk)
+    return {
+        "model": model_path,
+        "window": {"start": iso_utc(int(market.timestamps[i0])), "end": market.end_iso, "bars": window[1] - window[0]},
+        "exchange": exchange,
+        "agent": metrics,
+        "buy_and_hold": buy_and_hold(tensors, window),
+        "checkpoint": {"seed": ckpt["seed"], "episodes_trained": ckpt["episodes_trained"]},
+    }
+
+
+def render_table(report: dict) -> str:
+    lines = [f"{report['model']}  {report['exchange']}  {report['window']['start']} .. {report['window']['end']} "
+             f"({report['window']['bars']} bars)",
+             f"{'pair':<10} {'return %':>9} {'sharpe':>7} {'max dd %':>8} {'win rate':>8} {'trades':>6} | "
+             f"{'hold %':>8} {'hold sh':>7} {'hold dd':>7}"]
+    for pair, m in report["agent"]["per_pair"].items():
+        h = report["buy_and_hold"][pair]
+        lines.append(f"{pair:<10} {m['total_return']:>9.2f} {m['sharpe']:>7.2f} {m['max_drawdown']:>8.2f} "
+                     f"{m['win_rate']:>8.2%} {m['trades']:>6d} | {h['total_return']:>8.2f} {h['sharpe']:>7.2f} "
+                     f"{h['max_drawdown']:>7.2f}")
+    a = report["agent"]
+    lines.append(f"average: return {a['avg_return']:.2f} %, sharpe {a['avg_sharpe']:.2f}, drawdown "
+                 f"{a['avg_drawdown']:.2f} %, win rate {a['avg_win_rate']:.2%}, score {a['score']:.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""Aave V3 lending: the supply rate of a reserve from its utilization, and interest per bar.
+
+Model
+-----
+Rates follow Aave V3's DefaultReserveInterestRateStrategyV2 (aave-dao/aave-v3-origin,
+src/contracts/misc/DefaultReserveInterestRateStrategyV2.sol; documented at
+aave.com/docs/aave-v3/smart-contracts/interest-rate-strategy). With utilization U (borrowed / supplied)
+and the optimal usage ratio U*:
+
+    borrow(U) = base + slope1 * U / U*                          for U <= U*
+    borrow(U) = base + slope1 + slope2 * (U - U*) / (1 - U*)    for U >  U*
+    supply(U) = borrow(U) * U * (1 - reserve_factor)
+
+(the contract's supply usage ratio is debt / (available + debt + unbacked); with no unbacked aTokens it
+is U). Both are annual rates, simple (not compounded), as Aave stores them.
+
+Accrual: Aave grows a supplier's balance through the liquidity index, linearly in time between two
+index updates: index *= 1 + rate * dt / SECONDS_PER_YEAR (MathUtils.calculateLinearInterest, a
+365-day year). We update the index once per bar, so the per-bar growth is
+`1 + supply_rate * bar_hours / 8760`: linear within a bar, compounding from bar to bar. On chain the
+index is updated at every interaction with the reserve (many times an hour for USDT), so the real
+APY is a hair above our hourly-compounded one (at 5% APR: 5.12711% continuous vs 5.12709% hourly).
+
+Utilization path: by default a constant (an assumption, `AaveParams.utilization`); optionally a CSV
+series `timestamp,utilization` (timestamp in ms since the epoch, UTC; utilization as a fraction)
+aligned to the bars by an as-of join: each bar takes the last value at or before the bar's timestamp
+(the candle's open time, i.e. the rate in force when the bar starts), never a later one. Bars before
+the first value of the series take the constant.
+
+Every rate function takes tensors of any broadcastable shape, returns new tensors, never loops over
+elements and never syncs the device to Python. The CSV is read once, before training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import structlog
+import torch
+from torch import Tensor
+
+from nexlify.errors import InputError
+from nexlify.strategies._tensors import TensorLike, as_float_tensors
+
+log = structlog.get_logger(__name__)
+
+HOURS_PER_YEAR = 8760.0  # Aave's SECONDS_PER_YEAR is 365 days
+
+
+@dataclass(frozen=True)
+class AaveParams:
+    """Aave V3 Ethereum Core market, USDT reserve, as in force in April-May 2025 (the end of our data).
+
+    - optimal_usage_ratio 0.92: the Ethereum Core stablecoin kink. A public security review of Aave
+      v3.4 (early 2025) sets up its test with the "current IRS config used for USDC on mainnet:
+      optimalUsageRatio 92_00, base 0, slope1 5_50, slope2 35_00", and USDT's kink was reported at
+      92% when a withdrawal pushed its utilization to 92.83% (Lookonchain, Nov 2025). We found no
+      dated snapshot of USDT's own ratio for May 2025; 0.92 is inferred from these two.
+    - base_variable_borrow_rate 0.
+    - variable_rate_slope1 0.065: "[ARFC] Stablecoin Interest Rate Curve Update - 03.04.2025"
+      (governance.aave.com/t/21269, April 2025): Aave V3 Ethereum Core USDT slope1 9.50% -> 6.50%.
+      It stayed there until Chaos Labs raised stablecoin slope1 by 100 bps in August 2025.
+    - variable_rate_slope2 0.35: AIP "Increase Borrow Slope1 to all Stablecoins across all Aave
+      Instances" (vote.onaave.com proposal 216, Dec 2024): Ethereum V3 Core USDT slope2 75% -> 35%;
+      cut to 22.5% on 2025-06-05 (Chaos Labs Risk Stewards, governance.aave.com/t/22279), after our data.
+    - reserve_factor 0.10: "Add USDT to Aave Ethereum V3 pool" (aave/aip, USDTETHV3.md, 2023-02-07),
+      reserve factor 10%; we found no later change to it.
+    - utilization 0.80 (ASSUMPTION for the constant path): Chaos Labs (governance.aave.com/t/22930,
+      2025-08-14): "USDT's utilization has stayed above 80% for most of the time" over the past
+      month; in April 2025 stablecoin utilization was below the 92% kink (LlamaRisk, t/21269).
+      At 0.80 the supply rate is 0.065 * 0.80/0.92 * 0.80 * 0.90 = 4.07% a year.
+    - utilization_csv: optional path of a `timestamp,utilization` CSV to use instead of the constant.
+    """
+
+    optimal_usage_ratio: float = 0.92
+    base_variable_borrow_rate: float = 0.0
+    variable_rate_slope1: float = 0.065
+    variable_rate_slope2: float = 0.35
+    reserve_factor: float = 0.10
+    utilization: float = 0.80
+    utilization_csv: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.optimal_usage_ratio) and 0.0 < self.optimal_usage_ratio < 1.0):
+            raise InputError(f"aave optimal_usage_ratio {self.optimal_usage_ratio!r} is out of range; "
+                             "accepted: 0 < ratio < 1, e.g. 0.92")
+        for name in ("base_variable_borrow_rate", "variable_rate_slope1", "variable_rate_slope2"):
+            rate = getattr(self, name)
+            if not (math.isfinite(rate) and 0.0 <= rate <= 10.0):
+                raise InputError(f"aave {name} {rate!r} is out of range; accepted: an annual rate in [0, 10]")
+        for name in ("reserve_factor", "utilization"):
+            fraction = getattr(self, name)
+            if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
+                raise InputError(f"aave {name} {fraction!r} is out of range; accepted: a fraction in [0, 1]")
+
+
+# ------------------------------------------------------------------------------------------------
+# Rates
+
+
+def borrow_rate(utilization: TensorLike, base: TensorLike, slope1: TensorLike, slope2: TensorLike,
+                optimal_usage_ratio: TensorLike) -> Tensor:
+    """Variable borrow rate (annual, simple) at `utilization`, clamped to [0, 1] first."""
+    u, base, slope1, slope2, u_opt = as_float_tensors(utilization, base, slope1, slope2, optimal_usage_ratio)
+    u = u.clamp(0.0, 1.0)
+    below = base + slope1 * u / u_opt
+    above = base + slope1 + slope2 * (u - u_opt) / (1.0 - u_opt)
+    return torch.where(u <= u_opt, below, above)
+
+
+def supply_rate(utilization: TensorLike, base: TensorLike, slope1: TensorLike, slope2: TensorLike,
+                optimal_usage_ratio: TensorLike, reserve_factor: TensorLike) -> Tensor:
+    """Supply (liquidity) rate, annual and simple: borrow rate * U * (1 - reserve_factor)."""
+    borrow = borrow_rate(utilization, base, slope1, slope2, optimal_usage_ratio)
+    u, reserve_factor = as_float_tensors(utilization, reserve_factor)
+    u = u.to(dtype=borrow.dtype, device=borrow.device).clamp(0.0, 1.0)
+    return borrow * u * (1.0 - reserve_factor.to(dtype=borrow.dtype, device=borrow.device))
+
+
+def supply_rate_for(utilization: TensorLike, params: AaveParams) -> Tensor:
+    """`supply_rate` with the parameters of `params`."""
+    return supply_rate(utilization, params.base_variable_borrow_rate, params.variable_rate_slope1,
+                       params.variable_rate_slope2, params.optimal_usage_ratio, params.reserve_factor)
+
+
+def per_bar_supply_growth(supply_rate_annual: TensorLike, bar_hours: float) -> Tensor:
+    """Growth of a supplied balance over one bar: 1 + rate * bar_hours / 8760 (linear in the bar)."""
+    (rate,) = as_float_tensors(supply_rate_annual)
+    return 1.0 + rate * (bar_hours / HOURS_PER_YEAR)
+
+
+# ------------------------------------------------------------------------------------------------
+# Utilization path
+
+
+def load_utilization_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a `timestamp,utilization` CSV (ms since the epoch, fraction in [0, 1]), strictly increasing
+    in time. Returns (timestamps int64, utilization float64). Bad files raise InputError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"utilization CSV {str(path)!r} does not exist; accepted: a file with columns "
+                         "timestamp,utilization")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise InputError(f"utilization CSV {str(path)!r} cannot be read ({exc}); accepted: a CSV file with "
+                         "columns timestamp,utilization") from exc
+    missing = {"timestamp", "utilization"} - set(frame.columns)
+    if missing or frame.empty:
+        raise InputError(f"utilization CSV {str(path)!r} lacks rows or columns {sorted(missing)}; accepted: "
+                         "columns timestamp (ms since the epoch, UTC) and utilization (a fraction)")
+    timestamps = pd.to_numeric(frame["timestamp"], errors="coerce").to_numpy(dtype=np.float64)
+    utilization = pd.to_numeric(frame["utilization"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(timestamps) | ~np.isfinite(utilization) | (utilization < 0) | (utilization > 1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(f"utilization CSV {str(path)!r} row {row + 2} has timestamp "
+                         f"{frame['timestamp'].iloc[row]!r}, utilization {frame['utilization'].iloc[row]!r}; "
+                         "accepted: a whole number of ms and a fraction in [0, 1]")
+    timestamps_ms = timestamps.astype(np.int64)
+    if len(timestamps_ms) > 1 and not (np.diff(timestamps_ms) > 0).all():
+        row = int(np.flatnonzero(np.diff(timestamps_ms) <= 0)[0]) + 1
+        raise InputError(f"utilization CSV {str(path)!r} row {row + 2}: timestamp {int(timestamps_ms[row])} "
+                         "does not come after the previous one; accepted: strictly increasing timestamps")
+    log.info("utilization_series_loaded", path=str(path), rows=len(timestamps_ms),
+             first_ms=int(timestamps_ms[0]), last_ms=int(timestamps_ms[-1]))
+    return timestamps_ms, utilization
+
+
+def align_asof(series_timestamps_ms: Tensor, series_values: Tensor, bar_timestamps_ms: Tensor,
+               fill: float) -> Tensor:
+    """For each bar, the last series value at or before the bar's timestamp (no look-ahead); `fill`
+    for bars before the first value. `series_timestamps_ms` must be strictly increasing."""
+    index = torch.searchsorted(series_timestamps_ms, bar_timestamps_ms, right=True) - 1
+    picked = series_values[index.clamp(min=0)]
+    return torch.where(index >= 0, picked, torch.full_like(picked, fill))
+
+
+def utilization_path(params: AaveParams, bar_timestamps_ms: Tensor, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Utilization per bar [T] on the device of `bar_timestamps_ms`: the constant, or the CSV series
+    as-of joined to the bars. Built once per run."""
+    device = bar_timestamps_ms.device
+    if params.utilization_csv is None:
+        return torch.full(bar_timestamps_ms.shape, params.utilization, dtype=dtype, device=device)
+    timestamps, values = load_utilization_csv(params.utilization_csv)
+    return align_asof(torch.tensor(timestamps, dtype=torch.int64, device=device),
+                      torch.tensor(values, dtype=dtype, device=device),
+                      bar_timestamps_ms.to(torch.int64), params.utilization)

@@ -1,0 +1,198 @@
+"""One training run, top to bottom: seed, data, environment, agent, the loop, validation.
+
+Episodes run in rounds of `num_envs` episodes stepped together. The replay buffer and the n-step
+windows start empty at every round, so the state between rounds is only the agent (weights, target,
+optimiser, random generator) and a few counters: that state is the resume checkpoint, and a run
+resumed from it ends bit-for-bit where an uninterrupted run ends (on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nexlify.agent.dqn import DQNAgent
+from nexlify.config import TrainConfig
+from nexlify.configtools import to_dict
+from nexlify.data.candles import MarketData, Windows, load_market, split_windows
+from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv, observation_size
+from nexlify.env.market import MarketTensors, market_features
+from nexlify.evaluation import evaluate_policy
+from nexlify.features import WARMUP_BARS, Normalizer
+
+
+MAX_AUTO_ENVS = 1024  # num_envs = 0 steps all of a run's episodes together, up to this many
+
+
+class Preempted(Exception):
+    """The run was asked to stop (SIGTERM); the last round's state is in `state`."""
+
+    def __init__(self, state: dict | None) -> None:
+        super().__init__("training stopped by a termination signal")
+        self.state = state
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from nexlify.errors import InputError
+
+        raise InputError("--device cuda: no CUDA device is available here; accepted: auto, cpu")
+    return torch.device(name)
+
+
+@dataclass
+class RunOutput:
+    agent: DQNAgent
+    normalizer: Normalizer
+    val_metrics: dict
+    train_return: float  # mean total return % of the last round's (exploring) episodes
+    episodes_trained: int
+    timings: dict
+    train_returns: list[float] = field(default_factory=list)
+    test_metrics: dict | None = None
+
+
+def prepare_data(cfg: TrainConfig, data_dir: str | None = None) -> tuple[MarketData, Windows]:
+    """The candles of the configured window and its train / validation / test split."""
+    d = cfg.data
+    market = load_market(d.exchange, d.pairs, d.timeframe, data_dir if data_dir is not None else d.data_dir,
+                         d.start, d.end)
+    return market, split_windows(market, d.val_days, d.test_days)
+
+
+def epsilon_at(step: int, total_steps: int, start: float, end: float, decay_fraction: float) -> float:
+    """Linear decay from start to end over decay_fraction of the run, then constant: it really decays."""
+    horizon = max(1.0, decay_fraction * total_steps)
+    frac = min(1.0, step / horizon)
+    return start + (end - start) * frac
+
+
+def train_run(
+    cfg: TrainConfig,
+    market: MarketData,
+    windows: Windows,
+    *,
+    seed: int,
+    episodes: int,
+    init: dict | None = None,
+    resume: dict | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    on_round: Callable[[dict], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunOutput:
+    """Train for `episodes` episodes from scratch, from `init` (a checkpoint to continue from), or from
+    `resume` (this run's own resume state), then validate greedily on windows.val."""
+    # --- seeding and threads: everything random flows from `seed`
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    t_begin = time.perf_counter()
+
+    # --- data: features once for the whole series; normalisation fitted on training bars only
+    train_start = max(windows.train[0], WARMUP_BARS)
+    train_end = windows.train[1]
+    raw = market_features(market)
+    source = resume or init
+    normalizer = Normalizer.from_dict(source["normalizer"]) if source else Normalizer.fit(raw, train_start, train_end)
+    tensors = MarketTensors.build(market, normalizer, device, raw)
+    n_pairs = len(market.pairs)
+
+    # --- agent
+    agent = DQNAgent(observation_size(tensors.n_features), N_ACTIONS, cfg.agent, device, seed)
+    if init is not None:
+        agent.load_state_dict(init)
+    eps_first = cfg.agent.eps_continue if init is not None else cfg.agent.eps_start
+
+    # --- schedule
+    span = train_end - train_start
+    episode_bars = min(cfg.env.episode_bars or span, span)
+    n_steps = episode_bars - 1
+    num_envs = cfg.env.num_envs or min(episodes, MAX_AUTO_ENVS)
+    n_rounds = math.ceil(episodes / num_envs)
+    total_steps = n_rounds * n_steps
+    first_round, global_step, train_returns = 0, 0, []
+    if resume is not None:
+        agent.load_state_dict(resume)
+        agent.generator.set_state(resume["generator_state"].cpu())
+        first_round = int(resume["rounds_done"])
+        global_step = int(resume["global_step"])
+        train_returns = list(resume["train_returns"])
+    episodes_done = min(first_round * num_envs, episodes)
+    last_state: dict | None = resume
+
+    def snapshot(rounds_done: int) -> dict:
+        state = copy.deepcopy(agent.state_dict())
+        state.update(generator_state=agent.generator.get_state(), rounds_done=rounds_done, global_step=global_step,
+                     train_returns=list(train_returns), episodes_done=min(rounds_done * num_envs, episodes),
+                     normalizer=normalizer.to_dict(), seed=seed, config=to_dict(cfg))
+        return state
+
+    # --- the loop: rounds of num_envs episodes stepping together
+    t_train = time.perf_counter()
+    env_steps = 0
+    for rnd in range(first_round, n_rounds):
+        n_env = min(num_envs, episodes - rnd * num_envs)
+        rng = np.random.default_rng([seed, rnd])
+        offsets = rng.integers(0, span - episode_bars + 1, size=n_env)
+        start = torch.as_tensor(train_start + offsets, dtype=torch.int64)
+        pair_idx = torch.arange(n_pairs).unsqueeze(0).expand(n_env, n_pairs)
+        env = BatchedTradingEnv(tensors, pair_idx, start, n_steps, cfg.env, cfg.risk)
+        agent.buffer.clear()
+        agent.window.reset()
+        obs = env.reset().flatten(0, 1)
+        mask = env.mask.flatten(0, 1)
+        done = False
+        while not done:
+            eps = epsilon_at(global_step, total_steps, eps_first, cfg.agent.eps_end, cfg.agent.eps_decay_fraction)
+            action = agent.act(obs, mask, eps)
+            next_obs, reward, done = env.step(action.view(n_env, n_pairs))
+            next_obs, next_mask = next_obs.flatten(0, 1), env.mask.flatten(0, 1)
+            agent.remember(obs, action, reward.flatten(), next_obs, next_mask, episode_end=done)
+            if global_step % cfg.agent.train_every == 0:
+                agent.learn()
+            obs, mask = next_obs, next_mask
+            global_step += 1
+            env_steps += n_env
+            if on_step is not None and global_step % 256 == 0:
+                on_step(global_step, total_steps)
+            if should_stop is not None and should_stop():
+                raise Preempted(last_state)
+        round_returns = ((env.stats.equity / env.stats.initial_equity - 1.0) * 100.0).tolist()
+        train_returns.extend(round_returns)
+        episodes_done += n_env
+        last_state = snapshot(rnd + 1)
+        if on_round is not None:
+            on_round({"round": rnd + 1, "rounds": n_rounds, "episodes_done": episodes_done,
+                      "epsilon": eps, "mean_return": float(np.mean(round_returns)), "grad_steps": agent.grad_steps})
+        boundary = checkpoint_every > 0 and (episodes_done // checkpoint_every) > ((episodes_done - n_env) // checkpoint_every)
+        if on_checkpoint is not None and boundary and rnd + 1 < n_rounds:
+            on_checkpoint(last_state)
+    train_seconds = time.perf_counter() - t_train
+
+    # --- validation (and the held-out test window, when configured)
+    t_val = time.perf_counter()
+    val_metrics = evaluate_policy(agent.model, tensors, windows.val, cfg.env, cfg.risk)
+    test_metrics = evaluate_policy(agent.model, tensors, windows.test, cfg.env, cfg.risk) if windows.test else None
+    val_seconds = time.perf_counter() - t_val
+    total_seconds = time.perf_counter() - t_begin
+    last_round = train_returns[-min(len(train_returns), num_envs):] if train_returns else [0.0]
+    return RunOutput(
+        agent=agent, normalizer=normalizer, val_metrics=val_metrics, test_metrics=test_metrics,
+        train_return=float(np.mean(last_round)), episodes_trained=episodes_done, train_returns=train_returns,
+        timings={"train_s": round(train_seconds, 3), "validate_s": round(val_seconds, 3),
+                 "total_s": round(total_seconds, 3), "env_steps": env_steps,
+                 "train_env_steps_per_s": round(env_steps / train_seconds, 1) if train_seconds > 0 else None},
+    )
