@@ -63,6 +63,8 @@ class EnvConfig:
     drawdown_penalty: float = setting(0.0, "reward penalty per unit of new drawdown (0 = pure log-equity reward)", lo=0.0)
     num_envs: int = setting(0, "training episodes stepped together as one batch (0 = all of a run's episodes, "
                             "up to 1024)", lo=0, hi=65536)
+    precision: str = setting("float64", "accounting precision: float64 (exact) or float32 (faster)",
+                             choices=("float64", "float32"))
     strategies: list[str] = setting(["spot"], "strategies the agent may use", choices=ALL_STRATEGIES)
 
 

@@ -43,10 +43,11 @@ class MarketTensors:
         return cls(
             pairs=list(market.pairs),
             timestamps=np.asarray(market.timestamps, dtype=np.int64),
-            prices=torch.as_tensor(prices, dtype=torch.float64, device=device),
-            volume=torch.as_tensor(np.asarray(market.volume, dtype=np.float64), device=device),
-            tradable=torch.as_tensor(np.asarray(market.tradable, dtype=bool), device=device),
-            features=torch.as_tensor(normalizer.apply(raw_features), device=device),
+            prices=torch.as_tensor(np.ascontiguousarray(prices), dtype=torch.float64, device=device),
+            volume=torch.as_tensor(np.ascontiguousarray(market.volume, dtype=np.float64), device=device),
+            tradable=torch.as_tensor(np.ascontiguousarray(market.tradable, dtype=bool), device=device),
+            # C order matters: the environment gathers rows of the flattened (bar, pair) axis every step.
+            features=torch.as_tensor(np.ascontiguousarray(normalizer.apply(raw_features)), device=device),
             day=torch.as_tensor(np.asarray(market.timestamps, dtype=np.int64) // MS_PER_DAY, device=device),
         )
 

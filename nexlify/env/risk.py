@@ -65,7 +65,8 @@ def entries_blocked_by_daily_loss(equity: Tensor, day_start_equity: Tensor, dail
 
 def window_sums(trade_returns: Tensor, trade_count: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(wins, losses, sum of wins, sum of losses as positive numbers) over the valid entries of a ring
-    buffer [B, window] of closed-trade returns, trade_count [B] trades ever closed."""
+    buffer [B, window] of closed-trade returns (record_trades' ring without its spare column),
+    trade_count [B] trades ever closed."""
     window = trade_returns.shape[-1]
     n = trade_count.clamp(max=window)
     valid = torch.arange(window, device=trade_returns.device).unsqueeze(0) < n.unsqueeze(-1)
@@ -104,24 +105,23 @@ def kelly_size(trade_returns: Tensor, trade_count: Tensor, **kwargs) -> Tensor:
     return kelly_from_sums(*window_sums(trade_returns, trade_count), trade_count, **kwargs)
 
 
-def record_trades(
+def record_trades_(
     ring: Tensor, head: Tensor, closed: Tensor, returns: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Append the returns of trades closed this bar ([B, P] mask and values) to each episode's ring
-    buffer [B, window], in pair order, without a Python loop.
+    buffer IN PLACE, in pair order, without a Python loop.
 
-    Returns (ring, head, evicted, evicted_valid): head counts all trades ever closed; evicted [B, P]
+    ring is [B, window + 1]: the last column is a spare slot that absorbs the writes of pairs that
+    closed nothing (so one scatter serves every pair); only ring[..., :window] holds trades.
+    Returns (head, evicted, evicted_valid): head counts all trades ever closed; evicted [B, P]
     holds the older returns the new ones overwrote (valid where the window was already full), so
     running sums over the window can be kept up to date in O(B * P).
     """
-    window = ring.shape[-1]
+    window = ring.shape[-1] - 1
     order = torch.cumsum(closed.to(torch.int64), dim=-1) - 1
     position = head.unsqueeze(-1) + order
-    slot = position % window
-    dummy = torch.full_like(slot, window)  # writes for pairs that closed nothing land in a spare column
-    index = torch.where(closed, slot, dummy)
-    padded = torch.cat([ring, torch.zeros_like(ring[..., :1])], dim=-1)
-    evicted = padded.gather(-1, index)
+    index = torch.where(closed, position % window, window)
+    evicted = ring.gather(-1, index)
     evicted_valid = closed & (position >= window)
-    padded = padded.scatter(-1, index, torch.where(closed, returns, torch.zeros_like(returns)))
-    return padded[..., :window], head + closed.sum(-1), evicted, evicted_valid
+    ring.scatter_(-1, index, torch.where(closed, returns, 0.0))
+    return head + closed.sum(-1), evicted, evicted_valid
