@@ -137,14 +137,18 @@ def type_name(t: Any) -> str:
     return name + (" or null" if optional else "")
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 def coerce(leaf: Leaf, value: Any, source: str) -> Any:
     """Turn a value from a flag (text), YAML or JSON into the leaf's type, or raise InputError."""
     base, optional = _unwrap_optional(leaf.type)
-    where = f"{leaf.flag} ({source})" if source == "flag" else f"'{leaf.name}' in {source}"
+    where = leaf.flag if source == "flags" else f"'{leaf.name}' in {source}"
     if value is None or (isinstance(value, str) and optional and value.lower() in ("none", "null", "")):
         if optional:
             return None
-        raise InputError(f"{where} must be a {type_name(leaf.type)}, got null")
+        raise InputError(f"{where} must be {_a(type_name(leaf.type))}, got null")
     try:
         origin = typing.get_origin(base)
         if origin is list:
@@ -161,7 +165,7 @@ def coerce(leaf: Leaf, value: Any, source: str) -> Any:
             return dict(value)
         return _coerce_scalar(base, value)
     except (ValueError, TypeError):
-        raise InputError(f"{where} must be a {type_name(leaf.type)}, got {value!r}") from None
+        raise InputError(f"{where} must be {_a(type_name(leaf.type))}, got {value!r}") from None
 
 
 def _coerce_scalar(t: Any, value: Any) -> Any:
@@ -214,7 +218,7 @@ def check_leaf(leaf: Leaf, value: Any) -> None:
             left = "(" if m.get("lo_open") else "["
             right = ")" if m.get("hi_open") else "]"
             rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-            raise InputError(f"{leaf.flag}: {value!r} is out of range; accepted: a {type_name(leaf.type)} in {rng}")
+            raise InputError(f"{leaf.flag}: {value!r} is out of range; accepted: {_a(type_name(leaf.type))} in {rng}")
 
 
 def validate_tree(cfg: Any) -> None:

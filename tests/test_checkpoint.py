@@ -1,0 +1,176 @@
+"""Checkpoints (nexlify.checkpoint): a round trip through save/load with weights_only=True, the original
+guide's `load_state_dict(torch.load(...)["model_state_dict"])`, and refusal of anything that is not plain
+data or not a nexlify checkpoint, as an InputError naming the file."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from nexlify import checkpoint
+from nexlify.agent.dqn import DQNAgent
+from nexlify.config import AgentConfig, TrainConfig
+from nexlify.configtools import to_dict
+from nexlify.env.batched import N_ACTIONS
+from nexlify.errors import InputError
+from nexlify.features import Normalizer
+from tests.helpers_market import one_torch_thread  # noqa: F401  (autouse fixture)
+
+CPU = torch.device("cpu")
+OBS = 7
+
+
+class Opaque:
+    """An arbitrary class instance: weights_only loading must refuse to rebuild it."""
+
+    def __init__(self) -> None:
+        self.secret = 42
+
+
+class RunsCode:
+    """A pickle that calls os.mkdir(path) when unpickled: loading must never get that far."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def trained_agent(seed: int = 1) -> DQNAgent:
+    """A small agent after a few gradient steps, so the optimiser has state to save."""
+    torch.manual_seed(seed)
+    agent = DQNAgent(OBS, N_ACTIONS, AgentConfig(hidden=16, buffer_size=64, batch_size=8, learning_starts=0), CPU,
+                     seed)
+    n = 32
+    gen = torch.Generator().manual_seed(seed)
+    agent.buffer.add(torch.randn((n, OBS), generator=gen), torch.randint(0, 3, (n,), generator=gen),
+                     torch.randn(n, generator=gen), torch.full((n,), 0.9), torch.randn((n, OBS), generator=gen),
+                     torch.ones((n, 3), dtype=torch.bool))
+    for _ in range(5):
+        agent.learn()
+    return agent
+
+
+def make_checkpoint(agent: DQNAgent, **extra) -> dict:
+    normalizer = Normalizer(mean=[0.5] * OBS, std=[2.0] * OBS)
+    return checkpoint.build_checkpoint(
+        agent.state_dict(), config=to_dict(TrainConfig()), normalizer=normalizer.to_dict(), episodes_trained=8,
+        seed=7, metrics={"score": 1.25, "per_pair": {"BTC/USDT": {"total_return": 3.5, "trades": 4}}},
+        extra=extra or None)
+
+
+def test_round_trip_through_a_file(tmp_path):
+    agent = trained_agent()
+    ckpt = make_checkpoint(agent, val_window=[100, 200])
+    path = tmp_path / "runs" / checkpoint.checkpoint_name(3.456)
+    checkpoint.save(ckpt, path)
+    assert path.name == "model_return3.5.pt"
+    assert sorted(os.listdir(path.parent)) == ["model_return3.5.pt"]  # no temporary file left behind
+
+    loaded = checkpoint.load(path)
+    assert set(checkpoint.REQUIRED_KEYS) <= set(loaded)
+    for key in ("model_state_dict", "target_model_state_dict"):
+        assert loaded[key].keys() == ckpt[key].keys()
+        assert all(torch.equal(loaded[key][k], ckpt[key][k]) for k in ckpt[key])
+    assert loaded["config"] == to_dict(TrainConfig())
+    assert Normalizer.from_dict(loaded["normalizer"]) == Normalizer(mean=[0.5] * OBS, std=[2.0] * OBS)
+    assert (loaded["episodes_trained"], loaded["seed"], loaded["val_window"]) == (8, 7, [100, 200])
+    assert loaded["metrics"]["per_pair"]["BTC/USDT"]["trades"] == 4
+    assert loaded["grad_steps"] == agent.grad_steps == 5
+
+
+def test_loaded_weights_reproduce_the_network(tmp_path):
+    agent = trained_agent()
+    path = tmp_path / "m.pt"
+    checkpoint.save(make_checkpoint(agent), path)
+    obs = torch.randn((10, OBS), generator=torch.Generator().manual_seed(9))
+
+    fresh = DQNAgent(OBS, N_ACTIONS, AgentConfig(hidden=16, buffer_size=8), CPU, 99)
+    assert not torch.equal(fresh.model(obs), agent.model(obs))
+    fresh.model.load_state_dict(checkpoint.load(path)["model_state_dict"])
+    assert torch.equal(fresh.model(obs), agent.model(obs))
+
+    # the original guide's line, verbatim in spirit: plain torch.load with weights_only=True
+    guide = DQNAgent(OBS, N_ACTIONS, AgentConfig(hidden=16, buffer_size=8), CPU, 98)
+    guide.model.load_state_dict(torch.load(path, weights_only=True)["model_state_dict"])
+    assert torch.equal(guide.model(obs), agent.model(obs))
+
+    # the whole agent, optimiser included, continues where it was
+    cont = DQNAgent(OBS, N_ACTIONS, AgentConfig(hidden=16, buffer_size=8), CPU, 97)
+    cont.load_state_dict(checkpoint.load(path))
+    assert cont.grad_steps == 5
+    assert torch.equal(cont.target_model(obs), agent.target_model(obs))
+    assert cont.optimizer.state_dict()["state"].keys() == agent.optimizer.state_dict()["state"].keys()
+
+
+def test_round_trip_through_bytes():
+    agent = trained_agent()
+    loaded = checkpoint.load(checkpoint.to_bytes(make_checkpoint(agent)))
+    assert all(torch.equal(loaded["model_state_dict"][k], v) for k, v in agent.model.state_dict().items())
+
+
+def test_a_class_instance_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save(make_checkpoint(trained_agent(), payload=Opaque()), path)
+    with pytest.raises(InputError) as info:
+        checkpoint.load(path)
+    assert str(path) in str(info.value) and "weights_only" in str(info.value)
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    torch.save(make_checkpoint(trained_agent(), payload=RunsCode(str(marker))), path)
+    with pytest.raises(InputError):
+        checkpoint.load(path)
+    assert not marker.exists()
+    with pytest.raises(InputError):
+        checkpoint.load(path.read_bytes())
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("drop", ["model_state_dict", "normalizer", "config", "format_version"])
+def test_missing_keys_are_named(tmp_path, drop):
+    ckpt = make_checkpoint(trained_agent())
+    del ckpt[drop]
+    path = tmp_path / "partial.pt"
+    torch.save(ckpt, path)
+    with pytest.raises(InputError) as info:
+        checkpoint.load(path)
+    assert drop in str(info.value) and "missing" in str(info.value)
+
+
+def test_not_a_dict_is_refused(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(3)], path)
+    with pytest.raises(InputError) as info:
+        checkpoint.load(path)
+    assert "model_state_dict" in str(info.value)
+
+
+def test_newer_format_is_refused():
+    ckpt = make_checkpoint(trained_agent())
+    ckpt["format_version"] = checkpoint.FORMAT_VERSION + 1
+    with pytest.raises(InputError) as info:
+        checkpoint.load(checkpoint.to_bytes(ckpt))
+    assert "format_version" in str(info.value)
+
+
+def test_garbage_and_missing_files_are_input_errors(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a torch file")
+    with pytest.raises(InputError) as info:
+        checkpoint.load(garbage)
+    assert str(garbage) in str(info.value)
+    with pytest.raises(InputError) as info:
+        checkpoint.load(tmp_path / "nope.pt")
+    assert "nope.pt" in str(info.value) and "does not exist" in str(info.value)
+
+
+@pytest.mark.parametrize("value, name", [(3.456, "model_return3.5.pt"), (-3.21, "model_return-3.2.pt"),
+                                         (0.0, "model_return0.0.pt")])
+def test_checkpoint_name(value, name):
+    assert checkpoint.checkpoint_name(value) == name
