@@ -314,7 +314,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: set[str] | No
         groups[group_name] = group
         base, _ = _unwrap_optional(leaf.type)
         default = leaf.field.default if leaf.field.default is not MISSING else leaf.field.default_factory()  # type: ignore[misc]
-        help_text = f"{leaf.meta['help']} (default: {default})"
+        help_text = f"{leaf.meta['help']} (default: {default})".replace("%", "%%")  # argparse formats help with %
         if base is bool:
             group.add_argument(leaf.flag, dest=leaf.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
