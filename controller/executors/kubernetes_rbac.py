@@ -12,6 +12,11 @@ CONTROLLER_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "pods", ("get", "list", "watch")),
     ("", "pods/log", ("get",)),
     ("", "events", ("list",)),
+    # preflight: does the namespace exist? (a Role in that namespace may grant get on its own Namespace)
+    ("", "namespaces", ("get",)),
+    # ownerReferences with blockOwnerDeletion on the controller's own Job: clusters that enforce owner
+    # reference permissions (OwnerReferencesPermissionEnforcement, e.g. OpenShift) require this
+    ("batch", "jobs/finalizers", ("update",)),
 )
 
 
