@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import sys
 
 import structlog
@@ -66,7 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_config_show)
 
     add_trainer_commands(sub)
+    _escape_help_percent(parser)
     return parser
+
+
+_LONE_PERCENT = re.compile(r"(?<!%)%(?![(%])")
+
+
+def _escape_help_percent(parser: argparse.ArgumentParser) -> None:
+    """argparse formats help strings with `%`, so a help text like "improvement in %" breaks --help.
+    Escape every lone `%` (leaving `%%` and `%(default)s` as they are) in this parser and its
+    sub-parsers, so a setting's help may say "%" without knowing it ends up in argparse."""
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = _LONE_PERCENT.sub("%%", action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _escape_help_percent(child)
 
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +108,11 @@ def resolve_pipeline_config(args: argparse.Namespace) -> PipelineConfig:
                 file_mapping = yaml.safe_load(fh) or {}
         except FileNotFoundError:
             raise InputError(f"--config {args.config_file}: no such file") from None
+        except OSError as exc:  # a folder, no permission
+            raise InputError(f"--config {args.config_file}: cannot be read ({exc.strerror or exc}); "
+                             "accepted: a YAML file") from None
+        except UnicodeDecodeError:
+            raise InputError(f"--config {args.config_file} is not a text file; accepted: a YAML file") from None
         except yaml.YAMLError as exc:
             raise InputError(f"--config {args.config_file} is not valid YAML: {str(exc).splitlines()[0]}") from None
     flags = flags_to_mapping(args, PipelineConfig)
@@ -104,6 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_pipeline_config(args)
     if not run_preflight(cfg, print_table=True):
         return 2
+    signal.signal(signal.SIGTERM, _raise_terminated)  # stop like Ctrl-C: workers save, training.log is published
     summary = run_pipeline(cfg, force=args.force)
     print(json.dumps({k: summary[k] for k in ("stop_reason", "best_initial_score", "final_best_score",
                                                "total_improvement_pct", "final_model_url")}, indent=2))
@@ -157,6 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+
+
+class Terminated(BaseException):
+    """SIGTERM reached `nexlify train`: unwinds like KeyboardInterrupt (never caught as an Exception), so
+    the executor stops its workers (each saves its resume checkpoint) and training.log is published."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 def train_alias() -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ STATE_KEY = "pipeline_state.json"
 SUMMARY_KEY = "complete_training_summary.json"
 CONFIG_KEY = "pipeline_config.json"
 DATA_PREFIX = "data"
+LAYOUT_PREFIXES = (f"{DATA_PREFIX}/", "initial_runs/", "retraining/")  # what a pipeline writes besides its files
 STATE_VERSION = 1
 
 
@@ -73,28 +75,61 @@ class Pipeline:
         if self.on_transition is not None:
             self.on_transition()
 
-    def load_or_plan(self) -> None:
-        """Adopt the state in the store, or plan a new pipeline. Refuses another config's output."""
+    def check_output(self) -> bool:
+        """Refuse an output that holds another config's pipeline (InputError, nothing written), unless
+        --force. True when --force will discard that other pipeline's files."""
         existing = self._read_json(STATE_KEY)
-        if existing is not None and existing.get("config_hash") != self.hash and not self.force:
+        if existing is None or existing.get("config_hash") == self.hash:
+            return False
+        if not self.force:
             raise InputError(
                 f"{self.store.url(STATE_KEY)} belongs to a pipeline with another config "
                 f"(hash {existing.get('config_hash')}, this one {self.hash}); use another --output, "
-                "or --force to start over there (finished files are overwritten as runs are redone)")
-        if existing is not None and existing.get("config_hash") == self.hash:
+                "or --force to discard that pipeline's files there and start over")
+        return True
+
+    def _discard_previous(self, previous_hash: str | None) -> None:
+        """--force on another config's output: remove its summary, runs and data, the state last.
+
+        Deleting the state last keeps a crash in the middle safe: the next start still finds the other
+        config's state and asks for --force again, so no run of the old config is ever adopted."""
+        log.warning("pipeline_forced", pipeline=self.pipeline_id, previous_hash=previous_hash)
+        self.store.delete(SUMMARY_KEY)
+        for prefix in LAYOUT_PREFIXES:
+            for key in self.store.list(prefix):
+                self.store.delete(key)
+        self.store.delete(CONFIG_KEY)
+        self.store.delete(STATE_KEY)
+
+    def load_or_plan(self) -> None:
+        """Adopt the state in the store, or plan a new pipeline. Refuses another config's output."""
+        existing = self._read_json(STATE_KEY)
+        if self.check_output():
+            self._discard_previous(existing.get("config_hash") if existing else None)
+        elif existing is not None:
             self.state = existing
+            self._publish_config()
             log.info("pipeline_resumed", pipeline=self.pipeline_id, phase=existing.get("phase"))
             return
-        if self.force and existing is not None:
-            log.warning("pipeline_forced", pipeline=self.pipeline_id, previous_hash=existing.get("config_hash"))
-            self.store.delete(SUMMARY_KEY)
         self.state = {
             "state_version": STATE_VERSION, "pipeline_id": self.pipeline_id, "config_hash": self.hash,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "initial_runs": {}, "retraining": [], "timings": {},
         }
-        self._write_json(CONFIG_KEY, to_dict(self.cfg))
+        self._publish_config()
         self._transition("PLANNED")
+
+    def _publish_config(self) -> None:
+        """Write the config the workers read. A resumed pipeline has the same hash, but its runtime-only
+        settings (device, threads, ...) may differ from the first start's: the workers must use this
+        start's, so a pipeline begun on a GPU can be finished with --device cpu. Unchanged: not rewritten."""
+        blob = json.dumps(to_dict(self.cfg), indent=2).encode()
+        try:
+            if self.store.read_bytes(CONFIG_KEY) == blob:
+                return
+        except StoreKeyMissing:
+            pass
+        self.store.write_bytes(CONFIG_KEY, blob)
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -121,6 +156,7 @@ class Pipeline:
             self.store.write_bytes(key, blob)
             files.append({"pair": pair, "key": key, "rows": int(len(frame)), "sha256": hashlib.sha256(blob).hexdigest(),
                           "source": source, "gaps": market.gaps[pair].as_dict()})
+        files += self._snapshot_second_venue(market)
         ts = market.timestamps
         self.state["data"] = {
             "exchange": d.exchange, "pairs": list(market.pairs), "timeframe": d.timeframe,
@@ -132,6 +168,29 @@ class Pipeline:
         self._write_json(STATE_KEY, self.state)
         log.info("data_snapshot_written", pipeline=self.pipeline_id, bars=market.n_bars, pairs=market.pairs,
                  train=self.state["data"]["train"], validation=self.state["data"]["validation"])
+
+    def _snapshot_second_venue(self, market) -> list[dict]:
+        """With arbitrage on, the second venue's candles over the same bars (data/coinbase_BTC-USD_1h.csv.gz);
+        a pair the second venue has no file for is left out (the runs mask arbitrage there)."""
+        venue = market.second_venue
+        if venue is None:
+            return []
+        ts0, ts1 = int(market.timestamps[0]), int(market.timestamps[-1])
+        files = []
+        for pair, symbol in zip(market.pairs, venue.pairs):
+            if pair not in venue.sources:
+                continue
+            source = venue.sources[pair]["file"]
+            frame = read_candles(source)
+            frame = frame[(frame["timestamp"] >= ts0) & (frame["timestamp"] <= ts1)]
+            if frame.empty:
+                continue
+            blob = _gzip_csv(frame)
+            key = f"{DATA_PREFIX}/{candle_filename(venue.exchange, symbol, market.timeframe)}"
+            self.store.write_bytes(key, blob)
+            files.append({"pair": symbol, "key": key, "rows": int(len(frame)), "sha256": hashlib.sha256(blob).hexdigest(),
+                          "source": source, "venue": "second", "for_pair": pair})
+        return files
 
     # ------------------------------------------------------------------------------------------ runs
 
@@ -248,7 +307,7 @@ class Pipeline:
                 "model_path": f"{output}/{result['model_file']}", "train_return": result["train_return"],
                 "new_best": decision.new_best, "patience_count": decision.patience_count,
                 "continued_from": best["model_key"], "test_metrics": result.get("test_metrics"),
-                "timings": result.get("timings"),
+                "timings": result.get("timings"), "device": result.get("device"), "versions": result.get("versions"),
             }
             self.state["retraining"].append(entry)
             if decision.new_best:
@@ -271,7 +330,9 @@ class Pipeline:
         final_key = st["best"]["model_key"]
         final_entry = next((e for e in initial if e["model_key"] == final_key), None) or \
             next(e for e in st["retraining"] if e["model_path"] == final_key)
-        import torch
+        entries = initial + st["retraining"]
+        devices = sorted({e["device"] for e in entries if e.get("device")})
+        run_versions = final_entry.get("versions") or {}
 
         return {
             "pipeline_complete": True,
@@ -294,8 +355,12 @@ class Pipeline:
             "config": to_dict(self.cfg),
             "config_hash": self.hash,
             "data": st["data"],
-            "versions": {"nexlify": nexlify.__version__, "torch": str(torch.__version__)},
-            "device": self.cfg.train.device,
+            # the trainer's versions as the final model's run recorded them (the controller needs no torch)
+            "versions": {"nexlify": nexlify.__version__, "python": platform.python_version(),
+                         "torch": run_versions.get("torch"), "worker_nexlify": run_versions.get("nexlify"),
+                         "worker_python": run_versions.get("python")},
+            "device": ", ".join(devices) or None,  # what the runs used ("cpu", "cuda:0")
+            "device_requested": self.cfg.train.device,
             "timings": st["timings"],
             "failures": st.get("failures", []),
         }
@@ -307,12 +372,15 @@ def _run_entry(run_id: int, spec: RunSpec, result: dict, output: str) -> dict:
         "train_return": result["train_return"], "val_metrics": _avg_metrics(result["val_metrics"]),
         "per_pair": result["val_metrics"].get("per_pair"), "model_key": f"{output}/{result['model_file']}",
         "model_path": f"{output}/{result['model_file']}", "test_metrics": result.get("test_metrics"),
-        "timings": result.get("timings"),
+        "timings": result.get("timings"), "device": result.get("device"), "versions": result.get("versions"),
     }
 
 
 def _avg_metrics(val: dict) -> dict:
-    return {k: val[k] for k in ("avg_return", "avg_sharpe", "avg_win_rate", "avg_drawdown", "total_trades", "score")}
+    out = {k: val[k] for k in ("avg_return", "avg_sharpe", "avg_win_rate", "avg_drawdown", "total_trades", "score")}
+    if val.get("pnl_breakdown") is not None:  # PnL by source, averaged over pairs (quote currency)
+        out["pnl_breakdown"] = val["pnl_breakdown"]
+    return out
 
 
 def _window(ts, window: tuple[int, int], bar_ms: int) -> dict:

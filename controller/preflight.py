@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -43,17 +44,17 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
                 f"validation {windows.val[1] - windows.val[0]})")
 
     def output() -> str:
-        from controller.stores import open_store
+        from controller.stores import is_s3_url, open_store
 
         store = open_store(cfg.output)
-        store.check_writable()
+        if not is_s3_url(cfg.output) and not os.path.isdir(store.root_url):
+            return _creatable_folder(store.root_url)
+        store.check_writable()  # writes a probe and deletes it again
         return f"{store.root_url} writable"
 
     def disk() -> str:
         if cfg.output.startswith("s3://"):
             return "bucket output: local disk holds temporary files only"
-        import os
-
         path = os.path.abspath(cfg.output)
         while not os.path.exists(path):
             path = os.path.dirname(path)
@@ -72,6 +73,21 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
 
         items.append(("kubernetes", kubernetes))
     return items
+
+
+def _creatable_folder(folder: str) -> str:
+    """Check that a missing output folder could be created, without creating it: preflight writes
+    nothing, so a run refused for bad input leaves no empty folder behind."""
+    if os.path.exists(folder):
+        raise NexlifyError(f"output {folder} is a file, not a folder; accepted: a folder path or s3://bucket/prefix")
+    parent = os.path.dirname(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NexlifyError(f"output {folder}: {parent} is a file, not a folder; accepted: a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise NexlifyError(f"output {folder}: {parent} is not writable; accepted: a folder you may write to")
+    return f"{folder} will be created (in {parent}, writable)"
 
 
 def run_preflight(cfg: PipelineConfig, *, print_table: bool = True) -> bool:

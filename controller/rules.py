@@ -19,7 +19,14 @@ def improvement_pct(score: float, best: float) -> float:
 
     With best = 0 the ratio is undefined; we then count any gain as +100 %, any loss as -100 % and
     no change as 0 %, so a positive score after a zero best is an improvement of every threshold up
-    to 100 % and retraining neither divides by zero nor stops by accident."""
+    to 100 % and retraining neither divides by zero nor stops by accident.
+
+    A NaN score (a degenerate validation) is never an improvement: it counts as -100 %, so it cannot
+    become the best model; after a NaN best, any real score counts as +100 %."""
+    if math.isnan(score):
+        return -100.0
+    if math.isnan(best):
+        return 100.0
     if best == 0:
         return math.copysign(100.0, score) if score != 0 else 0.0
     return (score - best) / abs(best) * 100.0
@@ -58,10 +65,17 @@ def decide(score: float, best: float, patience_count: int, iteration: int, *, th
 
 
 def select_best(scores: list[tuple[int, float]]) -> int:
-    """The run id with the highest validation score; ties go to the lower run id."""
+    """The run id with the highest validation score; ties go to the lower run id.
+
+    NaN scores rank below every real score, so a degenerate run is chosen only when no run has one."""
     if not scores:
         raise ValueError("no scores to select from")
-    return min(scores, key=lambda item: (-item[1], item[0]))[0]
+
+    def rank(item: tuple[int, float]) -> tuple[bool, float, int]:
+        run_id, score = item
+        return (math.isnan(score), 0.0 if math.isnan(score) else -score, run_id)
+
+    return min(scores, key=rank)[0]
 
 
 def initial_seed(base_seed: int, run_id: int) -> int:

@@ -7,7 +7,7 @@ import tempfile
 
 from controller.config import PipelineConfig, pipeline_hash
 from controller.pipeline import Pipeline
-from controller.stores import open_store
+from controller.stores import Store, open_store
 from nexlify import logs
 
 LOG_KEY = "training.log"
@@ -27,25 +27,44 @@ def run_pipeline(cfg: PipelineConfig, *, force: bool = False) -> dict:
     store = open_store(cfg.output)
     executor = make_executor(cfg, pipeline_hash(cfg)[:8])
     pipeline = Pipeline(cfg, store, executor, force=force)
-    # training.log: appended across resumes; kept in a local temp file and published after each phase.
-    fd, log_path = tempfile.mkstemp(prefix="nexlify-training-", suffix=".log")
-    os.close(fd)
     try:
-        previous = store.read_bytes(LOG_KEY)
+        # Another config's output is refused here, before anything (training.log included) is written.
+        starting_over = pipeline.check_output()
+    except BaseException:
+        executor.close()
+        raise
+    try:
+        previous = b"" if starting_over else store.read_bytes(LOG_KEY)
     except FileNotFoundError:
         previous = b""
-    with open(log_path, "wb") as fh:
-        fh.write(previous)
-    fh = open(log_path, "a", buffering=1)
-    logs.add_file(fh)
+    training_log = TrainingLog(store, previous)
+    logs.add_file(training_log.fh)
     try:
-        pipeline.on_transition = lambda: store.upload_file(LOG_KEY, log_path)
+        pipeline.on_transition = training_log.publish
         return pipeline.run()
     finally:
-        logs.remove_files()
-        fh.close()
         try:
-            store.upload_file(LOG_KEY, log_path)
+            executor.close()  # stops workers still going (Ctrl-C, SIGTERM, an error): their last events are logged
         finally:
-            os.unlink(log_path)
-            executor.close()
+            logs.remove_files()
+            try:
+                training_log.publish()
+            finally:
+                training_log.fh.close()
+
+
+class TrainingLog:
+    """training.log: this start's events appended to the previous starts'. Kept in an anonymous temporary
+    file (it disappears with the process, even after kill -9, so crashed starts leave nothing in /tmp)
+    and published to the store after every transition and at the end."""
+
+    def __init__(self, store: Store, previous: bytes) -> None:
+        self.store = store
+        self.fh = tempfile.TemporaryFile(mode="w+", encoding="utf-8", buffering=1)
+        self.fh.write(previous.decode("utf-8", errors="replace"))
+
+    def publish(self) -> None:
+        self.fh.flush()
+        fd = self.fh.fileno()
+        # pread leaves the file offset alone, so relay threads may keep appending meanwhile
+        self.store.write_bytes(LOG_KEY, os.pread(fd, os.fstat(fd).st_size, 0))

@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import fields
 
 import structlog
 import torch
@@ -26,6 +27,7 @@ from nexlify import checkpoint
 from nexlify.config import TrainConfig
 from nexlify.configtools import apply_mapping, to_dict, validate_tree
 from nexlify.data.candles import candle_filename
+from nexlify.data.second_venue import second_venue_pair
 from nexlify.errors import InputError
 from nexlify.training import Preempted, prepare_data, resolve_device, train_run
 
@@ -59,7 +61,7 @@ def load_train_config(config_url: str | None, overrides: dict) -> TrainConfig:
 def _is_train_key(key: str) -> bool:
     from nexlify.configtools import leaf_index
 
-    sections = {"data", "env", "risk", "agent"}
+    sections = {f.name for f in fields(TrainConfig) if f.metadata.get("section")}
     return key in sections or key in leaf_index(TrainConfig)
 
 
@@ -124,7 +126,8 @@ def _bytes_io(blob: bytes):
 
 
 def fetch_snapshot(data_url: str, cfg: TrainConfig, into: str) -> str:
-    """Copy the pipeline's candle snapshot (one file per pair) into a local folder."""
+    """Copy the pipeline's candle snapshot (one file per pair, and with arbitrage on the second venue's
+    file per pair where the pipeline had one) into a local folder."""
     store = open_store(data_url.rstrip("/"))
     for pair in cfg.data.pairs:
         name = candle_filename(cfg.data.exchange, pair, cfg.data.timeframe)
@@ -132,6 +135,14 @@ def fetch_snapshot(data_url: str, cfg: TrainConfig, into: str) -> str:
             store.download_file(name, os.path.join(into, name))
         except StoreKeyMissing:
             raise InputError(f"data snapshot {data_url} has no {name} for {pair}") from None
+    if "arbitrage" in cfg.env.strategies:
+        a = cfg.arbitrage
+        for pair in cfg.data.pairs:
+            name = candle_filename(a.second_exchange, second_venue_pair(pair, a.second_quote), cfg.data.timeframe)
+            try:
+                store.download_file(name, os.path.join(into, name))
+            except StoreKeyMissing:  # the pipeline found none: arbitrage is masked for this pair
+                log.warning("second_venue_not_in_snapshot", file=name, pair=pair)
     return into
 
 
@@ -166,9 +177,11 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                 except StoreKeyMissing:
                     raise InputError(f"--init-from {init_from} does not exist") from None
                 init = checkpoint.load(init_path, map_location=device)
+            identity = _resume_identity(cfg, seed, episodes)
             resume = outputs.load_torch(RESUME, device)
-            if resume is not None and (int(resume.get("seed", -1)) != seed):
-                log.warning("resume_ignored", reason="seed differs")
+            if resume is not None and resume.get("run_identity") != identity:
+                log.warning("resume_ignored", reason="the resume checkpoint belongs to another seed, episode "
+                            "count or config")
                 resume = None
             if resume is not None:
                 log.info("run_resumed", episodes_done=int(resume["episodes_done"]))
@@ -180,13 +193,13 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                 output = train_run(
                     cfg, market, windows, seed=seed, episodes=episodes, init=init, resume=resume,
                     checkpoint_every=checkpoint_every,
-                    on_checkpoint=lambda state: (outputs.save_torch(RESUME, state),
+                    on_checkpoint=lambda state: (outputs.save_torch(RESUME, {**state, "run_identity": identity}),
                                                  log.info("checkpoint_saved", episodes_done=state["episodes_done"])),
                     on_round=progress.round, on_step=progress.step, should_stop=lambda: stop["requested"],
                 )
             except Preempted as exc:
                 if exc.state is not None:
-                    outputs.save_torch(RESUME, exc.state)
+                    outputs.save_torch(RESUME, {**exc.state, "run_identity": identity})
                 log.warning("run_preempted", saved=exc.state is not None,
                             episodes_done=exc.state["episodes_done"] if exc.state else 0)
                 return EXIT_PREEMPTED
@@ -229,6 +242,16 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
             return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _resume_identity(cfg: TrainConfig, seed: int, episodes: int) -> dict:
+    """What a resume checkpoint must match to be continued: the seed, the episode count and the
+    config (less the device and thread count, which may change between a crash and the resume). A
+    stale resume.pt (another seed, or an output reused with --force) is ignored instead of mixed in."""
+    config = to_dict(cfg)
+    for key in ("device", "threads"):
+        config.pop(key, None)
+    return {"seed": int(seed), "episodes": int(episodes), "config": config}
 
 
 def _plain(metrics: dict | None) -> dict | None:

@@ -7,33 +7,46 @@ import time
 import torch
 
 from nexlify.config import TrainConfig
+from nexlify.configtools import validate_tree
 from nexlify.env.batched import BatchedTradingEnv
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer
+from nexlify.data.second_venue import load_second_venue
 from nexlify.training import prepare_data, resolve_device, train_run
 
 
-def _setup(pairs: list[str], device: str, threads: int) -> tuple[TrainConfig, object, object]:
+def _setup(pairs: list[str], device: str, threads: int,
+           strategies: list[str] | None = None) -> tuple[TrainConfig, object, object]:
     cfg = TrainConfig()
     cfg.data.pairs = list(pairs)
     cfg.device = device
     cfg.threads = threads
+    if strategies is not None:
+        cfg.env.strategies = list(strategies)
+    validate_tree(cfg)
     torch.set_num_threads(threads)
     market, windows = prepare_data(cfg)
     return cfg, market, windows
 
 
-def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = 1) -> dict:
-    """Random valid actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps."""
-    cfg, market, windows = _setup(pairs, device, threads)
+def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = 1,
+              strategies: list[str] | None = None) -> dict:
+    """Random valid actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps.
+
+    Episodes start at the first bar where every pair has the second venue (Coinbase's history starts on
+    2024-04-18), for spot-only runs too, so that figures with and without strategies cover the same bars
+    and the arbitrage strategy really trades."""
+    cfg, market, windows = _setup(pairs, device, threads, strategies)
     dev = resolve_device(device)
     raw = market_features(market)
     tensors = MarketTensors.build(market, Normalizer.fit(raw, WARMUP_BARS, windows.train[1]), dev, raw)
     n_pairs = len(market.pairs)
-    steps = min(steps, windows.train[1] - WARMUP_BARS - 2)
+    first = max(WARMUP_BARS, _first_second_venue_bar(cfg, market))
+    steps = min(steps, windows.train[1] - first - 2)
     gen = torch.Generator(device=dev).manual_seed(0)
-    start = torch.full((batch_size,), WARMUP_BARS, dtype=torch.int64)
-    env = BatchedTradingEnv(tensors, torch.arange(n_pairs).expand(batch_size, n_pairs), start, steps, cfg.env, cfg.risk)
+    start = torch.full((batch_size,), first, dtype=torch.int64)
+    env = BatchedTradingEnv(tensors, torch.arange(n_pairs).expand(batch_size, n_pairs), start, steps, cfg.env, cfg.risk,
+                            cfg.strategy_params())
 
     def run(n: int) -> None:
         env.reset()
@@ -48,18 +61,29 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
     _sync(dev)
     seconds = time.perf_counter() - t0
     return {"bench": "env", "pairs": n_pairs, "batch_size": batch_size, "steps": steps, "device": str(dev),
-            "threads": threads, "seconds": round(seconds, 3), "env_steps_per_s": round(batch_size * steps / seconds)}
+            "threads": threads, "strategies": ",".join(cfg.env.strategies), "seconds": round(seconds, 3),
+            "env_steps_per_s": round(batch_size * steps / seconds)}
 
 
-def bench_train(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = 1) -> dict:
+def _first_second_venue_bar(cfg: TrainConfig, market) -> int:
+    """The first bar at which the second venue has every pair (0 when it never has)."""
+    venue = market.second_venue or load_second_venue(market, cfg.arbitrage.second_exchange, cfg.arbitrage.second_quote,
+                                                     cfg.data.data_dir)
+    everywhere = venue.available.all(axis=1)
+    return int(everywhere.argmax()) if everywhere.any() else 0
+
+
+def bench_train(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = 1,
+                strategies: list[str] | None = None) -> dict:
     """One round of `batch_size` episodes of `steps` steps, acting, storing and learning as in training."""
-    cfg, market, windows = _setup(pairs, device, threads)
+    cfg, market, windows = _setup(pairs, device, threads, strategies)
     cfg.env.num_envs = batch_size
     cfg.env.episode_bars = steps + 1
     out = train_run(cfg, market, windows, seed=0, episodes=batch_size)
     t = out.timings
     return {"bench": "train", "pairs": len(market.pairs), "batch_size": batch_size, "steps": steps,
-            "device": t.get("device", str(resolve_device(device))), "threads": threads, "seconds": t["train_s"],
+            "device": t.get("device", str(resolve_device(device))), "threads": threads,
+            "strategies": ",".join(cfg.env.strategies), "seconds": t["train_s"],
             "grad_steps": out.agent.grad_steps, "train_env_steps_per_s": round(t["train_env_steps_per_s"])}
 
 

@@ -16,7 +16,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--exchange", help="exchange (default: the checkpoint's)")
     ev.add_argument("--data-dir", help="candle folder (default: the checkpoint's, else the bundled sample)")
     ev.add_argument("--start", help="first day evaluated, UTC (default: the checkpoint's validation window)")
-    ev.add_argument("--end", help="end of the window, UTC, exclusive (default: the checkpoint's data end)")
+    ev.add_argument("--end", help="end of the window, UTC, exclusive (default: the checkpoint's data end with --start, "
+                    "else the end of its validation window)")
     ev.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(handler=cmd_evaluate)
@@ -30,6 +31,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fetch.add_argument("--since", required=True, help="first candle, UTC date")
     fetch.add_argument("--until", help="end, UTC date, exclusive (default: the last closed candle)")
     fetch.add_argument("--cache-dir", default="./data", help="folder of <exchange>_<BASE>-<QUOTE>_<tf>.csv.gz")
+    fetch.add_argument("--second-exchange", help="also fetch the same coins from this venue for the arbitrage "
+                       "strategy (e.g. coinbase), quoted in --second-quote")
+    fetch.add_argument("--second-quote", default="USD", help="quote currency on the second venue (default: USD)")
     fetch.set_defaults(handler=cmd_data_fetch)
     info = data_sub.add_parser("info", help="check candle files and report ranges and gaps")
     info.add_argument("--exchange", default="binance")
@@ -50,6 +54,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--steps", type=int, default=1000 if name == "env" else 2000)
         b.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
         b.add_argument("--threads", type=int, default=1)
+        b.add_argument("--strategies", nargs="+", default=None, metavar="STRATEGY",
+                       help="strategies on, e.g. spot,staking,lp,lending,arbitrage (default: the config default, "
+                            "all of them)")
         b.add_argument("--json", action="store_true")
         b.set_defaults(handler=cmd_bench_env if name == "env" else cmd_bench_train)
 
@@ -67,6 +74,11 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
     from nexlify.data.fetch import fetch_many
 
     paths = fetch_many(args.exchange, args.pairs, args.timeframe, args.since, args.until, args.cache_dir)
+    if args.second_exchange:
+        from nexlify.data.fetch import fetch_second_venue
+
+        paths.update(fetch_second_venue(args.second_exchange, args.second_quote, args.pairs, args.timeframe,
+                                        args.since, args.until, args.cache_dir))
     for pair, path in paths.items():
         print(f"{pair}: {path}")
     return 0
@@ -85,10 +97,16 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _strategies(args: argparse.Namespace) -> list[str] | None:
+    if args.strategies is None:
+        return None
+    return [s for item in args.strategies for s in item.replace(",", " ").split() if s]
+
+
 def cmd_bench_env(args: argparse.Namespace) -> int:
     from nexlify.bench import bench_env
 
-    result = bench_env(args.pairs, args.batch_size, args.steps, args.device, args.threads)
+    result = bench_env(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args))
     _print_bench(result, args.json)
     return 0
 
@@ -96,7 +114,7 @@ def cmd_bench_env(args: argparse.Namespace) -> int:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from nexlify.bench import bench_train
 
-    result = bench_train(args.pairs, args.batch_size, args.steps, args.device, args.threads)
+    result = bench_train(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args))
     _print_bench(result, args.json)
     return 0
 

@@ -7,13 +7,18 @@ and summary. Risk defaults are the original guide's seed values.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from nexlify.configtools import section, setting
 from nexlify.errors import InputError
+from nexlify.strategies.params import (
+    FEE_TIERS, AaveParams, ArbParams, LPParams, StakedAsset, StakingParams, StrategyParams, default_staking_assets,
+)
 
 DEFAULT_PAIRS = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
-ALL_STRATEGIES = ("spot",)  # issue 6 adds staking, lp, lending, arbitrage
+# spot: long trades; staking: stake held coins; lp: Uniswap V3 liquidity; lending: Aave USDT supply;
+# arbitrage: Binance (USDT) vs a second venue (USD). See nexlify.env.batched for the actions.
+ALL_STRATEGIES = ("spot", "staking", "lp", "lending", "arbitrage")
 
 
 @dataclass
@@ -65,7 +70,150 @@ class EnvConfig:
                             "up to 1024)", lo=0, hi=65536)
     precision: str = setting("float64", "accounting precision: float64 (exact) or float32 (faster)",
                              choices=("float64", "float32"))
-    strategies: list[str] = setting(["spot"], "strategies the agent may use", choices=ALL_STRATEGIES)
+    strategies: list[str] = setting(list(ALL_STRATEGIES), "strategies the agent may use (the others' actions are "
+                                    "masked)", choices=ALL_STRATEGIES)
+
+    def check(self) -> None:
+        if not self.strategies:
+            raise InputError("--strategies is empty; accepted: one or more of " + ", ".join(ALL_STRATEGIES))
+        if "staking" in self.strategies and "spot" not in self.strategies:
+            raise InputError(f"--strategies {','.join(self.strategies)}: staking stakes coins bought by spot "
+                             "trades, so it needs spot; accepted: add spot, or drop staking")
+
+
+# --------------------------------------------------------------------------------------------------
+# Strategy parameters: each section mirrors a params dataclass of nexlify.strategies.params, whose
+# docstrings give every default's source and date; the defaults are read from there (one place).
+
+
+def _staking_assets_table() -> dict:
+    return {coin: asdict(asset) for coin, asset in default_staking_assets().items()}
+
+
+@dataclass
+class StakingConfig:
+    """Strategy `staking` (nexlify.strategies.staking): terms per coin and what STAKE / UNSTAKE move."""
+
+    staking_assets: dict = setting(
+        _staking_assets_table(), "per coin: apy (effective annual yield), compounds_per_year, unbonding_hours, "
+        "source; the mapping replaces the whole table, and a coin absent from it cannot be staked (BTC by default)",
+        cli=False)
+    stake_fraction: float = setting(StakingParams.stake_fraction, "fraction of a slot's free coins a STAKE action "
+                                    "stakes", lo=0.0, hi=1.0, lo_open=True)
+    unstake_fraction: float = setting(StakingParams.unstake_fraction, "fraction of a slot's staked coins an UNSTAKE "
+                                      "action starts unbonding", lo=0.0, hi=1.0, lo_open=True)
+
+    def params(self) -> StakingParams:
+        assets = {}
+        for coin, terms in self.staking_assets.items():
+            if not isinstance(terms, dict):
+                raise InputError(f"staking_assets[{coin!r}] is {terms!r}; accepted: a mapping with apy, "
+                                 "compounds_per_year, unbonding_hours (and optionally source)")
+            unknown = set(terms) - {"apy", "compounds_per_year", "unbonding_hours", "source"}
+            missing = {"apy", "compounds_per_year", "unbonding_hours"} - set(terms)
+            if unknown or missing:
+                raise InputError(f"staking_assets[{coin!r}]: unknown keys {sorted(unknown)}, missing keys "
+                                 f"{sorted(missing)}; accepted: apy, compounds_per_year, unbonding_hours, source")
+            try:
+                assets[str(coin).upper()] = StakedAsset(
+                    apy=float(terms["apy"]), compounds_per_year=float(terms["compounds_per_year"]),
+                    unbonding_hours=float(terms["unbonding_hours"]), source=str(terms.get("source", "")))
+            except (TypeError, ValueError):
+                raise InputError(f"staking_assets[{coin!r}] = {terms!r}: apy, compounds_per_year and "
+                                 "unbonding_hours must be numbers") from None
+        return StakingParams(assets=assets, stake_fraction=self.stake_fraction, unstake_fraction=self.unstake_fraction)
+
+    def check(self) -> None:
+        self.params()
+
+
+@dataclass
+class LPConfig:
+    """Strategy `lp`: a Uniswap V3 position on a pair against USDT (nexlify.strategies.uniswap_v3)."""
+
+    fee_tier: float = setting(LPParams.fee_tier, "pool fee tier", choices=FEE_TIERS)
+    range_width: float = setting(LPParams.range_width, "position range: +- this fraction around the price at "
+                                 "opening (0.05, 0.10, 0.25 ...)", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    dex_volume_share: float = setting(LPParams.dex_volume_share, "pool volume as a fraction of the candle's volume "
+                                      "(assumption)", lo=0.0, lo_open=True)
+    pool_tvl_usd: float = setting(LPParams.pool_tvl_usd, "the pool's other liquidity in USD (assumption)", lo=0.0)
+    pool_range_width: float = setting(LPParams.pool_range_width, "the pool's liquidity is spread like one position "
+                                      "over +- this fraction", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    gas_units_open: float = setting(LPParams.gas_units_open, "gas used by opening (mint)", lo=0.0)
+    gas_units_close: float = setting(LPParams.gas_units_close, "gas used by closing (decrease + collect + burn)",
+                                     lo=0.0)
+    gas_price_gwei: float = setting(LPParams.gas_price_gwei, "gas price in gwei", lo=0.0)
+    eth_usd_for_gas: float = setting(LPParams.eth_usd_for_gas, "ETH price in USD that converts gas to USD", lo=0.0)
+
+    def params(self) -> LPParams:
+        return LPParams(**asdict(self))
+
+    def check(self) -> None:
+        self.params()
+
+
+@dataclass
+class LendingConfig:
+    """Strategy `lending`: supplying USDT to Aave V3 (nexlify.strategies.aave); USDT reserve parameters."""
+
+    optimal_usage_ratio: float = setting(AaveParams.optimal_usage_ratio, "utilization at the kink of the rate "
+                                         "curve", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    base_variable_borrow_rate: float = setting(AaveParams.base_variable_borrow_rate, "borrow rate at zero "
+                                               "utilization (annual)", lo=0.0, hi=10.0)
+    variable_rate_slope1: float = setting(AaveParams.variable_rate_slope1, "borrow rate slope below the kink",
+                                          lo=0.0, hi=10.0)
+    variable_rate_slope2: float = setting(AaveParams.variable_rate_slope2, "borrow rate slope above the kink",
+                                          lo=0.0, hi=10.0)
+    reserve_factor: float = setting(AaveParams.reserve_factor, "share of interest kept by the protocol",
+                                    lo=0.0, hi=1.0)
+    utilization: float = setting(AaveParams.utilization, "constant utilization path (assumption)", lo=0.0, hi=1.0)
+    utilization_csv: str | None = setting(AaveParams.utilization_csv, "CSV timestamp,utilization (ms, fraction) "
+                                          "used instead of the constant, joined as of each bar")
+
+    def params(self) -> AaveParams:
+        return AaveParams(**asdict(self))
+
+    def check(self) -> None:
+        self.params()
+
+
+@dataclass
+class ArbitrageConfig:
+    """Strategy `arbitrage`: the primary exchange (USDT pairs) against a second venue quoting the same coins
+    (nexlify.strategies.arbitrage). Its candles are <second_exchange>_<BASE>-<second_quote>_<tf>.csv.gz."""
+
+    second_exchange: str = setting("coinbase", "the second venue's exchange id (file prefix)")
+    second_quote: str = setting("USD", "the second venue's quote currency (USD: spreads include USDT/USD drift)")
+    taker_fee_a: float = setting(ArbParams.taker_fee_a, "taker fee on the primary exchange", lo=0.0, hi=0.1,
+                                 hi_open=True)
+    taker_fee_b: float = setting(ArbParams.taker_fee_b, "taker fee on the second venue", lo=0.0, hi=0.1,
+                                 hi_open=True)
+    withdrawal_fee_units: dict = setting(dict(ArbParams().withdrawal_fee_units), "withdrawal fee per coin, in coin "
+                                         "units (replaces the whole table)", cli=False)
+    rebalance_delay_hours: dict = setting(dict(ArbParams().rebalance_delay_hours), "hours a transfer between the "
+                                          "venues takes, per coin (replaces the whole table)", cli=False)
+    rebalance_notional_usd: float = setting(ArbParams.rebalance_notional_usd, "arbitrage volume one transfer "
+                                            "serves (amortises the withdrawal fee in the edge)", lo=0.0, lo_open=True)
+    min_edge_bps: float = setting(ArbParams.min_edge_bps, "net edge needed on top of all costs, in bps", lo=0.0)
+    max_notional_usd: float = setting(ArbParams.max_notional_usd, "largest arbitrage per pair and bar, in USD",
+                                      lo=0.0, lo_open=True)
+    rebalance_below: float = setting(ArbParams.rebalance_below, "rebalance the inventory when a venue holds at "
+                                     "most this fraction of the book's coins or quote", lo=0.0, hi=0.5, hi_open=True)
+
+    def params(self) -> ArbParams:
+        fields_ = asdict(self)
+        fields_.pop("second_exchange")
+        fields_.pop("second_quote")
+        try:
+            fields_["withdrawal_fee_units"] = {str(k).upper(): float(v) for k, v in self.withdrawal_fee_units.items()}
+            fields_["rebalance_delay_hours"] = {str(k).upper(): float(v) for k, v in self.rebalance_delay_hours.items()}
+        except (TypeError, ValueError):
+            raise InputError(f"withdrawal_fee_units {self.withdrawal_fee_units!r} / rebalance_delay_hours "
+                             f"{self.rebalance_delay_hours!r}: accepted: a mapping of coin to a number") from None
+        return ArbParams(**fields_)
+
+    def check(self) -> None:
+        self.params()
 
 
 @dataclass
@@ -96,5 +244,14 @@ class TrainConfig:
     env: EnvConfig = section(EnvConfig)
     risk: RiskConfig = section(RiskConfig)
     agent: AgentConfig = section(AgentConfig)
+    staking: StakingConfig = section(StakingConfig)
+    lp: LPConfig = section(LPConfig)
+    lending: LendingConfig = section(LendingConfig)
+    arbitrage: ArbitrageConfig = section(ArbitrageConfig)
     device: str = setting("auto", "torch device: auto picks cuda when present", choices=("auto", "cpu", "cuda"))
     threads: int = setting(1, "torch CPU threads per run (small networks run fastest on one)", lo=1, hi=256)
+
+    def strategy_params(self) -> StrategyParams:
+        """The strategy sections as the environment takes them (validated: InputError on a bad value)."""
+        return StrategyParams(staking=self.staking.params(), lp=self.lp.params(), aave=self.lending.params(),
+                              arbitrage=self.arbitrage.params())

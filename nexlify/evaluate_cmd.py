@@ -15,7 +15,7 @@ from nexlify.agent.dqn import DuelingQNet
 from nexlify.errors import InputError
 from nexlify.evaluation import buy_and_hold, evaluate_policy
 from nexlify.features import WARMUP_BARS, Normalizer
-from nexlify.training import resolve_device
+from nexlify.training import attach_second_venue, resolve_device
 
 WARMUP_DAYS = WARMUP_BARS // 24 + 2
 
@@ -31,16 +31,18 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     pairs = pairs or d.pairs
     exchange = exchange or d.exchange
     data_dir = data_dir if data_dir is not None else d.data_dir
-    end = end or d.end
-    end_ms = parse_utc_ms(end, "--end")
-    if start is None:  # the checkpoint's own validation (and test) window
-        start_ms = end_ms - (d.val_days + d.test_days) * MS_PER_DAY
-    else:
-        start_ms = parse_utc_ms(start, "--start")
+    if end is not None:
+        end_ms = parse_utc_ms(end, "--end")
+    elif start is not None:  # from --start to the end of the checkpoint's data
+        end_ms = parse_utc_ms(d.end, "--end")
+    else:  # the checkpoint's own validation window: val_days before its test window
+        end_ms = parse_utc_ms(d.end, "--end") - d.test_days * MS_PER_DAY
+    start_ms = end_ms - d.val_days * MS_PER_DAY if start is None else parse_utc_ms(start, "--start")
     if start_ms >= end_ms:
         raise InputError(f"--start {iso_utc(start_ms)} is not before --end {iso_utc(end_ms)}")
     market = load_market(exchange, pairs, d.timeframe, data_dir, iso_utc(start_ms - WARMUP_DAYS * MS_PER_DAY),
                          iso_utc(end_ms))
+    attach_second_venue(cfg, market, data_dir)
     i0 = int(np.searchsorted(market.timestamps, start_ms, side="left"))
     if i0 - 1 < WARMUP_BARS:
         raise InputError(f"not enough candles before --start {iso_utc(start_ms)} for the {WARMUP_BARS}-bar "
@@ -49,7 +51,7 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), dev)
     model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden).to(dev)
     model.load_state_dict(ckpt["model_state_dict"])
-    metrics = evaluate_policy(model, tensors, window, cfg.env, cfg.risk)
+    metrics = evaluate_policy(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params())
     return {
         "model": model_path,
         "window": {"start": iso_utc(int(market.timestamps[i0])), "end": market.end_iso, "bars": window[1] - window[0]},
@@ -73,4 +75,6 @@ def render_table(report: dict) -> str:
     a = report["agent"]
     lines.append(f"average: return {a['avg_return']:.2f} %, sharpe {a['avg_sharpe']:.2f}, drawdown "
                  f"{a['avg_drawdown']:.2f} %, win rate {a['avg_win_rate']:.2%}, score {a['score']:.3f}")
+    if a.get("pnl_breakdown"):
+        lines.append("average PnL by source: " + ", ".join(f"{k} {v:,.2f}" for k, v in a["pnl_breakdown"].items()))
     return "\n".join(lines)

@@ -11,14 +11,16 @@ from nexlify.env.batched import BatchedTradingEnv
 from nexlify.env.market import MarketTensors
 from nexlify.features import WARMUP_BARS
 from nexlify.metrics import average_metrics, pair_metrics, sharpe_from_sums
+from nexlify.strategies.params import StrategyParams
 
 
 @torch.no_grad()
 def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig,
-                    risk_cfg: RiskConfig) -> dict:
+                    risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None) -> dict:
     """Run the greedy policy over bars [i0, i1): the first decision is at the close of bar i0-1 (so the
     first fill is at i0's open) and the last fill at bar i1-1. Each pair trades in its own portfolio;
-    all pairs step together as a batch. Returns average metrics, score and the per-pair table."""
+    all pairs step together as a batch. Returns average metrics, score and the per-pair table, each pair
+    with its PnL broken down by source (`pnl_breakdown`, quote currency)."""
     i0, i1 = window
     if i0 - 1 < WARMUP_BARS:
         raise ValueError(f"evaluation window starts at bar {i0}, inside the {WARMUP_BARS}-bar feature warm-up")
@@ -26,7 +28,7 @@ def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple
     device = market.prices.device
     pair_idx = torch.arange(n_pairs, device=device).unsqueeze(1)
     start = torch.full((n_pairs,), i0 - 1, dtype=torch.int64, device=device)
-    env = BatchedTradingEnv(market, pair_idx, start, i1 - i0, env_cfg, risk_cfg)
+    env = BatchedTradingEnv(market, pair_idx, start, i1 - i0, env_cfg, risk_cfg, strategy_params)
     obs = env.reset()
     was_training = model.training
     model.eval()
@@ -41,7 +43,7 @@ def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple
     for i, pair in enumerate(market.pairs):
         per_pair[pair] = pair_metrics(float(st.equity[i]), st.initial_equity, float(st.ret_sum[i]),
                                       float(st.ret_sq_sum[i]), st.n_returns, float(st.max_drawdown[i]),
-                                      int(st.trades[i]), int(st.wins[i]))
+                                      int(st.trades[i]), int(st.wins[i]), pnl_breakdown=st.pnl_breakdown(i))
         per_pair[pair]["costs_paid"] = float(st.costs[i])
     return average_metrics(per_pair)
 

@@ -22,6 +22,7 @@ from nexlify.agent.dqn import DQNAgent
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
 from nexlify.data.candles import MarketData, Windows, load_market, split_windows
+from nexlify.data.second_venue import load_second_venue
 from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv, observation_size
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.evaluation import evaluate_policy
@@ -62,11 +63,21 @@ class RunOutput:
 
 
 def prepare_data(cfg: TrainConfig, data_dir: str | None = None) -> tuple[MarketData, Windows]:
-    """The candles of the configured window and its train / validation / test split."""
+    """The candles of the configured window and its train / validation / test split; with arbitrage on,
+    the second venue's candles ride along on the same bars (`market.second_venue`)."""
     d = cfg.data
-    market = load_market(d.exchange, d.pairs, d.timeframe, data_dir if data_dir is not None else d.data_dir,
-                         d.start, d.end)
+    folder = data_dir if data_dir is not None else d.data_dir
+    market = load_market(d.exchange, d.pairs, d.timeframe, folder, d.start, d.end)
+    attach_second_venue(cfg, market, folder)
     return market, split_windows(market, d.val_days, d.test_days)
+
+
+def attach_second_venue(cfg: TrainConfig, market: MarketData, data_dir: str | None) -> MarketData:
+    """Load the arbitrage strategy's second venue onto `market` when arbitrage is on (else leave it)."""
+    if "arbitrage" in cfg.env.strategies:
+        a = cfg.arbitrage
+        market.second_venue = load_second_venue(market, a.second_exchange, a.second_quote, data_dir)
+    return market
 
 
 def epsilon_at(step: int, total_steps: int, start: float, end: float, decay_fraction: float) -> float:
@@ -109,6 +120,7 @@ def train_run(
     normalizer = Normalizer.from_dict(source["normalizer"]) if source else Normalizer.fit(raw, train_start, train_end)
     tensors = MarketTensors.build(market, normalizer, device, raw)
     n_pairs = len(market.pairs)
+    strategy_params = cfg.strategy_params()
 
     # --- agent
     agent = DQNAgent(observation_size(tensors.n_features), N_ACTIONS, cfg.agent, device, seed)
@@ -149,7 +161,7 @@ def train_run(
         offsets = rng.integers(0, span - episode_bars + 1, size=n_env)
         start = torch.as_tensor(train_start + offsets, dtype=torch.int64)
         pair_idx = torch.arange(n_pairs).unsqueeze(0).expand(n_env, n_pairs)
-        env = BatchedTradingEnv(tensors, pair_idx, start, n_steps, cfg.env, cfg.risk)
+        env = BatchedTradingEnv(tensors, pair_idx, start, n_steps, cfg.env, cfg.risk, strategy_params)
         agent.buffer.clear()
         agent.window.reset()
         obs = env.reset().flatten(0, 1)
@@ -184,8 +196,9 @@ def train_run(
 
     # --- validation (and the held-out test window, when configured)
     t_val = time.perf_counter()
-    val_metrics = evaluate_policy(agent.model, tensors, windows.val, cfg.env, cfg.risk)
-    test_metrics = evaluate_policy(agent.model, tensors, windows.test, cfg.env, cfg.risk) if windows.test else None
+    val_metrics = evaluate_policy(agent.model, tensors, windows.val, cfg.env, cfg.risk, strategy_params)
+    test_metrics = (evaluate_policy(agent.model, tensors, windows.test, cfg.env, cfg.risk, strategy_params)
+                    if windows.test else None)
     val_seconds = time.perf_counter() - t_val
     total_seconds = time.perf_counter() - t_begin
     last_round = train_returns[-min(len(train_returns), num_envs):] if train_returns else [0.0]

@@ -38,10 +38,15 @@ class ConstQ(nn.Module):
         return self.q.expand(*obs.shape[:-1], self.q.shape[0])
 
 
+# The agent is generic in its number of actions; these tests use the first three of the environment's
+# (hold, open_long, close), so that every Q-value and mask below can be written out by hand.
+TOY_ACTIONS = 3
+
+
 def small_agent(obs_size: int = 5, seed: int = 0, **cfg) -> DQNAgent:
     values = dict(hidden=16, buffer_size=64, batch_size=4, learning_starts=0)
     values.update(cfg)
-    return DQNAgent(obs_size, N_ACTIONS, AgentConfig(**values), CPU, seed)
+    return DQNAgent(obs_size, TOY_ACTIONS, AgentConfig(**values), CPU, seed)
 
 
 # ========================================================================================== epsilon
@@ -72,7 +77,7 @@ def test_epsilon_decreases_monotonically():
 def random_masks(n: int, seed: int) -> torch.Tensor:
     """[n, 3] masks like the environment's: hold always valid, open and close random."""
     gen = torch.Generator().manual_seed(seed)
-    mask = torch.rand((n, N_ACTIONS), generator=gen) < 0.5
+    mask = torch.rand((n, TOY_ACTIONS), generator=gen) < 0.5
     mask[:, 0] = True
     return mask
 

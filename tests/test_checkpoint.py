@@ -48,7 +48,7 @@ def trained_agent(seed: int = 1) -> DQNAgent:
     gen = torch.Generator().manual_seed(seed)
     agent.buffer.add(torch.randn((n, OBS), generator=gen), torch.randint(0, 3, (n,), generator=gen),
                      torch.randn(n, generator=gen), torch.full((n,), 0.9), torch.randn((n, OBS), generator=gen),
-                     torch.ones((n, 3), dtype=torch.bool))
+                     torch.ones((n, N_ACTIONS), dtype=torch.bool))  # every action valid
     for _ in range(5):
         agent.learn()
     return agent

@@ -137,7 +137,9 @@ def test_equity_identity_and_reward_sums_on_a_random_run(real):
     n_steps = 400
     risk_cfg = RiskConfig(max_position=0.3, fixed_size=0.3, kelly_min_trades=5, kelly_window=10,
                           stop_loss=0.01, take_profit=0.02, trailing_stop=0.015, daily_loss_limit=0.03)
-    env = BatchedTradingEnv(tensors, torch.arange(3).expand(6, 3), starts, n_steps, EnvConfig(), risk_cfg)
+    # spot only: this is the spot identity (tests/test_strategies_env.py checks the one with every strategy on)
+    env = BatchedTradingEnv(tensors, torch.arange(3).expand(6, 3), starts, n_steps, EnvConfig(strategies=["spot"]),
+                            risk_cfg)
     env.reset()
     gen = torch.Generator().manual_seed(3)
     closes = torch.as_tensor(market.close)
@@ -170,7 +172,7 @@ def test_equity_identity_and_reward_sums_on_a_random_run(real):
 def test_costs_are_zero_without_fee_and_slippage(real):
     _, tensors = real
     env = BatchedTradingEnv(tensors, torch.arange(3).expand(4, 3), torch.tensor([250, 300, 350, 400]), 200,
-                            EnvConfig(fee=0.0, slippage_bps=0.0), RiskConfig())
+                            EnvConfig(fee=0.0, slippage_bps=0.0, strategies=["spot"]), RiskConfig())  # LP gas is a cost
     gen = torch.Generator().manual_seed(0)
     for _ in range(200):
         env.step(random_valid(env.mask, gen))

@@ -10,12 +10,14 @@ of the pipeline never finds an orphan still writing to the same run.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import structlog
@@ -25,13 +27,22 @@ from controller.executors.base import RunOutcome, RunSpec
 log = structlog.get_logger("nexlify.executor.local")
 
 PR_SET_PDEATHSIG = 1
+STOP_GRACE_S = 60.0  # how long close() lets workers save their resume checkpoint after SIGTERM
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs in the child between fork and exec: SIGTERM when the controller dies (even by SIGKILL).
+
+    If the controller died before prctl took effect (between fork and here), no signal would ever
+    come, so the child checks that its parent is still the controller and stops itself otherwise.
+    Linux ties PDEATHSIG to the thread that forked: workers are launched from the thread that waits
+    for them."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def worker_command() -> list[str]:
@@ -87,10 +98,24 @@ class LocalExecutor:
             outcomes[finished.spec.run_key] = self._outcome(finished)
         return [outcomes[h] for h in handles]
 
-    def close(self) -> None:
-        for run in self._runs.values():
-            if run.process is not None and run.process.poll() is None:
-                run.process.terminate()
+    def close(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop runs still going (Ctrl-C, an error in the controller): SIGTERM makes a worker save its
+        resume checkpoint and exit; wait for that, so a pipeline started again right away never meets a
+        worker of the old one still writing. A worker that does not stop in `grace_s` is killed."""
+        running = [run for run in self._runs.values() if run.process is not None and run.process.poll() is None]
+        for run in running:
+            run.process.terminate()
+        deadline = time.monotonic() + grace_s
+        for run in running:
+            try:
+                run.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("run_killed", run=run.spec.run_key, reason=f"did not stop within {grace_s:g} s of SIGTERM")
+                run.process.kill()
+                run.process.wait()
+            if run.relay is not None:
+                run.relay.join(timeout=5)
+            log.info("run_stopped", run=run.spec.run_key, exit_code=run.process.returncode)
 
     # -----------------------------------------------------------------------------------------------
 
@@ -100,8 +125,11 @@ class LocalExecutor:
         env["NEXLIFY_LOG_FORMAT"] = "json"
         env["NEXLIFY_PROGRESS_SECONDS"] = "1" if self.progress else env.get("NEXLIFY_PROGRESS_SECONDS", "30")
         argv = worker_command() + run.spec.worker_args()
+        # A session of its own: Ctrl-C on the terminal reaches only the controller, which then stops each
+        # worker with SIGTERM (a worker saves its resume checkpoint on SIGTERM, not on SIGINT).
         run.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+                                       stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                       preexec_fn=functools.partial(_die_with_parent, os.getpid()))
         if self.progress:
             from tqdm import tqdm
 

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -393,6 +393,8 @@ class MarketData:
     tradable: np.ndarray
     gaps: dict[str, GapReport] = field(default_factory=dict)
     sources: dict[str, dict] = field(default_factory=dict)
+    # The arbitrage strategy's second venue on these bars (nexlify.data.second_venue.SecondVenue), or None.
+    second_venue: Any = None
 
     @property
     def n_bars(self) -> int:
@@ -444,6 +446,7 @@ class MarketData:
             close=self.close[i0:i1], volume=self.volume[i0:i1], tradable=tradable,
             gaps={pair: gap_report(timestamps, tradable[:, p]) for p, pair in enumerate(self.pairs)},
             sources=dict(self.sources),
+            second_venue=self.second_venue.slice(i0, i1) if self.second_venue is not None else None,
         )
 
 

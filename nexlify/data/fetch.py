@@ -241,3 +241,24 @@ def fetch_many(
         until = iso_utc(_now_ms(client) // tf_ms * tf_ms)
     return {pair: fetch_candles(exchange, pair, timeframe, since, until, cache_dir, client=client, **options)
             for pair in names}
+
+
+def fetch_second_venue(
+    exchange: str,
+    quote: str,
+    pairs: list[str],
+    timeframe: str,
+    since: str,
+    until: str | None,
+    cache_dir: str | Path,
+    *,
+    client: Any = None,
+    **options: Any,
+) -> dict[str, Path]:
+    """The arbitrage strategy's second venue: the same coins as `pairs` quoted in `quote` on `exchange`
+    (BTC/USDT -> BTC/USD on coinbase), fetched into the same cache folder, where `load_market` and
+    `nexlify.data.second_venue` find them ({"BTC/USD": path, ...})."""
+    from nexlify.data.second_venue import second_venue_pair
+
+    symbols = [second_venue_pair(pair, quote) for pair in pairs]
+    return fetch_many(exchange, symbols, timeframe, since, until, cache_dir, client=client, **options)

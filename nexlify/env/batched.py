@@ -1,4 +1,4 @@
-"""A batched, risk-managed spot trading environment: B episodes x P pair slots, stepped as tensors.
+"""A batched, risk-managed trading environment: B episodes x P pair slots, stepped as tensors.
 
 Timing (no look-ahead):
 - The agent decides at the close of bar t, seeing only features of bars <= t and its own state.
@@ -7,15 +7,59 @@ Timing (no look-ahead):
   is marked at bar t+1's close. A bar that was missing on the exchange (a forward-filled gap) fills
   nothing: orders for it are cancelled and stops wait for the next real bar.
 
-Accounting, in quote currency and float64: equity = cash + sum(units * close). Every cost (fee,
-slippage) is paid out of cash at the fill, so the identity holds exactly at every bar.
+Actions (the set is fixed, whatever the config: a disabled strategy's actions are masked, so the
+network's shape never depends on the config). Per pair slot:
+- 0 hold; 1 open_long: buy `size` of equity (Kelly or fixed, capped by max_position); 2 close: exit
+  the slot's coins: the free ones are sold at the open, staked ones start unbonding and are sold at the
+  first tradable open after they come free (an exit that waits is "pending").
+- 3 stake: stake `stake_fraction` of the slot's free coins (ETH, SOL; BTC only if configured);
+  4 unstake: start unbonding `unstake_fraction` of the staked coins (one unbonding lot at a time).
+  Staked coins earn the configured APY every bar (units grow), keep their price exposure, count in the
+  stop-loss and the daily loss limit like any coin, and cannot be sold. A stop (or target) that
+  triggers on a slot with staked or unbonding coins sells the free coins at the stop and leaves the
+  exit pending: the staked coins are unstaked at the next open and every coin is sold at the first
+  tradable open after it comes free. An unbonding position cannot be stopped out until it is free.
+- 5 lp_open: a Uniswap V3 position on the pair against USDT worth `size` of equity on +-range_width
+  around the open (the coin half is bought at the spot fee and slippage; gas per open);
+  6 lp_close: withdraw it at the open (the coin half sold at the spot fee and slippage; gas per close),
+  collecting the accrued fees. Fees accrue every bar (uniswap_v3.fee_income); impermanent loss falls out
+  of the V3 formulas. LP positions have no stop: the daily loss limit sees their value.
+- 7 lend: supply `size` of equity from idle cash (after this bar's entries) to Aave; 8 withdraw: take the
+  slot's whole supply back. Lending is portfolio cash: each slot keeps its own sub-account of the one
+  Aave balance (so its interest is that slot's reward); the portfolio's supply is their sum. Interest
+  accrues every bar at the supply rate of the utilization path.
+- 9 arbitrage: buy on the cheaper venue and sell on the dearer one from inventory held on both
+  (arbitrage.arb_trade, at both venues' opens). Valid only when the second venue has the candle of bar t
+  and the net edge at bar t's closes beats all costs. The first arbitrage of a slot funds its book:
+  `size` of equity split into quote and coin on each venue (coins bought at each venue's taker fee).
+  A book is rebalanced by a transfer (withdrawal fee, configured delay) when a venue runs low;
+  10 arb_close: sell the book's coins on both venues (not while a transfer is under way).
+Hold, open_long and close stay actions 0, 1, 2.
+
+Risk rules across strategies: the per-trade cap (`size`) sizes spot entries, LP positions, arbitrage
+books and lending chunks alike; the concurrent-trade cap counts open spot trades, LP positions and
+arbitrage legs (a book holds one leg on each venue: 2 trades); the daily loss limit sees the whole
+portfolio and blocks new spot trades, LP positions and arbitrage books (not staking, lending or trades
+from an existing book).
+
+Accounting, in quote currency and float64: equity = cash + spot/staked/unbonding coins * close +
+LP value (V3 formula at the close) + accrued LP fees + Aave supply + arbitrage inventories (quote on
+both venues and coins on both venues and in transit, coins at the primary close, USD and USDT at par).
+Every cost (fee, slippage, gas, withdrawal fee) is paid at the fill, so the identity holds at every bar.
+`EpisodeStats.pnl` breaks the PnL down by source (PNL_SOURCES); the sources add up to the equity change.
 
 Reward per pair slot: the slot's change in value (including the costs it paid) divided by the
 portfolio's previous equity, scaled so that the slots of an episode add up to exactly the change of
 log equity: sum_p r_p = log(E_t+1 / E_t). One network is shared by all slots (see nexlify.agent).
 
 The step is a fixed sequence of tensor operations over all episodes and pairs; there is no Python
-loop over either, and nothing syncs the device except the scalar done flag (a step counter).
+loop over either, and nothing syncs the device except the scalar done flag (a step counter). A
+strategy switched off costs nothing: its block of the step is skipped, and with strategies == [spot]
+the environment computes exactly what the spot-only environment computed. What depends on the market
+only (the second venue's prices, the edges, pool volumes and liquidity, the Aave rates) is computed once
+(nexlify.env.strategy_tables); the arbitrage blocks are also skipped on steps where the host knows from
+those tables, without asking the device, that they would change nothing (no edge on any episode's bar,
+no book ever funded, no transfer under way).
 
 Layout: per-slot state is held slot-major, [P, B], so that sums over a portfolio's pairs reduce over
 the outer axis (on CPU about 30x faster than over a short inner axis) and per-episode tensors [B]
@@ -25,24 +69,51 @@ observations [B, P, obs]. `precision` chooses float64 (default: exact accounting
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.env import risk
+from nexlify.env import strategy_tables as tables
 from nexlify.env.market import MarketTensors
+from nexlify.env.strategy_tables import StrategyTables
+from nexlify.strategies import arbitrage, staking, uniswap_v3
+from nexlify.strategies.params import StrategyParams
 
-HOLD, OPEN_LONG, CLOSE = 0, 1, 2
-ACTION_NAMES = ("hold", "open_long", "close")
+HOLD, OPEN_LONG, CLOSE, STAKE, UNSTAKE, LP_OPEN, LP_CLOSE, LEND, WITHDRAW, ARB, ARB_CLOSE = range(11)
+ACTION_NAMES = ("hold", "open_long", "close", "stake", "unstake", "lp_open", "lp_close", "lend", "withdraw",
+                "arbitrage", "arb_close")
 N_ACTIONS = len(ACTION_NAMES)
 
-# Slot and portfolio state appended to the market features in each slot's observation.
-STATE_NAMES = (
+# Slot and portfolio state appended to the market features in each slot's observation: the spot state,
+# then the strategies' (zero when a strategy is off). Weights are fractions of equity; lp_fees_accrued,
+# lp_impermanent_loss and interest_accrued are in % of equity; the APYs x10; the spread (which includes
+# the USDT/USD drift) and the better arbitrage edge at the closes in bps / 10, clipped to +-10;
+# unbond_wait in weeks (at most 4); lp_dist_* as fractions of the close.
+SPOT_STATE_NAMES = (
     "in_position", "unrealised_pnl", "dist_to_stop", "dist_to_target", "bars_in_trade", "position_weight",
     "open_trades_frac", "daily_loss_used", "log_equity_change", "cash_frac", "size_frac",
 )
+STRATEGY_STATE_NAMES = (
+    "staked_weight", "unbonding_weight", "unbond_wait", "staking_apy",
+    "lp_weight", "lp_in_range", "lp_dist_lower", "lp_dist_upper", "lp_fees_accrued", "lp_impermanent_loss",
+    "lent_weight", "interest_accrued",
+    "arb_weight", arbitrage.SPREAD_FEATURE, "arb_edge_bps", "venue2_available", "transfer_pending",
+    "aave_supply_apy", "aave_utilization",
+)
+STATE_NAMES = SPOT_STATE_NAMES + STRATEGY_STATE_NAMES
+
+# Where the PnL comes from. spot: price moves of every coin held (spot trades, staked coins, the LP
+# position's opening coins as if held, arbitrage inventory); staking_rewards: new coins at the close they
+# are credited; lp_fees; impermanent_loss: the LP position's value minus holding its opening amounts;
+# lending_interest; arbitrage: the spread captured against the primary's price (includes USDT/USD drift);
+# fees_and_gas: every fee, slippage, gas and withdrawal fee paid (negative).
+PNL_SOURCES = ("spot", "staking_rewards", "lp_fees", "impermanent_loss", "lending_interest", "arbitrage",
+               "fees_and_gas")
+NO_LOT = staking.NO_LOT
+NO_TRANSFER = 2 ** 62  # transfer_due of a book with no transfer under way (later than any bar)
 
 
 def observation_size(n_market_features: int) -> int:
@@ -51,7 +122,10 @@ def observation_size(n_market_features: int) -> int:
 
 @dataclass
 class EpisodeStats:
-    """Running statistics per episode [B], enough for the validation metrics without storing curves."""
+    """Running statistics per episode [B], enough for the validation metrics without storing curves.
+    trades / wins count closed spot trades, closed LP positions and closed arbitrage books; pnl_rows
+    [len(PNL_SOURCES), B] accumulates the PnL by source (it adds up to equity - initial_equity); `pnl` is
+    the same as [B, len(PNL_SOURCES)]."""
 
     equity: Tensor
     initial_equity: float
@@ -62,6 +136,19 @@ class EpisodeStats:
     trades: Tensor
     wins: Tensor
     costs: Tensor
+    pnl_rows: Tensor = field(default=None)  # type: ignore[assignment]
+
+    @property
+    def pnl(self) -> Tensor:
+        """[B, len(PNL_SOURCES)]: each episode's PnL by source, in quote currency."""
+        return self.pnl_rows.t()
+
+    def pnl_breakdown(self, episode: int) -> dict[str, float]:
+        """One episode's PnL by source, in quote currency, with its total."""
+        values = [float(v) for v in self.pnl[episode]]
+        out = dict(zip(PNL_SOURCES, values))
+        out["total"] = sum(values)
+        return out
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -72,16 +159,18 @@ class BatchedTradingEnv:
 
     pair_idx [B, P] maps each episode's pair slots to market columns (training: every episode trades
     all pairs; validation: one episode per pair). start [B] is each episode's first decision bar, and
-    every episode runs n_steps steps, so all of them end together.
+    every episode runs n_steps steps, so all of them end together. `strategy_params` holds the
+    parameters of the strategies beyond spot (defaults when None); `env_cfg.strategies` says which are on.
     """
 
     def __init__(self, market: MarketTensors, pair_idx: Tensor, start: Tensor, n_steps: int,
-                 env_cfg: EnvConfig, risk_cfg: RiskConfig) -> None:
+                 env_cfg: EnvConfig, risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None) -> None:
         self.market = market
         self.device = market.prices.device
         self.dtype = DTYPES[getattr(env_cfg, "precision", "float64")]
         self.B, self.P = pair_idx.shape
         self.start = start.to(self.device)
+        self._start_host = start.cpu().numpy().astype("int64")  # bar of each episode, known without a sync
         self.n_steps = int(n_steps)
         if int(start.max()) + self.n_steps >= market.n_bars:
             raise ValueError("episodes run past the end of the market data")
@@ -97,6 +186,25 @@ class BatchedTradingEnv:
         self._tradable = market.tradable.reshape(-1)
         self._features = market.features.reshape(-1, market.n_features)
         self._n_cols = n
+        strategies = list(getattr(env_cfg, "strategies", ["spot"]))
+        self.spot_on = "spot" in strategies
+        self.strategy_params = strategy_params or StrategyParams()
+        tb = StrategyTables.for_market(market, strategies, self.strategy_params, self.dtype)
+        self._tables = tb if tb.any else None
+        self.staking_on, self.lp_on, self.lending_on, self.arb_on = tb.staking, tb.lp, tb.lending, tb.arbitrage
+        pb = self._pair_pb
+        self._stake_growth = tb.stake_growth[pb]  # [P, B] per-slot constants
+        self._stake_apy_feature = tb.stake_apy[pb] * 10.0
+        self._unbond_bars = tb.unbond_bars[pb]
+        self._stakeable = tb.stakeable[pb]
+        self._withdrawal_fee = tb.withdrawal_fee_units[pb]
+        self._transfer_bars = tb.transfer_bars[pb]
+        self._max_transfer_bars = int(tb.transfer_bars.max()) if tb.transfer_bars.numel() else 1
+        self._zeros = torch.zeros((self.P, self.B), dtype=self.dtype, device=self.device)  # never written to
+        self._coin_share = uniswap_v3.coin_share(self.strategy_params.lp.range_width)
+        self._strategy_zeros = torch.zeros((self.B, self.P, len(STRATEGY_STATE_NAMES)), dtype=torch.float32,
+                                           device=self.device)
+        self._mask_off = torch.zeros((self.B, self.P, N_ACTIONS - 3), dtype=torch.bool, device=self.device)
         self.reset()
 
     # ----------------------------------------------------------------------------------------- state
@@ -107,7 +215,7 @@ class BatchedTradingEnv:
         self.t = self.start.clone()
         self.steps_done = 0
         self.cash = torch.full((B,), e0, dtype=dt, device=dev)
-        self._units = torch.zeros((P, B), dtype=dt, device=dev)
+        self._units = torch.zeros((P, B), dtype=dt, device=dev)  # free (sellable) spot coins
         self._entry = torch.zeros((P, B), dtype=dt, device=dev)  # fill price paid (incl. slippage)
         self._entry_cost = torch.zeros((P, B), dtype=dt, device=dev)  # cash paid incl. the entry fee
         self._highest = torch.zeros((P, B), dtype=dt, device=dev)
@@ -116,7 +224,33 @@ class BatchedTradingEnv:
         self.trade_head = torch.zeros((B,), dtype=torch.int64, device=dev)
         # Running sums over the Kelly window: wins, losses, sum of wins, sum of losses.
         self.kelly_sums = tuple(torch.zeros((B,), dtype=dt, device=dev) for _ in range(4))
-        self._close = self._bar(self.t)[..., 3]
+        zeros, no = self._zeros, torch.zeros((P, B), dtype=torch.bool, device=dev)
+        # staking: coins staked and unbonding (one lot per slot, free at the open of release), an exit that
+        # waits for locked coins, and the proceeds of the trade's exits so far
+        self._staked, self._unbonding = zeros, zeros
+        self._release = torch.full((P, B), NO_LOT, dtype=torch.int64, device=dev)
+        self._exit_pending, self._exit_proceeds = no, zeros
+        # LP: liquidity on [sqrt_pa^2, sqrt_pb^2] (a harmless 1..2 when empty), the opening amounts, accrued
+        # fees, the cash it cost, and its value and impermanent loss at the last close
+        self._lp_L, self._lp_x0, self._lp_y0, self._lp_fees, self._lp_cost = zeros, zeros, zeros, zeros, zeros
+        self._lp_spa, self._lp_spb = torch.ones_like(zeros), torch.full_like(zeros, 2.0 ** 0.5)
+        self._lp_value, self._lp_il = zeros, zeros
+        # lending: each slot's sub-account of the Aave supply and the principal it put in
+        self._lent, self._lent_principal = zeros, zeros
+        # arbitrage: quote and coin on venue A (primary) and B, the transfer under way (coin and quote,
+        # signed: + towards A) and the bar it lands at, whether a book is open, the cash it cost, its value
+        self._qa, self._ca, self._qb, self._cb = zeros, zeros, zeros, zeros
+        self._tr_coin, self._tr_quote = zeros, zeros
+        self._tr_due = torch.full((P, B), NO_TRANSFER, dtype=torch.int64, device=dev)
+        self._book, self._arb_cost, self._arb_value = no, zeros, zeros
+        self._arb_live = False  # no book was ever funded (known on the host)
+        self._transfers_until = -1  # the last step at which a transfer may still land
+        self._slot_value = zeros  # everything a slot holds, at the last close
+        rows = self._rows(self.t.unsqueeze(0), self._pair_pb)
+        self._close = self._prices.index_select(0, rows).view(P, B, 4)[..., 3]
+        self._tradable_now = self._tradable.index_select(0, rows).view(P, B)
+        if self._tables is not None:
+            self._gather_strategy_rows(rows, self.t)
         self.equity = self.cash.clone()
         self.day_start_equity = self.equity.clone()
         self.peak = self.equity.clone()
@@ -127,6 +261,7 @@ class BatchedTradingEnv:
             n_returns=0, max_drawdown=torch.zeros(B, dtype=dt, device=dev),
             trades=torch.zeros(B, dtype=torch.int64, device=dev), wins=torch.zeros(B, dtype=torch.int64, device=dev),
             costs=torch.zeros(B, dtype=dt, device=dev),
+            pnl_rows=torch.zeros((len(PNL_SOURCES), B), dtype=torch.float64, device=dev),
         )
         self._refresh()
         return self.observe()
@@ -142,9 +277,18 @@ class BatchedTradingEnv:
     def _tradable_at(self, t: Tensor) -> Tensor:
         return self._tradable.index_select(0, self._rows(t.unsqueeze(0), self._pair_pb)).view(self.P, self.B)
 
+    def _gather_strategy_rows(self, rows: Tensor, t: Tensor) -> None:
+        """The strategy tables at bar t: [FLOAT_ROWS, P, B], [FLAG_ROWS, P, B] and [BAR_ROWS, B] (the fills of
+        the step that reaches t, then the mask and the observation at t)."""
+        tb = self._tables  # gather with an expanded index: about twice as fast as index_select along dim 1 on CPU
+        self._fx = tb.floats.gather(1, rows.expand(tb.floats.shape[0], -1)).view(-1, self.P, self.B)
+        self._bx = tb.flags.gather(1, rows.expand(tb.flags.shape[0], -1)).view(-1, self.P, self.B)
+        self._sbar = tb.bars.index_select(1, t)
+
     # Public views in the [B, P] layout.
     @property
     def units(self) -> Tensor:
+        """Free (sellable) spot coins per slot."""
         return self._units.t()
 
     @property
@@ -161,7 +305,69 @@ class BatchedTradingEnv:
 
     @property
     def in_position(self) -> Tensor:
-        return self.units > 0
+        """A spot trade is open: free, staked or unbonding coins."""
+        return (self._units + self._staked + self._unbonding > 0).t()
+
+    @property
+    def staked_units(self) -> Tensor:
+        return self._staked.t()
+
+    @property
+    def unbonding_units(self) -> Tensor:
+        return self._unbonding.t()
+
+    @property
+    def release_bar(self) -> Tensor:
+        """Bar at whose open the unbonding lot comes free (NO_LOT = -1 where none), [B, P] int64."""
+        return self._release.t()
+
+    @property
+    def exit_pending(self) -> Tensor:
+        """A close (or a stop) waits for staked or unbonding coins to come free, then sells them."""
+        return self._exit_pending.t()
+
+    @property
+    def lp_liquidity(self) -> Tensor:
+        return self._lp_L.t()
+
+    @property
+    def lp_range(self) -> tuple[Tensor, Tensor]:
+        """(pa, pb) of each slot's LP position (meaningful where lp_liquidity > 0)."""
+        return (self._lp_spa * self._lp_spa).t(), (self._lp_spb * self._lp_spb).t()
+
+    @property
+    def lp_amounts_at_open(self) -> tuple[Tensor, Tensor]:
+        """The coin and quote amounts each LP position held when it was opened."""
+        return self._lp_x0.t(), self._lp_y0.t()
+
+    @property
+    def lp_fees_accrued(self) -> Tensor:
+        return self._lp_fees.t()
+
+    @property
+    def lp_value(self) -> Tensor:
+        """The LP position's value at the last close (V3 formula), fees excluded."""
+        return self._lp_value.t()
+
+    @property
+    def lent(self) -> Tensor:
+        """Each slot's Aave supply, interest included; the portfolio's supply is the sum over slots."""
+        return self._lent.t()
+
+    @property
+    def arb_inventory(self) -> dict[str, Tensor]:
+        """The arbitrage books [B, P]: quote and coin on venue A (primary) and B, the transfer under way
+        (signed: + towards A) and the bar it lands at (NO_TRANSFER: none), whether a book is open."""
+        return {"quote_a": self._qa.t(), "coin_a": self._ca.t(), "quote_b": self._qb.t(), "coin_b": self._cb.t(),
+                "transit_coin": self._tr_coin.t(), "transit_quote": self._tr_quote.t(),
+                "transfer_due": self._tr_due.t(), "open": self._book.t()}
+
+    @property
+    def slot_value(self) -> Tensor:
+        """Everything each slot holds, at the last close [B, P]: equity = cash + slot_value.sum(-1)."""
+        if self._tables is None:
+            return (self._units * self._close).t()
+        return self._slot_value.t()
 
     def position_size(self) -> Tensor:
         """Fraction of equity the next entry uses [B] (Kelly or fixed, capped by max_position)."""
@@ -181,26 +387,80 @@ class BatchedTradingEnv:
         """Derived state the agent and the next step both need, computed once per bar."""
         self.size = self.position_size()
         self.blocked = self._entries_blocked()
-        self._mask = self._action_mask()
-        self.mask = self._mask.permute(1, 0, 2)  # [B, P, N_ACTIONS]
+        # [B, P, N_ACTIONS], contiguous for the agent: the [P, B] masks stacked [P, N_ACTIONS, B], then one
+        # blocked 2-D transpose ([P * N_ACTIONS, B] -> [B, P * N_ACTIONS])
+        live = self._action_mask()
+        n = len(live)
+        mask = torch.stack(live, dim=1).view(self.P * n, self.B).t().contiguous().view(self.B, self.P, n)
+        if n < N_ACTIONS:
+            mask = torch.cat([mask, self._mask_off], dim=-1)
+        self.mask = mask
 
     # ------------------------------------------------------------------------------ observe and mask
 
-    def _action_mask(self) -> Tensor:
-        """[P, B, N_ACTIONS] bool: hold always; open when flat, allowed by the risk rules and the bar is
-        real; close when holding."""
-        holding = self._units > 0
-        open_trades = holding.sum(0)
-        can_open = (~holding) & self._tradable_at(self.t) & (open_trades < self.risk_cfg.max_trades) \
-            & ~self.blocked & (self.cash > 0)
-        return torch.stack([torch.ones_like(holding), can_open, holding], dim=-1)
+    def _open_trades(self, holding: Tensor) -> Tensor:
+        """[B] open trades toward the concurrent cap: spot trades, LP positions, 2 legs per arbitrage book."""
+        count = holding.sum(0)
+        if self.lp_on:
+            count = count + (self._lp_L > 0).sum(0)
+        if self.arb_on:
+            count = count + 2 * self._book.sum(0)
+        return count
+
+    def _action_mask(self) -> list[Tensor]:
+        """The masks [P, B] bool of the actions, in order (only the first 3 when spot is alone): hold
+        always; open when flat, allowed by the risk rules and the bar is real; close when holding (and no
+        exit waits already); the strategies' actions where they can act (see the module doc)."""
+        if self._tables is None:  # spot alone: hold, open, close (the rest is appended off by _refresh)
+            holding = self._units > 0
+            open_trades = holding.sum(0)
+            can_open = (~holding) & self._tradable_now & (open_trades < self.risk_cfg.max_trades) \
+                & ~self.blocked & (self.cash > 0)
+            if not self.spot_on:
+                can_open = torch.zeros_like(holding)
+            return [torch.ones_like(holding), can_open, holding]
+        r = self.risk_cfg
+        holding = self._units + self._staked + self._unbonding > 0
+        pending = self._exit_pending
+        open_trades = self._open_trades(holding)
+        can_enter = ~self.blocked & (self.cash > 0)
+        may_enter = self._tradable_now & can_enter & (open_trades < r.max_trades)
+        off = torch.zeros_like(holding)
+        can_open = ~holding & may_enter if self.spot_on else off
+        close = holding & ~pending
+        if self.staking_on:
+            stake = self._stakeable & (self._units > 0) & ~pending
+            unstake = (self._staked > 0) & (self._unbonding <= 0) & ~pending
+        else:
+            stake = unstake = off
+        if self.lp_on:
+            lp_close = self._lp_L > 0
+            lp_open = ~lp_close & may_enter
+        else:
+            lp_open = lp_close = off
+        if self.lending_on:
+            lend, withdraw = (self.cash > 0).expand(self.P, self.B), self._lent > 0
+        else:
+            lend = withdraw = off
+        arb = arb_close = off
+        if self.arb_on:
+            book = self._book
+            if self._arb_live:
+                arb_close = book & (self._tr_due == NO_TRANSFER)
+            if self._tables.bar_has_mask[self._start_host + self.steps_done].any():  # else no pair has an edge
+                ab, ba = self._bx[tables.MASK_AB], self._bx[tables.MASK_BA]
+                stocked = (ab & (self._qa > 0) & (self._cb > 0)) | (ba & (self._qb > 0) & (self._ca > 0))
+                fund = ~book & (ab | ba) & can_enter & (open_trades + 2 <= r.max_trades)
+                arb = (book & stocked) | fund
+        return [torch.ones_like(holding), can_open, close, stake, unstake, lp_open, lp_close, lend, withdraw, arb,
+                arb_close]
 
     def observe(self) -> Tensor:
         """[B, P, obs_size] float32: market features at the cursor, then slot and portfolio state."""
+        B, P = self.B, self.P
         feats = self._features.index_select(0, self._rows(self.t.unsqueeze(-1), self._pair_bp))
-        feats = feats.view(self.B, self.P, -1)
         close, units = self._close, self._units
-        holding = units > 0
+        holding = units > 0 if self._tables is None else units + self._staked + self._unbonding > 0
         r = self.risk_cfg
         stop = risk.stop_level(self._entry, self._highest, r.stop_loss, r.trailing_stop)
         target = risk.take_profit_level(self._entry, r.take_profit)
@@ -209,60 +469,232 @@ class BatchedTradingEnv:
         daily_used = torch.zeros_like(self.equity)
         if r.daily_loss_limit > 0:
             daily_used = ((1.0 - self.equity / self.day_start_equity) / r.daily_loss_limit).clamp(min=0.0, max=1.0)
-        portfolio = torch.stack([
-            hf.sum(0) / r.max_trades,
+        open_trades = hf.sum(0) if self._tables is None else self._open_trades(holding).to(self.dtype)
+        portfolio = [
+            open_trades / r.max_trades,
             daily_used,
             torch.log(self.equity / self.stats.initial_equity),
             self.cash / self.equity,
             self.size / r.max_position,
-        ]).unsqueeze(1).expand(5, self.P, self.B)
-        slot = torch.stack([
+        ]
+        slot = [
             hf,
             hf * (close / safe_entry - 1.0),
             hf * torch.where(stop > 0, (close - stop) / close, 1.0),
             hf * torch.where(torch.isfinite(target), (target - close) / close, 1.0),
             hf * (self._bars_in_trade / 168.0).clamp(max=4.0),
             units * close / self.equity,
-        ])
-        # [S, P, B] stacked on a leading axis (cheap), then laid out as [B, P, features + state] in one copy.
-        state = torch.cat([slot, portfolio]).to(torch.float32).permute(2, 1, 0)
-        return torch.cat([feats, state], dim=-1)
+        ]
+        state = slot + [x.expand(P, B) for x in portfolio]
+        if self._tables is not None:
+            strategy_slot, strategy_portfolio = self._strategy_state()
+            state += strategy_slot + [x.expand(P, B) for x in strategy_portfolio]
+        # Stacked [P, S, B] (one contiguous write per feature), then [P * S, B] -> [B, P * S] by one blocked
+        # 2-D transpose: the [B, P, S] layout the observation needs, far cheaper than permuting [S, P, B]
+        # element by element.
+        n = len(state)
+        stacked = torch.stack(state, dim=1).to(torch.float32).view(P * n, B).t().contiguous().view(B, P, n)
+        parts = [feats.view(B, P, -1), stacked]
+        if self._tables is None:
+            parts.append(self._strategy_zeros)
+        return torch.cat(parts, dim=-1)
+
+    def _strategy_state(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The STRATEGY_STATE_NAMES features in the state's dtype, zeros where a strategy is off: the per-slot
+        ones [P, B], then the per-portfolio ones [B]."""
+        c, zero = self._close, self._zeros
+        inv_eq = 1.0 / self.equity
+        parts: list[Tensor] = []
+        if self.staking_on:
+            wait = ((self._release - self.t).to(self.dtype) * (1.0 / 168.0)).clamp(min=0.0, max=4.0)
+            parts += [self._staked * c * inv_eq, self._unbonding * c * inv_eq,
+                      torch.where(self._unbonding > 0, wait, 0.0), self._stake_apy_feature]
+        else:
+            parts += [zero] * 4
+        if self.lp_on:
+            live = self._lp_L > 0
+            lower, upper = self._lp_spa * self._lp_spa / c, self._lp_spb * self._lp_spb / c  # pa / c, pb / c
+            parts += [self._lp_value * inv_eq, (live & (lower <= 1.0) & (upper >= 1.0)).to(self.dtype),
+                      torch.where(live, 1.0 - lower, 0.0), torch.where(live, upper - 1.0, 0.0),
+                      self._lp_fees * (inv_eq * 100.0), self._lp_il * (inv_eq * 100.0)]
+        else:
+            parts += [zero] * 6
+        if self.lending_on:
+            parts += [self._lent * inv_eq, (self._lent - self._lent_principal) * (inv_eq * 100.0)]
+        else:
+            parts += [zero] * 2
+        if self.arb_on:
+            fx = self._fx
+            live = self._arb_live
+            parts += [self._arb_value * inv_eq if live else zero, fx[tables.SPREAD_FEATURE], fx[tables.EDGE_FEATURE],
+                      fx[tables.V2_AVAILABLE], (self._tr_due != NO_TRANSFER).to(self.dtype) if live else zero]
+        else:
+            parts += [zero] * 5
+        if self.lending_on:
+            portfolio = [self._sbar[tables.SUPPLY_APY_FEATURE], self._sbar[tables.UTILIZATION]]
+        else:
+            portfolio = [zero[0]] * 2
+        return parts, portfolio
 
     # ------------------------------------------------------------------------------------------- step
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, bool]:
         """Apply actions [B, P] decided at the close of bar t; advance to t+1.
         Returns (observation at t+1 [B, P, obs], reward [B, P] float32, done)."""
-        r, fee, slip = self.risk_cfg, self.fee, self.slip
-        act = actions.t()
-        act = torch.where(self._mask.gather(-1, act.unsqueeze(-1)).squeeze(-1), act, HOLD)
+        r, fee, slip, dt = self.risk_cfg, self.fee, self.slip, self.dtype
+        valid = self.mask.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        act = torch.where(valid, actions, HOLD).t().contiguous()  # [P, B] laid out like the state: fast ops
         prev_equity, prev_close, prev_units = self.equity, self._close, self._units
         u = self.t + 1
-        o, h, lo, c = self._bar(u).unbind(-1)
-        tradable = self._tradable_at(u)
+        rows = self._rows(u.unsqueeze(0), self._pair_pb)
+        tb = self._tables
+        if tb is None:
+            o, h, lo, c = self._prices.index_select(0, rows).view(self.P, self.B, 4).unbind(-1)
+        else:
+            o, h, lo, c = tb.prices.gather(1, rows.expand(4, -1)).view(4, self.P, self.B).unbind(0)
+            self._gather_strategy_rows(rows, u)  # bar u: its fills now, its mask and observation after
+            fx, bx = self._fx, self._bx
+        tradable = self._tradable.index_select(0, rows).view(self.P, self.B)
         new_day = self.market.day[u] != self.market.day[self.t]
         day_start = torch.where(new_day, prev_equity, self.day_start_equity)
+        S, LP, LE, AR = self.staking_on, self.lp_on, self.lending_on, self.arb_on
 
         units, entry, entry_cost = self._units, self._entry, self._entry_cost
         highest, bars_in_trade = self._highest, self._bars_in_trade
+        coins_before = units  # the coins marked at the previous close (for the price PnL)
+        stake_pnl = lp_fee_pnl = il_pnl = interest = arb_pnl = self._zeros
+        lp_closed = arb_closed = lp_ret = arb_ret = None
 
-        # 1. The agent's exits at the open.
-        sell = (act == CLOSE) & (units > 0) & tradable
+        # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
+        if S:
+            staked, unbonding, release = self._staked, self._unbonding, self._release
+            coins_before = units + staked + unbonding
+            freed, unbonding, release = staking.release_unbonded(u, release, unbonding)
+            units = units + freed
+            pending = self._exit_pending
+        if AR:
+            # What the host knows without a device sync: whether some episode may fund a book this step (the
+            # mask allowed ARB at bar t somewhere), whether a book may exist, whether a transfer may land.
+            # The blocks that would be exact no-ops otherwise are skipped.
+            ap = self.strategy_params.arbitrage
+            fa, fb, o2, quoted = ap.taker_fee_a, ap.taker_fee_b, fx[tables.V2_OPEN], bx[tables.QUOTED]
+            qa, ca, qb, cb = self._qa, self._ca, self._qb, self._cb
+            tr_coin, tr_quote, tr_due, book = self._tr_coin, self._tr_quote, self._tr_due, self._book
+            arb_cost, arb_value = self._arb_cost, self._arb_value
+            may_fund = bool(tb.bar_has_mask[self._start_host + self.steps_done].any())
+            books_before, books = self._arb_live, self._arb_live or may_fund
+            if books_before:
+                arb_coins_before = ca + cb + tr_coin.abs()
+        if AR and self.steps_done <= self._transfers_until:
+            lands = tr_due <= u
+            landing_coin, landing_quote = torch.where(lands, tr_coin, 0.0), torch.where(lands, tr_quote, 0.0)
+            ca, cb = ca + landing_coin.clamp(min=0.0), cb - landing_coin.clamp(max=0.0)
+            qa, qb = qa + landing_quote.clamp(min=0.0), qb - landing_quote.clamp(max=0.0)
+            tr_coin, tr_quote = tr_coin - landing_coin, tr_quote - landing_quote
+            tr_due = torch.where(lands, NO_TRANSFER, tr_due)
+
+        # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
+        #    positions, arbitrage books and Aave supply; staking moves.
+        want_close = act == CLOSE
+        if S:
+            want_close = want_close | pending
+        sell = want_close & (units > 0) & tradable
         gross = units * (o * (1.0 - slip))
         proceeds = torch.where(sell, gross * (1.0 - fee), 0.0)
         cost_slot = torch.where(sell, units * o * slip + gross * fee, 0.0)
-        closed_ret = torch.where(sell, proceeds / entry_cost.clamp(min=1e-30) - 1.0, 0.0)
-        closed = sell
-        flow = proceeds  # cash into (+) or out of (-) each slot this bar
         units = torch.where(sell, 0.0, units)
+        flow = proceeds  # cash into (+) or out of (-) each slot this bar
+        if S:
+            sp = self.strategy_params.staking
+            request = torch.where(want_close, staked, torch.where(act == UNSTAKE, staked * sp.unstake_fraction, 0.0))
+            staked, unbonding, release = staking.start_unbond(staked, unbonding, release, request, u,
+                                                              self._unbond_bars)
+            moved = torch.where(act == STAKE, units * sp.stake_fraction, 0.0)
+            units, staked = units - moved, staked + moved
+            locked = staked + unbonding
+            exit_proceeds = self._exit_proceeds + proceeds
+            closed = sell & (locked <= 0)
+            closed_ret = torch.where(closed, exit_proceeds / entry_cost.clamp(min=1e-30) - 1.0, 0.0)
+            pending = want_close & (locked > 0)
+        else:
+            closed_ret = torch.where(sell, proceeds / entry_cost.clamp(min=1e-30) - 1.0, 0.0)
+            closed = sell
+        if LP:
+            lpp = self.strategy_params.lp
+            L, spa, spb, x0, y0 = self._lp_L, self._lp_spa, self._lp_spb, self._lp_x0, self._lp_y0
+            lp_fees, lp_cost = self._lp_fees, self._lp_cost
+            x0_before = x0
+            lp_closed = (act == LP_CLOSE) & tradable
+            closing = lp_closed.to(dt)
+            x_open, y_open = uniswap_v3.amounts_sqrt(L, fx[tables.SQRT_OPEN], spa, spb)
+            coin_open = x_open * o
+            swap_out = coin_open * (fee + slip)  # selling the coin share back to quote
+            lp_cash = coin_open + y_open + lp_fees - swap_out - lpp.gas_usd_close
+            flow = flow + lp_cash * closing
+            cost_slot = cost_slot + (swap_out + lpp.gas_usd_close) * closing
+            il_pnl = (coin_open + y_open - (x0 * o + y0)) * closing  # the loss vs holding, at the open
+            lp_ret = lp_cash / lp_cost.clamp(min=1e-30) - 1.0
+            keep = 1.0 - closing
+            L, x0, y0, lp_fees = L * keep, x0 * keep, y0 * keep, lp_fees * keep
+        if AR and books_before:
+            arb_closed = (act == ARB_CLOSE) & quoted
+            closing = arb_closed.to(dt)
+            coin_a_value, coin_b_value = ca * o, cb * o2
+            book_cash = qa + qb + coin_a_value * (1.0 - fa) + coin_b_value * (1.0 - fb)
+            flow = flow + book_cash * closing
+            cost_slot = cost_slot + (coin_a_value * fa + coin_b_value * fb) * closing
+            arb_pnl = (coin_b_value - cb * o) * closing  # B's coins sold at B's price, not A's
+            arb_ret = book_cash / self._arb_cost.clamp(min=1e-30) - 1.0
+            keep = 1.0 - closing
+            qa, ca, qb, cb, arb_cost = qa * keep, ca * keep, qb * keep, cb * keep, arb_cost * keep
+            book = book & ~arb_closed
+        if LE:
+            withdrawing = (act == WITHDRAW).to(dt)
+            flow = flow + self._lent * withdrawing
+            keep = 1.0 - withdrawing
+            lent, principal = self._lent * keep, self._lent_principal * keep
 
-        # 2. The agent's entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size.
+        # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
+        #    LP positions and new arbitrage books, scaled down together when cash runs short.
         want = (act == OPEN_LONG) & (units == 0) & tradable & ~self.blocked
-        accepted = risk.accept_entries(want.t(), (units > 0).sum(0), r.max_trades).t()
-        spend = torch.where(accepted, (self.size * prev_equity) * (1.0 + fee), 0.0)
+        if S:
+            want = want & (locked <= 0)
+            open_trades = (units + locked > 0).sum(0)
+        else:
+            open_trades = (units > 0).sum(0)
         available = self.cash + flow.sum(0)
-        total = spend.sum(0)
-        spend = spend * torch.where(total > available, available / total.clamp(min=1e-30), 1.0)
+        if LP or AR:
+            notional = self.size * prev_equity
+            no = self._zeros > 0
+            want_lp, want_arb = no, no
+            if LP:
+                open_trades = open_trades + (L > 0).sum(0)
+                want_lp = (act == LP_OPEN) & tradable & ~self.blocked
+            if AR and books_before:
+                open_trades = open_trades + 2 * book.sum(0)
+            if AR and may_fund:
+                want_arb = (act == ARB) & ~book & quoted & ~self.blocked
+            # single trades in pair order (spot then LP for each pair), then arbitrage books (2 legs each)
+            singles = torch.stack([want, want_lp], dim=1).view(2 * self.P, self.B)
+            granted, accepted_arb = risk.accept_trades_then_books(singles, want_arb, open_trades, r.max_trades)
+            pairs_granted = granted.view(self.P, 2, self.B)
+            accepted, accepted_lp = pairs_granted[:, 0], pairs_granted[:, 1]
+            spend = torch.where(accepted, notional * (1.0 + fee), 0.0)
+            variable, gas = spend.sum(0), 0.0
+            if LP:
+                n_lp = accepted_lp.sum(0)
+                variable = variable + n_lp * notional * (1.0 + self._coin_share * (fee + slip))
+                gas = n_lp * lpp.gas_usd_open
+            if AR and may_fund:
+                variable = variable + accepted_arb.sum(0) * notional * (1.0 + (fa + fb) / 4.0)
+            scale = torch.where(variable + gas > available,
+                                (available - gas).clamp(min=0.0) / variable.clamp(min=1e-30), 1.0)
+            spend = spend * scale
+        else:
+            accepted = risk.accept_entries(want.t(), open_trades, r.max_trades).t()
+            spend = torch.where(accepted, (self.size * prev_equity) * (1.0 + fee), 0.0)
+            total = spend.sum(0)
+            spend = spend * torch.where(total > available, available / total.clamp(min=1e-30), 1.0)
         buy_px = o * (1.0 + slip)
         bought = spend / (1.0 + fee) / buy_px
         cost_slot = cost_slot + torch.where(accepted, bought * o * slip + spend * (fee / (1.0 + fee)), 0.0)
@@ -272,9 +704,73 @@ class BatchedTradingEnv:
         entry_cost = torch.where(accepted, spend, entry_cost)
         highest = torch.where(accepted, buy_px, highest)
         bars_in_trade = torch.where(accepted, 0.0, bars_in_trade)
+        if LP:
+            accepted_lp = accepted_lp & (scale > 0)
+            budget = notional * scale
+            position = uniswap_v3.open_symmetric(budget, o, lpp.range_width, sqrt_p=fx[tables.SQRT_OPEN])
+            swap_in = budget * (self._coin_share * (fee + slip))  # buying the coin share
+            lp_out = budget + swap_in + lpp.gas_usd_open
+            opening = accepted_lp.to(dt)
+            flow = flow - lp_out * opening
+            cost_slot = cost_slot + (swap_in + lpp.gas_usd_open) * opening
+            L = torch.where(accepted_lp, position.L, L)
+            spa, spb = torch.where(accepted_lp, position.sqrt_pa, spa), torch.where(accepted_lp, position.sqrt_pb, spb)
+            x0, y0 = torch.where(accepted_lp, position.x, x0), torch.where(accepted_lp, position.y, y0)
+            lp_cost = torch.where(accepted_lp, lp_out, lp_cost)
+        if AR and may_fund:
+            quarter = notional * scale * 0.25
+            funding_fees = quarter * (fa + fb)
+            book_out = 4.0 * quarter + funding_fees
+            funding = accepted_arb.to(dt)
+            flow = flow - book_out * funding
+            cost_slot = cost_slot + funding_fees * funding
+            coin_b = quarter / o2
+            arb_pnl = arb_pnl + (coin_b * o - quarter) * funding  # B's coins bought at B's price
+            qa, qb = torch.where(accepted_arb, quarter, qa), torch.where(accepted_arb, quarter, qb)
+            ca, cb = torch.where(accepted_arb, quarter / o, ca), torch.where(accepted_arb, coin_b, cb)
+            book = book | accepted_arb
+            arb_cost = torch.where(accepted_arb, book_out, arb_cost)
 
-        # 3. Stops and targets inside bar t+1 (including positions just opened at its open).
-        holding = (units > 0) & tradable
+        if AR and books and tb.bar_has_fill[self._start_host + self.steps_done + 1].any():
+            # 3. Arbitrage from the books at both venues' opens (arbitrage.arb_trade's rule: the direction
+            #    whose net edge at the opens beats min_edge); then a book that ran low is rebalanced. Skipped
+            #    on a step where no episode's bar has an edge for any pair (known on the host: no sync).
+            trade = (act == ARB) & book
+            units_arb = arbitrage.directed_units(qa, ca, qb, cb, o, o2, trade & bx[tables.FILL_AB],
+                                                 trade & bx[tables.FILL_BA], fa, fb, ap.max_notional_usd)
+            legs = arbitrage.settle(qa, ca, qb, cb, units_arb, o, o2, fa, fb)
+            qa, ca, qb, cb = legs.quote_a, legs.coin_a, legs.quote_b, legs.coin_b
+            cost_slot = cost_slot + legs.fees
+            arb_pnl = arb_pnl + units_arb * (o2 - o)  # sold on B above A's price (or bought on B below it)
+            coins_mean, quote_mean = (ca + cb) * 0.5, (qa + qb) * 0.5
+            low = ((torch.minimum(ca, cb) <= (2.0 * ap.rebalance_below) * coins_mean)
+                   | (torch.minimum(qa, qb) <= (2.0 * ap.rebalance_below) * quote_mean))
+            rebalance = (units_arb != 0) & (tr_due == NO_TRANSFER) & low
+            to_a = coins_mean - ca  # coins the rich venue sends towards A (negative: towards B)
+            fee_units = torch.where(rebalance, torch.minimum(to_a.abs(), self._withdrawal_fee), 0.0)
+            tr_coin = torch.where(rebalance, to_a - torch.sign(to_a) * fee_units, tr_coin)
+            tr_quote = torch.where(rebalance, quote_mean - qa, tr_quote)
+            ca, cb = torch.where(rebalance, torch.minimum(ca, coins_mean), ca), torch.where(
+                rebalance, torch.minimum(cb, coins_mean), cb)
+            qa, qb = torch.where(rebalance, torch.minimum(qa, quote_mean), qa), torch.where(
+                rebalance, torch.minimum(qb, quote_mean), qb)
+            tr_due = torch.where(rebalance, u + self._transfer_bars, tr_due)
+            cost_slot = cost_slot + fee_units * o
+            self._transfers_until = max(self._transfers_until, self.steps_done + self._max_transfer_bars)
+        if LE:
+            # 4. Lending: each LEND supplies a chunk of the cash left after the entries, in pair order.
+            chunk = torch.where(act == LEND, self.size * prev_equity, 0.0)
+            room = (self.cash + flow.sum(0)).clamp(min=0.0)
+            supplied = torch.minimum(chunk, (room - (torch.cumsum(chunk, 0) - chunk)).clamp(min=0.0))
+            flow = flow - supplied
+            lent, principal = lent + supplied, principal + supplied
+
+        # 5. Stops and targets inside bar t+1 (including positions just opened at its open). Staked and
+        #    unbonding coins count: the stop sells the free coins and leaves an exit pending for the rest.
+        if S:
+            holding = (units + locked > 0) & tradable & ~pending
+        else:
+            holding = (units > 0) & tradable
         stop = risk.stop_level(entry, highest, r.stop_loss, r.trailing_stop)
         target = risk.take_profit_level(entry, r.take_profit)
         stop_hit, target_hit, exit_px = risk.exits_in_bar(o, h, lo, stop, target)
@@ -282,32 +778,81 @@ class BatchedTradingEnv:
         forced_gross = units * exit_px * (1.0 - slip)
         forced_proceeds = torch.where(forced, forced_gross * (1.0 - fee), 0.0)
         cost_slot = cost_slot + torch.where(forced, units * exit_px * slip + forced_gross * fee, 0.0)
-        closed_ret = torch.where(forced, forced_proceeds / entry_cost.clamp(min=1e-30) - 1.0, closed_ret)
-        closed = closed | forced
+        stopped_units = torch.where(forced, units, 0.0) if tb is not None else None
+        if S:
+            exit_proceeds = exit_proceeds + forced_proceeds
+            forced_closed = forced & (locked <= 0)
+            closed_ret = torch.where(forced_closed, exit_proceeds / entry_cost.clamp(min=1e-30) - 1.0, closed_ret)
+            closed = closed | forced_closed
+            pending = pending | (forced & (locked > 0))
+        else:
+            closed_ret = torch.where(forced, forced_proceeds / entry_cost.clamp(min=1e-30) - 1.0, closed_ret)
+            closed = closed | forced
         flow = flow + forced_proceeds
         units = torch.where(forced, 0.0, units)
         still = units > 0
+        if S:
+            still = still | (locked > 0)
+            exit_proceeds = torch.where(still, exit_proceeds, 0.0)
         highest = torch.where(still & tradable, torch.maximum(highest, h), highest)
         bars_in_trade = torch.where(still, bars_in_trade + 1.0, 0.0)
         entry = torch.where(still, entry, 0.0)
         entry_cost = torch.where(still, entry_cost, 0.0)
+        coins_after = units + locked if S else units
+        if tb is not None:
+            # price PnL of the coins: held from the last close to the open, sold at the stop, held to the close
+            spot_pnl = coins_before * (o - prev_close) + stopped_units * (exit_px - o) + coins_after * (c - o)
 
-        # 4. Mark to market at the close of t+1; per-slot rewards that add up to the log-equity change.
+        # 6. What the bar earns (staking rewards, LP fees, Aave interest); everything marked at the close.
         cash = self.cash + flow.sum(0)
-        value = units * c
-        equity = cash + value.sum(0)
-        slot_change = value - prev_units * prev_close + flow
+        if tb is None:
+            value = units * c
+            equity = cash + value.sum(0)
+            slot_change = value - prev_units * prev_close + flow
+        else:
+            value = coins_after * c
+            if S:
+                grown = staked * self._stake_growth
+                stake_pnl = (grown - staked) * c
+                staked = grown
+                value = value + stake_pnl
+            if LP:
+                pa, pb = spa * spa, spb * spb
+                # uniswap_v3.fee_income with fee_tier * pool volume read from the table
+                lp_fee_pnl = (uniswap_v3.in_range_fraction(lo, h, pa, pb) * uniswap_v3.liquidity_share(
+                    L, fx[tables.POOL_LIQUIDITY]) * fx[tables.POOL_FEE_VOLUME])
+                lp_fees = lp_fees + lp_fee_pnl
+                x_close, y_close = uniswap_v3.amounts_sqrt(L, fx[tables.SQRT_CLOSE], spa, spb)
+                lp_value = x_close * c + y_close
+                lp_il = lp_value - (x0 * c + y0)
+                il_pnl = il_pnl + lp_il - self._lp_il
+                spot_pnl = spot_pnl + x0_before * (o - prev_close) + x0 * (c - o)
+                value = value + lp_value + lp_fees
+            if LE:
+                grown = lent * self._sbar[tables.SUPPLY_GROWTH]
+                interest = grown - lent
+                lent = grown
+                value = value + lent
+            if AR and books:
+                arb_coins_after = ca + cb + tr_coin.abs()
+                if books_before:
+                    spot_pnl = spot_pnl + arb_coins_before * (o - prev_close)
+                spot_pnl = spot_pnl + arb_coins_after * (c - o)
+                arb_value = qa + qb + tr_quote.abs() + arb_coins_after * c
+                value = value + arb_value
+            equity = cash + value.sum(0)
+            slot_change = value - self._slot_value + flow
         x = equity / prev_equity - 1.0
         small = x.abs() <= 1e-6
-        scale = torch.where(small, 1.0 - x / 2.0, torch.log1p(x) / torch.where(small, 1.0, x))
-        reward = slot_change * (scale / prev_equity)
+        scale_log = torch.where(small, 1.0 - x / 2.0, torch.log1p(x) / torch.where(small, 1.0, x))
+        reward = slot_change * (scale_log / prev_equity)
         peak = torch.maximum(self.peak, equity)
         drawdown = 1.0 - equity / peak
         if self.env_cfg.drawdown_penalty > 0:
             prev_dd = 1.0 - prev_equity / self.peak
             reward = reward - self.env_cfg.drawdown_penalty * (drawdown - prev_dd).clamp(min=0.0) / self.P
 
-        # 5. Bookkeeping: Kelly history, episode statistics, cursor.
+        # 7. Bookkeeping: Kelly history (spot trades), episode statistics, cursor.
         closed_bp, ret_bp = closed.t(), closed_ret.t()
         self.trade_head, evicted, evicted_valid = risk.record_trades_(self.trade_ring, self.trade_head, closed_bp,
                                                                       ret_bp)
@@ -318,15 +863,43 @@ class BatchedTradingEnv:
         st.ret_sq_sum = st.ret_sq_sum + x64 * x64
         st.n_returns += 1
         st.max_drawdown = torch.maximum(st.max_drawdown, drawdown)
-        st.trades = st.trades + closed.sum(0)
-        st.wins = st.wins + (closed & (closed_ret > 0)).sum(0)
-        st.costs = st.costs + cost_slot.sum(0)
+        done, won = [closed], [closed & (closed_ret > 0)]
+        for done_now, ret_now in ((lp_closed, lp_ret), (arb_closed, arb_ret)):
+            if done_now is not None:
+                done.append(done_now)
+                won.append(done_now & (ret_now > 0))
+        st.trades = st.trades + (torch.stack(done).sum((0, 1)) if len(done) > 1 else closed.sum(0))
+        st.wins = st.wins + (torch.stack(won).sum((0, 1)) if len(won) > 1 else won[0].sum(0))
+        costs = cost_slot.sum(0)
+        st.costs = st.costs + costs
+        if tb is None:  # spot alone: every change of equity that is not a cost is the coins' price move
+            st.pnl_rows[0] += (equity - prev_equity) + costs
+            st.pnl_rows[-1] -= costs
+        else:
+            sources = [spot_pnl, stake_pnl, lp_fee_pnl, il_pnl, interest, arb_pnl]
+            st.pnl_rows += torch.stack([x.sum(0) for x in sources] + [-costs])
         st.equity = equity
 
         self.cash, self._units, self._entry, self._entry_cost = cash, units, entry, entry_cost
         self._highest, self._bars_in_trade = highest, bars_in_trade
+        if S:
+            self._staked, self._unbonding, self._release = staked, unbonding, release
+            self._exit_pending, self._exit_proceeds = pending & still, exit_proceeds
+        if LP:
+            self._lp_L, self._lp_spa, self._lp_spb, self._lp_x0, self._lp_y0 = L, spa, spb, x0, y0
+            self._lp_fees, self._lp_cost, self._lp_value, self._lp_il = lp_fees, lp_cost, lp_value, lp_il
+        if LE:
+            self._lent, self._lent_principal = lent, principal
+        if AR:
+            self._qa, self._ca, self._qb, self._cb = qa, ca, qb, cb
+            self._tr_coin, self._tr_quote, self._tr_due = tr_coin, tr_quote, tr_due
+            self._book, self._arb_cost, self._arb_value = book, arb_cost, arb_value
+            self._arb_live = books
+        if tb is not None:
+            self._slot_value = value
         self.equity, self.peak, self.day_start_equity = equity, peak, day_start
         self._close = c
+        self._tradable_now = tradable
         self.t = u
         self.steps_done += 1
         self._refresh()

@@ -5,7 +5,7 @@ Built once per run from the candles; every environment built on them only indexe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ class MarketTensors:
     tradable: torch.Tensor  # [T, N] bool: False on forward-filled gap bars
     features: torch.Tensor  # [T, N, F] float32, normalised
     day: torch.Tensor  # [T] int64 UTC day number
+    # The arbitrage strategy's second venue on the same bars (nexlify.data.second_venue), or None:
+    venue2_prices: torch.Tensor | None = None  # [T, N, 4] float64 open, high, low, close; NaN where missing
+    venue2_available: torch.Tensor | None = None  # [T, N] bool: the second venue has this very candle
+    # Tables derived from these tensors once per strategy configuration (nexlify.env.strategy_tables).
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_bars(self) -> int:
@@ -40,6 +45,12 @@ class MarketTensors:
         if raw_features is None:
             raw_features = market_features(market)
         prices = np.stack([market.open, market.high, market.low, market.close], axis=-1)
+        venue = getattr(market, "second_venue", None)
+        venue2_prices = venue2_available = None
+        if venue is not None:
+            stacked = np.stack([venue.open, venue.high, venue.low, venue.close], axis=-1)
+            venue2_prices = torch.as_tensor(np.ascontiguousarray(stacked, dtype=np.float64), device=device)
+            venue2_available = torch.as_tensor(np.ascontiguousarray(venue.available, dtype=bool), device=device)
         return cls(
             pairs=list(market.pairs),
             timestamps=np.asarray(market.timestamps, dtype=np.int64),
@@ -49,6 +60,7 @@ class MarketTensors:
             # C order matters: the environment gathers rows of the flattened (bar, pair) axis every step.
             features=torch.as_tensor(np.ascontiguousarray(normalizer.apply(raw_features)), device=device),
             day=torch.as_tensor(np.asarray(market.timestamps, dtype=np.int64) // MS_PER_DAY, device=device),
+            venue2_prices=venue2_prices, venue2_available=venue2_available,
         )
 
 

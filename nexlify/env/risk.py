@@ -56,6 +56,33 @@ def accept_entries(requested: Tensor, open_trades: Tensor, max_trades: int) -> T
     return requested & (rank <= capacity)
 
 
+def accept_weighted_entries(requested: Tensor, weights: Tensor, open_trades: Tensor, max_trades: int,
+                            dim: int = -1) -> Tensor:
+    """Entries allowed under the concurrent-trade cap when a request may open several trades at once:
+    request k (along `dim` of `requested`, e.g. [B, K]) opens weights[k] trades (an arbitrage book opens
+    2, one leg on each venue); open_trades [B]. Requests are served in order while capacity remains.
+    With weights non-decreasing along the order (the environment serves single trades first and
+    arbitrage books last) this is exactly first-come, first-served: a request refused for lack of room
+    leaves no room that a later request (as heavy or heavier) could use."""
+    shape = [1] * requested.dim()
+    shape[dim] = -1
+    capacity = (max_trades - open_trades).clamp(min=0).unsqueeze(dim)
+    rank = torch.cumsum(requested.to(torch.int64) * weights.view(shape), dim=dim)
+    return requested & (rank <= capacity)
+
+
+def accept_trades_then_books(trades: Tensor, books: Tensor, open_trades: Tensor, max_trades: int,
+                             legs: int = 2) -> tuple[Tensor, Tensor]:
+    """`accept_weighted_entries` along dim 0 for the environment's two kinds of request, cheaper: single
+    trades [K, B] (spot and LP requests in pair order) are served first, then arbitrage books [M, B] that
+    open `legs` trades each, from what capacity the single trades left. Returns (trades, books) accepted."""
+    capacity = (max_trades - open_trades).clamp(min=0)
+    rank = torch.cumsum(trades, dim=0)
+    used = torch.minimum(rank[-1], capacity)
+    book_rank = torch.cumsum(books, dim=0) * legs
+    return trades & (rank <= capacity), books & (book_rank <= capacity - used)
+
+
 def entries_blocked_by_daily_loss(equity: Tensor, day_start_equity: Tensor, daily_loss_limit: float) -> Tensor:
     """True where today's loss has reached the limit: no new entries until the next UTC day."""
     if daily_loss_limit <= 0:

@@ -33,8 +33,6 @@ elements and never syncs the device to Python. The CSV is read once, before trai
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,57 +43,9 @@ from torch import Tensor
 
 from nexlify.errors import InputError
 from nexlify.strategies._tensors import TensorLike, as_float_tensors
+from nexlify.strategies.params import HOURS_PER_YEAR, AaveParams  # noqa: F401 (re-exported)
 
 log = structlog.get_logger(__name__)
-
-HOURS_PER_YEAR = 8760.0  # Aave's SECONDS_PER_YEAR is 365 days
-
-
-@dataclass(frozen=True)
-class AaveParams:
-    """Aave V3 Ethereum Core market, USDT reserve, as in force in April-May 2025 (the end of our data).
-
-    - optimal_usage_ratio 0.92: the Ethereum Core stablecoin kink. A public security review of Aave
-      v3.4 (early 2025) sets up its test with the "current IRS config used for USDC on mainnet:
-      optimalUsageRatio 92_00, base 0, slope1 5_50, slope2 35_00", and USDT's kink was reported at
-      92% when a withdrawal pushed its utilization to 92.83% (Lookonchain, Nov 2025). We found no
-      dated snapshot of USDT's own ratio for May 2025; 0.92 is inferred from these two.
-    - base_variable_borrow_rate 0.
-    - variable_rate_slope1 0.065: "[ARFC] Stablecoin Interest Rate Curve Update - 03.04.2025"
-      (governance.aave.com/t/21269, April 2025): Aave V3 Ethereum Core USDT slope1 9.50% -> 6.50%.
-      It stayed there until Chaos Labs raised stablecoin slope1 by 100 bps in August 2025.
-    - variable_rate_slope2 0.35: AIP "Increase Borrow Slope1 to all Stablecoins across all Aave
-      Instances" (vote.onaave.com proposal 216, Dec 2024): Ethereum V3 Core USDT slope2 75% -> 35%;
-      cut to 22.5% on 2025-06-05 (Chaos Labs Risk Stewards, governance.aave.com/t/22279), after our data.
-    - reserve_factor 0.10: "Add USDT to Aave Ethereum V3 pool" (aave/aip, USDTETHV3.md, 2023-02-07),
-      reserve factor 10%; we found no later change to it.
-    - utilization 0.80 (ASSUMPTION for the constant path): Chaos Labs (governance.aave.com/t/22930,
-      2025-08-14): "USDT's utilization has stayed above 80% for most of the time" over the past
-      month; in April 2025 stablecoin utilization was below the 92% kink (LlamaRisk, t/21269).
-      At 0.80 the supply rate is 0.065 * 0.80/0.92 * 0.80 * 0.90 = 4.07% a year.
-    - utilization_csv: optional path of a `timestamp,utilization` CSV to use instead of the constant.
-    """
-
-    optimal_usage_ratio: float = 0.92
-    base_variable_borrow_rate: float = 0.0
-    variable_rate_slope1: float = 0.065
-    variable_rate_slope2: float = 0.35
-    reserve_factor: float = 0.10
-    utilization: float = 0.80
-    utilization_csv: str | None = None
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.optimal_usage_ratio) and 0.0 < self.optimal_usage_ratio < 1.0):
-            raise InputError(f"aave optimal_usage_ratio {self.optimal_usage_ratio!r} is out of range; "
-                             "accepted: 0 < ratio < 1, e.g. 0.92")
-        for name in ("base_variable_borrow_rate", "variable_rate_slope1", "variable_rate_slope2"):
-            rate = getattr(self, name)
-            if not (math.isfinite(rate) and 0.0 <= rate <= 10.0):
-                raise InputError(f"aave {name} {rate!r} is out of range; accepted: an annual rate in [0, 10]")
-        for name in ("reserve_factor", "utilization"):
-            fraction = getattr(self, name)
-            if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
-                raise InputError(f"aave {name} {fraction!r} is out of range; accepted: a fraction in [0, 1]")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,104 +32,15 @@ tensors, never loops over elements and never syncs the device to Python.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from nexlify.errors import InputError
 from nexlify.strategies._tensors import TensorLike, as_float_tensors
+from nexlify.strategies.params import ArbParams  # noqa: F401 (re-exported)
 
 SPREAD_FEATURE = "spread_coinbase_usd_vs_binance_usdt_bps"  # includes USDT/USD drift, see module doc
-
-
-def _default_withdrawal_fees() -> dict[str, float]:
-    return {"BTC": 0.0005, "ETH": 0.00168, "SOL": 0.01}  # coin units; sources in ArbParams
-
-
-def _default_delays() -> dict[str, float]:
-    return {"BTC": 1.0, "ETH": 0.25, "SOL": 0.1}  # hours; reasoning in ArbParams
-
-
-@dataclass(frozen=True)
-class ArbParams:
-    """Costs and limits of cross-exchange arbitrage.
-
-    - taker_fee_a 0.001: Binance spot, regular (VIP 0) account, taker 0.10% (maker 0.10%), before
-      the 25% discount for paying fees in BNB (binance.com/en/fee/trading; restated in Binance
-      Square posts of 2025).
-    - taker_fee_b 0.006: Coinbase Advanced (help.coinbase.com/en/coinbase/trading-and-funding/
-      advanced-trade/advanced-trade-fees: maker-taker fees by trailing 30-day USD volume). 0.60%
-      taker / 0.40% maker is the lowest-volume tier ($0-10K) of the 2023-24 table as we recall it;
-      the stored copy of that page omits its table, so this figure is NOT verified against a dated
-      copy. CAUTION: a later table (API Evangelist's copy of the page, May 2026) starts with
-      "Intro 1" (under $1K a month) at 1.20% taker / 0.60% maker. Set 0.012 for a very small account.
-    - withdrawal_fee_units, fixed per withdrawal in coin units, set by Binance and changed with network
-      conditions: BTC (Bitcoin network) 0.0005 BTC and ETH (ERC-20) 0.00168 ETH, as summarised from
-      Binance's withdrawal-fee page in 2025 (do-binance.com, "withdraw fee calculation"); SOL (Solana
-      network) 0.01 SOL is an ASSUMPTION, no dated published figure found.
-    - rebalance_delay_hours (ASSUMPTIONS, block times plus exchange processing and confirmation
-      waits): BTC 1 h (a few 10-minute blocks), ETH 0.25 h (~64 blocks of 12 s to finality), SOL
-      0.1 h. `pair_tensors` rounds them up to whole bars.
-    - rebalance_notional_usd 25,000 (ASSUMPTION): one coin transfer per 25,000 USD of arbitrage
-      volume; e.g. BTC at 100,000: 0.0005 * 100,000 / 25,000 = 20 bps per trade.
-    - min_edge_bps 5 (ASSUMPTION): safety buffer for slippage and the fills not being simultaneous.
-    - max_notional_usd 10,000 (ASSUMPTION): largest arbitrage per (episode, pair) and bar.
-    """
-
-    taker_fee_a: float = 0.001
-    taker_fee_b: float = 0.006
-    withdrawal_fee_units: Mapping[str, float] = field(default_factory=_default_withdrawal_fees)
-    rebalance_delay_hours: Mapping[str, float] = field(default_factory=_default_delays)
-    rebalance_notional_usd: float = 25_000.0
-    min_edge_bps: float = 5.0
-    max_notional_usd: float = 10_000.0
-
-    def __post_init__(self) -> None:
-        for name in ("taker_fee_a", "taker_fee_b"):
-            fee = getattr(self, name)
-            if not (math.isfinite(fee) and 0.0 <= fee < 0.1):
-                raise InputError(f"arbitrage {name} {fee!r} is out of range; accepted: a fraction in [0, 0.1), "
-                                 "e.g. 0.001 for 0.10%")
-        for coin, fee in self.withdrawal_fee_units.items():
-            if not (math.isfinite(fee) and fee >= 0):
-                raise InputError(f"arbitrage withdrawal fee for {coin} {fee!r} is invalid; accepted: coin units >= 0")
-        for coin, hours in self.rebalance_delay_hours.items():
-            if not (math.isfinite(hours) and hours >= 0):
-                raise InputError(f"arbitrage rebalance delay for {coin} {hours!r} is invalid; accepted: hours >= 0")
-        for name in ("rebalance_notional_usd", "max_notional_usd"):
-            number = getattr(self, name)
-            if not (math.isfinite(number) and number > 0):
-                raise InputError(f"arbitrage {name} {number!r} is invalid; accepted: a positive amount of USD")
-        if not (math.isfinite(self.min_edge_bps) and self.min_edge_bps >= 0):
-            raise InputError(f"arbitrage min_edge_bps {self.min_edge_bps!r} is invalid; accepted: bps >= 0")
-
-    @property
-    def min_edge(self) -> float:
-        return self.min_edge_bps * 1e-4
-
-    def pair_tensors(self, pairs: Sequence[str], bar_hours: float, *, dtype: torch.dtype = torch.float64,
-                     device: torch.device | str = "cpu") -> PairArbitrage:
-        """Per-pair [P] withdrawal fee (coin units) and rebalancing delay in whole bars (rounded up).
-        A coin missing from the tables raises InputError: arbitrage on it would be free of transfer
-        costs, which is never true."""
-        if not (math.isfinite(bar_hours) and bar_hours > 0):
-            raise InputError(f"bar_hours {bar_hours!r} is invalid; accepted: a positive number of hours")
-        coins = [pair.split("/")[0].strip().upper() for pair in pairs]
-        known = set(self.withdrawal_fee_units) & set(self.rebalance_delay_hours)
-        for coin in coins:
-            if coin not in known:
-                raise InputError(f"arbitrage has no withdrawal fee or delay for {coin!r}; accepted coins: "
-                                 + ", ".join(sorted(known)))
-        fees = [self.withdrawal_fee_units[c] for c in coins]
-        bars = [math.ceil(self.rebalance_delay_hours[c] / bar_hours - 1e-9) for c in coins]
-        return PairArbitrage(
-            withdrawal_fee_units=torch.tensor(fees, dtype=dtype, device=device),
-            delay_bars=torch.tensor(bars, dtype=torch.int64, device=device),
-        )
 
 
 class PairArbitrage(NamedTuple):
@@ -186,6 +97,43 @@ def transfer_arrival(amount_units: TensorLike, withdrawal_fee_units: TensorLike)
 # Trade
 
 
+def directed_units(quote_a: Tensor, coin_a: Tensor, quote_b: Tensor, coin_b: Tensor, price_a: Tensor,
+                   price_b: Tensor, buy_a: Tensor, buy_b: Tensor, fee_a: TensorLike, fee_b: TensorLike,
+                   max_notional: TensorLike) -> Tensor:
+    """Signed coin units of one arbitrage whose direction is decided (buy_a: buy on A and sell on B;
+    buy_b: the mirror image; neither: 0). Sized by the quote on the cheap venue (fee included), the
+    coins on the dear venue and the notional cap: q = min(quote_cheap / (price_cheap (1 + fee_cheap)),
+    coin_dear, max_notional / price_cheap). + buys on A, - buys on B. Prices must be finite and > 0."""
+    q_ab = torch.minimum(torch.minimum(quote_a.clamp(min=0.0) / (price_a * (1.0 + fee_a)), coin_b.clamp(min=0.0)),
+                         max_notional / price_a)
+    q_ba = torch.minimum(torch.minimum(quote_b.clamp(min=0.0) / (price_b * (1.0 + fee_b)), coin_a.clamp(min=0.0)),
+                         max_notional / price_b)
+    return torch.where(buy_a, q_ab, 0.0) - torch.where(buy_b, q_ba, 0.0)
+
+
+class Settled(NamedTuple):
+    quote_a: Tensor
+    coin_a: Tensor
+    quote_b: Tensor
+    coin_b: Tensor
+    fees: Tensor  # taker fees paid on both legs, in quote (USD and USDT at par)
+
+
+def settle(quote_a: Tensor, coin_a: Tensor, quote_b: Tensor, coin_b: Tensor, units: Tensor, price_a: TensorLike,
+           price_b: TensorLike, fee_a: TensorLike, fee_b: TensorLike) -> Settled:
+    """Both legs of an arbitrage of `units` coins (+: bought on A at price_a, sold on B at price_b;
+    -: the mirror image), each leg a taker fill paying its venue's fee in quote. The realised profit is
+    units * (price_b - price_a) - fees."""
+    size = units.abs()
+    return Settled(
+        quote_a=quote_a - units * price_a - size * (price_a * fee_a),
+        coin_a=coin_a + units,
+        quote_b=quote_b + units * price_b - size * (price_b * fee_b),
+        coin_b=coin_b - units,
+        fees=size * (price_a * fee_a + price_b * fee_b),
+    )
+
+
 def arb_trade(quote_a: Tensor, coin_a: Tensor, quote_b: Tensor, coin_b: Tensor, price_a: TensorLike,
               price_b: TensorLike, available: TensorLike, fee_a: TensorLike, fee_b: TensorLike,
               transfer_cost: TensorLike, min_edge: TensorLike, max_notional: TensorLike) -> ArbFill:
@@ -194,10 +142,10 @@ def arb_trade(quote_a: Tensor, coin_a: Tensor, quote_b: Tensor, coin_b: Tensor, 
     Where buying on A and selling on B has an edge above `min_edge`, buy q coins on A with A's quote
     and sell q on B from B's coin inventory (and the mirror image when B is the cheap venue), with
     q = min(quote on the cheap venue / (price * (1 + fee)), coin on the dear venue,
-    max_notional / cheap price). Nothing trades where `available` is False, or a price is NaN or <= 0.
-    Returns the new inventories, the signed units traded, the buying notional, the profit realised
-    after both fees, and the amortised transfer cost (the caller books it or accrues it until it
-    actually rebalances).
+    max_notional / cheap price) (`directed_units`, then `settle`). Nothing trades where `available` is
+    False, or a price is NaN or <= 0. Returns the new inventories, the signed units traded, the buying
+    notional, the profit realised after both fees, and the amortised transfer cost (the caller books it
+    or accrues it until it actually rebalances).
     """
     ref = quote_a
 
@@ -213,22 +161,16 @@ def arb_trade(quote_a: Tensor, coin_a: Tensor, quote_b: Tensor, coin_b: Tensor, 
 
     buy_a = valid & (arb_edge(pa, pb, fa, fb, transfer) > edge_min)
     buy_b = valid & (arb_edge(pb, pa, fb, fa, transfer) > edge_min)
-    zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    q_ab = torch.minimum(torch.minimum(quote_a.clamp(min=0.0) / (pa * (1.0 + fa)), coin_b.clamp(min=0.0)), cap / pa)
-    q_ba = torch.minimum(torch.minimum(quote_b.clamp(min=0.0) / (pb * (1.0 + fb)), coin_a.clamp(min=0.0)), cap / pb)
-    q_ab = torch.where(buy_a, q_ab, zero)
-    q_ba = torch.where(buy_b, q_ba, zero)
-
-    spent_a, received_b = q_ab * pa * (1.0 + fa), q_ab * pb * (1.0 - fb)
-    spent_b, received_a = q_ba * pb * (1.0 + fb), q_ba * pa * (1.0 - fa)
-    notional = q_ab * pa + q_ba * pb
+    units = directed_units(quote_a, coin_a, quote_b, coin_b, pa, pb, buy_a, buy_b, fa, fb, cap)
+    legs = settle(quote_a, coin_a, quote_b, coin_b, units, pa, pb, fa, fb)
+    notional = units.clamp(min=0.0) * pa + (-units).clamp(min=0.0) * pb
     return ArbFill(
-        quote_a=quote_a - spent_a + received_a,
-        coin_a=coin_a + q_ab - q_ba,
-        quote_b=quote_b + received_b - spent_b,
-        coin_b=coin_b - q_ab + q_ba,
-        units=q_ab - q_ba,
+        quote_a=legs.quote_a,
+        coin_a=legs.coin_a,
+        quote_b=legs.quote_b,
+        coin_b=legs.coin_b,
+        units=units,
         notional=notional,
-        realised_profit=(received_b - spent_a) + (received_a - spent_b),
+        realised_profit=units * (pb - pa) - legs.fees,
         transfer_cost=notional * transfer,
     )

@@ -29,107 +29,20 @@ tensors, never loops over elements and never syncs the device to Python.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from nexlify.errors import InputError
 from nexlify.strategies._tensors import TensorLike, as_float_tensors
+from nexlify.strategies.params import HOURS_PER_YEAR, StakedAsset, StakingParams, base_of  # noqa: F401 (re-exported)
 
-HOURS_PER_YEAR = 8760.0  # 365 days; leap days are ignored
 NO_LOT = -1  # release_bar of a (episode, pair) with nothing unbonding
 
 
 # ------------------------------------------------------------------------------------------------
-# Parameters
-
-
-@dataclass(frozen=True)
-class StakedAsset:
-    """How one coin stakes: its effective annual yield, how often rewards are credited, and how long
-    unstaked coins take to come back."""
-
-    apy: float
-    compounds_per_year: float
-    unbonding_hours: float
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.apy) and -1.0 < self.apy < 10.0):
-            raise InputError(f"staking apy {self.apy!r} is out of range; accepted: a fraction in (-1, 10), "
-                             "e.g. 0.03 for 3% a year")
-        if not (math.isfinite(self.compounds_per_year) and self.compounds_per_year > 0):
-            raise InputError(f"staking compounds_per_year {self.compounds_per_year!r} is invalid; "
-                             "accepted: a positive number (365 = daily, 8760 / 48 = every 2 days)")
-        if not (math.isfinite(self.unbonding_hours) and self.unbonding_hours >= 0):
-            raise InputError(f"staking unbonding_hours {self.unbonding_hours!r} is invalid; "
-                             "accepted: hours >= 0")
-
-    @property
-    def compounding_hours(self) -> float:
-        return HOURS_PER_YEAR / self.compounds_per_year
-
-
-def _default_assets() -> dict[str, StakedAsset]:
-    # Sources, dates and reasoning: see the StakingParams docstring.
-    return {
-        "ETH": StakedAsset(apy=0.02839, compounds_per_year=365.0, unbonding_hours=120.0,
-                           source="Lido staking APR 7d MA ~2.8%, late May 2025 (Lido query on Flipside); daily rebase"),
-        "SOL": StakedAsset(apy=0.065, compounds_per_year=HOURS_PER_YEAR / 48.0, unbonding_hours=54.0,
-                           source="Solana base staking APY ~6.5%, 2025 (starke.finance, data of 2025-08-13)"),
-    }
-
-
-@dataclass(frozen=True)
-class StakingParams:
-    """Per-asset staking terms, keyed by base coin. A coin with no entry cannot be staked: BTC has no
-    native staking and gets none by default. Every value is an assumption with a date, not a live rate.
-
-    ETH, via Lido stETH:
-    - apy 0.02839: Lido's published staking APR (7-day moving average, net of Lido's 10% fee) was
-      2.80-2.85% over 2025-05-25 .. 2025-06-03 (Lido's "Lido Staking User APR 7days MA" query,
-      flipsidecrypto.xyz/lidofinance). ASSUMPTION: APR 2.8%; stETH rebases once a day, so
-      APY = (1 + 0.028/365)**365 - 1 = 0.02839.
-    - compounds_per_year 365: rewards accrue per beacon-chain epoch (~6.4 min) but reach stETH
-      holders at the daily rebase.
-    - unbonding_hours 120 (ASSUMPTION): 5 days for a Lido withdrawal request to be finalised and
-      claimable; it depends on the validator exit queue, ~1-5 days for most of 2024-25.
-
-    SOL, native delegation:
-    - apy 0.065: base staking APY ~6.5% in 2025, 7.19% with MEV tips (starke.finance, "Solana
-      Staking Percentage: Metrics & Analysis", data as of 2025-08-13: inflation ~4.4%, 67% of supply
-      staked; inflation falls 15% a year towards 1.5%, solana.com/staking). ASSUMPTION: 6.5%, MEV
-      left out because only some validators pass it through.
-    - compounds_per_year 8760 / 48: rewards are paid and auto-compounded once per epoch, "approximately
-      every 2 days" (docs.stake.fish, Solana inflation rewards); an epoch is 432,000 slots at
-      0.40-0.45 s = 48-54 h, and compounding uses the nominal 48 h.
-    - unbonding_hours 54 (ASSUMPTION): deactivation completes at the next epoch boundary, at most
-      one epoch later; we take the conservative end, 432,000 slots * 0.45 s = 54 h.
-    """
-
-    assets: Mapping[str, StakedAsset] = field(default_factory=_default_assets)
-
-    def asset(self, base: str) -> StakedAsset | None:
-        return self.assets.get(base.upper())
-
-    def pair_tensors(self, pairs: Sequence[str], bar_hours: float, *, dtype: torch.dtype = torch.float64,
-                     device: torch.device | str = "cpu") -> PairStaking:
-        """Per-pair tensors [P] for the environment: smooth per-bar growth (1 where not stakeable), the
-        unbonding delay in whole bars (rounded up), and the stakeable mask. Built once, not per step."""
-        if not (math.isfinite(bar_hours) and bar_hours > 0):
-            raise InputError(f"bar_hours {bar_hours!r} is invalid; accepted: a positive number of hours")
-        terms = [self.asset(base_of(pair)) for pair in pairs]
-        apy = torch.tensor([t.apy if t else 0.0 for t in terms], dtype=dtype, device=device)
-        bars = [math.ceil(t.unbonding_hours / bar_hours - 1e-9) if t else 0 for t in terms]
-        return PairStaking(
-            growth=per_bar_growth(apy, bar_hours),
-            unbond_bars=torch.tensor(bars, dtype=torch.int64, device=device),
-            stakeable=torch.tensor([t is not None for t in terms], dtype=torch.bool, device=device),
-        )
+# Per-pair tensors (built by StakingParams.pair_tensors, in nexlify.strategies.params)
 
 
 class PairStaking(NamedTuple):
@@ -137,10 +50,6 @@ class PairStaking(NamedTuple):
     unbond_bars: Tensor  # [P] int64 bars from an unstake request to the units being sellable
     stakeable: Tensor  # [P] bool
 
-
-def base_of(pair: str) -> str:
-    """"ETH/USDT" -> "ETH"."""
-    return pair.split("/")[0].strip().upper()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,8 +121,7 @@ def start_unbond(staked_units: Tensor, unbonding_units: Tensor, release_bar: Ten
     episode, e.g. shaped [B, 1]; `unbond_bars` is per pair, e.g. [P] int64."""
     request = torch.as_tensor(request_units, dtype=staked_units.dtype, device=staked_units.device)
     pending = unbonding_units > 0
-    amount = torch.where(pending, torch.zeros_like(staked_units),
-                         torch.minimum(request.clamp(min=0.0), staked_units.clamp(min=0.0)))
+    amount = torch.where(pending, 0.0, torch.minimum(request.clamp(min=0.0), staked_units.clamp(min=0.0)))
     starts = amount > 0
     due_at = (torch.as_tensor(now_bar, dtype=torch.int64, device=release_bar.device)
               + torch.as_tensor(unbond_bars, dtype=torch.int64, device=release_bar.device))
@@ -229,9 +137,9 @@ def release_unbonded(now_bar: TensorLike, release_bar: Tensor, unbonding_units: 
     whole lot from it on. The released slots go back to NO_LOT."""
     now = torch.as_tensor(now_bar, dtype=torch.int64, device=release_bar.device)
     due = (unbonding_units > 0) & (release_bar != NO_LOT) & (now >= release_bar)
-    freed = torch.where(due, unbonding_units, torch.zeros_like(unbonding_units))
+    freed = torch.where(due, unbonding_units, 0.0)
     return Released(
         freed_units=freed,
         unbonding_units=unbonding_units - freed,
-        release_bar=torch.where(due, torch.full_like(release_bar, NO_LOT), release_bar),
+        release_bar=torch.where(due, NO_LOT, release_bar),
     )

@@ -42,76 +42,13 @@ tensors, never loops over elements and never syncs the device to Python. Precond
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from nexlify.errors import InputError
 from nexlify.strategies._tensors import TensorLike, as_float_tensors
-
-# The fee tiers Uniswap V3 pools exist at on Ethereum (0.01%, 0.05%, 0.3%, 1%).
-FEE_TIERS = (0.0001, 0.0005, 0.003, 0.01)
-
-
-@dataclass(frozen=True)
-class LPParams:
-    """Assumptions of the liquidity-providing strategy; each value's source or reasoning is given.
-
-    - fee_tier 0.0005: the 0.05% tier, where the deepest ETH/stablecoin pools on Ethereum trade.
-      Accepted: one of Uniswap V3's tiers, 0.0001 / 0.0005 / 0.003 / 0.01.
-    - range_width 0.10: the position's range is +-10% around the price at opening (0.05 and 0.25
-      are the other widths we study). Accepted: 0 < width < 1.
-    - dex_volume_share 0.10 (ASSUMPTION): the pool's volume as a fraction of the Binance candle's
-      volume. Anchor: CoinGecko's DEX-to-CEX spot volume ratio, ~10% in March 2024, 0.13 in Q1 2025
-      and 0.23 in Q2 2025 (CoinGecko Q2 2025 crypto industry report, July 2025; CoinGecko/DefiLlama
-      study, Nov 2025: 6% in 2021 -> 21.2% in 2025). That ratio covers all DEXes and pairs, so using
-      it for one pool against one Binance pair is a rough stand-in, kept at the low end on purpose.
-    - pool_tvl_usd 50e6 and pool_range_width 0.10 (ASSUMPTION): the pool's other liquidity, $50M
-      spread like one position over +-10% around the price; our share of fees is L / (L + its L).
-    - Gas (chain ASSUMPTION: Ethereum mainnet): gas used by Uniswap's NonfungiblePositionManager from
-      its gas snapshots (Uniswap/v3-periphery, test/__snapshots__/NonfungiblePositionManager.spec.ts.snap:
-      "mint gas first mint for ticks" 434,903; "multicall exit gas" = decreaseLiquidity + collect +
-      burn 178,028), at gas_price_gwei 5 (ASSUMPTION: a typical mainnet base + priority fee in
-      2024-25 outside congestion spikes) and eth_usd_for_gas 2,500 (ASSUMPTION: ETH around
-      2,500 USD in the first half of 2025; the bundled data ends at ~2,500 in May 2025). That makes
-      an open ~5.44 USD and a close ~2.23 USD. On an L2 such as Arbitrum both would be cents.
-    """
-
-    fee_tier: float = 0.0005
-    range_width: float = 0.10
-    dex_volume_share: float = 0.10
-    pool_tvl_usd: float = 50_000_000.0
-    pool_range_width: float = 0.10
-    gas_units_open: float = 434_903.0
-    gas_units_close: float = 178_028.0
-    gas_price_gwei: float = 5.0
-    eth_usd_for_gas: float = 2_500.0
-
-    def __post_init__(self) -> None:
-        if not any(math.isclose(self.fee_tier, tier, rel_tol=0, abs_tol=1e-12) for tier in FEE_TIERS):
-            raise InputError(f"LP fee_tier {self.fee_tier!r} is not a Uniswap V3 fee tier; accepted: "
-                             + ", ".join(str(t) for t in FEE_TIERS))
-        for name in ("range_width", "pool_range_width"):
-            width = getattr(self, name)
-            if not (math.isfinite(width) and 0.0 < width < 1.0):
-                raise InputError(f"LP {name} {width!r} is out of range; accepted: 0 < width < 1 "
-                                 "(0.10 = +-10% around the price)")
-        if not (math.isfinite(self.dex_volume_share) and self.dex_volume_share > 0):
-            raise InputError(f"LP dex_volume_share {self.dex_volume_share!r} is invalid; accepted: a positive "
-                             "fraction of the candle's volume, e.g. 0.1")
-        for name in ("pool_tvl_usd", "gas_units_open", "gas_units_close", "gas_price_gwei", "eth_usd_for_gas"):
-            number = getattr(self, name)
-            if not (math.isfinite(number) and number >= 0):
-                raise InputError(f"LP {name} {number!r} is invalid; accepted: a number >= 0")
-
-    @property
-    def gas_usd_open(self) -> float:
-        return self.gas_units_open * self.gas_price_gwei * 1e-9 * self.eth_usd_for_gas
-
-    @property
-    def gas_usd_close(self) -> float:
-        return self.gas_units_close * self.gas_price_gwei * 1e-9 * self.eth_usd_for_gas
+from nexlify.strategies.params import FEE_TIERS, LPParams  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -127,11 +64,51 @@ def range_around(p: TensorLike, width: TensorLike) -> tuple[Tensor, Tensor]:
 def amounts(L: TensorLike, p: TensorLike, pa: TensorLike, pb: TensorLike) -> tuple[Tensor, Tensor]:
     """Token amounts (x base units, y quote units) of liquidity L on [pa, pb] at price p."""
     L, p, pa, pb = as_float_tensors(L, p, pa, pb)
-    sqrt_pa, sqrt_pb = torch.sqrt(pa), torch.sqrt(pb)
-    sqrt_p = torch.sqrt(torch.minimum(torch.maximum(p, pa), pb))  # p clamped into the range
+    return amounts_sqrt(L, torch.sqrt(p), torch.sqrt(pa), torch.sqrt(pb))
+
+
+def amounts_sqrt(L: Tensor, sqrt_p: Tensor, sqrt_pa: Tensor, sqrt_pb: Tensor) -> tuple[Tensor, Tensor]:
+    """`amounts` on square roots of the prices (V3 works in sqrt prices; callers that keep a position's
+    sqrt bounds save the square roots every bar). sqrt is monotone, so clamping sqrt(p) into
+    [sqrt(pa), sqrt(pb)] is clamping p into [pa, pb]."""
+    sqrt_p = torch.minimum(torch.maximum(sqrt_p, sqrt_pa), sqrt_pb)
     x = L * (1.0 / sqrt_p - 1.0 / sqrt_pb)
     y = L * (sqrt_p - sqrt_pa)
     return x, y
+
+
+class SymmetricPosition(NamedTuple):
+    L: Tensor
+    x: Tensor  # base units at opening
+    y: Tensor  # quote units at opening
+    sqrt_pa: Tensor
+    sqrt_pb: Tensor
+
+
+def coin_share(width: float) -> float:
+    """The share of a position's value held in the coin (x p / value) when it is opened at the middle
+    of range_around(p, width): (1 - 1/sqrt(1 + w)) / (2 - 1/sqrt(1 + w) - sqrt(1 - w)), whatever p is
+    (just under one half: 0.4875 at w = 0.10)."""
+    up, down = math.sqrt(1.0 + width), math.sqrt(1.0 - width)
+    return (1.0 - 1.0 / up) / (2.0 - 1.0 / up - down)
+
+
+def open_symmetric(value_usd: TensorLike, p: TensorLike, width: float,
+                   sqrt_p: Tensor | None = None) -> SymmetricPosition:
+    """A position worth `value_usd` opened at price p on range_around(p, width), in closed form.
+
+    With s = sqrt(p), sqrt(pa) = s sqrt(1 - w) and sqrt(pb) = s sqrt(1 + w), the whitepaper's amounts at
+    p are x = (L / s)(1 - 1/sqrt(1 + w)) and y = L s (1 - sqrt(1 - w)), so value = x p + y = L s k with
+    k = 2 - 1/sqrt(1 + w) - sqrt(1 - w). Hence L = value / (s k), x p = value (1 - 1/sqrt(1 + w)) / k and
+    y = value (1 - sqrt(1 - w)) / k: the coin share of the value depends on the width only. The same
+    numbers as liquidity_for_value + amounts, with one square root instead of five (none when the
+    caller has sqrt(p) already)."""
+    value_usd, p = as_float_tensors(value_usd, p)
+    up, down = math.sqrt(1.0 + width), math.sqrt(1.0 - width)
+    k = 2.0 - 1.0 / up - down
+    s = torch.sqrt(p) if sqrt_p is None else sqrt_p
+    return SymmetricPosition(L=value_usd / (s * k), x=value_usd * ((1.0 - 1.0 / up) / k) / p,
+                             y=value_usd * ((1.0 - down) / k), sqrt_pa=s * down, sqrt_pb=s * up)
 
 
 def value(L: TensorLike, p: TensorLike, pa: TensorLike, pb: TensorLike) -> Tensor:
@@ -161,9 +138,8 @@ def in_range_fraction(bar_low: TensorLike, bar_high: TensorLike, pa: TensorLike,
     low, high, pa, pb = as_float_tensors(bar_low, bar_high, pa, pb)
     span = high - low
     overlap = (torch.minimum(high, pb) - torch.maximum(low, pa)).clamp(min=0.0)
-    flat = span <= 0
-    fraction = overlap / torch.where(flat, torch.ones_like(span), span)
-    return torch.where(flat, in_range(low, pa, pb).to(fraction.dtype), fraction.clamp(max=1.0))
+    fraction = (overlap / span.clamp(min=torch.finfo(span.dtype).tiny)).clamp(max=1.0)  # a flat bar: 0 / tiny
+    return torch.where(span <= 0, in_range(low, pa, pb).to(fraction.dtype), fraction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,8 +161,8 @@ def pool_liquidity_from_tvl(tvl_usd: TensorLike, p: TensorLike, width: TensorLik
 def liquidity_share(L: TensorLike, pool_active_liquidity: TensorLike) -> Tensor:
     """Our share of the in-range liquidity: L / (L + the pool's other active liquidity); 0 for L = 0."""
     L, pool = as_float_tensors(L, pool_active_liquidity)
-    total = L + pool
-    return torch.where(total > 0, L / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    # L >= 0 and pool >= 0: where the total is 0 so is L, and L / tiny = 0
+    return L / (L + pool).clamp(min=torch.finfo(L.dtype).tiny)
 
 
 def fee_income(L: TensorLike, bar_low: TensorLike, bar_high: TensorLike, pa: TensorLike, pb: TensorLike,

@@ -1,0 +1,209 @@
+"""The `nexlify train` / `nexlify preflight` command line, as real processes.
+
+Bad input: exit code 2, exactly one `error:` line naming the bad value, and nothing written (the output
+folder does not even exist afterwards). The bad-input cases are launched together once (a module
+fixture) and each parametrized test checks its own case, which keeps the file fast on 2 cores.
+Then: presets and files against flags, the `nexlify-train` alias, and the preflight table.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller.config import quick_test_preset
+from tests.pipeline_support import REPO, child_env, read_json, run_cli
+
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # `--device cuda` must fail the same way on a GPU machine
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # closed again when the block ends: connections are refused
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+# (case id, extra args, files to write {name: text}, extra env, strings the error line must contain)
+PORT = closed_port()
+BAD_INPUT = [
+    ("negative-episodes", ["--initial-episodes", "-5"], {}, {}, ["--initial-episodes", "-5"]),
+    ("negative-retrain-episodes", ["--retrain-episodes", "-1"], {}, {}, ["--retrain-episodes", "-1"]),
+    ("threshold-below-0", ["--improvement-threshold", "-0.5"], {}, {}, ["--improvement-threshold", "-0.5"]),
+    ("stop-loss-1", ["--stop-loss", "1"], {}, {}, ["--stop-loss", "1.0"]),
+    ("stop-loss-above-1", ["--stop-loss", "1.5"], {}, {}, ["--stop-loss", "1.5"]),
+    ("not-a-number", ["--initial-runs", "three"], {}, {}, ["three"]),
+    ("unknown-pair", ["--pairs", "DOGE/USDT"], {}, {}, ["DOGE/USDT"]),
+    ("unknown-exchange-data", ["--exchange", "kraken"], {}, {}, ["kraken"]),
+    ("val-days-too-large", ["--val-days", "1000"], {}, {}, ["1000", "val_days"]),
+    ("unreachable-bucket", ["--output", "s3://nexlify-none/prefix"], {},
+     {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{PORT}", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+      "AWS_DEFAULT_REGION": "us-east-1"}, [f"127.0.0.1:{PORT}"]),
+    ("unknown-yaml-key", ["--config", "{tmp}/bad.yaml"], {"bad.yaml": "initial_runs: 2\nbogus_setting: 3\n"}, {},
+     ["bogus_setting"]),
+    ("unknown-yaml-key-in-section", ["--config", "{tmp}/bad.yaml"], {"bad.yaml": "risk:\n  stop_los: 0.1\n"}, {},
+     ["stop_los"]),
+    ("bad-value-in-yaml", ["--config", "{tmp}/bad.yaml"], {"bad.yaml": "risk:\n  stop_loss: 2\n"}, {},
+     ["--stop-loss", "2"]),
+    ("malformed-yaml", ["--config", "{tmp}/bad.yaml"], {"bad.yaml": "initial_runs: [2\npatience: 3\n"}, {},
+     ["{tmp}/bad.yaml", "not valid YAML"]),
+    ("missing-yaml", ["--config", "{tmp}/missing.yaml"], {}, {}, ["{tmp}/missing.yaml"]),
+    ("yaml-is-a-folder", ["--config", "{tmp}"], {}, {}, ["--config {tmp}", "cannot be read"]),
+    ("yaml-not-a-mapping", ["--config", "{tmp}/list.yaml"], {"list.yaml": "- 1\n- 2\n"}, {}, ["mapping", "list"]),
+    ("device-cuda-without-cuda", ["--device", "cuda"], {}, NO_CUDA, ["--device cuda"]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory) -> dict:
+    """Run every bad-input case at once: {case id: (completed process, tmp folder)}."""
+    base = tmp_path_factory.mktemp("bad-input")
+
+    def run(case):
+        case_id, args, files, env, _ = case
+        tmp = base / case_id
+        tmp.mkdir()
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        args = [a.replace("{tmp}", str(tmp)) for a in args]
+        if "--output" not in args:
+            args += ["--output", str(tmp / "out")]
+        got = run_cli(["train", "--pairs", "BTC/USDT", *args], env=env, timeout=120)
+        return case_id, (got, tmp)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, BAD_INPUT))
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(bad_input_results, case):
+    case_id, _, _, _, named = case
+    got, tmp = bad_input_results[case_id]
+    assert got.returncode == 2, got.stderr
+    lines = error_lines(got.stderr)
+    assert len(lines) == 1, got.stderr
+    for text in named:
+        assert text.replace("{tmp}", str(tmp)) in lines[0], lines[0]
+    assert "Traceback" not in got.stderr
+    assert not (tmp / "out").exists()  # not even an empty folder
+    assert got.stdout == ""
+
+
+# ------------------------------------------------------------------------------ presets, files, flags
+
+
+def config_show(*args: str, cwd: Path | None = None) -> dict:
+    got = run_cli(["config", "show", *args], timeout=60, cwd=str(cwd) if cwd else None)
+    assert got.returncode == 0, got.stderr
+    return yaml.safe_load(got.stdout)
+
+
+def test_quick_test_preset_and_flags_win_over_it():
+    preset = quick_test_preset()
+    plain = config_show("--quick-test")
+    assert plain["data"]["pairs"] == preset["pairs"] == ["BTC/USDT"]
+    assert (plain["initial_runs"], plain["max_iterations"]) == (preset["initial_runs"], preset["max_iterations"])
+    assert (plain["initial_episodes"], plain["retrain_episodes"]) == (preset["initial_episodes"], preset["retrain_episodes"])
+    assert plain["env"]["num_envs"] == preset["num_envs"] and plain["checkpoint_every"] == preset["checkpoint_every"]
+
+    mixed = config_show("--quick-test", "--initial-runs", "3", "--num-envs", "8", "--pairs", "ETH/USDT", "SOL/USDT")
+    assert mixed["initial_runs"] == 3 and mixed["env"]["num_envs"] == 8
+    assert mixed["data"]["pairs"] == ["ETH/USDT", "SOL/USDT"]
+    assert mixed["max_iterations"] == preset["max_iterations"]  # what no flag names stays the preset's
+    assert mixed["initial_episodes"] == preset["initial_episodes"]
+
+
+def test_config_file_nested_and_flat_keys_and_flags_override_it(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "initial_runs": 4, "patience": 2, "improvement_threshold": 0.5,     # flat, pipeline level
+        "risk": {"stop_loss": 0.03, "take_profit": 0.07},                   # nested section
+        "max_trades": 5,                                                    # flat key of a section
+        "data": {"pairs": ["ETH/USDT"], "val_days": 60},
+    }))
+    from_file = config_show("--config", str(path))
+    assert (from_file["initial_runs"], from_file["patience"], from_file["improvement_threshold"]) == (4, 2, 0.5)
+    assert from_file["risk"]["stop_loss"] == 0.03 and from_file["risk"]["take_profit"] == 0.07
+    assert from_file["risk"]["max_trades"] == 5
+    assert from_file["data"]["pairs"] == ["ETH/USDT"] and from_file["data"]["val_days"] == 60
+    assert from_file["retrain_episodes"] == 200  # untouched: the documented default
+
+    flags = config_show("--config", str(path), "--patience", "6", "--stop-loss", "0.01", "--pairs", "SOL/USDT")
+    assert flags["patience"] == 6 and flags["risk"]["stop_loss"] == 0.01 and flags["data"]["pairs"] == ["SOL/USDT"]
+    assert flags["initial_runs"] == 4 and flags["risk"]["take_profit"] == 0.07  # the rest still from the file
+
+
+def test_help_works():
+    got = run_cli(["train", "--help"], timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert "--improvement-threshold" in got.stdout and "--quick-test" in got.stdout
+
+
+def test_nexlify_train_alias_runs_the_pipeline_with_preset_and_flags(tmp_path):
+    out = tmp_path / "out"
+    program = "import sys; from controller.cli import train_alias; sys.exit(train_alias())"
+    args = ["--quick-test", "--initial-runs", "1", "--initial-episodes", "4", "--num-envs", "4", "--episode-bars", "200",
+            "--max-iterations", "0", "--start", "2025-01-01", "--val-days", "20", "--output", str(out),
+            "--log-format", "json"]
+    import subprocess
+
+    got = subprocess.run([sys.executable, "-c", program, *args], cwd=str(REPO), env=child_env(), capture_output=True,
+                         text=True, timeout=180)
+    assert got.returncode == 0, got.stderr[-3000:]
+    printed = json.loads(got.stdout)
+    summary = read_json(out / "complete_training_summary.json")
+    assert printed["final_best_score"] == summary["final_best_score"]
+    assert printed["stop_reason"] == summary["stop_reason"] == "max_iterations"
+    cfg = summary["config"]
+    assert (cfg["initial_runs"], cfg["initial_episodes"], cfg["env"]["num_envs"]) == (1, 4, 4)  # flags
+    assert cfg["data"]["pairs"] == ["BTC/USDT"] and cfg["checkpoint_every"] == quick_test_preset()["checkpoint_every"]
+    assert [r["seed"] for r in summary["initial_runs"]] == [42] and summary["retraining_iterations"] == []
+    assert summary["final_model_path"] == summary["initial_runs"][0]["model_path"]
+
+
+# ------------------------------------------------------------------------------ preflight
+
+
+def preflight_rows(stderr: str) -> dict[str, tuple[str, str]]:
+    lines = stderr.splitlines()
+    start = lines.index("preflight") + 1
+    rows = {}
+    for line in lines[start:]:
+        if not line.startswith("  "):
+            break
+        name, status, detail = line.split(None, 2)
+        rows[name] = (status, detail)
+    return rows
+
+
+def test_preflight_passes_and_writes_nothing(tmp_path):
+    got = run_cli(["preflight", "--pairs", "BTC/USDT", "--output", str(tmp_path / "out")], timeout=60)
+    assert got.returncode == 0, got.stderr
+    rows = preflight_rows(got.stderr)
+    assert list(rows) == ["python", "torch", "device", "data", "output", "disk"]
+    assert {status for status, _ in rows.values()} == {"pass"}
+    assert "17544 bars" in rows["data"][1]  # 2023-06-01 .. 2025-06-01 hourly: 731 days * 24
+    assert error_lines(got.stderr) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_preflight_fails_with_a_table_and_exit_2(tmp_path):
+    got = run_cli(["preflight", "--pairs", "BTC/USDT", "--device", "cuda", "--val-days", "1000",
+                   "--output", str(tmp_path / "out")], timeout=60, env=NO_CUDA)
+    assert got.returncode == 2
+    rows = preflight_rows(got.stderr)
+    assert rows["device"][0] == "FAIL" and "--device cuda" in rows["device"][1]
+    assert rows["data"][0] == "FAIL" and "1000" in rows["data"][1]
+    assert all(rows[name][0] == "pass" for name in ("python", "torch", "output", "disk"))  # every check ran
+    lines = error_lines(got.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: preflight failed: device:")
+    assert not (tmp_path / "out").exists()
