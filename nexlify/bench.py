@@ -8,19 +8,20 @@ import torch
 
 from nexlify.config import TrainConfig
 from nexlify.configtools import validate_tree
-from nexlify.env.batched import BatchedTradingEnv
+from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.data.second_venue import load_second_venue
 from nexlify.training import prepare_data, resolve_device, train_run
 
 
-def _setup(pairs: list[str], device: str, threads: int,
-           strategies: list[str] | None = None) -> tuple[TrainConfig, object, object]:
+def _setup(pairs: list[str], device: str, threads: int, strategies: list[str] | None = None,
+           precision: str = "float64") -> tuple[TrainConfig, object, object]:
     cfg = TrainConfig()
     cfg.data.pairs = list(pairs)
     cfg.device = device
     cfg.threads = threads
+    cfg.env.precision = precision
     if strategies is not None:
         cfg.env.strategies = list(strategies)
     validate_tree(cfg)
@@ -30,13 +31,17 @@ def _setup(pairs: list[str], device: str, threads: int,
 
 
 def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = 1,
-              strategies: list[str] | None = None) -> dict:
-    """Random valid actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps.
+              strategies: list[str] | None = None, precision: str = "float64", policy: str = "valid") -> dict:
+    """Random actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps.
+
+    policy "valid" draws uniformly among each slot's valid actions (sampling over the mask costs about
+    a quarter of a step); "uniform" draws uniformly among all actions and lets the environment turn the
+    invalid ones into hold, as a random agent that ignores the mask would.
 
     Episodes start at the first bar where every pair has the second venue (Coinbase's history starts on
     2024-04-18), for spot-only runs too, so that figures with and without strategies cover the same bars
     and the arbitrage strategy really trades."""
-    cfg, market, windows = _setup(pairs, device, threads, strategies)
+    cfg, market, windows = _setup(pairs, device, threads, strategies, precision)
     dev = resolve_device(device)
     raw = market_features(market)
     tensors = MarketTensors.build(market, Normalizer.fit(raw, WARMUP_BARS, windows.train[1]), dev, raw)
@@ -51,8 +56,11 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
     def run(n: int) -> None:
         env.reset()
         for _ in range(n):
-            noise = torch.rand(env.mask.shape, device=dev, generator=gen)
-            env.step(torch.where(env.mask, noise, -1.0).argmax(-1))
+            if policy == "uniform":
+                env.step(torch.randint(0, N_ACTIONS, (batch_size, n_pairs), device=dev, generator=gen))
+            else:
+                noise = torch.rand(env.mask.shape, device=dev, generator=gen)
+                env.step(torch.where(env.mask, noise, -1.0).argmax(-1))
 
     run(min(20, steps))  # warm-up: allocator, caches
     _sync(dev)
@@ -61,7 +69,8 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
     _sync(dev)
     seconds = time.perf_counter() - t0
     return {"bench": "env", "pairs": n_pairs, "batch_size": batch_size, "steps": steps, "device": str(dev),
-            "threads": threads, "strategies": ",".join(cfg.env.strategies), "seconds": round(seconds, 3),
+            "threads": threads, "strategies": ",".join(cfg.env.strategies), "precision": precision,
+            "policy": policy, "seconds": round(seconds, 3),
             "env_steps_per_s": round(batch_size * steps / seconds)}
 
 

@@ -57,6 +57,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--strategies", nargs="+", default=None, metavar="STRATEGY",
                        help="strategies on, e.g. spot,staking,lp,lending,arbitrage (default: the config default, "
                             "all of them)")
+        if name == "env":
+            b.add_argument("--precision", default="float64", choices=("float64", "float32"),
+                           help="accounting precision of the environment")
+            b.add_argument("--policy", default="valid", choices=("valid", "uniform"),
+                           help="random valid actions, or uniform over all actions (invalid ones act as hold)")
         b.add_argument("--json", action="store_true")
         b.set_defaults(handler=cmd_bench_env if name == "env" else cmd_bench_train)
 
@@ -106,7 +111,8 @@ def _strategies(args: argparse.Namespace) -> list[str] | None:
 def cmd_bench_env(args: argparse.Namespace) -> int:
     from nexlify.bench import bench_env
 
-    result = bench_env(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args))
+    result = bench_env(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args),
+                       args.precision, args.policy)
     _print_bench(result, args.json)
     return 0
 
