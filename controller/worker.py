@@ -10,6 +10,7 @@ SIGTERM after saving its resume checkpoint (preemption: a replacement pod contin
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ import torch
 import nexlify
 from nexlify import checkpoint
 from nexlify.config import TrainConfig
-from nexlify.configtools import apply_mapping, to_dict, validate_tree
+from nexlify.configtools import apply_mapping, leaf_index, to_dict, validate_tree
 from nexlify.data.candles import candle_filename
 from nexlify.data.second_venue import second_venue_pair
 from nexlify.errors import InputError
@@ -59,8 +60,6 @@ def load_train_config(config_url: str | None, overrides: dict) -> TrainConfig:
 
 
 def _is_train_key(key: str) -> bool:
-    from nexlify.configtools import leaf_index
-
     sections = {f.name for f in fields(TrainConfig) if f.metadata.get("section")}
     return key in sections or key in leaf_index(TrainConfig)
 
@@ -116,13 +115,7 @@ class RunOutputs:
             blob = self.store.read_bytes(key)
         except StoreKeyMissing:
             return None
-        return torch.load(_bytes_io(blob), map_location=device, weights_only=True)
-
-
-def _bytes_io(blob: bytes):
-    import io
-
-    return io.BytesIO(blob)
+        return torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
 
 
 def fetch_snapshot(data_url: str, cfg: TrainConfig, into: str) -> str:

@@ -93,6 +93,17 @@ class Store:
     def _bucket(self, rt: ResourceType) -> dict[ObjectKey, dict[str, Any]]:
         return self._objects.setdefault(rt.key, {})
 
+    def _existing(self, rt: ResourceType, namespace: str,
+                  name: str) -> tuple[dict[ObjectKey, dict[str, Any]], ObjectKey, dict[str, Any]]:
+        """(the resource's bucket, the object's key in it, the object); 404 NotFound if absent.
+        The caller holds the lock."""
+        bucket = self._bucket(rt)
+        key = (namespace if rt.namespaced else "", name)
+        current = bucket.get(key)
+        if current is None:
+            raise not_found(rt.group, rt.resource, name)
+        return bucket, key, current
+
     def compact(self) -> None:
         """Forget the whole history: a watch from any resourceVersion before now gets 410 Expired."""
         with self.lock:
@@ -162,11 +173,7 @@ class Store:
         `expected_rv`: optimistic concurrency, 409 Conflict if the object has moved on.
         """
         with self.lock:
-            bucket = self._bucket(rt)
-            key = (namespace if rt.namespaced else "", name)
-            current = bucket.get(key)
-            if current is None:
-                raise not_found(rt.group, rt.resource, name)
+            bucket, key, current = self._existing(rt, namespace, name)
             if expected_rv and expected_rv != current["metadata"]["resourceVersion"]:
                 raise conflict(rt.group, rt.resource, name, "the object has been modified; please apply your "
                                "changes to the latest version and try again")
@@ -198,11 +205,7 @@ class Store:
         Returns (the object as deleted or marked, True when it is gone).
         """
         with self.lock:
-            bucket = self._bucket(rt)
-            key = (namespace if rt.namespaced else "", name)
-            current = bucket.get(key)
-            if current is None:
-                raise not_found(rt.group, rt.resource, name)
+            bucket, key, current = self._existing(rt, namespace, name)
             meta = current["metadata"]
             for field in ("uid", "resourceVersion"):
                 wanted = (preconditions or {}).get(field)
