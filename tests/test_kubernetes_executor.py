@@ -540,12 +540,20 @@ def test_suspended_job_waits_for_kueue_then_completes(make_cluster, tmp_path):
 
 def test_job_that_never_schedules_fails_with_deadline_exceeded_and_unschedulable(make_cluster):
     cluster = make_cluster(image_command_map=exit_map(0))
-    cfg = k8s_settings(active_deadline_seconds=2)
+    cfg = k8s_settings(active_deadline_seconds=600)
     executor = KubernetesExecutor(cfg, pipeline_id="feed0005", backoff=FAST_BACKOFF, pod_check_s=0.3)
     cluster.unschedulable(job_name(cfg.name, "feed0005", "init-1"), NAMESPACE)
     handle = executor.start(dummy_spec())
+    outcomes: list = []
     with capture_logs() as logs:
-        [outcome] = executor.wait([handle])
+        waiter = threading.Thread(target=lambda: outcomes.extend(executor.wait([handle])), daemon=True)
+        waiter.start()
+        # The controller sees the stuck pod first; only then does the deadline pass (shortened in
+        # place, as `kubectl patch` may), so the test does not race the pod check against a timer.
+        wait_for(lambda: any(e["event"] == "job_pod_problem" for e in logs), what="job_pod_problem")
+        cluster.store.update(JOBS, NAMESPACE, handle.job, lambda j: j["spec"].update(activeDeadlineSeconds=1))
+        waiter.join(timeout=30)
+    [outcome] = outcomes
     assert not outcome.succeeded
     assert outcome.reason.startswith(f"Job {handle.job} failed (DeadlineExceeded): pod {handle.job}-")
     assert "Unschedulable; no node can run the pod (0/1 nodes are available: 1 Insufficient cpu." in outcome.reason
