@@ -33,11 +33,13 @@ LABEL org.opencontainers.image.title="nexlify-train" \
       org.opencontainers.image.source="https://github.com/nexlify/nexlify-train" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
 
-# Caches (torch, pip) go to /tmp: the chart mounts an emptyDir there and makes / read-only.
+# Caches (torch, pip, numba's compiled kernel) go to /tmp: the chart mounts an emptyDir there and makes
+# / read-only.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     XDG_CACHE_HOME=/tmp/.cache \
+    NUMBA_CACHE_DIR=/tmp/.cache/numba \
     NEXLIFY_LOG_FORMAT=auto \
     PATH=/opt/nexlify/bin:${PATH}
 

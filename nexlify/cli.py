@@ -57,6 +57,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--strategies", nargs="+", default=None, metavar="STRATEGY",
                        help="strategies on, e.g. spot,staking,lp,lending,arbitrage (default: the config default, "
                             "all of them)")
+        b.add_argument("--kernel", default="auto", choices=("auto", "torch"),
+                       help="auto: the fused CPU kernel when only spot is on; torch: tensor ops (the reference)")
         if name == "env":
             b.add_argument("--precision", default="float64", choices=("float64", "float32"),
                            help="accounting precision of the environment")
@@ -112,7 +114,7 @@ def cmd_bench_env(args: argparse.Namespace) -> int:
     from nexlify.bench import bench_env
 
     result = bench_env(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args),
-                       args.precision, args.policy)
+                       args.precision, args.policy, args.kernel)
     _print_bench(result, args.json)
     return 0
 
@@ -120,7 +122,8 @@ def cmd_bench_env(args: argparse.Namespace) -> int:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from nexlify.bench import bench_train
 
-    result = bench_train(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args))
+    result = bench_train(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args),
+                         args.kernel)
     _print_bench(result, args.json)
     return 0
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from nexlify.agent.dqn import DQNAgent, NStepWindow
+from nexlify.agent.dqn import DQNAgent, NStepWindow, random_valid_actions
 from nexlify.config import AgentConfig, TrainConfig
 from nexlify.data.candles import load_market, split_windows
 from nexlify.env.batched import N_ACTIONS, observation_size
@@ -287,3 +287,27 @@ def test_network_shape_does_not_depend_on_the_number_of_pairs():
     for key, value in alone["per_pair"]["ETH/USDT"].items():
         assert value == pytest.approx(beside[key], rel=1e-9, abs=1e-12), key
     assert math.isfinite(alone["score"])
+
+
+@pytest.mark.parametrize("valid", [[0], [0, 2], [0, 3, 7], list(range(N_ACTIONS))])
+def test_random_valid_actions_are_valid_and_uniform(valid):
+    """Each valid action drawn n/k times (k valid actions); the chi-square statistic stays under the
+    0.1% critical value for k-1 degrees of freedom; no invalid action is ever drawn."""
+    n = 60_000
+    mask = torch.zeros((n, 1, N_ACTIONS), dtype=torch.bool)
+    mask[..., valid] = True
+    drawn = random_valid_actions(mask, torch.Generator().manual_seed(1)).flatten()
+    counts = torch.bincount(drawn, minlength=N_ACTIONS).double()
+    assert counts[[a for a in range(N_ACTIONS) if a not in valid]].sum() == 0
+    k = len(valid)
+    expected = n / k
+    chi2 = float(((counts[valid] - expected) ** 2 / expected).sum())
+    critical = {1: 0.0, 2: 10.83, 3: 13.82, N_ACTIONS: 29.59}[k]  # 99.9% quantiles of chi2(k - 1)
+    assert chi2 <= critical
+
+
+def test_random_valid_actions_follow_each_rows_own_mask():
+    mask = torch.tensor([[True, False, True], [True, True, False], [True, False, False]])
+    drawn = torch.stack([random_valid_actions(mask, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert set(drawn[:, 0].tolist()) == {0, 2} and set(drawn[:, 1].tolist()) == {0, 1}
+    assert set(drawn[:, 2].tolist()) == {0}

@@ -122,6 +122,18 @@ class NStepWindow:
         return out
 
 
+
+def random_valid_actions(mask: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One action per row of mask [..., A], uniform over the row's valid actions (each row has one: hold).
+    Draws one number per row and takes the k-th valid action: about 3x cheaper than drawing a number per
+    action and taking the argmax over the valid ones."""
+    count = mask.sum(-1, dtype=torch.int32)
+    draw = torch.rand(count.shape, device=mask.device, generator=generator)
+    k = torch.minimum((draw * count).to(torch.int32), count - 1) + 1  # 1 .. count
+    rank = mask.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    return ((rank == k.unsqueeze(-1)) & mask).to(torch.uint8).argmax(-1)
+
+
 class DQNAgent:
     def __init__(self, obs_size: int, n_actions: int, cfg: AgentConfig, device: torch.device, seed: int) -> None:
         self.cfg = cfg
@@ -152,8 +164,7 @@ class DQNAgent:
         greedy = self.greedy(obs, mask)
         if epsilon <= 0.0:
             return greedy
-        noise = torch.rand(mask.shape, device=self.device, generator=self.generator)
-        random_valid = torch.where(mask, noise, -1.0).argmax(dim=-1)
+        random_valid = random_valid_actions(mask, self.generator)
         explore = torch.rand(greedy.shape, device=self.device, generator=self.generator) < epsilon
         return torch.where(explore, random_valid, greedy)
 

@@ -70,12 +70,13 @@ observations [B, P, obs]. `precision` chooses float64 (default: exact accounting
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from nexlify.config import EnvConfig, RiskConfig
-from nexlify.env import risk
+from nexlify.env import fused, risk
 from nexlify.env import strategy_tables as tables
 from nexlify.env.market import MarketTensors
 from nexlify.env.strategy_tables import StrategyTables
@@ -154,6 +155,19 @@ class EpisodeStats:
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+class HostFlags(NamedTuple):
+    """What the host knows about a step from the strategy tables, without a device sync. The arbitrage
+    blocks that would be exact no-ops otherwise are skipped."""
+
+    may_fund: bool  # some episode's bar t has an arbitrage edge: the mask allowed funding a book somewhere
+    may_fill: bool  # some episode's bar t+1 has an edge at the opens: a book may trade
+    transfers: bool  # a rebalancing transfer may land at t+1
+    edge_next: bool  # some episode's bar t+1 has an edge: the mask at t+1 may allow ARB
+
+
+NO_FLAGS = HostFlags(False, False, False, False)
+
+
 class BatchedTradingEnv:
     """B episodes stepping together over a shared MarketTensors.
 
@@ -206,6 +220,11 @@ class BatchedTradingEnv:
                                            device=self.device)
         self._mask_off = torch.zeros((self.B, self.P, N_ACTIONS - 3), dtype=torch.bool, device=self.device)
         self.reset()
+        # Spot alone on the CPU: one fused kernel computes the same step in a pass per episode.
+        self._fused = None
+        if (self.device.type == "cpu" and self._tables is None and self.spot_on
+                and getattr(env_cfg, "kernel", "auto") == "auto" and fused.available()):
+            self._fused = fused.FusedSpotStep(self)
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -263,7 +282,7 @@ class BatchedTradingEnv:
             costs=torch.zeros(B, dtype=dt, device=dev),
             pnl_rows=torch.zeros((len(PNL_SOURCES), B), dtype=torch.float64, device=dev),
         )
-        self._refresh()
+        self._refresh(self._host_flags(0).may_fund)
         return self.observe()
 
     def _rows(self, t: Tensor, pair: Tensor) -> Tensor:
@@ -383,13 +402,14 @@ class BatchedTradingEnv:
         hit = risk.entries_blocked_by_daily_loss(self.equity, self.day_start_equity, self.risk_cfg.daily_loss_limit)
         return hit & ~next_day
 
-    def _refresh(self) -> None:
-        """Derived state the agent and the next step both need, computed once per bar."""
+    def _refresh(self, edge_now: bool) -> None:
+        """Derived state the agent and the next step both need, computed once per bar (edge_now: some
+        episode's bar has an arbitrage edge, known on the host)."""
         self.size = self.position_size()
         self.blocked = self._entries_blocked()
         # [B, P, N_ACTIONS], contiguous for the agent: the [P, B] masks stacked [P, N_ACTIONS, B], then one
         # blocked 2-D transpose ([P * N_ACTIONS, B] -> [B, P * N_ACTIONS])
-        live = self._action_mask()
+        live = self._action_mask(edge_now)
         n = len(live)
         mask = torch.stack(live, dim=1).view(self.P * n, self.B).t().contiguous().view(self.B, self.P, n)
         if n < N_ACTIONS:
@@ -407,7 +427,7 @@ class BatchedTradingEnv:
             count = count + 2 * self._book.sum(0)
         return count
 
-    def _action_mask(self) -> list[Tensor]:
+    def _action_mask(self, edge_now: bool) -> list[Tensor]:
         """The masks [P, B] bool of the actions, in order (only the first 3 when spot is alone): hold
         always; open when flat, allowed by the risk rules and the bar is real; close when holding (and no
         exit waits already); the strategies' actions where they can act (see the module doc)."""
@@ -447,7 +467,7 @@ class BatchedTradingEnv:
             book = self._book
             if self._arb_live:
                 arb_close = book & (self._tr_due == NO_TRANSFER)
-            if self._tables.bar_has_mask[self._start_host + self.steps_done].any():  # else no pair has an edge
+            if edge_now:  # else no pair has an edge at this bar
                 ab, ba = self._bx[tables.MASK_AB], self._bx[tables.MASK_BA]
                 stocked = (ab & (self._qa > 0) & (self._cb > 0)) | (ba & (self._qb > 0) & (self._ca > 0))
                 fund = ~book & (ab | ba) & can_enter & (open_trades + 2 <= r.max_trades)
@@ -541,6 +561,28 @@ class BatchedTradingEnv:
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, bool]:
         """Apply actions [B, P] decided at the close of bar t; advance to t+1.
         Returns (observation at t+1 [B, P, obs], reward [B, P] float32, done)."""
+        k = self.steps_done
+        flags = self._host_flags(k)
+        obs, reward = self._advance(actions, flags)
+        if self.arb_on and self._arb_live and flags.may_fill:
+            self._transfers_until = max(self._transfers_until, k + self._max_transfer_bars)
+        self.stats.n_returns += 1
+        self.steps_done = k + 1
+        return obs, reward, self.steps_done >= self.n_steps
+
+    def _host_flags(self, k: int) -> HostFlags:
+        """What the strategy tables tell the host about step k (bar t -> t+1) without asking the device."""
+        if not self.arb_on:
+            return NO_FLAGS
+        tb, bar = self._tables, self._start_host + k
+        return HostFlags(may_fund=bool(tb.bar_has_mask[bar].any()), may_fill=bool(tb.bar_has_fill[bar + 1].any()),
+                         transfers=k <= self._transfers_until, edge_next=bool(tb.bar_has_mask[bar + 1].any()))
+
+    def _advance(self, actions: Tensor, flags: HostFlags) -> tuple[Tensor, Tensor]:
+        """The step's tensor work: fills, exits, marks, statistics, then the mask and observation at t+1.
+        No Python number in it changes from step to step (flags are booleans), so it can be compiled."""
+        if self._fused is not None:
+            return self._fused.advance(self, actions)
         r, fee, slip, dt = self.risk_cfg, self.fee, self.slip, self.dtype
         valid = self.mask.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         act = torch.where(valid, actions, HOLD).t().contiguous()  # [P, B] laid out like the state: fast ops
@@ -581,11 +623,11 @@ class BatchedTradingEnv:
             qa, ca, qb, cb = self._qa, self._ca, self._qb, self._cb
             tr_coin, tr_quote, tr_due, book = self._tr_coin, self._tr_quote, self._tr_due, self._book
             arb_cost, arb_value = self._arb_cost, self._arb_value
-            may_fund = bool(tb.bar_has_mask[self._start_host + self.steps_done].any())
+            may_fund = flags.may_fund
             books_before, books = self._arb_live, self._arb_live or may_fund
             if books_before:
                 arb_coins_before = ca + cb + tr_coin.abs()
-        if AR and self.steps_done <= self._transfers_until:
+        if AR and flags.transfers:
             lands = tr_due <= u
             landing_coin, landing_quote = torch.where(lands, tr_coin, 0.0), torch.where(lands, tr_quote, 0.0)
             ca, cb = ca + landing_coin.clamp(min=0.0), cb - landing_coin.clamp(max=0.0)
@@ -731,7 +773,7 @@ class BatchedTradingEnv:
             book = book | accepted_arb
             arb_cost = torch.where(accepted_arb, book_out, arb_cost)
 
-        if AR and books and tb.bar_has_fill[self._start_host + self.steps_done + 1].any():
+        if AR and books and flags.may_fill:
             # 3. Arbitrage from the books at both venues' opens (arbitrage.arb_trade's rule: the direction
             #    whose net edge at the opens beats min_edge); then a book that ran low is rebalanced. Skipped
             #    on a step where no episode's bar has an edge for any pair (known on the host: no sync).
@@ -756,7 +798,6 @@ class BatchedTradingEnv:
                 rebalance, torch.minimum(qb, quote_mean), qb)
             tr_due = torch.where(rebalance, u + self._transfer_bars, tr_due)
             cost_slot = cost_slot + fee_units * o
-            self._transfers_until = max(self._transfers_until, self.steps_done + self._max_transfer_bars)
         if LE:
             # 4. Lending: each LEND supplies a chunk of the cash left after the entries, in pair order.
             chunk = torch.where(act == LEND, self.size * prev_equity, 0.0)
@@ -861,7 +902,6 @@ class BatchedTradingEnv:
         x64 = x.to(torch.float64)
         st.ret_sum = st.ret_sum + x64
         st.ret_sq_sum = st.ret_sq_sum + x64 * x64
-        st.n_returns += 1
         st.max_drawdown = torch.maximum(st.max_drawdown, drawdown)
         done, won = [closed], [closed & (closed_ret > 0)]
         for done_now, ret_now in ((lp_closed, lp_ret), (arb_closed, arb_ret)):
@@ -901,10 +941,8 @@ class BatchedTradingEnv:
         self._close = c
         self._tradable_now = tradable
         self.t = u
-        self.steps_done += 1
-        self._refresh()
-        done = self.steps_done >= self.n_steps
-        return self.observe(), reward.t().to(torch.float32), done
+        self._refresh(flags.edge_next)
+        return self.observe(), reward.t().to(torch.float32)
 
 
 def _update_window_sums(sums: tuple[Tensor, ...], added: Tensor, added_ret: Tensor, removed: Tensor,

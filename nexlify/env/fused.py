@@ -1,0 +1,399 @@
+"""The spot-only step of BatchedTradingEnv as one fused CPU kernel (numba).
+
+The tensor step (nexlify.env.batched) is the reference: it runs on every device and with every
+strategy. On a CPU it is bound by memory traffic: about 300 elementwise operations, each of which
+reads and writes every slot of the batch. When only the spot strategy is on and the environment lives
+on the CPU, this kernel computes the same step in one pass per episode, keeping a slot's numbers in
+registers: fills at the open, stops and targets inside the bar, marks at the close, the reward, the
+Kelly window, the episode statistics, then the next mask and observation.
+
+It follows the tensor step operation by operation, in the same order, so in float64 both give the same
+numbers (tests/test_env_fused.py steps both side by side on real candles and compares every output and
+every piece of state). In float32 the kernel computes in float64 and stores float32, so the two agree to
+float32 rounding. It never changes its inputs: every step writes fresh state arrays (the ring buffer of
+closed-trade returns and the PnL rows excepted, which the tensor step updates in place too), so tensors
+a caller kept from an earlier step keep their values.
+
+Episodes are independent, so the loop over them runs on `torch.get_num_threads()` threads (numba's
+prange) when there are several and the batch is large, else serially; the loop over an episode's pairs is the short inner loop, in pair order, as the tensor step's
+rules want (entries are served in pair order under the concurrent-trade cap).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from nexlify.env.batched import BatchedTradingEnv
+
+try:
+    import numba
+except ImportError:  # the tensor step serves alone
+    numba = None
+
+HOLD, OPEN_LONG, CLOSE = 0, 1, 2
+N_SPOT_STATE = 11  # len(batched.SPOT_STATE_NAMES); the kernel writes them in that order
+
+
+def available() -> bool:
+    """numba is installed: the fused step can serve spot-only environments on the CPU."""
+    return numba is not None
+
+
+def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
+            cash, units, entry, entry_cost, highest, bars, equity, peak, day_start, close, size, blocked,
+            ring, head, kelly, ret_sum, ret_sq_sum, max_dd, trades, wins, costs, pnl_rows,
+            fee, slip, stop_loss, take_profit, trailing_stop, max_trades, daily_loss_limit, dd_penalty,
+            initial_equity, max_position, kelly_on, kelly_min_trades, kelly_fraction, kelly_floor, fixed_size,
+            o_cash, o_units, o_entry, o_entry_cost, o_highest, o_bars, o_equity, o_peak, o_day_start, o_close,
+            o_tradable, o_size, o_blocked, o_t, o_kelly, o_ret_sum, o_ret_sq_sum, o_max_dd, o_trades, o_wins,
+            o_costs, reward, obs, o_mask,
+            s_flow, s_cost, s_ret, s_closed, s_act, s_accepted):
+    """One step for every episode b (see BatchedTradingEnv._advance, spot alone). Slot arrays are [P, B],
+    episode arrays [B]; o_* are written, s_* are scratch [P, B]; obs [B, P, O] and o_mask [B, P, A] are
+    written whole."""
+    n_pairs, n_episodes = units.shape
+    n_feat = features.shape[1]
+    window = ring.shape[1] - 1
+    for b in numba.prange(n_episodes):
+        tb = t[b]
+        u = tb + 1
+        prev_eq = equity[b]
+        ds = prev_eq if day[u] != day[tb] else day_start[b]
+        blk = blocked[b]
+        # 1. exits at the open (CLOSE), in pair order
+        flow_sum = 0.0
+        open_after_sells = 0
+        for p in range(n_pairs):
+            a = actions[b, p]
+            if not mask[b, p, a]:
+                a = HOLD
+            row = u * n_cols + pair[b, p]
+            o = prices[row, 0]
+            trad = tradable_tab[row]
+            un = units[p, b]
+            sell = a == CLOSE and un > 0 and trad
+            gross = un * (o * (1.0 - slip))
+            proceeds = gross * (1.0 - fee) if sell else 0.0
+            s_cost[p, b] = un * o * slip + gross * fee if sell else 0.0
+            s_ret[p, b] = proceeds / max(entry_cost[p, b], 1e-30) - 1.0 if sell else 0.0
+            s_closed[p, b] = sell
+            un = 0.0 if sell else un
+            o_units[p, b] = un
+            s_flow[p, b] = proceeds
+            flow_sum += proceeds
+            if un > 0:
+                open_after_sells += 1
+            s_act[p, b] = a
+        # 2. entries at the open (OPEN_LONG) under the concurrent-trade cap, scaled to the cash available
+        available = cash[b] + flow_sum
+        capacity = max(max_trades - open_after_sells, 0)
+        notional = size[b] * prev_eq
+        rank = 0
+        total = 0.0
+        for p in range(n_pairs):
+            row = u * n_cols + pair[b, p]
+            want = s_act[p, b] == OPEN_LONG and o_units[p, b] == 0 and tradable_tab[row] and not blk
+            if want:
+                rank += 1
+            accepted = want and rank <= capacity
+            s_accepted[p, b] = accepted
+            total += notional * (1.0 + fee) if accepted else 0.0
+        scale = available / max(total, 1e-30) if total > available else 1.0
+        for p in range(n_pairs):
+            row = u * n_cols + pair[b, p]
+            o = prices[row, 0]
+            accepted = s_accepted[p, b]
+            spend = (notional * (1.0 + fee) if accepted else 0.0) * scale
+            buy_px = o * (1.0 + slip)
+            bought = spend / (1.0 + fee) / buy_px
+            if accepted:
+                s_cost[p, b] = s_cost[p, b] + (bought * o * slip + spend * (fee / (1.0 + fee)))
+            s_flow[p, b] = s_flow[p, b] - spend
+            if accepted:
+                o_units[p, b] = bought
+                o_entry[p, b] = buy_px
+                o_entry_cost[p, b] = spend
+                o_highest[p, b] = buy_px
+                o_bars[p, b] = 0.0
+            else:
+                o_entry[p, b] = entry[p, b]
+                o_entry_cost[p, b] = entry_cost[p, b]
+                o_highest[p, b] = highest[p, b]
+                o_bars[p, b] = bars[p, b]
+        # 3. stops and targets inside the bar; 4. marks at the close
+        cost_b = 0.0
+        n_closed = 0
+        n_won = 0
+        for p in range(n_pairs):
+            row = u * n_cols + pair[b, p]
+            o, h, lo, c = prices[row, 0], prices[row, 1], prices[row, 2], prices[row, 3]
+            trad = tradable_tab[row]
+            un, en, hi = o_units[p, b], o_entry[p, b], o_highest[p, b]
+            stop = 0.0
+            if stop_loss > 0:
+                stop = max(stop, en * (1.0 - stop_loss))
+            if trailing_stop > 0:
+                stop = max(stop, hi * (1.0 - trailing_stop))
+            target = en * (1.0 + take_profit) if take_profit > 0 else math.inf
+            stop_hit = stop > 0 and lo <= stop
+            target_hit = (not stop_hit) and h >= target
+            if stop_hit:
+                exit_px = min(o, stop)
+            elif target_hit:
+                exit_px = max(o, target)
+            else:
+                exit_px = 0.0
+            forced = un > 0 and trad and (stop_hit or target_hit)
+            if forced:
+                forced_gross = un * exit_px * (1.0 - slip)
+                forced_proceeds = forced_gross * (1.0 - fee)
+                s_cost[p, b] = s_cost[p, b] + (un * exit_px * slip + forced_gross * fee)
+                s_ret[p, b] = forced_proceeds / max(o_entry_cost[p, b], 1e-30) - 1.0
+                s_closed[p, b] = True
+                s_flow[p, b] = s_flow[p, b] + forced_proceeds
+                un = 0.0
+            still = un > 0
+            o_units[p, b] = un
+            if still and trad:
+                o_highest[p, b] = max(hi, h)
+            o_bars[p, b] = o_bars[p, b] + 1.0 if still else 0.0
+            if not still:
+                o_entry[p, b] = 0.0
+                o_entry_cost[p, b] = 0.0
+            o_close[p, b] = c
+            o_tradable[p, b] = trad
+            cost_b += s_cost[p, b]
+            if s_closed[p, b]:
+                n_closed += 1
+                if s_ret[p, b] > 0:
+                    n_won += 1
+        # cash is the old cash plus the slots' flows summed in pair order (as flow.sum(0) does)
+        flow_total = 0.0
+        for p in range(n_pairs):
+            flow_total += s_flow[p, b]
+        new_cash = cash[b] + flow_total
+        value_sum = 0.0
+        for p in range(n_pairs):
+            value_sum += o_units[p, b] * o_close[p, b]
+        equity_b = new_cash + value_sum
+        x = equity_b / prev_eq - 1.0
+        scale_log = 1.0 - x / 2.0 if abs(x) <= 1e-6 else math.log1p(x) / x
+        peak_b = max(peak[b], equity_b)
+        drawdown = 1.0 - equity_b / peak_b
+        penalty = 0.0
+        if dd_penalty > 0:
+            prev_dd = 1.0 - prev_eq / peak[b]
+            penalty = dd_penalty * max(drawdown - prev_dd, 0.0) / n_pairs
+        for p in range(n_pairs):
+            slot_change = o_units[p, b] * o_close[p, b] - units[p, b] * close[p, b] + s_flow[p, b]
+            reward[b, p] = slot_change * (scale_log / prev_eq) - penalty
+        # 5. Kelly window (record_trades_, then _update_window_sums: sums in, then sums out), statistics
+        wins_in = losses_in = wins_out = losses_out = 0
+        won_in = lost_in = won_out = lost_out = 0.0
+        order = 0
+        for p in range(n_pairs):  # read every evicted return before writing any (gather, then scatter)
+            if s_closed[p, b]:
+                position = head[b] + order
+                order += 1
+                ret = s_ret[p, b]
+                if ret > 0:
+                    wins_in += 1
+                    won_in += ret
+                else:
+                    losses_in += 1
+                    lost_in += ret
+                if position >= window:
+                    old = ring[b, position % window]
+                    if old > 0:
+                        wins_out += 1
+                        won_out += old
+                    else:
+                        losses_out += 1
+                        lost_out += old
+        order = 0
+        for p in range(n_pairs):
+            if s_closed[p, b]:
+                ring[b, (head[b] + order) % window] = s_ret[p, b]
+                order += 1
+        new_head = head[b] + n_closed
+        head[b] = new_head
+        n_win = kelly[0, b] + wins_in - wins_out
+        n_loss = kelly[1, b] + losses_in - losses_out
+        sum_win = kelly[2, b] + won_in - won_out
+        sum_loss = kelly[3, b] - lost_in + lost_out
+        o_kelly[0, b], o_kelly[1, b], o_kelly[2, b], o_kelly[3, b] = n_win, n_loss, sum_win, sum_loss
+        o_ret_sum[b] = ret_sum[b] + x
+        o_ret_sq_sum[b] = ret_sq_sum[b] + x * x
+        o_max_dd[b] = max(max_dd[b], drawdown)
+        o_trades[b] = trades[b] + n_closed
+        o_wins[b] = wins[b] + n_won
+        o_costs[b] = costs[b] + cost_b
+        pnl_rows[0, b] += (equity_b - prev_eq) + cost_b
+        pnl_rows[pnl_rows.shape[0] - 1, b] -= cost_b
+        o_cash[b], o_equity[b], o_peak[b], o_day_start[b], o_t[b] = new_cash, equity_b, peak_b, ds, u
+        # 6. the next bar's derived state (_refresh): Kelly size, daily-loss block, mask
+        fixed = min(fixed_size, max_position)
+        size_b = fixed
+        if kelly_on and new_head >= kelly_min_trades:
+            n_all = max(n_win + n_loss, 1.0)
+            w = n_win / n_all
+            ratio = (sum_win / max(n_win, 1.0)) / max(sum_loss / max(n_loss, 1.0), 1e-12)
+            f_star = w - (1.0 - w) / max(ratio, 1e-12)
+            size_b = min(max(kelly_fraction * f_star, kelly_floor), max_position)
+            if n_loss == 0:
+                size_b = max_position
+            if n_win == 0:
+                size_b = min(kelly_floor, max_position)
+        o_size[b] = size_b
+        next_bar = min(u + 1, n_bars - 1)
+        hit = daily_loss_limit > 0 and equity_b <= ds * (1.0 - daily_loss_limit)
+        blocked_b = hit and day[next_bar] == day[u]
+        o_blocked[b] = blocked_b
+        holding_count = 0
+        for p in range(n_pairs):
+            if o_units[p, b] > 0:
+                holding_count += 1
+        for p in range(n_pairs):
+            holding = o_units[p, b] > 0
+            for k in range(o_mask.shape[2]):
+                o_mask[b, p, k] = False
+            o_mask[b, p, HOLD] = True
+            o_mask[b, p, OPEN_LONG] = ((not holding) and o_tradable[p, b] and holding_count < max_trades
+                                       and not blocked_b and new_cash > 0)
+            o_mask[b, p, CLOSE] = holding
+        # 7. the observation at bar u: market features, then the spot state, then zeros
+        daily_used = 0.0
+        if daily_loss_limit > 0:
+            daily_used = min(max((1.0 - equity_b / ds) / daily_loss_limit, 0.0), 1.0)
+        open_frac = holding_count / max_trades
+        log_change = math.log(equity_b / initial_equity)
+        cash_frac = new_cash / equity_b
+        size_frac = size_b / max_position
+        for p in range(n_pairs):
+            row = u * n_cols + pair[b, p]
+            for f in range(n_feat):
+                obs[b, p, f] = features[row, f]
+            c = o_close[p, b]
+            un, en, hi = o_units[p, b], o_entry[p, b], o_highest[p, b]
+            hf = 1.0 if un > 0 else 0.0
+            safe_entry = en if un > 0 else c
+            stop = 0.0
+            if stop_loss > 0:
+                stop = max(stop, en * (1.0 - stop_loss))
+            if trailing_stop > 0:
+                stop = max(stop, hi * (1.0 - trailing_stop))
+            target_gap = (en * (1.0 + take_profit) - c) / c if take_profit > 0 else 1.0
+            k = n_feat
+            obs[b, p, k] = hf
+            obs[b, p, k + 1] = hf * (c / safe_entry - 1.0)
+            obs[b, p, k + 2] = hf * ((c - stop) / c if stop > 0 else 1.0)
+            obs[b, p, k + 3] = hf * target_gap
+            obs[b, p, k + 4] = hf * min(o_bars[p, b] / 168.0, 4.0)
+            obs[b, p, k + 5] = un * c / equity_b
+            obs[b, p, k + 6] = open_frac
+            obs[b, p, k + 7] = daily_used
+            obs[b, p, k + 8] = log_change
+            obs[b, p, k + 9] = cash_frac
+            obs[b, p, k + 10] = size_frac
+            for f in range(k + N_SPOT_STATE, obs.shape[2]):
+                obs[b, p, f] = 0.0
+
+
+_compiled: dict[bool, Any] = {}
+PARALLEL_MIN_SLOTS = 4096  # below this many episode slots, threads cost more than they save
+
+
+def _compiled_kernel(parallel: bool) -> Any:
+    """The kernel, compiled on first use (5-10 s) and cached on disk where numba can write (next to this
+    file, else the user's cache directory, e.g. $XDG_CACHE_HOME/numba or $NUMBA_CACHE_DIR): later
+    processes load it in well under a second. The serial build starts no thread pool: one-thread workers
+    running side by side must not have idle pool threads spinning on each other's cores."""
+    if parallel not in _compiled:
+        # numba's cache tells entries apart by the function's name, not by the `parallel` flag: the two
+        # builds get a function each, with its own name
+        name = "_kernel_threaded" if parallel else "_kernel_serial"
+        function = types.FunctionType(_kernel.__code__, _kernel.__globals__, name)
+        function.__qualname__ = name
+        try:
+            _compiled[parallel] = numba.njit(parallel=parallel, nogil=True, cache=True)(function)
+        except RuntimeError:  # no writable cache location: compile in every process
+            _compiled[parallel] = numba.njit(parallel=parallel, nogil=True, cache=False)(function)
+    return _compiled[parallel]
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().contiguous().numpy()
+
+
+class FusedSpotStep:
+    """Steps a spot-only BatchedTradingEnv on the CPU with the fused kernel; state stays in the env's
+    tensors (numpy views of fresh arrays each step), so every property and test sees the usual state."""
+
+    def __init__(self, env: "BatchedTradingEnv") -> None:
+        self.threads = torch.get_num_threads()
+        self.kernel = _compiled_kernel(self.threads > 1 and env.B * env.P >= PARALLEL_MIN_SLOTS)
+        m = env.market
+        self.prices = _np(env._prices)
+        self.tradable = _np(env._tradable)
+        self.features = _np(env._features)
+        self.day = _np(m.day.to(torch.int64))
+        self.pair = _np(env._pair_bp.to(torch.int64))
+        self.n_cols, self.n_bars = env._n_cols, m.n_bars
+        P, B = env.P, env.B
+        self.scratch = (np.empty((P, B)), np.empty((P, B)), np.empty((P, B)), np.empty((P, B), dtype=np.bool_),
+                        np.empty((P, B), dtype=np.int64), np.empty((P, B), dtype=np.bool_))
+        r, e = env.risk_cfg, env.env_cfg
+        self.params = (float(env.fee), float(env.slip), float(r.stop_loss), float(r.take_profit),
+                       float(r.trailing_stop), int(r.max_trades), float(r.daily_loss_limit),
+                       float(e.drawdown_penalty), float(e.initial_equity), float(r.max_position), bool(r.kelly),
+                       int(r.kelly_min_trades), float(r.kelly_fraction), float(r.kelly_floor), float(r.fixed_size))
+
+    def advance(self, env: "BatchedTradingEnv", actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dt = env._units.numpy().dtype
+        P, B = env.P, env.B
+        st = env.stats
+        slot = lambda: np.empty((P, B), dtype=dt)  # noqa: E731
+        ep = lambda: np.empty(B, dtype=dt)  # noqa: E731
+        out = {
+            "cash": ep(), "units": slot(), "entry": slot(), "entry_cost": slot(), "highest": slot(), "bars": slot(),
+            "equity": ep(), "peak": ep(), "day_start": ep(), "close": slot(),
+            "tradable": np.empty((P, B), dtype=np.bool_), "size": ep(), "blocked": np.empty(B, dtype=np.bool_),
+            "t": np.empty(B, dtype=np.int64), "kelly": np.empty((4, B), dtype=dt),
+            "ret_sum": np.empty(B), "ret_sq_sum": np.empty(B), "max_dd": ep(),
+            "trades": np.empty(B, dtype=np.int64), "wins": np.empty(B, dtype=np.int64), "costs": ep(),
+        }
+        reward = np.empty((B, P), dtype=np.float32)
+        obs = np.empty((B, P, env.obs_size), dtype=np.float32)
+        mask = np.empty(tuple(env.mask.shape), dtype=np.bool_)
+        kelly = np.stack([_np(s) for s in env.kelly_sums]).astype(dt, copy=False)
+        if self.kernel is _compiled.get(True):
+            numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+        self.kernel(
+            _np(actions.to(torch.int64)), _np(env.mask), self.pair, _np(env.t), self.prices, self.tradable,
+            self.features, self.day, self.n_cols, self.n_bars,
+            _np(env.cash), _np(env._units), _np(env._entry), _np(env._entry_cost), _np(env._highest),
+            _np(env._bars_in_trade), _np(env.equity), _np(env.peak), _np(env.day_start_equity), _np(env._close),
+            _np(env.size), _np(env.blocked), env.trade_ring.numpy(), env.trade_head.numpy(), kelly,
+            _np(st.ret_sum), _np(st.ret_sq_sum), _np(st.max_drawdown), _np(st.trades), _np(st.wins),
+            _np(st.costs), st.pnl_rows.numpy(), *self.params,
+            out["cash"], out["units"], out["entry"], out["entry_cost"], out["highest"], out["bars"],
+            out["equity"], out["peak"], out["day_start"], out["close"], out["tradable"], out["size"],
+            out["blocked"], out["t"], out["kelly"], out["ret_sum"], out["ret_sq_sum"], out["max_dd"],
+            out["trades"], out["wins"], out["costs"], reward, obs, mask, *self.scratch)
+        T = {k: torch.from_numpy(v) for k, v in out.items()}
+        env.cash, env._units, env._entry, env._entry_cost = T["cash"], T["units"], T["entry"], T["entry_cost"]
+        env._highest, env._bars_in_trade = T["highest"], T["bars"]
+        env.equity, env.peak, env.day_start_equity = T["equity"], T["peak"], T["day_start"]
+        env._close, env._tradable_now, env.t = T["close"], T["tradable"], T["t"]
+        env.size, env.blocked = T["size"], T["blocked"]
+        env.kelly_sums = tuple(T["kelly"].unbind(0))
+        st.ret_sum, st.ret_sq_sum, st.max_drawdown = T["ret_sum"], T["ret_sq_sum"], T["max_dd"]
+        st.trades, st.wins, st.costs, st.equity = T["trades"], T["wins"], T["costs"], T["equity"]
+        env.mask = torch.from_numpy(mask)
+        return torch.from_numpy(obs), torch.from_numpy(reward)
