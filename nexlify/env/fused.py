@@ -321,9 +321,9 @@ def _compiled_kernel(parallel: bool) -> Any:
         function = types.FunctionType(_kernel.__code__, _kernel.__globals__, name)
         function.__qualname__ = name
         try:
-            _compiled[parallel] = numba.njit(parallel=parallel, nogil=True, cache=True)(function)
+            _compiled[parallel] = numba.njit(parallel=parallel, nogil=True, cache=True, error_model="numpy")(function)
         except RuntimeError:  # no writable cache location: compile in every process
-            _compiled[parallel] = numba.njit(parallel=parallel, nogil=True, cache=False)(function)
+            _compiled[parallel] = numba.njit(parallel=parallel, nogil=True, cache=False, error_model="numpy")(function)
     return _compiled[parallel]
 
 
