@@ -65,6 +65,10 @@ Layout: per-slot state is held slot-major, [P, B], so that sums over a portfolio
 the outer axis (on CPU about 30x faster than over a short inner axis) and per-episode tensors [B]
 broadcast without reshaping. The public API speaks [B, P]: `units`, `mask`, `step(actions [B, P])`,
 observations [B, P, obs]. `precision` chooses float64 (default: exact accounting) or float32 (faster).
+
+This tensor step is the reference and serves every device and strategy. With spot alone on the CPU
+(and `kernel` "auto"), `_advance` hands the step to nexlify.env.fused, one numba kernel that computes the
+same numbers in a pass per episode (tests/test_env_fused.py holds the two together).
 """
 
 from __future__ import annotations
