@@ -72,8 +72,9 @@ class EnvConfig:
                              choices=("float64", "float32"))
     strategies: list[str] = setting(list(ALL_STRATEGIES), "strategies the agent may use (the others' actions are "
                                     "masked)", choices=ALL_STRATEGIES)
-    kernel: str = setting("auto", "how a CPU environment steps: auto (one fused numba kernel when only spot is on, "
-                          "else tensor ops) or torch (tensor ops always: the reference)", choices=("auto", "torch"))
+    kernel: str = setting("auto", "how a CPU environment steps: auto (a fused numba kernel: one for spot alone, one "
+                          "with the other strategies) or torch (tensor ops always: the reference, and the GPU path)",
+                          choices=("auto", "torch"))
 
     def check(self) -> None:
         if not self.strategies:

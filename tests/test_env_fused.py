@@ -1,7 +1,8 @@
-"""The fused CPU kernel (nexlify.env.fused) against the tensor step it stands in for.
+"""The fused CPU kernels (nexlify.env.fused for spot alone, nexlify.env.fused_portfolio with the strategies
+beyond spot) against the tensor step they stand in for.
 
 Two environments on the same real candles, one with kernel="torch" (the reference) and one with
-kernel="auto" (the fused kernel: spot alone on the CPU), take the same actions step by step; every
+kernel="auto" (a fused kernel on the CPU), take the same actions step by step; every
 output (observation, reward, done, mask) and every piece of state and statistics must agree. Random
 actions include invalid ones (they must turn into hold in both), and the risk settings are chosen so
 that every rule fires many times in a few hundred steps: stops, targets, the trailing stop, the daily
@@ -17,10 +18,15 @@ import torch
 
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
-from nexlify.env import fused
-from nexlify.env.batched import CLOSE, N_ACTIONS, OPEN_LONG, BatchedTradingEnv
+from nexlify.env import fused, fused_portfolio
+from nexlify.data.second_venue import load_second_venue
+from nexlify.env.batched import (
+    ACTION_NAMES, CLOSE, HOLD, N_ACTIONS, NO_TRANSFER, OPEN_LONG, PNL_SOURCES, STATE_NAMES, BatchedTradingEnv,
+)
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer
+from nexlify.strategies import arbitrage
+from nexlify.strategies.params import ArbParams, StakedAsset, StakingParams, StrategyParams
 from tests.helpers_market import actions, flat, make_market, quiet_risk
 
 STATE = ("cash", "equity", "peak", "day_start_equity", "size", "blocked", "t", "units", "entry", "highest",
@@ -39,10 +45,10 @@ def tensors() -> MarketTensors:
     return MarketTensors.build(market, Normalizer.fit(raw, WARMUP_BARS, 1000), "cpu", raw)
 
 
-def pair_of_envs(tensors, risk_cfg, env_cfg, starts, n_steps, pair_idx=None):
+def pair_of_envs(tensors, risk_cfg, env_cfg, starts, n_steps, pair_idx=None, params=None):
     pair_idx = torch.arange(3).expand(len(starts), 3) if pair_idx is None else pair_idx
-    ref = BatchedTradingEnv(tensors, pair_idx, starts, n_steps, dataclasses.replace(env_cfg, kernel="torch"), risk_cfg)
-    fast = BatchedTradingEnv(tensors, pair_idx, starts, n_steps, dataclasses.replace(env_cfg, kernel="auto"), risk_cfg)
+    ref, fast = (BatchedTradingEnv(tensors, pair_idx, starts, n_steps, dataclasses.replace(env_cfg, kernel=kernel),
+                                   risk_cfg, params) for kernel in ("torch", "auto"))
     return ref, fast
 
 
@@ -116,7 +122,10 @@ def test_kernel_choice_follows_the_config_device_and_strategies(tensors):
                                   EnvConfig(strategies=["spot"], kernel="torch"), RiskConfig())
     assert reference._fused is None
     every = BatchedTradingEnv(tensors, torch.arange(3).expand(1, 3), starts, 10, EnvConfig(), RiskConfig())
-    assert every._fused is None  # strategies beyond spot: the tensor step
+    assert isinstance(every._fused, fused_portfolio.FusedPortfolioStep)  # strategies beyond spot
+    every_ref = BatchedTradingEnv(tensors, torch.arange(3).expand(1, 3), starts, 10, EnvConfig(kernel="torch"),
+                                  RiskConfig())
+    assert every_ref._fused is None
 
 
 def test_fused_step_by_hand_and_earlier_tensors_keep_their_values():
@@ -146,8 +155,181 @@ def test_the_threaded_kernel_matches_the_tensor_step_on_a_large_batch(tensors):
     torch.set_num_threads(2)
     try:
         ref, fast = pair_of_envs(tensors, BUSY_RISK, EnvConfig(strategies=["spot"]), starts, 80)
-        assert fast._fused.kernel is fused._compiled[True]
+        assert fast._fused.parallel and fast._fused.kernel is fused._compiled[("_kernel", True)]
         ref = run_side_by_side(ref, fast, 80, seed=2, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
     finally:
         torch.set_num_threads(threads)
     assert ref.stats.trades.sum() > n
+
+
+# ============================================================== every strategy: nexlify.env.fused_portfolio
+
+ALL = ["spot", "staking", "lp", "lending", "arbitrage"]
+PORTFOLIO_STATE = STATE + ("staked_units", "unbonding_units", "release_bar", "exit_pending", "lp_liquidity",
+                           "lp_fees_accrued", "lp_value", "lent", "slot_value")
+# arbitrage fees low enough that books fund and trade on real spreads; staking with short unbonding delays
+# and partial stakes and unstakes (so that a slot holds free, staked and unbonding coins at once); small
+# arbitrage trades that leave books part-used, so that the rebalancing threshold decides
+BUSY_PARAMS = StrategyParams(
+    arbitrage=ArbParams(taker_fee_a=0.0, taker_fee_b=0.0002, min_edge_bps=0.0, rebalance_notional_usd=1e7,
+                        rebalance_below=0.3, max_notional_usd=150.0, rebalance_delay_hours={"BTC": 2.0, "ETH": 1.0, "SOL": 3.0}),
+    staking=StakingParams(assets={"ETH": StakedAsset(0.05, 365.0, 5.0), "SOL": StakedAsset(0.07, 182.5, 2.0)},
+                          stake_fraction=0.5, unstake_fraction=0.5))
+BUSY_PORTFOLIO_RISK = RiskConfig(max_position=0.2, fixed_size=0.2, kelly_min_trades=5, kelly_window=10,
+                                 stop_loss=0.01, take_profit=0.02, trailing_stop=0.015, daily_loss_limit=0.03,
+                                 max_trades=5)
+
+
+@pytest.fixture(scope="module")
+def venues() -> MarketTensors:
+    """3 pairs, 2024-03-20 .. 2024-06-01 of the bundled sample with its Coinbase candles (from 2024-04-18)."""
+    market = load_market("binance", ["BTC/USDT", "ETH/USDT", "SOL/USDT"], start="2024-03-20", end="2024-06-01")
+    market.second_venue = load_second_venue(market, "coinbase", "USD")
+    raw = market_features(market)
+    return MarketTensors.build(market, Normalizer.fit(raw, WARMUP_BARS, 1200), "cpu", raw)
+
+
+def assert_same_portfolio(ref: BatchedTradingEnv, fast: BatchedTradingEnv, rtol: float, atol: float,
+                          where: str) -> None:
+    for name in PORTFOLIO_STATE:
+        a, b = getattr(ref, name), getattr(fast, name)
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {name}: {m}")
+    for name, (a, b) in {"lp_range": (ref.lp_range, fast.lp_range),
+                         "lp_amounts_at_open": (ref.lp_amounts_at_open, fast.lp_amounts_at_open)}.items():
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=rtol, atol=atol, msg=lambda m: f"{where}: {name}: {m}")
+    inv_ref, inv_fast = ref.arb_inventory, fast.arb_inventory
+    for name in inv_ref:
+        torch.testing.assert_close(inv_fast[name], inv_ref[name], rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{where}: arb_inventory[{name}]: {m}")
+
+
+def run_portfolio_side_by_side(ref, fast, n_steps, seed, rtol, atol, obs_atol, reward_atol=1e-9, p_hold=0.5):
+    """Random valid actions (half of them hold, so that positions live a while), every 10th step a few
+    invalid ones; returns how often each action was taken and how many slot-steps saw the rarer states."""
+    assert ref._fused is None and isinstance(fast._fused, fused_portfolio.FusedPortfolioStep)
+    assert torch.equal(ref.reset(), fast.reset())
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(N_ACTIONS, dtype=torch.int64)
+    seen = dict.fromkeys(("transfer", "pending_exit", "staked_and_unbonding"), 0)
+    for k in range(n_steps):
+        noise = torch.rand(ref.mask.shape, generator=gen)
+        act = torch.where(ref.mask, noise, -1.0).argmax(-1)
+        act = torch.where(torch.rand(act.shape, generator=gen) < p_hold, HOLD, act)
+        if k % 10 == 0:
+            act = torch.where(torch.rand(act.shape, generator=gen) < 0.3,
+                              torch.randint(0, N_ACTIONS, act.shape, generator=gen), act)
+        counts += torch.bincount(act[ref.mask.gather(-1, act.unsqueeze(-1)).squeeze(-1)], minlength=N_ACTIONS)
+        obs_ref, reward_ref, done_ref = ref.step(act)
+        obs_fast, reward_fast, done_fast = fast.step(act)
+        where = f"step {k + 1}"
+        assert done_ref == done_fast, where
+        torch.testing.assert_close(obs_fast, obs_ref, rtol=1e-6, atol=obs_atol, msg=lambda m: f"{where}: obs: {m}")
+        torch.testing.assert_close(reward_fast, reward_ref, rtol=1e-5, atol=reward_atol,
+                                   msg=lambda m: f"{where}: reward: {m}")
+        assert_same(ref, fast, rtol, atol, where)
+        assert_same_portfolio(ref, fast, rtol, atol, where)
+        seen["transfer"] += int((ref.arb_inventory["transfer_due"] != NO_TRANSFER).sum())
+        seen["pending_exit"] += int(ref.exit_pending.sum())
+        seen["staked_and_unbonding"] += int(((ref.staked_units > 0) & (ref.unbonding_units > 0)).sum())
+    return counts, seen
+
+
+@pytest.mark.parametrize("risk_cfg", [BUSY_PORTFOLIO_RISK, RiskConfig()], ids=["busy", "defaults"])
+def test_fused_portfolio_step_matches_the_tensor_step_with_every_strategy(venues, risk_cfg):
+    """Every action of every strategy is taken and every PnL source moves, and the kernel agrees with the
+    tensor step on every output and every piece of state to float64 rounding."""
+    starts = torch.tensor([700, 760, 900, 1000, 1010, 1200])
+    env_cfg = EnvConfig(drawdown_penalty=0.5)
+    ref, fast = pair_of_envs(venues, risk_cfg, env_cfg, starts, 450, params=BUSY_PARAMS)
+    counts, seen = run_portfolio_side_by_side(ref, fast, 450, seed=11, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
+    assert (counts[1:] > 0).all(), f"every action was taken: {dict(zip(ACTION_NAMES, counts.tolist()))}"
+    assert min(seen.values()) > 0, f"the rarer states occurred: {seen}"
+    moved = ref.stats.pnl.abs().sum(0)
+    assert (moved > 0).all(), f"every PnL source moved: {dict(zip(PNL_SOURCES, moved.tolist()))}"
+    assert (ref.stats.trades >= 20).all()
+
+
+@pytest.mark.parametrize("strategies", [
+    ["spot", "staking", "lending"],  # no LP and no arbitrage: entries scaled as with spot alone
+    ["spot", "lp"],
+    ["spot", "arbitrage"],
+    ["lp", "lending", "arbitrage"],  # no spot trades at all
+], ids=lambda s: "+".join(s))
+def test_fused_portfolio_step_matches_with_some_strategies_on(venues, strategies):
+    starts = torch.tensor([700, 900, 1100])
+    ref, fast = pair_of_envs(venues, BUSY_PORTFOLIO_RISK, EnvConfig(strategies=strategies), starts, 300,
+                             params=BUSY_PARAMS)
+    counts, _ = run_portfolio_side_by_side(ref, fast, 300, seed=3, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
+    off = [ACTION_NAMES.index(a) for a, on in ACTION_OWNER.items() if on not in strategies]
+    assert counts[off].sum() == 0, "the actions of strategies that are off are masked"
+    assert ref.stats.trades.sum() > 0
+
+
+ACTION_OWNER = {"open_long": "spot", "close": "spot", "stake": "staking", "unstake": "staking", "lp_open": "lp",
+                "lp_close": "lp", "lend": "lending", "withdraw": "lending", "arbitrage": "arbitrage",
+                "arb_close": "arbitrage"}
+
+
+def test_fused_portfolio_step_in_float32_with_one_pair_per_episode(venues):
+    """float32 accounting in validation's layout (one episode per pair). The kernel computes in float64 and
+    stores float32, the tensor step computes in float32, so the two agree to float32 rounding in a step, but
+    a decision on a number that float32 leaves at dust (cash spent to the last cent, then `cash > 0`) may
+    differ and their paths part. So every step starts both from the reference's state (which also checks
+    that the kernel packs a state it did not write itself)."""
+    starts = torch.tensor([800, 800, 800])
+    ref, fast = pair_of_envs(venues, BUSY_PORTFOLIO_RISK, EnvConfig(precision="float32"), starts, 300,
+                             pair_idx=torch.tensor([[0], [1], [2]]), params=BUSY_PARAMS)
+    ref.reset()
+    gen = torch.Generator().manual_seed(5)
+    for k in range(300):
+        copy_state(ref, fast)
+        act = torch.where(ref.mask, torch.rand(ref.mask.shape, generator=gen), -1.0).argmax(-1)
+        act = torch.where(torch.rand(act.shape, generator=gen) < 0.5, HOLD, act)
+        (obs_ref, reward_ref, _), (obs_fast, reward_fast, _) = ref.step(act), fast.step(act)
+        where = f"step {k + 1}"
+        torch.testing.assert_close(obs_fast, obs_ref, rtol=1e-4, atol=1e-3, msg=lambda m: f"{where}: obs: {m}")
+        torch.testing.assert_close(reward_fast, reward_ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{where}: reward: {m}")
+        assert_same(ref, fast, 1e-5, 1e-2, where)  # a cent: float32 rounding of a 10,000 portfolio
+        assert_same_portfolio(ref, fast, 1e-5, 1e-2, where)
+    assert ref.stats.trades.sum() > 10
+
+
+def copy_state(source: BatchedTradingEnv, target: BatchedTradingEnv) -> None:
+    """Everything that carries from one step to the next, copied (the names the fused kernel packs)."""
+    names = (fused_portfolio.SLOT_FLOATS + fused_portfolio.SLOT_INTS + fused_portfolio.SLOT_BOOLS
+             + fused_portfolio.EPISODE_FLOATS + fused_portfolio.EPISODE_INTS + fused_portfolio.EPISODE_F64)
+    fused_portfolio._set_state(target, [(n, fused_portfolio._state_attr(source, n).clone()) for n in names])
+    target.trade_ring, target.trade_head = source.trade_ring.clone(), source.trade_head.clone()
+    target.stats.pnl_rows = source.stats.pnl_rows.clone()
+    target.blocked, target.mask = source.blocked.clone(), source.mask.clone()
+    target._arb_live, target._transfers_until = source._arb_live, source._transfers_until
+    target.steps_done, target.stats.n_returns = source.steps_done, source.stats.n_returns
+
+
+def test_observe_after_a_fused_portfolio_step_gathers_the_tables_at_the_new_bar(venues):
+    """The kernel does not leave the tables' rows of the new bar in the environment; observe() fetches them
+    when asked, so it returns what the step returned (spread, edge, APY and utilization included)."""
+    starts = torch.tensor([900, 950])
+    ref, fast = pair_of_envs(venues, BUSY_PORTFOLIO_RISK, EnvConfig(), starts, 30, params=BUSY_PARAMS)
+    fast.reset()
+    for _ in range(30):
+        obs, _, _ = fast.step(torch.zeros((2, 3), dtype=torch.int64))
+        assert fast._strategy_rows_stale
+        assert torch.equal(fast.observe(), obs)
+    spread = fast.obs_size - len(STATE_NAMES) + STATE_NAMES.index(arbitrage.SPREAD_FEATURE)
+    assert obs[..., spread].abs().sum() > 0
+
+
+def test_the_threaded_portfolio_kernel_matches_the_tensor_step_on_a_large_batch(venues):
+    n = fused.PARALLEL_MIN_SLOTS // 3 + 100
+    starts = torch.arange(n) % 500 + 700
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref, fast = pair_of_envs(venues, BUSY_PORTFOLIO_RISK, EnvConfig(), starts, 60, params=BUSY_PARAMS)
+        assert fast._fused.parallel
+        counts, _ = run_portfolio_side_by_side(ref, fast, 60, seed=2, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert (counts[1:] > 0).all()

@@ -66,9 +66,10 @@ the outer axis (on CPU about 30x faster than over a short inner axis) and per-ep
 broadcast without reshaping. The public API speaks [B, P]: `units`, `mask`, `step(actions [B, P])`,
 observations [B, P, obs]. `precision` chooses float64 (default: exact accounting) or float32 (faster).
 
-This tensor step is the reference and serves every device and strategy. With spot alone on the CPU
-(and `kernel` "auto"), `_advance` hands the step to nexlify.env.fused, one numba kernel that computes the
-same numbers in a pass per episode (tests/test_env_fused.py holds the two together).
+This tensor step is the reference and serves every device and strategy. On the CPU (with `kernel`
+"auto"), `_advance` hands the step to a numba kernel that computes the same numbers in one pass per
+episode: nexlify.env.fused for spot alone, nexlify.env.fused_portfolio with the strategy tables
+(tests/test_env_fused.py holds each to this step, output by output and state by state).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ import torch
 from torch import Tensor
 
 from nexlify.config import EnvConfig, RiskConfig
-from nexlify.env import fused, risk
+from nexlify.env import fused, fused_portfolio, risk
 from nexlify.env import strategy_tables as tables
 from nexlify.env.market import MarketTensors
 from nexlify.env.strategy_tables import StrategyTables
@@ -224,11 +225,14 @@ class BatchedTradingEnv:
                                            device=self.device)
         self._mask_off = torch.zeros((self.B, self.P, N_ACTIONS - 3), dtype=torch.bool, device=self.device)
         self.reset()
-        # Spot alone on the CPU: one fused kernel computes the same step in a pass per episode.
+        # On the CPU one fused kernel computes the same step in a pass per episode: one for spot alone, one
+        # with the strategy tables.
         self._fused = None
-        if (self.device.type == "cpu" and self._tables is None and self.spot_on
-                and getattr(env_cfg, "kernel", "auto") == "auto" and fused.available()):
-            self._fused = fused.FusedSpotStep(self)
+        if self.device.type == "cpu" and getattr(env_cfg, "kernel", "auto") == "auto" and fused.available():
+            if self._tables is not None:
+                self._fused = fused_portfolio.FusedPortfolioStep(self)
+            elif self.spot_on:
+                self._fused = fused.FusedSpotStep(self)
 
     # ----------------------------------------------------------------------------------------- state
 
@@ -269,6 +273,7 @@ class BatchedTradingEnv:
         self._arb_live = False  # no book was ever funded (known on the host)
         self._transfers_until = -1  # the last step at which a transfer may still land
         self._slot_value = zeros  # everything a slot holds, at the last close
+        self._strategy_rows_stale = False  # _fx, _bx, _sbar are not those of bar t (see _strategy_state)
         rows = self._rows(self.t.unsqueeze(0), self._pair_pb)
         self._close = self._prices.index_select(0, rows).view(P, B, 4)[..., 3]
         self._tradable_now = self._tradable.index_select(0, rows).view(P, B)
@@ -304,6 +309,7 @@ class BatchedTradingEnv:
         """The strategy tables at bar t: [FLOAT_ROWS, P, B], [FLAG_ROWS, P, B] and [BAR_ROWS, B] (the fills of
         the step that reaches t, then the mask and the observation at t)."""
         tb = self._tables  # gather with an expanded index: about twice as fast as index_select along dim 1 on CPU
+        self._strategy_rows_stale = False
         self._fx = tb.floats.gather(1, rows.expand(tb.floats.shape[0], -1)).view(-1, self.P, self.B)
         self._bx = tb.flags.gather(1, rows.expand(tb.flags.shape[0], -1)).view(-1, self.P, self.B)
         self._sbar = tb.bars.index_select(1, t)
@@ -526,6 +532,8 @@ class BatchedTradingEnv:
     def _strategy_state(self) -> tuple[list[Tensor], list[Tensor]]:
         """The STRATEGY_STATE_NAMES features in the state's dtype, zeros where a strategy is off: the per-slot
         ones [P, B], then the per-portfolio ones [B]."""
+        if self._strategy_rows_stale:  # the fused kernel stepped without gathering the tables' rows
+            self._gather_strategy_rows(self._rows(self.t.unsqueeze(0), self._pair_pb), self.t)
         c, zero = self._close, self._zeros
         inv_eq = 1.0 / self.equity
         parts: list[Tensor] = []
@@ -586,6 +594,7 @@ class BatchedTradingEnv:
         """The step's tensor work: fills, exits, marks, statistics, then the mask and observation at t+1.
         No Python number in it changes from step to step (flags are booleans), so it can be compiled."""
         if self._fused is not None:
+            self._arb_live = self._arb_live or (self.arb_on and flags.may_fund)
             return self._fused.advance(self, actions)
         r, fee, slip, dt = self.risk_cfg, self.fee, self.slip, self.dtype
         valid = self.mask.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
@@ -730,7 +739,7 @@ class BatchedTradingEnv:
             if LP:
                 n_lp = accepted_lp.sum(0)
                 variable = variable + n_lp * notional * (1.0 + self._coin_share * (fee + slip))
-                gas = n_lp * lpp.gas_usd_open
+                gas = n_lp.to(dt) * lpp.gas_usd_open
             if AR and may_fund:
                 variable = variable + accepted_arb.sum(0) * notional * (1.0 + (fa + fb) / 4.0)
             scale = torch.where(variable + gas > available,

@@ -15,8 +15,9 @@ closed-trade returns and the PnL rows excepted, which the tensor step updates in
 a caller kept from an earlier step keep their values.
 
 Episodes are independent, so the loop over them runs on `torch.get_num_threads()` threads (numba's
-prange) when there are several and the batch is large, else serially; the loop over an episode's pairs is the short inner loop, in pair order, as the tensor step's
-rules want (entries are served in pair order under the concurrent-trade cap).
+prange) when there are several and the batch is large, else serially; the loop over an episode's pairs
+is the short inner loop, in pair order, as the tensor step's rules want (entries are served in pair order
+under the concurrent-trade cap). nexlify.env.fused_portfolio does the same for the strategies beyond spot.
 """
 
 from __future__ import annotations
@@ -305,29 +306,31 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 obs[b, p, f] = 0.0
 
 
-_compiled: dict[bool, Any] = {}
+_compiled: dict[tuple[str, bool], Any] = {}
 PARALLEL_MIN_SLOTS = 4096  # below this many episode slots, threads cost more than they save
 
 
-def _compiled_kernel(parallel: bool) -> Any:
-    """The kernel, compiled on first use (5-10 s) and cached on disk where numba can write (next to this
+def compiled(kernel: Any, name: str, parallel: bool) -> Any:
+    """`kernel` compiled on first use (5-20 s) and cached on disk where numba can write (next to this
     file, else the user's cache directory, e.g. $XDG_CACHE_HOME/numba or $NUMBA_CACHE_DIR): later
-    processes load it in well under a second. The serial build starts no thread pool: one-thread workers
+    processes load it in about a second. The serial build starts no thread pool: one-thread workers
     running side by side must not have idle pool threads spinning on each other's cores."""
-    if parallel not in _compiled:
-        # numba's cache tells entries apart by the function's name, not by the `parallel` flag: the two
-        # builds get a function each, with its own name
-        name = "_kernel_threaded" if parallel else "_kernel_serial"
-        function = types.FunctionType(_kernel.__code__, _kernel.__globals__, name)
-        function.__qualname__ = name
+    key = (name, parallel)
+    if key not in _compiled:
+        # numba's cache tells entries apart by the function's name, not by the `parallel` flag: each build
+        # gets a function of its own, with its own name
+        build = f"{name}_threaded" if parallel else f"{name}_serial"
+        function = types.FunctionType(kernel.__code__, kernel.__globals__, build)
+        function.__qualname__ = build
         try:
-            _compiled[parallel] = numba.njit(parallel=parallel, nogil=True, cache=True, error_model="numpy")(function)
+            _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=True, error_model="numpy")(function)
         except RuntimeError:  # no writable cache location: compile in every process
-            _compiled[parallel] = numba.njit(parallel=parallel, nogil=True, cache=False, error_model="numpy")(function)
-    return _compiled[parallel]
+            _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=False, error_model="numpy")(function)
+    return _compiled[key]
 
 
-def _np(x: torch.Tensor) -> np.ndarray:
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (a contiguous copy when it is not contiguous)."""
     return x.detach().contiguous().numpy()
 
 
@@ -337,13 +340,14 @@ class FusedSpotStep:
 
     def __init__(self, env: "BatchedTradingEnv") -> None:
         self.threads = torch.get_num_threads()
-        self.kernel = _compiled_kernel(self.threads > 1 and env.B * env.P >= PARALLEL_MIN_SLOTS)
+        self.parallel = self.threads > 1 and env.B * env.P >= PARALLEL_MIN_SLOTS
+        self.kernel = compiled(_kernel, "_kernel", self.parallel)
         m = env.market
-        self.prices = _np(env._prices)
-        self.tradable = _np(env._tradable)
-        self.features = _np(env._features)
-        self.day = _np(m.day.to(torch.int64))
-        self.pair = _np(env._pair_bp.to(torch.int64))
+        self.prices = as_numpy(env._prices)
+        self.tradable = as_numpy(env._tradable)
+        self.features = as_numpy(env._features)
+        self.day = as_numpy(m.day.to(torch.int64))
+        self.pair = as_numpy(env._pair_bp.to(torch.int64))
         self.n_cols, self.n_bars = env._n_cols, m.n_bars
         P, B = env.P, env.B
         self.scratch = (np.empty((P, B)), np.empty((P, B)), np.empty((P, B)), np.empty((P, B), dtype=np.bool_),
@@ -371,17 +375,18 @@ class FusedSpotStep:
         reward = np.empty((B, P), dtype=np.float32)
         obs = np.empty((B, P, env.obs_size), dtype=np.float32)
         mask = np.empty(tuple(env.mask.shape), dtype=np.bool_)
-        kelly = np.stack([_np(s) for s in env.kelly_sums]).astype(dt, copy=False)
-        if self.kernel is _compiled.get(True):
+        kelly = np.stack([as_numpy(s) for s in env.kelly_sums]).astype(dt, copy=False)
+        if self.parallel:
             numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+        n = as_numpy
         self.kernel(
-            _np(actions.to(torch.int64)), _np(env.mask), self.pair, _np(env.t), self.prices, self.tradable,
+            n(actions.to(torch.int64)), n(env.mask), self.pair, n(env.t), self.prices, self.tradable,
             self.features, self.day, self.n_cols, self.n_bars,
-            _np(env.cash), _np(env._units), _np(env._entry), _np(env._entry_cost), _np(env._highest),
-            _np(env._bars_in_trade), _np(env.equity), _np(env.peak), _np(env.day_start_equity), _np(env._close),
-            _np(env.size), _np(env.blocked), env.trade_ring.numpy(), env.trade_head.numpy(), kelly,
-            _np(st.ret_sum), _np(st.ret_sq_sum), _np(st.max_drawdown), _np(st.trades), _np(st.wins),
-            _np(st.costs), st.pnl_rows.numpy(), *self.params,
+            n(env.cash), n(env._units), n(env._entry), n(env._entry_cost), n(env._highest),
+            n(env._bars_in_trade), n(env.equity), n(env.peak), n(env.day_start_equity), n(env._close),
+            n(env.size), n(env.blocked), env.trade_ring.numpy(), env.trade_head.numpy(), kelly,
+            n(st.ret_sum), n(st.ret_sq_sum), n(st.max_drawdown), n(st.trades), n(st.wins),
+            n(st.costs), st.pnl_rows.numpy(), *self.params,
             out["cash"], out["units"], out["entry"], out["entry_cost"], out["highest"], out["bars"],
             out["equity"], out["peak"], out["day_start"], out["close"], out["tradable"], out["size"],
             out["blocked"], out["t"], out["kelly"], out["ret_sum"], out["ret_sq_sum"], out["max_dd"],

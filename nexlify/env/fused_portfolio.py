@@ -1,0 +1,851 @@
+"""The step of BatchedTradingEnv with the strategies beyond spot (staking, Uniswap V3, Aave, arbitrage)
+as one fused CPU kernel (numba): nexlify.env.fused does the same for spot alone.
+
+The tensor step (nexlify.env.batched) is the reference and this kernel is a transcription of it, block by
+block and operation by operation in the same order, one episode at a time: the open's releases and
+transfers, exits, entries under the caps, arbitrage fills and rebalancing, lending, stops and targets, what
+the bar earns, the marks, the PnL by source, the Kelly window and the statistics, then the next mask and
+observation. In float64 both give the same numbers (tests/test_env_fused.py steps them side by side on
+real candles with every strategy on). The tensor step skips blocks on the host's flags where it knows them
+to be exact no-ops (no edge, no book, no transfer under way); the kernel decides per episode, with the same
+result.
+
+State travels in packed arrays, episode-major so that an episode's numbers lie side by side in memory:
+per-slot numbers [B, len(SLOT_FLOATS), P] (and int64 and bool companions), per-episode numbers
+[B, len(EPISODE_FLOATS)]; the environment sees [P, B] and [B] views of them. After a step the environment's tensors are
+views of the rows of fresh arrays (so a tensor a caller kept from an earlier step keeps its values), and
+the next step passes those arrays back as they are, without packing again, while the environment still
+holds exactly those views. The ring of closed-trade returns, its head and the PnL rows are updated in place,
+as the tensor step does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from nexlify.env import fused
+from nexlify.env import strategy_tables as tables
+from nexlify.strategies import uniswap_v3
+
+if TYPE_CHECKING:
+    from nexlify.env.batched import BatchedTradingEnv
+
+try:
+    import numba
+except ImportError:  # the tensor step serves alone
+    numba = None
+
+(HOLD, OPEN_LONG, CLOSE, STAKE, UNSTAKE, LP_OPEN, LP_CLOSE, LEND, WITHDRAW, ARB, ARB_CLOSE) = range(11)
+NO_LOT = -1
+NO_TRANSFER = 2 ** 62
+
+# The environment's state, packed: the attribute names in row order.
+SLOT_FLOATS = ("_units", "_entry", "_entry_cost", "_highest", "_bars_in_trade", "_close", "_staked", "_unbonding",
+               "_exit_proceeds", "_lp_L", "_lp_spa", "_lp_spb", "_lp_x0", "_lp_y0", "_lp_fees", "_lp_cost",
+               "_lp_value", "_lp_il", "_lent", "_lent_principal", "_qa", "_ca", "_qb", "_cb", "_tr_coin", "_tr_quote",
+               "_arb_cost", "_arb_value", "_slot_value")
+(UNITS, ENTRY, ENTRY_COST, HIGHEST, BARS, CLOSE_PX, STAKED, UNBONDING, EXIT_PROCEEDS, LP_L, LP_SPA, LP_SPB, LP_X0,
+ LP_Y0, LP_FEES, LP_COST, LP_VALUE, LP_IL, LENT, PRINCIPAL, QA, CA, QB, CB, TR_COIN, TR_QUOTE, ARB_COST, ARB_VALUE,
+ SLOT_VALUE) = range(len(SLOT_FLOATS))
+SLOT_INTS = ("_release", "_tr_due")
+RELEASE, TR_DUE = range(len(SLOT_INTS))
+SLOT_BOOLS = ("_exit_pending", "_book", "_tradable_now")
+PENDING, BOOK, TRADABLE = range(len(SLOT_BOOLS))
+EPISODE_FLOATS = ("cash", "equity", "peak", "day_start_equity", "size", "kelly0", "kelly1", "kelly2", "kelly3",
+                  "stats.max_drawdown", "stats.costs")
+CASH, EQUITY, PEAK, DAY_START, SIZE, N_WIN, N_LOSS, SUM_WIN, SUM_LOSS, MAX_DD, COSTS = range(len(EPISODE_FLOATS))
+EPISODE_INTS = ("t", "stats.trades", "stats.wins")
+T_BAR, TRADES, WINS = range(len(EPISODE_INTS))
+EPISODE_F64 = ("stats.ret_sum", "stats.ret_sq_sum")
+RET_SUM, RET_SQ_SUM = range(len(EPISODE_F64))
+
+# Parameters, one float64 array (booleans and counts as 0/1 and whole numbers).
+PARAMS = ("fee", "slip", "stop_loss", "take_profit", "trailing_stop", "max_trades", "daily_loss_limit",
+          "drawdown_penalty", "initial_equity", "max_position", "kelly", "kelly_min_trades", "kelly_fraction",
+          "kelly_floor", "fixed_size", "spot_on", "staking_on", "lp_on", "lending_on", "arb_on", "unstake_fraction",
+          "stake_fraction", "lp_range_width", "lp_coin_share", "gas_open", "gas_close", "fee_a", "fee_b",
+          "max_notional", "rebalance_below", "tiny")
+(FEE, SLIP, STOP_LOSS, TAKE_PROFIT, TRAILING_STOP, MAX_TRADES, DAILY_LOSS_LIMIT, DD_PENALTY, INITIAL_EQUITY,
+ MAX_POSITION, KELLY_ON, KELLY_MIN_TRADES, KELLY_FRACTION, KELLY_FLOOR, FIXED_SIZE, SPOT_ON, STAKING_ON, LP_ON,
+ LENDING_ON, ARB_ON, UNSTAKE_FRACTION, STAKE_FRACTION, LP_WIDTH, LP_COIN_SHARE, GAS_OPEN, GAS_CLOSE, FEE_A, FEE_B,
+ MAX_NOTIONAL, REBALANCE_BELOW, TINY) = range(len(PARAMS))
+
+# Per-slot scratch, [B, len, P] (an episode's numbers side by side in memory).
+(F_FLOW, F_COST, F_RET, F_LP_RET, F_ARB_RET, F_SPOT_PNL, F_STAKE_PNL, F_LP_FEE_PNL, F_IL_PNL, F_INTEREST, F_ARB_PNL,
+ F_COINS_BEFORE, F_X0_BEFORE, F_ARB_COINS_BEFORE, F_LOCKED, F_SPEND, F_VALUE) = range(17)
+N_SCRATCH = 17
+(K_CLOSED, K_LP_CLOSED, K_ARB_CLOSED, K_ACCEPTED, K_ACCEPTED_LP, K_ACCEPTED_ARB, K_WANT, K_WANT_LP,
+ K_WANT_ARB) = range(9)
+N_FLAGS = 9
+
+
+def _stop_target_py(entry, highest, stop_loss, take_profit, trailing_stop):
+    """risk.stop_level and risk.take_profit_level for one slot (+inf: no target)."""
+    stop = 0.0
+    if stop_loss > 0:
+        stop = max(stop, entry * (1.0 - stop_loss))
+    if trailing_stop > 0:
+        stop = max(stop, highest * (1.0 - trailing_stop))
+    target = entry * (1.0 + take_profit) if take_profit > 0 else math.inf
+    return stop, target
+
+
+_stop_target = numba.njit(inline="always")(_stop_target_py) if numba is not None else _stop_target_py
+
+
+def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
+            floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
+            transfer_bars, sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows, prm,
+            o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask, fs, ks, acts):
+    """One step for every episode b (see BatchedTradingEnv._advance with strategy tables). sf/si/sb are the
+    slot state [B, rows, P], ef/ei/e64 the episode state [B, rows]; o_* are written whole; stake_growth ..
+    transfer_bars are constants per market column; fs [B, N_SCRATCH,
+    P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch; obs [B, P, O] and o_mask [B, P, A] are written whole."""
+    n_episodes, n_pairs = sf.shape[0], sf.shape[2]
+    n_feat = features.shape[1]
+    window = ring.shape[1] - 1
+    fee, slip = prm[FEE], prm[SLIP]
+    stop_loss, take_profit, trailing_stop = prm[STOP_LOSS], prm[TAKE_PROFIT], prm[TRAILING_STOP]
+    max_trades = int(prm[MAX_TRADES])
+    daily_loss_limit = prm[DAILY_LOSS_LIMIT]
+    spot_on, S, LP, LE, AR = prm[SPOT_ON] > 0, prm[STAKING_ON] > 0, prm[LP_ON] > 0, prm[LENDING_ON] > 0, prm[ARB_ON] > 0
+    fa, fb = prm[FEE_A], prm[FEE_B]
+    coin_share = prm[LP_COIN_SHARE]
+    width = prm[LP_WIDTH]
+    up, down = math.sqrt(1.0 + width), math.sqrt(1.0 - width)
+    k_lp = 2.0 - 1.0 / up - down
+    for b in numba.prange(n_episodes):
+        f, k = fs[b], ks[b]
+        tb = t[b]
+        u = tb + 1
+        prev_eq = ef[b, EQUITY]
+        ds = prev_eq if day[u] != day[tb] else ef[b, DAY_START]
+        blk = blocked[b]
+        size_now = ef[b, SIZE]
+        notional = size_now * prev_eq
+        # copy the slot state into the outputs, where the blocks below update it
+        for r in range(o_sf.shape[1]):
+            for p in range(n_pairs):
+                o_sf[b, r, p] = sf[b, r, p]
+        for p in range(n_pairs):
+            o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
+            o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
+            for r in range(N_SCRATCH):
+                f[r, p] = 0.0
+            for r in range(N_FLAGS):
+                k[r, p] = False
+
+        # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
+        for p in range(n_pairs):
+            a = actions[b, p]
+            if not mask[b, p, a]:
+                a = HOLD
+            acts[b, p] = a
+            row = u * n_cols + pair[b, p]
+            o_sb[b, TRADABLE, p] = tradable_tab[row]
+            units = o_sf[b, UNITS, p]
+            f[F_COINS_BEFORE, p] = units
+            if S:
+                staked, unbonding, release = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p], o_si[b, RELEASE, p]
+                f[F_COINS_BEFORE, p] = units + staked + unbonding
+                if unbonding > 0 and release != NO_LOT and u >= release:
+                    o_sf[b, UNITS, p] = units + unbonding
+                    o_sf[b, UNBONDING, p] = unbonding - unbonding
+                    o_si[b, RELEASE, p] = NO_LOT
+                else:
+                    o_sf[b, UNITS, p] = units + 0.0
+            if AR:
+                tr_coin = o_sf[b, TR_COIN, p]
+                f[F_ARB_COINS_BEFORE, p] = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(tr_coin)
+                if o_si[b, TR_DUE, p] <= u:
+                    tr_quote = o_sf[b, TR_QUOTE, p]
+                    o_sf[b, CA, p] = o_sf[b, CA, p] + max(tr_coin, 0.0)
+                    o_sf[b, CB, p] = o_sf[b, CB, p] - min(tr_coin, 0.0)
+                    o_sf[b, QA, p] = o_sf[b, QA, p] + max(tr_quote, 0.0)
+                    o_sf[b, QB, p] = o_sf[b, QB, p] - min(tr_quote, 0.0)
+                    o_sf[b, TR_COIN, p] = tr_coin - tr_coin
+                    o_sf[b, TR_QUOTE, p] = tr_quote - tr_quote
+                    o_si[b, TR_DUE, p] = NO_TRANSFER
+
+        # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
+        #    positions, arbitrage books and Aave supply; staking moves.
+        for p in range(n_pairs):
+            a = acts[b, p]
+            row = u * n_cols + pair[b, p]
+            o = prices[row, 0]
+            trad = o_sb[b, TRADABLE, p]
+            units = o_sf[b, UNITS, p]
+            pending = o_sb[b, PENDING, p]
+            want_close = a == CLOSE
+            if S:
+                want_close = want_close or pending
+            sell = want_close and units > 0 and trad
+            gross = units * (o * (1.0 - slip))
+            proceeds = gross * (1.0 - fee) if sell else 0.0
+            f[F_COST, p] = units * o * slip + gross * fee if sell else 0.0
+            if sell:
+                units = 0.0
+            f[F_FLOW, p] = proceeds
+            entry_cost = o_sf[b, ENTRY_COST, p]
+            if S:
+                staked, unbonding = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p]
+                if want_close:
+                    request = staked
+                elif a == UNSTAKE:
+                    request = staked * prm[UNSTAKE_FRACTION]
+                else:
+                    request = 0.0
+                amount = 0.0 if unbonding > 0 else min(max(request, 0.0), max(staked, 0.0))
+                if amount > 0:
+                    o_si[b, RELEASE, p] = u + unbond_bars[pair[b, p]]
+                staked, unbonding = staked - amount, unbonding + amount
+                moved = units * prm[STAKE_FRACTION] if a == STAKE else 0.0
+                units, staked = units - moved, staked + moved
+                o_sf[b, STAKED, p], o_sf[b, UNBONDING, p] = staked, unbonding
+                locked = staked + unbonding
+                f[F_LOCKED, p] = locked
+                exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + proceeds
+                o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds
+                closed = sell and locked <= 0
+                f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0 if closed else 0.0
+                o_sb[b, PENDING, p] = want_close and locked > 0
+            else:
+                closed = sell
+                f[F_RET, p] = proceeds / max(entry_cost, 1e-30) - 1.0 if sell else 0.0
+            k[K_CLOSED, p] = closed
+            o_sf[b, UNITS, p] = units
+            if LP:
+                L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+                x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
+                f[F_X0_BEFORE, p] = x0
+                lp_closed = a == LP_CLOSE and trad
+                k[K_LP_CLOSED, p] = lp_closed
+                closing = 1.0 if lp_closed else 0.0
+                sp = min(max(floats[tables.SQRT_OPEN, row], spa), spb)
+                x_open, y_open = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
+                coin_open = x_open * o
+                swap_out = coin_open * (fee + slip)
+                lp_cash = coin_open + y_open + o_sf[b, LP_FEES, p] - swap_out - prm[GAS_CLOSE]
+                f[F_FLOW, p] = f[F_FLOW, p] + lp_cash * closing
+                f[F_COST, p] = f[F_COST, p] + (swap_out + prm[GAS_CLOSE]) * closing
+                f[F_IL_PNL, p] = (coin_open + y_open - (x0 * o + y0)) * closing
+                f[F_LP_RET, p] = lp_cash / max(o_sf[b, LP_COST, p], 1e-30) - 1.0
+                keep = 1.0 - closing
+                o_sf[b, LP_L, p], o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p] = L * keep, x0 * keep, y0 * keep
+                o_sf[b, LP_FEES, p] = o_sf[b, LP_FEES, p] * keep
+            if AR:
+                o2 = floats[tables.V2_OPEN, row]
+                arb_closed = a == ARB_CLOSE and flags[tables.QUOTED, row]
+                k[K_ARB_CLOSED, p] = arb_closed
+                closing = 1.0 if arb_closed else 0.0
+                qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
+                coin_a_value, coin_b_value = ca * o, cb * o2
+                book_cash = qa + qb + coin_a_value * (1.0 - fa) + coin_b_value * (1.0 - fb)
+                f[F_FLOW, p] = f[F_FLOW, p] + book_cash * closing
+                f[F_COST, p] = f[F_COST, p] + (coin_a_value * fa + coin_b_value * fb) * closing
+                f[F_ARB_PNL, p] = (coin_b_value - cb * o) * closing
+                f[F_ARB_RET, p] = book_cash / max(o_sf[b, ARB_COST, p], 1e-30) - 1.0
+                keep = 1.0 - closing
+                o_sf[b, QA, p], o_sf[b, CA, p] = qa * keep, ca * keep
+                o_sf[b, QB, p], o_sf[b, CB, p] = qb * keep, cb * keep
+                o_sf[b, ARB_COST, p] = o_sf[b, ARB_COST, p] * keep
+                o_sb[b, BOOK, p] = o_sb[b, BOOK, p] and not arb_closed
+            if LE:
+                withdrawing = 1.0 if a == WITHDRAW else 0.0
+                f[F_FLOW, p] = f[F_FLOW, p] + o_sf[b, LENT, p] * withdrawing
+                keep = 1.0 - withdrawing
+                o_sf[b, LENT, p], o_sf[b, PRINCIPAL, p] = o_sf[b, LENT, p] * keep, o_sf[b, PRINCIPAL, p] * keep
+
+        # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
+        #    LP positions and new arbitrage books, scaled down together when cash runs short.
+        open_trades = 0
+        flow_sum = 0.0
+        for p in range(n_pairs):
+            units = o_sf[b, UNITS, p]
+            want = acts[b, p] == OPEN_LONG and units == 0 and o_sb[b, TRADABLE, p] and not blk
+            if S:
+                want = want and f[F_LOCKED, p] <= 0
+                if units + f[F_LOCKED, p] > 0:
+                    open_trades += 1
+            elif units > 0:
+                open_trades += 1
+            k[K_WANT, p] = want
+            flow_sum += f[F_FLOW, p]
+        available = ef[b, CASH] + flow_sum
+        scale = 1.0
+        if LP or AR:
+            for p in range(n_pairs):
+                if LP:
+                    if o_sf[b, LP_L, p] > 0:
+                        open_trades += 1
+                    k[K_WANT_LP, p] = acts[b, p] == LP_OPEN and o_sb[b, TRADABLE, p] and not blk
+            if AR:
+                for p in range(n_pairs):
+                    if o_sb[b, BOOK, p]:
+                        open_trades += 2
+                for p in range(n_pairs):
+                    row = u * n_cols + pair[b, p]
+                    k[K_WANT_ARB, p] = (acts[b, p] == ARB and not o_sb[b, BOOK, p] and flags[tables.QUOTED, row]
+                                        and not blk)
+            # single trades in pair order (spot then LP for each pair), then arbitrage books (2 legs each)
+            capacity = max(max_trades - open_trades, 0)
+            rank = 0
+            for p in range(n_pairs):
+                rank += 1 if k[K_WANT, p] else 0
+                k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
+                rank += 1 if k[K_WANT_LP, p] else 0
+                k[K_ACCEPTED_LP, p] = k[K_WANT_LP, p] and rank <= capacity
+            used = min(rank, capacity)
+            book_rank = 0
+            for p in range(n_pairs):
+                book_rank += 2 if k[K_WANT_ARB, p] else 0
+                k[K_ACCEPTED_ARB, p] = k[K_WANT_ARB, p] and book_rank <= capacity - used
+            variable = 0.0
+            n_lp = 0
+            n_arb = 0
+            for p in range(n_pairs):
+                f[F_SPEND, p] = notional * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
+                variable += f[F_SPEND, p]
+                n_lp += 1 if k[K_ACCEPTED_LP, p] else 0
+                n_arb += 1 if k[K_ACCEPTED_ARB, p] else 0
+            gas = 0.0
+            if LP:
+                variable = variable + n_lp * notional * (1.0 + coin_share * (fee + slip))
+                gas = n_lp * prm[GAS_OPEN]
+            if AR:
+                variable = variable + n_arb * notional * (1.0 + (fa + fb) / 4.0)
+            if variable + gas > available:
+                scale = max(available - gas, 0.0) / max(variable, 1e-30)
+            for p in range(n_pairs):
+                f[F_SPEND, p] = f[F_SPEND, p] * scale
+        else:
+            capacity = max(max_trades - open_trades, 0)
+            rank = 0
+            total = 0.0
+            for p in range(n_pairs):
+                rank += 1 if k[K_WANT, p] else 0
+                k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
+                f[F_SPEND, p] = (size_now * prev_eq) * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
+                total += f[F_SPEND, p]
+            shrink = available / max(total, 1e-30) if total > available else 1.0
+            for p in range(n_pairs):
+                f[F_SPEND, p] = f[F_SPEND, p] * shrink
+        for p in range(n_pairs):
+            row = u * n_cols + pair[b, p]
+            o = prices[row, 0]
+            spend = f[F_SPEND, p]
+            buy_px = o * (1.0 + slip)
+            bought = spend / (1.0 + fee) / buy_px
+            if k[K_ACCEPTED, p]:
+                f[F_COST, p] = f[F_COST, p] + (bought * o * slip + spend * (fee / (1.0 + fee)))
+            f[F_FLOW, p] = f[F_FLOW, p] - spend
+            if k[K_ACCEPTED, p]:
+                o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = bought, buy_px, spend
+                o_sf[b, HIGHEST, p], o_sf[b, BARS, p] = buy_px, 0.0
+            if LP:
+                accepted_lp = k[K_ACCEPTED_LP, p] and scale > 0
+                budget = notional * scale
+                s = floats[tables.SQRT_OPEN, row]
+                swap_in = budget * (coin_share * (fee + slip))
+                lp_out = budget + swap_in + prm[GAS_OPEN]
+                opening = 1.0 if accepted_lp else 0.0
+                f[F_FLOW, p] = f[F_FLOW, p] - lp_out * opening
+                f[F_COST, p] = f[F_COST, p] + (swap_in + prm[GAS_OPEN]) * opening
+                if accepted_lp:  # uniswap_v3.open_symmetric
+                    o_sf[b, LP_L, p] = budget / (s * k_lp)
+                    o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p] = s * down, s * up
+                    o_sf[b, LP_X0, p] = budget * ((1.0 - 1.0 / up) / k_lp) / o
+                    o_sf[b, LP_Y0, p] = budget * ((1.0 - down) / k_lp)
+                    o_sf[b, LP_COST, p] = lp_out
+            if AR:
+                o2 = floats[tables.V2_OPEN, row]
+                quarter = notional * scale * 0.25
+                funding_fees = quarter * (fa + fb)
+                book_out = 4.0 * quarter + funding_fees
+                funding = 1.0 if k[K_ACCEPTED_ARB, p] else 0.0
+                f[F_FLOW, p] = f[F_FLOW, p] - book_out * funding
+                f[F_COST, p] = f[F_COST, p] + funding_fees * funding
+                coin_b = quarter / o2
+                f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + (coin_b * o - quarter) * funding
+                if k[K_ACCEPTED_ARB, p]:
+                    o_sf[b, QA, p], o_sf[b, QB, p] = quarter, quarter
+                    o_sf[b, CA, p], o_sf[b, CB, p] = quarter / o, coin_b
+                    o_sb[b, BOOK, p] = True
+                    o_sf[b, ARB_COST, p] = book_out
+
+        # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
+        if AR:
+            rb = 2.0 * prm[REBALANCE_BELOW]
+            for p in range(n_pairs):
+                row = u * n_cols + pair[b, p]
+                o, o2 = prices[row, 0], floats[tables.V2_OPEN, row]
+                trade = acts[b, p] == ARB and o_sb[b, BOOK, p]
+                qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
+                # arbitrage.directed_units, then arbitrage.settle (torch divides a number by a tensor as the
+                # tensor's reciprocal times the number: so does this, to the last bit)
+                q_ab = min(min(max(qa, 0.0) / (o * (1.0 + fa)), max(cb, 0.0)), (1.0 / o) * prm[MAX_NOTIONAL])
+                q_ba = min(min(max(qb, 0.0) / (o2 * (1.0 + fb)), max(ca, 0.0)), (1.0 / o2) * prm[MAX_NOTIONAL])
+                units_arb = ((q_ab if trade and flags[tables.FILL_AB, row] else 0.0)
+                             - (q_ba if trade and flags[tables.FILL_BA, row] else 0.0))
+                size_arb = abs(units_arb)
+                qa = qa - units_arb * o - size_arb * (o * fa)
+                ca = ca + units_arb
+                qb = qb + units_arb * o2 - size_arb * (o2 * fb)
+                cb = cb - units_arb
+                f[F_COST, p] = f[F_COST, p] + size_arb * (o * fa + o2 * fb)
+                f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + units_arb * (o2 - o)
+                coins_mean, quote_mean = (ca + cb) * 0.5, (qa + qb) * 0.5
+                low = min(ca, cb) <= rb * coins_mean or min(qa, qb) <= rb * quote_mean
+                if units_arb != 0 and o_si[b, TR_DUE, p] == NO_TRANSFER and low:
+                    to_a = coins_mean - ca
+                    fee_units = min(abs(to_a), withdrawal_fee[pair[b, p]])
+                    sign = 1.0 if to_a > 0 else (-1.0 if to_a < 0 else 0.0)
+                    o_sf[b, TR_COIN, p] = to_a - sign * fee_units
+                    o_sf[b, TR_QUOTE, p] = quote_mean - qa
+                    ca, cb = min(ca, coins_mean), min(cb, coins_mean)
+                    qa, qb = min(qa, quote_mean), min(qb, quote_mean)
+                    o_si[b, TR_DUE, p] = u + transfer_bars[pair[b, p]]
+                    f[F_COST, p] = f[F_COST, p] + fee_units * o
+                o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p] = qa, ca, qb, cb
+
+        # 4. Lending: each LEND supplies a chunk of the cash left after the entries, in pair order.
+        if LE:
+            flow_sum = 0.0
+            for p in range(n_pairs):
+                flow_sum += f[F_FLOW, p]
+            room = max(ef[b, CASH] + flow_sum, 0.0)
+            cumulative = 0.0
+            for p in range(n_pairs):
+                chunk = size_now * prev_eq if acts[b, p] == LEND else 0.0
+                cumulative = cumulative + chunk
+                supplied = min(chunk, max(room - (cumulative - chunk), 0.0))
+                f[F_FLOW, p] = f[F_FLOW, p] - supplied
+                o_sf[b, LENT, p] = o_sf[b, LENT, p] + supplied
+                o_sf[b, PRINCIPAL, p] = o_sf[b, PRINCIPAL, p] + supplied
+
+        # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close.
+        for p in range(n_pairs):
+            row = u * n_cols + pair[b, p]
+            o, h, lo, c = prices[row, 0], prices[row, 1], prices[row, 2], prices[row, 3]
+            trad = o_sb[b, TRADABLE, p]
+            units, entry, highest = o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p]
+            locked = f[F_LOCKED, p]
+            pending = o_sb[b, PENDING, p]
+            if S:
+                holding = units + locked > 0 and trad and not pending
+            else:
+                holding = units > 0 and trad
+            stop, target = _stop_target(entry, highest, stop_loss, take_profit, trailing_stop)
+            stop_hit = stop > 0 and lo <= stop
+            target_hit = (not stop_hit) and h >= target
+            if stop_hit:
+                exit_px = min(o, stop)
+            elif target_hit:
+                exit_px = max(o, target)
+            else:
+                exit_px = 0.0
+            forced = holding and (stop_hit or target_hit)
+            forced_gross = units * exit_px * (1.0 - slip)
+            forced_proceeds = forced_gross * (1.0 - fee) if forced else 0.0
+            if forced:
+                f[F_COST, p] = f[F_COST, p] + (units * exit_px * slip + forced_gross * fee)
+            stopped_units = units if forced else 0.0
+            entry_cost = o_sf[b, ENTRY_COST, p]
+            exit_proceeds = 0.0
+            if S:
+                exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + forced_proceeds
+                forced_closed = forced and locked <= 0
+                if forced_closed:
+                    f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0
+                    k[K_CLOSED, p] = True
+                if forced and locked > 0:
+                    pending = True
+            else:
+                if forced:
+                    f[F_RET, p] = forced_proceeds / max(entry_cost, 1e-30) - 1.0
+                    k[K_CLOSED, p] = True
+            f[F_FLOW, p] = f[F_FLOW, p] + forced_proceeds
+            if forced:
+                units = 0.0
+            still = units > 0
+            if S:
+                still = still or locked > 0
+                o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds if still else 0.0
+                o_sb[b, PENDING, p] = pending and still
+            if still and trad:
+                o_sf[b, HIGHEST, p] = max(highest, h)
+            o_sf[b, BARS, p] = o_sf[b, BARS, p] + 1.0 if still else 0.0
+            if not still:
+                o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = 0.0, 0.0
+            o_sf[b, UNITS, p] = units
+            coins_after = units + locked if S else units
+            spot_pnl = (f[F_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + stopped_units * (exit_px - o)
+                        + coins_after * (c - o))
+            value = coins_after * c
+            if S:
+                staked = o_sf[b, STAKED, p]
+                grown = staked * stake_growth[pair[b, p]]
+                stake_pnl = (grown - staked) * c
+                f[F_STAKE_PNL, p] = stake_pnl
+                o_sf[b, STAKED, p] = grown
+                value = value + stake_pnl
+            if LP:
+                L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+                pa, pb = spa * spa, spb * spb
+                span = h - lo
+                if span <= 0:  # uniswap_v3.in_range_fraction
+                    fraction = 1.0 if lo >= pa and lo <= pb else 0.0
+                else:
+                    fraction = min(max(min(h, pb) - max(lo, pa), 0.0) / max(span, prm[TINY]), 1.0)
+                share = L / max(L + floats[tables.POOL_LIQUIDITY, row], prm[TINY])
+                lp_fee_pnl = fraction * share * floats[tables.POOL_FEE_VOLUME, row]
+                f[F_LP_FEE_PNL, p] = lp_fee_pnl
+                lp_fees = o_sf[b, LP_FEES, p] + lp_fee_pnl
+                o_sf[b, LP_FEES, p] = lp_fees
+                sp = min(max(floats[tables.SQRT_CLOSE, row], spa), spb)
+                x_close, y_close = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
+                lp_value = x_close * c + y_close
+                x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
+                lp_il = lp_value - (x0 * c + y0)
+                f[F_IL_PNL, p] = f[F_IL_PNL, p] + lp_il - sf[b, LP_IL, p]
+                o_sf[b, LP_VALUE, p], o_sf[b, LP_IL, p] = lp_value, lp_il
+                spot_pnl = spot_pnl + f[F_X0_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + x0 * (c - o)
+                value = value + lp_value + lp_fees
+            if LE:
+                lent = o_sf[b, LENT, p]
+                grown = lent * bar_tab[tables.SUPPLY_GROWTH, u]
+                f[F_INTEREST, p] = grown - lent
+                o_sf[b, LENT, p] = grown
+                value = value + grown
+            if AR:
+                arb_coins_after = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(o_sf[b, TR_COIN, p])
+                spot_pnl = spot_pnl + f[F_ARB_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p])
+                spot_pnl = spot_pnl + arb_coins_after * (c - o)
+                arb_value = o_sf[b, QA, p] + o_sf[b, QB, p] + abs(o_sf[b, TR_QUOTE, p]) + arb_coins_after * c
+                o_sf[b, ARB_VALUE, p] = arb_value
+                value = value + arb_value
+            f[F_SPOT_PNL, p] = spot_pnl
+            f[F_VALUE, p] = value
+            o_sf[b, CLOSE_PX, p] = c
+        flow_sum = 0.0
+        for p in range(n_pairs):
+            flow_sum += f[F_FLOW, p]
+        cash = ef[b, CASH] + flow_sum
+        value_sum = 0.0
+        for p in range(n_pairs):
+            value_sum += f[F_VALUE, p]
+        equity = cash + value_sum
+        x = equity / prev_eq - 1.0
+        scale_log = 1.0 - x / 2.0 if abs(x) <= 1e-6 else math.log1p(x) / x
+        peak = max(ef[b, PEAK], equity)
+        drawdown = 1.0 - equity / peak
+        penalty = 0.0
+        if prm[DD_PENALTY] > 0:
+            prev_dd = 1.0 - prev_eq / ef[b, PEAK]
+            penalty = prm[DD_PENALTY] * max(drawdown - prev_dd, 0.0) / n_pairs
+        for p in range(n_pairs):
+            slot_change = f[F_VALUE, p] - sf[b, SLOT_VALUE, p] + f[F_FLOW, p]
+            reward[b, p] = slot_change * (scale_log / prev_eq) - penalty
+            o_sf[b, SLOT_VALUE, p] = f[F_VALUE, p]
+
+        # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
+        wins_in = losses_in = wins_out = losses_out = 0
+        won_in = lost_in = won_out = lost_out = 0.0
+        order = 0
+        n_closed = 0
+        for p in range(n_pairs):  # read every evicted return before writing any (gather, then scatter)
+            if k[K_CLOSED, p]:
+                position = head[b] + order
+                order += 1
+                n_closed += 1
+                ret = f[F_RET, p]
+                if ret > 0:
+                    wins_in += 1
+                    won_in += ret
+                else:
+                    losses_in += 1
+                    lost_in += ret
+                if position >= window:
+                    old = ring[b, position % window]
+                    if old > 0:
+                        wins_out += 1
+                        won_out += old
+                    else:
+                        losses_out += 1
+                        lost_out += old
+        order = 0
+        for p in range(n_pairs):
+            if k[K_CLOSED, p]:
+                ring[b, (head[b] + order) % window] = f[F_RET, p]
+                order += 1
+        new_head = head[b] + n_closed
+        head[b] = new_head
+        n_win = ef[b, N_WIN] + wins_in - wins_out
+        n_loss = ef[b, N_LOSS] + losses_in - losses_out
+        sum_win = ef[b, SUM_WIN] + won_in - won_out
+        sum_loss = ef[b, SUM_LOSS] - lost_in + lost_out
+        o_ef[b, N_WIN], o_ef[b, N_LOSS], o_ef[b, SUM_WIN], o_ef[b, SUM_LOSS] = n_win, n_loss, sum_win, sum_loss
+        done = 0
+        won = 0
+        cost_b = 0.0
+        for p in range(n_pairs):
+            if k[K_CLOSED, p]:
+                done += 1
+                won += 1 if f[F_RET, p] > 0 else 0
+            if k[K_LP_CLOSED, p]:
+                done += 1
+                won += 1 if f[F_LP_RET, p] > 0 else 0
+            if k[K_ARB_CLOSED, p]:
+                done += 1
+                won += 1 if f[F_ARB_RET, p] > 0 else 0
+            cost_b += f[F_COST, p]
+        for j in range(6):  # spot, staking rewards, LP fees, impermanent loss, lending interest, arbitrage
+            total = 0.0
+            for p in range(n_pairs):
+                total += f[F_SPOT_PNL + j, p]
+            pnl_rows[j, b] += total
+        pnl_rows[6, b] += -cost_b
+        o_e64[b, RET_SUM] = e64[b, RET_SUM] + x
+        o_e64[b, RET_SQ_SUM] = e64[b, RET_SQ_SUM] + x * x
+        o_ef[b, MAX_DD] = max(ef[b, MAX_DD], drawdown)
+        o_ei[b, TRADES] = ei[b, TRADES] + done
+        o_ei[b, WINS] = ei[b, WINS] + won
+        o_ef[b, COSTS] = ef[b, COSTS] + cost_b
+        o_ef[b, CASH], o_ef[b, EQUITY], o_ef[b, PEAK], o_ef[b, DAY_START] = cash, equity, peak, ds
+        o_ei[b, T_BAR] = u
+
+        # 8. The next bar's derived state (_refresh): Kelly size, daily-loss block, mask; then the observation.
+        size_b = min(prm[FIXED_SIZE], prm[MAX_POSITION])
+        if prm[KELLY_ON] > 0 and new_head >= prm[KELLY_MIN_TRADES]:
+            n_all = max(n_win + n_loss, 1.0)
+            w = n_win / n_all
+            ratio = (sum_win / max(n_win, 1.0)) / max(sum_loss / max(n_loss, 1.0), 1e-12)
+            f_star = w - (1.0 - w) / max(ratio, 1e-12)
+            size_b = min(max(prm[KELLY_FRACTION] * f_star, prm[KELLY_FLOOR]), prm[MAX_POSITION])
+            if n_loss == 0:
+                size_b = prm[MAX_POSITION]
+            if n_win == 0:
+                size_b = min(prm[KELLY_FLOOR], prm[MAX_POSITION])
+        o_ef[b, SIZE] = size_b
+        next_bar = min(u + 1, n_bars - 1)
+        hit = daily_loss_limit > 0 and equity <= ds * (1.0 - daily_loss_limit)
+        blocked_b = hit and day[next_bar] == day[u]
+        o_blocked[b] = blocked_b
+        open_trades = 0
+        for p in range(n_pairs):
+            if o_sf[b, UNITS, p] + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] > 0:
+                open_trades += 1
+            if LP and o_sf[b, LP_L, p] > 0:
+                open_trades += 1
+            if AR and o_sb[b, BOOK, p]:
+                open_trades += 2
+        can_enter = (not blocked_b) and cash > 0
+        for p in range(n_pairs):
+            row = u * n_cols + pair[b, p]
+            units, staked = o_sf[b, UNITS, p], o_sf[b, STAKED, p]
+            holding = units + staked + o_sf[b, UNBONDING, p] > 0
+            pending = o_sb[b, PENDING, p]
+            may_enter = o_sb[b, TRADABLE, p] and can_enter and open_trades < max_trades
+            for a in range(o_mask.shape[2]):
+                o_mask[b, p, a] = False
+            o_mask[b, p, HOLD] = True
+            o_mask[b, p, OPEN_LONG] = spot_on and (not holding) and may_enter
+            o_mask[b, p, CLOSE] = holding and not pending
+            if S:
+                o_mask[b, p, STAKE] = stakeable[pair[b, p]] and units > 0 and not pending
+                o_mask[b, p, UNSTAKE] = staked > 0 and o_sf[b, UNBONDING, p] <= 0 and not pending
+            if LP:
+                lp_live = o_sf[b, LP_L, p] > 0
+                o_mask[b, p, LP_OPEN] = (not lp_live) and may_enter
+                o_mask[b, p, LP_CLOSE] = lp_live
+            if LE:
+                o_mask[b, p, LEND] = cash > 0
+                o_mask[b, p, WITHDRAW] = o_sf[b, LENT, p] > 0
+            if AR:
+                book = o_sb[b, BOOK, p]
+                o_mask[b, p, ARB_CLOSE] = book and o_si[b, TR_DUE, p] == NO_TRANSFER
+                ab, ba = flags[tables.MASK_AB, row], flags[tables.MASK_BA, row]
+                stocked = ((ab and o_sf[b, QA, p] > 0 and o_sf[b, CB, p] > 0)
+                           or (ba and o_sf[b, QB, p] > 0 and o_sf[b, CA, p] > 0))
+                fund = (not book) and (ab or ba) and can_enter and open_trades + 2 <= max_trades
+                o_mask[b, p, ARB] = (book and stocked) or fund
+
+        # the observation at bar u: market features, the spot state, then the strategies' state
+        daily_used = 0.0
+        if daily_loss_limit > 0:
+            daily_used = min(max((1.0 - equity / ds) / daily_loss_limit, 0.0), 1.0)
+        open_frac = open_trades / max_trades
+        log_change = math.log(equity / prm[INITIAL_EQUITY])
+        cash_frac = cash / equity
+        size_frac = size_b / prm[MAX_POSITION]
+        inv_eq = 1.0 / equity
+        for p in range(n_pairs):
+            row = u * n_cols + pair[b, p]
+            for j in range(n_feat):
+                obs[b, p, j] = features[row, j]
+            c = o_sf[b, CLOSE_PX, p]
+            units, en, hi = o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p]
+            holding = units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] > 0
+            hf = 1.0 if holding else 0.0
+            safe_entry = en if holding else c
+            stop, target = _stop_target(en, hi, stop_loss, take_profit, trailing_stop)
+            j = n_feat
+            obs[b, p, j] = hf
+            obs[b, p, j + 1] = hf * (c / safe_entry - 1.0)
+            obs[b, p, j + 2] = hf * ((c - stop) / c if stop > 0 else 1.0)
+            obs[b, p, j + 3] = hf * ((target - c) / c if take_profit > 0 else 1.0)
+            obs[b, p, j + 4] = hf * min(o_sf[b, BARS, p] / 168.0, 4.0)
+            obs[b, p, j + 5] = units * c / equity
+            obs[b, p, j + 6] = open_frac
+            obs[b, p, j + 7] = daily_used
+            obs[b, p, j + 8] = log_change
+            obs[b, p, j + 9] = cash_frac
+            obs[b, p, j + 10] = size_frac
+            j += fused.N_SPOT_STATE
+            for q in range(j, obs.shape[2]):
+                obs[b, p, q] = 0.0
+            if S:
+                unbonding = o_sf[b, UNBONDING, p]
+                obs[b, p, j] = o_sf[b, STAKED, p] * c * inv_eq
+                obs[b, p, j + 1] = unbonding * c * inv_eq
+                wait = min(max((o_si[b, RELEASE, p] - u) * (1.0 / 168.0), 0.0), 4.0)
+                obs[b, p, j + 2] = wait if unbonding > 0 else 0.0
+                obs[b, p, j + 3] = stake_apy_feature[pair[b, p]]
+            if LP:
+                lp_live = o_sf[b, LP_L, p] > 0
+                spa, spb = o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+                lower, upper = spa * spa / c, spb * spb / c
+                obs[b, p, j + 4] = o_sf[b, LP_VALUE, p] * inv_eq
+                obs[b, p, j + 5] = 1.0 if lp_live and lower <= 1.0 and upper >= 1.0 else 0.0
+                obs[b, p, j + 6] = 1.0 - lower if lp_live else 0.0
+                obs[b, p, j + 7] = upper - 1.0 if lp_live else 0.0
+                obs[b, p, j + 8] = o_sf[b, LP_FEES, p] * (inv_eq * 100.0)
+                obs[b, p, j + 9] = o_sf[b, LP_IL, p] * (inv_eq * 100.0)
+            if LE:
+                obs[b, p, j + 10] = o_sf[b, LENT, p] * inv_eq
+                obs[b, p, j + 11] = (o_sf[b, LENT, p] - o_sf[b, PRINCIPAL, p]) * (inv_eq * 100.0)
+                obs[b, p, j + 17] = bar_tab[tables.SUPPLY_APY_FEATURE, u]
+                obs[b, p, j + 18] = bar_tab[tables.UTILIZATION, u]
+            if AR:
+                obs[b, p, j + 12] = o_sf[b, ARB_VALUE, p] * inv_eq
+                obs[b, p, j + 13] = floats[tables.SPREAD_FEATURE, row]
+                obs[b, p, j + 14] = floats[tables.EDGE_FEATURE, row]
+                obs[b, p, j + 15] = floats[tables.V2_AVAILABLE, row]
+                obs[b, p, j + 16] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
+
+
+def available() -> bool:
+    return fused.available()
+
+
+def _state_attr(env: "BatchedTradingEnv", name: str) -> torch.Tensor:
+    if name.startswith("kelly"):
+        return env.kelly_sums[int(name[-1])]
+    if name.startswith("stats."):
+        return getattr(env.stats, name[len("stats."):])
+    return getattr(env, name)
+
+
+def _set_state(env: "BatchedTradingEnv", views: list[tuple[str, torch.Tensor]]) -> None:
+    for name, view in views:
+        if name.startswith("stats."):
+            setattr(env.stats, name[len("stats."):], view)
+        elif not name.startswith("kelly"):
+            setattr(env, name, view)
+    env.kelly_sums = tuple(view for name, view in views if name.startswith("kelly"))
+    env.stats.equity = env.equity
+
+
+GROUPS = (("sf", SLOT_FLOATS), ("si", SLOT_INTS), ("sb", SLOT_BOOLS), ("ef", EPISODE_FLOATS), ("ei", EPISODE_INTS),
+          ("e64", EPISODE_F64))
+
+
+class FusedPortfolioStep:
+    """Steps a BatchedTradingEnv with strategy tables on the CPU with the fused kernel; the environment's state
+    tensors become views of the packed arrays the kernel writes (see the module doc)."""
+
+    def __init__(self, env: "BatchedTradingEnv") -> None:
+        self.threads = torch.get_num_threads()
+        parallel = self.threads > 1 and env.B * env.P >= fused.PARALLEL_MIN_SLOTS
+        self.kernel = fused.compiled(_kernel, "_portfolio_kernel", parallel)
+        self.parallel = parallel
+        m, tb = env.market, env._tables
+        self.prices = fused.as_numpy(env._prices)
+        self.tradable = fused.as_numpy(env._tradable)
+        self.features = fused.as_numpy(env._features)
+        self.day = fused.as_numpy(m.day.to(torch.int64))
+        self.pair = fused.as_numpy(env._pair_bp.to(torch.int64))
+        self.n_cols, self.n_bars = env._n_cols, m.n_bars
+        self.floats, self.flags, self.bar_tab = (fused.as_numpy(tb.floats), fused.as_numpy(tb.flags),
+                                                 fused.as_numpy(tb.bars))
+        self.column_constants = tuple(fused.as_numpy(x) for x in (
+            tb.stake_growth, tb.stake_apy * 10.0, tb.unbond_bars.to(torch.int64), tb.stakeable,
+            tb.withdrawal_fee_units, tb.transfer_bars.to(torch.int64)))
+        P, B = env.P, env.B
+        self.scratch = (np.empty((B, N_SCRATCH, P)), np.empty((B, N_FLAGS, P), dtype=np.bool_),
+                        np.empty((B, P), dtype=np.int64))
+        r, e, sp = env.risk_cfg, env.env_cfg, env.strategy_params
+        values = {
+            "fee": env.fee, "slip": env.slip, "stop_loss": r.stop_loss, "take_profit": r.take_profit,
+            "trailing_stop": r.trailing_stop, "max_trades": r.max_trades, "daily_loss_limit": r.daily_loss_limit,
+            "drawdown_penalty": e.drawdown_penalty, "initial_equity": e.initial_equity,
+            "max_position": r.max_position, "kelly": r.kelly, "kelly_min_trades": r.kelly_min_trades,
+            "kelly_fraction": r.kelly_fraction, "kelly_floor": r.kelly_floor, "fixed_size": r.fixed_size,
+            "spot_on": env.spot_on, "staking_on": env.staking_on, "lp_on": env.lp_on, "lending_on": env.lending_on,
+            "arb_on": env.arb_on, "unstake_fraction": sp.staking.unstake_fraction,
+            "stake_fraction": sp.staking.stake_fraction, "lp_range_width": sp.lp.range_width,
+            "lp_coin_share": uniswap_v3.coin_share(sp.lp.range_width), "gas_open": sp.lp.gas_usd_open,
+            "gas_close": sp.lp.gas_usd_close, "fee_a": sp.arbitrage.taker_fee_a, "fee_b": sp.arbitrage.taker_fee_b,
+            "max_notional": sp.arbitrage.max_notional_usd, "rebalance_below": sp.arbitrage.rebalance_below,
+            "tiny": torch.finfo(env.dtype).tiny,
+        }
+        self.params = np.array([float(values[name]) for name in PARAMS])
+        self._views: list[tuple[str, torch.Tensor]] = []  # the tensors the last step gave the environment
+        self._packed: dict[str, np.ndarray] = {}
+
+    def _pack(self, env: "BatchedTradingEnv") -> dict[str, np.ndarray]:
+        """The packed state: last step's arrays while the environment holds their views, else stacked anew."""
+        if self._views and all(_state_attr(env, name) is view for name, view in self._views):
+            return self._packed
+        dt = env._units.numpy().dtype
+        out = {}
+        for group, names in GROUPS:
+            dtype = {"si": np.int64, "sb": np.bool_, "ei": np.int64, "e64": np.float64}.get(group, dt)
+            rows = np.stack([fused.as_numpy(_state_attr(env, name)).astype(dtype, copy=False) for name in names])
+            # [rows, P, B] -> [B, rows, P] and [rows, B] -> [B, rows]: an episode's numbers side by side
+            out[group] = np.ascontiguousarray(np.moveaxis(rows, -1, 0))
+        return out
+
+    def advance(self, env: "BatchedTradingEnv", actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._pack(env)
+        outputs = {group: np.empty_like(array) for group, array in state.items()}
+        B, P = env.B, env.P
+        o_blocked = np.empty(B, dtype=np.bool_)
+        reward = np.empty((B, P), dtype=np.float32)
+        obs = np.empty((B, P, env.obs_size), dtype=np.float32)
+        mask = np.empty(tuple(env.mask.shape), dtype=np.bool_)
+        if self.parallel:
+            numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+        self.kernel(
+            fused.as_numpy(actions.to(torch.int64)), fused.as_numpy(env.mask), self.pair, fused.as_numpy(env.t),
+            self.prices, self.tradable, self.features, self.day, self.n_cols, self.n_bars,
+            self.floats, self.flags, self.bar_tab, *self.column_constants,
+            state["sf"], state["si"], state["sb"], state["ef"], state["ei"], state["e64"],
+            fused.as_numpy(env.blocked), env.trade_ring.numpy(), env.trade_head.numpy(), env.stats.pnl_rows.numpy(),
+            self.params, outputs["sf"], outputs["si"], outputs["sb"], outputs["ef"], outputs["ei"], outputs["e64"],
+            o_blocked, reward, obs, mask, *self.scratch)
+        views = []
+        for group, names in GROUPS:
+            packed = torch.from_numpy(outputs[group])
+            rows = packed.unbind(1)  # [B, P] or [B] each
+            views += list(zip(names, (r.t() for r in rows) if packed.dim() == 3 else rows))
+        _set_state(env, views)
+        env.blocked = torch.from_numpy(o_blocked)
+        env.mask = torch.from_numpy(mask)
+        env._strategy_rows_stale = True  # the tables' rows at the new bar are gathered only if asked for
+        self._views, self._packed = views, outputs
+        return torch.from_numpy(obs), torch.from_numpy(reward)
