@@ -16,6 +16,7 @@ import torch
 
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.timeframes import parse_utc_ms
+from nexlify.env import fused
 from nexlify.env.batched import BatchedTradingEnv
 from nexlify.env.market import MS_PER_DAY, MarketTensors
 
@@ -32,6 +33,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(params=["fused", "tensor"])
+def step_kernel(request, monkeypatch):
+    """Runs a test on both environment steps: the fused CPU kernel (what kernel "auto" picks on a CPU) and
+    the tensor step (the reference, and what a GPU runs). Import it into a test module and mark the module
+    with `pytestmark = pytest.mark.usefixtures("step_kernel")`, or ask for it by name."""
+    if request.param == "tensor":
+        monkeypatch.setattr(fused, "available", lambda: False)
+    return request.param
 
 
 def flat(price: float) -> tuple[float, float, float, float]:

@@ -22,7 +22,9 @@ from nexlify.env.market import MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer, compute_features
 from nexlify.training import epsilon_at, train_run
 from tests.helpers_market import actions, flat, make_env, make_market, quiet_risk
-from tests.helpers_market import one_torch_thread  # noqa: F401  (autouse fixture)
+from tests.helpers_market import one_torch_thread, step_kernel  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("step_kernel")  # every test on the fused kernel and on the tensor step
 
 FEE, SLIP = 0.001, 0.0005  # 0.1% per side, 5 bps
 

@@ -15,7 +15,9 @@ import torch
 from nexlify.env import risk
 from nexlify.env.batched import CLOSE, HOLD, OPEN_LONG, STATE_NAMES
 from tests.helpers_market import actions, costless_env, flat, make_env, make_market, quiet_risk
-from tests.helpers_market import one_torch_thread  # noqa: F401  (autouse fixture)
+from tests.helpers_market import one_torch_thread, step_kernel  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("step_kernel")  # every test on the fused kernel and on the tensor step
 
 F64 = torch.float64
 INF = math.inf

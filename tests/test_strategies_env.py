@@ -36,9 +36,12 @@ from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.metrics import average_metrics, pair_metrics
 from nexlify.strategies.params import AaveParams, ArbParams, LPParams, StakedAsset, StakingParams, StrategyParams
 from nexlify.strategies.uniswap_v3 import open_symmetric
-from tests.helpers_market import actions, flat, make_market, quiet_risk
+from tests.helpers_market import actions, flat, make_market, quiet_risk, step_kernel  # noqa: F401
 
 ALL = ["spot", "staking", "lp", "lending", "arbitrage"]
+
+
+pytestmark = pytest.mark.usefixtures("step_kernel")  # every test on the fused kernel and on the tensor step
 H = 3_600_000
 NO_GAS = LPParams(gas_price_gwei=0.0)
 
@@ -616,7 +619,7 @@ def random_valid(mask: torch.Tensor, gen: torch.Generator, p_hold: float = 0.5) 
     return torch.where(torch.rand(pick.shape, generator=gen) < p_hold, HOLD, pick)
 
 
-def test_equity_identity_rewards_and_pnl_breakdown_with_every_strategy_on(real_market):
+def test_equity_identity_rewards_and_pnl_breakdown_with_every_strategy_on(real_market, step_kernel):
     """A random run with every strategy and every risk rule on (arbitrage fees lowered so that it trades):
     at every step equity = cash + coins * close + LP value + fees + supply + books, the slots' rewards add up
     to the log-equity change, nothing goes negative, and the PnL breakdown adds up to the equity change."""
@@ -632,6 +635,7 @@ def test_equity_identity_rewards_and_pnl_breakdown_with_every_strategy_on(real_m
     n_steps = 450
     env = BatchedTradingEnv(tensors, torch.arange(3).expand(4, 3), starts, n_steps, EnvConfig(fee=0.001),
                             risk_cfg, params)
+    assert (env._fused is not None) == (step_kernel == "fused")
     gen = torch.Generator().manual_seed(11)
     closes = tensors.prices[..., 3]
     counts = torch.zeros(N_ACTIONS)
