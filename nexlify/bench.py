@@ -38,8 +38,9 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
     """Random actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps.
 
     policy "valid" draws uniformly among each slot's valid actions (agent.dqn.random_valid_actions, as
-    an exploring agent does; with the fused kernel the draw costs about as much as the step); "uniform" draws uniformly among all actions and lets the environment turn the
-    invalid ones into hold, as a random agent that ignores the mask would.
+    an exploring agent does; with the fused kernels the draw costs a large part of the step); "uniform"
+    draws uniformly among all actions and lets the environment turn the invalid ones into hold, as a
+    random agent that ignores the mask would.
 
     Episodes start at the first bar where every pair has the second venue (Coinbase's history starts on
     2024-04-18), for spot-only runs too, so that figures with and without strategies cover the same bars

@@ -22,8 +22,11 @@ under the concurrent-trade cap). nexlify.env.fused_portfolio does the same for t
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import types
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,8 +45,113 @@ N_SPOT_STATE = 11  # len(batched.SPOT_STATE_NAMES); the kernel writes them in th
 
 
 def available() -> bool:
-    """numba is installed: the fused step can serve spot-only environments on the CPU."""
+    """numba is installed: the fused steps (this one and nexlify.env.fused_portfolio's) can serve on the CPU."""
     return numba is not None
+
+
+def _jit_inline(function: Any) -> Any:
+    """A rule both kernels call, compiled into each of them (inlined) when numba is there."""
+    return numba.njit(inline="always", error_model="numpy")(function) if numba is not None else function
+
+
+@_jit_inline
+def stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop):
+    """risk.stop_level and risk.take_profit_level for one slot: (stop, 0 = none; target, +inf = none)."""
+    stop = 0.0
+    if stop_loss > 0:
+        stop = max(stop, entry * (1.0 - stop_loss))
+    if trailing_stop > 0:
+        stop = max(stop, highest * (1.0 - trailing_stop))
+    target = entry * (1.0 + take_profit) if take_profit > 0 else math.inf
+    return stop, target
+
+
+@_jit_inline
+def exit_in_bar(bar_open, bar_high, bar_low, stop, target):
+    """risk.exits_in_bar for one slot: (stop hit, target hit, the exit price before costs; 0 when neither)."""
+    stop_hit = stop > 0 and bar_low <= stop
+    target_hit = (not stop_hit) and bar_high >= target
+    if stop_hit:
+        return stop_hit, target_hit, min(bar_open, stop)
+    if target_hit:
+        return stop_hit, target_hit, max(bar_open, target)
+    return stop_hit, target_hit, 0.0
+
+
+@_jit_inline
+def write_spot_state(out, holding, close, entry, highest, bars_in_trade, units, equity, open_frac, daily_used,
+                     log_change, cash_frac, size_frac, stop_loss, take_profit, trailing_stop):
+    """The N_SPOT_STATE features of one slot (batched.SPOT_STATE_NAMES, as observe() computes them) into out."""
+    hf = 1.0 if holding else 0.0
+    safe_entry = entry if holding else close
+    stop, target = stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
+    out[0] = hf
+    out[1] = hf * (close / safe_entry - 1.0)
+    out[2] = hf * ((close - stop) / close if stop > 0 else 1.0)
+    out[3] = hf * ((target - close) / close if take_profit > 0 else 1.0)
+    out[4] = hf * min(bars_in_trade / 168.0, 4.0)
+    out[5] = units * close / equity
+    out[6] = open_frac
+    out[7] = daily_used
+    out[8] = log_change
+    out[9] = cash_frac
+    out[10] = size_frac
+
+
+@_jit_inline
+def record_closed_trades(ring, head, closed, returns, n_win, n_loss, sum_win, sum_loss):
+    """risk.record_trades_ and the window sums' update for one episode: the returns of the trades closed this
+    bar (closed[p], returns[p], in pair order) go into its ring (a row [window + 1]) in place; returns the new
+    head and the new (wins, losses, sum of wins, sum of losses) over the window. Every evicted return is read
+    before any is written (gather, then scatter), as the tensor step does."""
+    window = ring.shape[0] - 1
+    wins_in = losses_in = wins_out = losses_out = 0
+    won_in = lost_in = won_out = lost_out = 0.0
+    order = 0
+    for p in range(closed.shape[0]):
+        if closed[p]:
+            position = head + order
+            order += 1
+            ret = returns[p]
+            if ret > 0:
+                wins_in += 1
+                won_in += ret
+            else:
+                losses_in += 1
+                lost_in += ret
+            if position >= window:
+                old = ring[position % window]
+                if old > 0:
+                    wins_out += 1
+                    won_out += old
+                else:
+                    losses_out += 1
+                    lost_out += old
+    order = 0
+    for p in range(closed.shape[0]):
+        if closed[p]:
+            ring[(head + order) % window] = returns[p]
+            order += 1
+    return (head + order, n_win + wins_in - wins_out, n_loss + losses_in - losses_out, sum_win + won_in - won_out,
+            sum_loss - lost_in + lost_out)
+
+
+@_jit_inline
+def position_size(n_win, n_loss, sum_win, sum_loss, trade_count, kelly_on, min_trades, fraction, floor, fixed_size,
+                  max_position):
+    """risk.kelly_from_sums for one episode."""
+    if not kelly_on or trade_count < min_trades:
+        return min(fixed_size, max_position)
+    n_all = max(n_win + n_loss, 1.0)
+    w = n_win / n_all
+    ratio = (sum_win / max(n_win, 1.0)) / max(sum_loss / max(n_loss, 1.0), 1e-12)
+    f_star = w - (1.0 - w) / max(ratio, 1e-12)
+    size = min(max(fraction * f_star, floor), max_position)
+    if n_loss == 0:
+        size = max_position
+    if n_win == 0:
+        size = min(floor, max_position)
+    return size
 
 
 def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
@@ -60,7 +168,6 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
     written whole."""
     n_pairs, n_episodes = units.shape
     n_feat = features.shape[1]
-    window = ring.shape[1] - 1
     for b in numba.prange(n_episodes):
         tb = t[b]
         u = tb + 1
@@ -136,20 +243,8 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             o, h, lo, c = prices[row, 0], prices[row, 1], prices[row, 2], prices[row, 3]
             trad = tradable_tab[row]
             un, en, hi = o_units[p, b], o_entry[p, b], o_highest[p, b]
-            stop = 0.0
-            if stop_loss > 0:
-                stop = max(stop, en * (1.0 - stop_loss))
-            if trailing_stop > 0:
-                stop = max(stop, hi * (1.0 - trailing_stop))
-            target = en * (1.0 + take_profit) if take_profit > 0 else math.inf
-            stop_hit = stop > 0 and lo <= stop
-            target_hit = (not stop_hit) and h >= target
-            if stop_hit:
-                exit_px = min(o, stop)
-            elif target_hit:
-                exit_px = max(o, target)
-            else:
-                exit_px = 0.0
+            stop, target = stop_and_target(en, hi, stop_loss, take_profit, trailing_stop)
+            stop_hit, target_hit, exit_px = exit_in_bar(o, h, lo, stop, target)
             forced = un > 0 and trad and (stop_hit or target_hit)
             if forced:
                 forced_gross = un * exit_px * (1.0 - slip)
@@ -194,40 +289,10 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         for p in range(n_pairs):
             slot_change = o_units[p, b] * o_close[p, b] - units[p, b] * close[p, b] + s_flow[p, b]
             reward[b, p] = slot_change * (scale_log / prev_eq) - penalty
-        # 5. Kelly window (record_trades_, then _update_window_sums: sums in, then sums out), statistics
-        wins_in = losses_in = wins_out = losses_out = 0
-        won_in = lost_in = won_out = lost_out = 0.0
-        order = 0
-        for p in range(n_pairs):  # read every evicted return before writing any (gather, then scatter)
-            if s_closed[p, b]:
-                position = head[b] + order
-                order += 1
-                ret = s_ret[p, b]
-                if ret > 0:
-                    wins_in += 1
-                    won_in += ret
-                else:
-                    losses_in += 1
-                    lost_in += ret
-                if position >= window:
-                    old = ring[b, position % window]
-                    if old > 0:
-                        wins_out += 1
-                        won_out += old
-                    else:
-                        losses_out += 1
-                        lost_out += old
-        order = 0
-        for p in range(n_pairs):
-            if s_closed[p, b]:
-                ring[b, (head[b] + order) % window] = s_ret[p, b]
-                order += 1
-        new_head = head[b] + n_closed
+        # 5. Kelly window (record_trades_, then _update_window_sums), statistics
+        new_head, n_win, n_loss, sum_win, sum_loss = record_closed_trades(
+            ring[b], head[b], s_closed[:, b], s_ret[:, b], kelly[0, b], kelly[1, b], kelly[2, b], kelly[3, b])
         head[b] = new_head
-        n_win = kelly[0, b] + wins_in - wins_out
-        n_loss = kelly[1, b] + losses_in - losses_out
-        sum_win = kelly[2, b] + won_in - won_out
-        sum_loss = kelly[3, b] - lost_in + lost_out
         o_kelly[0, b], o_kelly[1, b], o_kelly[2, b], o_kelly[3, b] = n_win, n_loss, sum_win, sum_loss
         o_ret_sum[b] = ret_sum[b] + x
         o_ret_sq_sum[b] = ret_sq_sum[b] + x * x
@@ -239,18 +304,8 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         pnl_rows[pnl_rows.shape[0] - 1, b] -= cost_b
         o_cash[b], o_equity[b], o_peak[b], o_day_start[b], o_t[b] = new_cash, equity_b, peak_b, ds, u
         # 6. the next bar's derived state (_refresh): Kelly size, daily-loss block, mask
-        fixed = min(fixed_size, max_position)
-        size_b = fixed
-        if kelly_on and new_head >= kelly_min_trades:
-            n_all = max(n_win + n_loss, 1.0)
-            w = n_win / n_all
-            ratio = (sum_win / max(n_win, 1.0)) / max(sum_loss / max(n_loss, 1.0), 1e-12)
-            f_star = w - (1.0 - w) / max(ratio, 1e-12)
-            size_b = min(max(kelly_fraction * f_star, kelly_floor), max_position)
-            if n_loss == 0:
-                size_b = max_position
-            if n_win == 0:
-                size_b = min(kelly_floor, max_position)
+        size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, kelly_on, kelly_min_trades, kelly_fraction,
+                               kelly_floor, fixed_size, max_position)
         o_size[b] = size_b
         next_bar = min(u + 1, n_bars - 1)
         hit = daily_loss_limit > 0 and equity_b <= ds * (1.0 - daily_loss_limit)
@@ -281,27 +336,11 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             for f in range(n_feat):
                 obs[b, p, f] = features[row, f]
             c = o_close[p, b]
-            un, en, hi = o_units[p, b], o_entry[p, b], o_highest[p, b]
-            hf = 1.0 if un > 0 else 0.0
-            safe_entry = en if un > 0 else c
-            stop = 0.0
-            if stop_loss > 0:
-                stop = max(stop, en * (1.0 - stop_loss))
-            if trailing_stop > 0:
-                stop = max(stop, hi * (1.0 - trailing_stop))
-            target_gap = (en * (1.0 + take_profit) - c) / c if take_profit > 0 else 1.0
+            un = o_units[p, b]
             k = n_feat
-            obs[b, p, k] = hf
-            obs[b, p, k + 1] = hf * (c / safe_entry - 1.0)
-            obs[b, p, k + 2] = hf * ((c - stop) / c if stop > 0 else 1.0)
-            obs[b, p, k + 3] = hf * target_gap
-            obs[b, p, k + 4] = hf * min(o_bars[p, b] / 168.0, 4.0)
-            obs[b, p, k + 5] = un * c / equity_b
-            obs[b, p, k + 6] = open_frac
-            obs[b, p, k + 7] = daily_used
-            obs[b, p, k + 8] = log_change
-            obs[b, p, k + 9] = cash_frac
-            obs[b, p, k + 10] = size_frac
+            write_spot_state(obs[b, p, k:k + N_SPOT_STATE], un > 0, c, o_entry[p, b], o_highest[p, b], o_bars[p, b], un,
+                             equity_b, open_frac, daily_used, log_change, cash_frac, size_frac, stop_loss, take_profit,
+                             trailing_stop)
             for f in range(k + N_SPOT_STATE, obs.shape[2]):
                 obs[b, p, f] = 0.0
 
@@ -317,9 +356,11 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
     running side by side must not have idle pool threads spinning on each other's cores."""
     key = (name, parallel)
     if key not in _compiled:
-        # numba's cache tells entries apart by the function's name, not by the `parallel` flag: each build
-        # gets a function of its own, with its own name
-        build = f"{name}_threaded" if parallel else f"{name}_serial"
+        # numba's cache tells entries apart by the function's name, not by the `parallel` flag, and checks only
+        # the kernel's own file for changes, not that of the rules it inlines from here: each build gets a
+        # name of its own that carries a digest of the kernels' sources
+        flavour = "threaded" if parallel else "serial"
+        build = f"{name}_{flavour}_{_sources_digest()}"
         function = types.FunctionType(kernel.__code__, kernel.__globals__, build)
         function.__qualname__ = build
         try:
@@ -327,6 +368,12 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
         except RuntimeError:  # no writable cache location: compile in every process
             _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=False, error_model="numpy")(function)
     return _compiled[key]
+
+
+@functools.cache
+def _sources_digest() -> str:
+    files = sorted(Path(__file__).parent.glob("fused*.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
 def as_numpy(x: torch.Tensor) -> np.ndarray:

@@ -83,20 +83,6 @@ N_SCRATCH = 17
 N_FLAGS = 9
 
 
-def _stop_target_py(entry, highest, stop_loss, take_profit, trailing_stop):
-    """risk.stop_level and risk.take_profit_level for one slot (+inf: no target)."""
-    stop = 0.0
-    if stop_loss > 0:
-        stop = max(stop, entry * (1.0 - stop_loss))
-    if trailing_stop > 0:
-        stop = max(stop, highest * (1.0 - trailing_stop))
-    target = entry * (1.0 + take_profit) if take_profit > 0 else math.inf
-    return stop, target
-
-
-_stop_target = numba.njit(inline="always")(_stop_target_py) if numba is not None else _stop_target_py
-
-
 def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
             floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
             transfer_bars, sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows, prm,
@@ -107,7 +93,6 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
     P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch; obs [B, P, O] and o_mask [B, P, A] are written whole."""
     n_episodes, n_pairs = sf.shape[0], sf.shape[2]
     n_feat = features.shape[1]
-    window = ring.shape[1] - 1
     fee, slip = prm[FEE], prm[SLIP]
     stop_loss, take_profit, trailing_stop = prm[STOP_LOSS], prm[TAKE_PROFIT], prm[TRAILING_STOP]
     max_trades = int(prm[MAX_TRADES])
@@ -439,15 +424,8 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 holding = units + locked > 0 and trad and not pending
             else:
                 holding = units > 0 and trad
-            stop, target = _stop_target(entry, highest, stop_loss, take_profit, trailing_stop)
-            stop_hit = stop > 0 and lo <= stop
-            target_hit = (not stop_hit) and h >= target
-            if stop_hit:
-                exit_px = min(o, stop)
-            elif target_hit:
-                exit_px = max(o, target)
-            else:
-                exit_px = 0.0
+            stop, target = fused.stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
+            stop_hit, target_hit, exit_px = fused.exit_in_bar(o, h, lo, stop, target)
             forced = holding and (stop_hit or target_hit)
             forced_gross = units * exit_px * (1.0 - slip)
             forced_proceeds = forced_gross * (1.0 - fee) if forced else 0.0
@@ -553,41 +531,9 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             o_sf[b, SLOT_VALUE, p] = f[F_VALUE, p]
 
         # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
-        wins_in = losses_in = wins_out = losses_out = 0
-        won_in = lost_in = won_out = lost_out = 0.0
-        order = 0
-        n_closed = 0
-        for p in range(n_pairs):  # read every evicted return before writing any (gather, then scatter)
-            if k[K_CLOSED, p]:
-                position = head[b] + order
-                order += 1
-                n_closed += 1
-                ret = f[F_RET, p]
-                if ret > 0:
-                    wins_in += 1
-                    won_in += ret
-                else:
-                    losses_in += 1
-                    lost_in += ret
-                if position >= window:
-                    old = ring[b, position % window]
-                    if old > 0:
-                        wins_out += 1
-                        won_out += old
-                    else:
-                        losses_out += 1
-                        lost_out += old
-        order = 0
-        for p in range(n_pairs):
-            if k[K_CLOSED, p]:
-                ring[b, (head[b] + order) % window] = f[F_RET, p]
-                order += 1
-        new_head = head[b] + n_closed
+        new_head, n_win, n_loss, sum_win, sum_loss = fused.record_closed_trades(
+            ring[b], head[b], k[K_CLOSED], f[F_RET], ef[b, N_WIN], ef[b, N_LOSS], ef[b, SUM_WIN], ef[b, SUM_LOSS])
         head[b] = new_head
-        n_win = ef[b, N_WIN] + wins_in - wins_out
-        n_loss = ef[b, N_LOSS] + losses_in - losses_out
-        sum_win = ef[b, SUM_WIN] + won_in - won_out
-        sum_loss = ef[b, SUM_LOSS] - lost_in + lost_out
         o_ef[b, N_WIN], o_ef[b, N_LOSS], o_ef[b, SUM_WIN], o_ef[b, SUM_LOSS] = n_win, n_loss, sum_win, sum_loss
         done = 0
         won = 0
@@ -619,17 +565,9 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         o_ei[b, T_BAR] = u
 
         # 8. The next bar's derived state (_refresh): Kelly size, daily-loss block, mask; then the observation.
-        size_b = min(prm[FIXED_SIZE], prm[MAX_POSITION])
-        if prm[KELLY_ON] > 0 and new_head >= prm[KELLY_MIN_TRADES]:
-            n_all = max(n_win + n_loss, 1.0)
-            w = n_win / n_all
-            ratio = (sum_win / max(n_win, 1.0)) / max(sum_loss / max(n_loss, 1.0), 1e-12)
-            f_star = w - (1.0 - w) / max(ratio, 1e-12)
-            size_b = min(max(prm[KELLY_FRACTION] * f_star, prm[KELLY_FLOOR]), prm[MAX_POSITION])
-            if n_loss == 0:
-                size_b = prm[MAX_POSITION]
-            if n_win == 0:
-                size_b = min(prm[KELLY_FLOOR], prm[MAX_POSITION])
+        size_b = fused.position_size(n_win, n_loss, sum_win, sum_loss, new_head, prm[KELLY_ON] > 0,
+                                     prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
+                                     prm[MAX_POSITION])
         o_ef[b, SIZE] = size_b
         next_bar = min(u + 1, n_bars - 1)
         hit = daily_loss_limit > 0 and equity <= ds * (1.0 - daily_loss_limit)
@@ -688,23 +626,12 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             for j in range(n_feat):
                 obs[b, p, j] = features[row, j]
             c = o_sf[b, CLOSE_PX, p]
-            units, en, hi = o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p]
+            units = o_sf[b, UNITS, p]
             holding = units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] > 0
-            hf = 1.0 if holding else 0.0
-            safe_entry = en if holding else c
-            stop, target = _stop_target(en, hi, stop_loss, take_profit, trailing_stop)
             j = n_feat
-            obs[b, p, j] = hf
-            obs[b, p, j + 1] = hf * (c / safe_entry - 1.0)
-            obs[b, p, j + 2] = hf * ((c - stop) / c if stop > 0 else 1.0)
-            obs[b, p, j + 3] = hf * ((target - c) / c if take_profit > 0 else 1.0)
-            obs[b, p, j + 4] = hf * min(o_sf[b, BARS, p] / 168.0, 4.0)
-            obs[b, p, j + 5] = units * c / equity
-            obs[b, p, j + 6] = open_frac
-            obs[b, p, j + 7] = daily_used
-            obs[b, p, j + 8] = log_change
-            obs[b, p, j + 9] = cash_frac
-            obs[b, p, j + 10] = size_frac
+            fused.write_spot_state(obs[b, p, j:j + fused.N_SPOT_STATE], holding, c, o_sf[b, ENTRY, p],
+                                   o_sf[b, HIGHEST, p], o_sf[b, BARS, p], units, equity, open_frac, daily_used,
+                                   log_change, cash_frac, size_frac, stop_loss, take_profit, trailing_stop)
             j += fused.N_SPOT_STATE
             for q in range(j, obs.shape[2]):
                 obs[b, p, q] = 0.0
