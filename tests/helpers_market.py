@@ -15,10 +15,13 @@ import pytest
 import torch
 
 from nexlify.config import EnvConfig, RiskConfig
+from nexlify.data.candles import load_market
+from nexlify.data.second_venue import load_second_venue
 from nexlify.data.timeframes import parse_utc_ms
 from nexlify.env import fused
 from nexlify.env.batched import BatchedTradingEnv
-from nexlify.env.market import MS_PER_DAY, MarketTensors
+from nexlify.env.market import MS_PER_DAY, MarketTensors, market_features
+from nexlify.features import WARMUP_BARS, Normalizer
 
 MS_PER_HOUR = 3_600_000
 
@@ -43,6 +46,15 @@ def step_kernel(request, monkeypatch):
     if request.param == "tensor":
         monkeypatch.setattr(fused, "available", lambda: False)
     return request.param
+
+
+def binance_with_coinbase() -> MarketTensors:
+    """Real candles: BTC, ETH and SOL/USDT of the bundled sample from 2024-03-20 to 2024-06-01 with the
+    Coinbase USD candles as the second venue (from 2024-04-18), features normalised on the first 1,200 bars."""
+    market = load_market("binance", ["BTC/USDT", "ETH/USDT", "SOL/USDT"], start="2024-03-20", end="2024-06-01")
+    market.second_venue = load_second_venue(market, "coinbase", "USD")
+    raw = market_features(market)
+    return MarketTensors.build(market, Normalizer.fit(raw, WARMUP_BARS, 1200), "cpu", raw)
 
 
 def flat(price: float) -> tuple[float, float, float, float]:

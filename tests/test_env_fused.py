@@ -19,7 +19,6 @@ import torch
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
 from nexlify.env import fused, fused_portfolio
-from nexlify.data.second_venue import load_second_venue
 from nexlify.env.batched import (
     ACTION_NAMES, CLOSE, HOLD, N_ACTIONS, NO_TRANSFER, OPEN_LONG, PNL_SOURCES, STATE_NAMES, BatchedTradingEnv,
 )
@@ -27,7 +26,7 @@ from nexlify.env.market import MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.strategies import arbitrage
 from nexlify.strategies.params import ArbParams, StakedAsset, StakingParams, StrategyParams
-from tests.helpers_market import actions, flat, make_market, quiet_risk
+from tests.helpers_market import actions, binance_with_coinbase, flat, make_market, quiet_risk
 
 STATE = ("cash", "equity", "peak", "day_start_equity", "size", "blocked", "t", "units", "entry", "highest",
          "close_now", "in_position", "mask", "trade_head")
@@ -66,17 +65,27 @@ def assert_same(ref: BatchedTradingEnv, fast: BatchedTradingEnv, rtol: float, at
     assert ref.stats.n_returns == fast.stats.n_returns and ref.steps_done == fast.steps_done
 
 
-def run_side_by_side(ref, fast, n_steps, seed, rtol, atol, obs_atol, reward_atol=1e-9):
+def run_side_by_side(ref, fast, n_steps, seed, rtol, atol, obs_atol, reward_atol=1e-9, p_hold=0.0, p_wild=0.2,
+                     wild_every=1):
+    """Steps both environments with the same actions and compares every output and every piece of state
+    after each step. Actions: random valid ones, a share p_hold of them turned into hold (so that positions
+    live a while), and every wild_every-th step a share p_wild replaced by any action (the invalid ones must
+    turn into hold in both). Returns how often each valid action was taken and how many slot-steps saw the
+    rarer strategy states."""
     assert ref._fused is None and fast._fused is not None
-    obs_ref, obs_fast = ref.reset(), fast.reset()
-    assert torch.equal(obs_ref, obs_fast)
+    portfolio = isinstance(fast._fused, fused_portfolio.FusedPortfolioStep)
+    assert torch.equal(ref.reset(), fast.reset())
     gen = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(N_ACTIONS, dtype=torch.int64)
+    seen = dict.fromkeys(("transfer", "pending_exit", "staked_and_unbonding"), 0)
     for k in range(n_steps):
-        # mostly valid actions, some invalid ones (those hold), some hold
-        noise = torch.rand(ref.mask.shape, generator=gen)
-        pick = torch.where(ref.mask, noise, -1.0).argmax(-1)
-        wild = torch.randint(0, N_ACTIONS, pick.shape, generator=gen)
-        act = torch.where(torch.rand(pick.shape, generator=gen) < 0.2, wild, pick)
+        act = torch.where(ref.mask, torch.rand(ref.mask.shape, generator=gen), -1.0).argmax(-1)
+        if p_hold:
+            act = torch.where(torch.rand(act.shape, generator=gen) < p_hold, HOLD, act)
+        if k % wild_every == 0:
+            act = torch.where(torch.rand(act.shape, generator=gen) < p_wild,
+                              torch.randint(0, N_ACTIONS, act.shape, generator=gen), act)
+        counts += torch.bincount(act[ref.mask.gather(-1, act.unsqueeze(-1)).squeeze(-1)], minlength=N_ACTIONS)
         obs_ref, reward_ref, done_ref = ref.step(act)
         obs_fast, reward_fast, done_fast = fast.step(act)
         where = f"step {k + 1}"
@@ -85,7 +94,12 @@ def run_side_by_side(ref, fast, n_steps, seed, rtol, atol, obs_atol, reward_atol
         torch.testing.assert_close(reward_fast, reward_ref, rtol=1e-5, atol=reward_atol,
                                    msg=lambda m: f"{where}: reward: {m}")
         assert_same(ref, fast, rtol, atol, where)
-    return ref
+        if portfolio:
+            assert_same_portfolio(ref, fast, rtol, atol, where)
+            seen["transfer"] += int((ref.arb_inventory["transfer_due"] != NO_TRANSFER).sum())
+            seen["pending_exit"] += int(ref.exit_pending.sum())
+            seen["staked_and_unbonding"] += int(((ref.staked_units > 0) & (ref.unbonding_units > 0)).sum())
+    return counts, seen
 
 
 @pytest.mark.parametrize("risk_cfg", [
@@ -98,7 +112,7 @@ def test_fused_step_matches_the_tensor_step_in_float64(tensors, risk_cfg):
     starts = torch.tensor([250, 251, 300, 480, 700, 900, 1000, 1100])
     env_cfg = EnvConfig(strategies=["spot"], drawdown_penalty=0.5)
     ref, fast = pair_of_envs(tensors, risk_cfg, env_cfg, starts, 350)
-    ref = run_side_by_side(ref, fast, 350, seed=11, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
+    run_side_by_side(ref, fast, 350, seed=11, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
     assert (ref.stats.trades >= 20).all(), "the run must exercise the rules"
     if risk_cfg is BUSY_RISK:
         assert (ref.stats.trades > 2 * risk_cfg.kelly_window).all()  # the Kelly window evicts old trades
@@ -156,7 +170,7 @@ def test_the_threaded_kernel_matches_the_tensor_step_on_a_large_batch(tensors):
     try:
         ref, fast = pair_of_envs(tensors, BUSY_RISK, EnvConfig(strategies=["spot"]), starts, 80)
         assert fast._fused.parallel and fast._fused.kernel is fused._compiled[("_kernel", True)]
-        ref = run_side_by_side(ref, fast, 80, seed=2, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
+        run_side_by_side(ref, fast, 80, seed=2, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
     finally:
         torch.set_num_threads(threads)
     assert ref.stats.trades.sum() > n
@@ -175,6 +189,7 @@ BUSY_PARAMS = StrategyParams(
                         rebalance_below=0.3, max_notional_usd=150.0, rebalance_delay_hours={"BTC": 2.0, "ETH": 1.0, "SOL": 3.0}),
     staking=StakingParams(assets={"ETH": StakedAsset(0.05, 365.0, 5.0), "SOL": StakedAsset(0.07, 182.5, 2.0)},
                           stake_fraction=0.5, unstake_fraction=0.5))
+PORTFOLIO_ACTIONS = {"p_hold": 0.5, "p_wild": 0.3, "wild_every": 10}
 BUSY_PORTFOLIO_RISK = RiskConfig(max_position=0.2, fixed_size=0.2, kelly_min_trades=5, kelly_window=10,
                                  stop_loss=0.01, take_profit=0.02, trailing_stop=0.015, daily_loss_limit=0.03,
                                  max_trades=5)
@@ -182,11 +197,7 @@ BUSY_PORTFOLIO_RISK = RiskConfig(max_position=0.2, fixed_size=0.2, kelly_min_tra
 
 @pytest.fixture(scope="module")
 def venues() -> MarketTensors:
-    """3 pairs, 2024-03-20 .. 2024-06-01 of the bundled sample with its Coinbase candles (from 2024-04-18)."""
-    market = load_market("binance", ["BTC/USDT", "ETH/USDT", "SOL/USDT"], start="2024-03-20", end="2024-06-01")
-    market.second_venue = load_second_venue(market, "coinbase", "USD")
-    raw = market_features(market)
-    return MarketTensors.build(market, Normalizer.fit(raw, WARMUP_BARS, 1200), "cpu", raw)
+    return binance_with_coinbase()
 
 
 def assert_same_portfolio(ref: BatchedTradingEnv, fast: BatchedTradingEnv, rtol: float, atol: float,
@@ -204,37 +215,6 @@ def assert_same_portfolio(ref: BatchedTradingEnv, fast: BatchedTradingEnv, rtol:
                                    msg=lambda m: f"{where}: arb_inventory[{name}]: {m}")
 
 
-def run_portfolio_side_by_side(ref, fast, n_steps, seed, rtol, atol, obs_atol, reward_atol=1e-9, p_hold=0.5):
-    """Random valid actions (half of them hold, so that positions live a while), every 10th step a few
-    invalid ones; returns how often each action was taken and how many slot-steps saw the rarer states."""
-    assert ref._fused is None and isinstance(fast._fused, fused_portfolio.FusedPortfolioStep)
-    assert torch.equal(ref.reset(), fast.reset())
-    gen = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(N_ACTIONS, dtype=torch.int64)
-    seen = dict.fromkeys(("transfer", "pending_exit", "staked_and_unbonding"), 0)
-    for k in range(n_steps):
-        noise = torch.rand(ref.mask.shape, generator=gen)
-        act = torch.where(ref.mask, noise, -1.0).argmax(-1)
-        act = torch.where(torch.rand(act.shape, generator=gen) < p_hold, HOLD, act)
-        if k % 10 == 0:
-            act = torch.where(torch.rand(act.shape, generator=gen) < 0.3,
-                              torch.randint(0, N_ACTIONS, act.shape, generator=gen), act)
-        counts += torch.bincount(act[ref.mask.gather(-1, act.unsqueeze(-1)).squeeze(-1)], minlength=N_ACTIONS)
-        obs_ref, reward_ref, done_ref = ref.step(act)
-        obs_fast, reward_fast, done_fast = fast.step(act)
-        where = f"step {k + 1}"
-        assert done_ref == done_fast, where
-        torch.testing.assert_close(obs_fast, obs_ref, rtol=1e-6, atol=obs_atol, msg=lambda m: f"{where}: obs: {m}")
-        torch.testing.assert_close(reward_fast, reward_ref, rtol=1e-5, atol=reward_atol,
-                                   msg=lambda m: f"{where}: reward: {m}")
-        assert_same(ref, fast, rtol, atol, where)
-        assert_same_portfolio(ref, fast, rtol, atol, where)
-        seen["transfer"] += int((ref.arb_inventory["transfer_due"] != NO_TRANSFER).sum())
-        seen["pending_exit"] += int(ref.exit_pending.sum())
-        seen["staked_and_unbonding"] += int(((ref.staked_units > 0) & (ref.unbonding_units > 0)).sum())
-    return counts, seen
-
-
 @pytest.mark.parametrize("risk_cfg", [BUSY_PORTFOLIO_RISK, RiskConfig()], ids=["busy", "defaults"])
 def test_fused_portfolio_step_matches_the_tensor_step_with_every_strategy(venues, risk_cfg):
     """Every action of every strategy is taken and every PnL source moves, and the kernel agrees with the
@@ -242,7 +222,8 @@ def test_fused_portfolio_step_matches_the_tensor_step_with_every_strategy(venues
     starts = torch.tensor([700, 760, 900, 1000, 1010, 1200])
     env_cfg = EnvConfig(drawdown_penalty=0.5)
     ref, fast = pair_of_envs(venues, risk_cfg, env_cfg, starts, 450, params=BUSY_PARAMS)
-    counts, seen = run_portfolio_side_by_side(ref, fast, 450, seed=11, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
+    counts, seen = run_side_by_side(ref, fast, 450, seed=11, rtol=1e-12, atol=1e-9, obs_atol=1e-6,
+                                    **PORTFOLIO_ACTIONS)
     assert (counts[1:] > 0).all(), f"every action was taken: {dict(zip(ACTION_NAMES, counts.tolist()))}"
     assert min(seen.values()) > 0, f"the rarer states occurred: {seen}"
     moved = ref.stats.pnl.abs().sum(0)
@@ -260,7 +241,8 @@ def test_fused_portfolio_step_matches_with_some_strategies_on(venues, strategies
     starts = torch.tensor([700, 900, 1100])
     ref, fast = pair_of_envs(venues, BUSY_PORTFOLIO_RISK, EnvConfig(strategies=strategies), starts, 300,
                              params=BUSY_PARAMS)
-    counts, _ = run_portfolio_side_by_side(ref, fast, 300, seed=3, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
+    counts, _ = run_side_by_side(ref, fast, 300, seed=3, rtol=1e-12, atol=1e-9, obs_atol=1e-6,
+                                 **PORTFOLIO_ACTIONS)
     off = [ACTION_NAMES.index(a) for a, on in ACTION_OWNER.items() if on not in strategies]
     assert counts[off].sum() == 0, "the actions of strategies that are off are masked"
     assert ref.stats.trades.sum() > 0
@@ -329,7 +311,8 @@ def test_the_threaded_portfolio_kernel_matches_the_tensor_step_on_a_large_batch(
     try:
         ref, fast = pair_of_envs(venues, BUSY_PORTFOLIO_RISK, EnvConfig(), starts, 60, params=BUSY_PARAMS)
         assert fast._fused.parallel
-        counts, _ = run_portfolio_side_by_side(ref, fast, 60, seed=2, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
+        counts, _ = run_side_by_side(ref, fast, 60, seed=2, rtol=1e-12, atol=1e-9, obs_atol=1e-6,
+                                     **PORTFOLIO_ACTIONS)
     finally:
         torch.set_num_threads(threads)
     assert (counts[1:] > 0).all()

@@ -29,14 +29,15 @@ from nexlify.env.batched import (
     STATE_NAMES, UNSTAKE, WITHDRAW, BatchedTradingEnv,
 )
 from nexlify.env import risk
-from nexlify.env.market import MS_PER_DAY, MarketTensors, market_features
+from nexlify.env.market import MS_PER_DAY, MarketTensors
 from nexlify.errors import InputError
 from nexlify.evaluation import evaluate_policy
-from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.metrics import average_metrics, pair_metrics
 from nexlify.strategies.params import AaveParams, ArbParams, LPParams, StakedAsset, StakingParams, StrategyParams
 from nexlify.strategies.uniswap_v3 import open_symmetric
-from tests.helpers_market import actions, flat, make_market, quiet_risk, step_kernel  # noqa: F401
+from tests.helpers_market import (  # noqa: F401  (step_kernel: a fixture)
+    actions, binance_with_coinbase, flat, make_market, quiet_risk, step_kernel,
+)
 
 ALL = ["spot", "staking", "lp", "lending", "arbitrage"]
 
@@ -606,11 +607,7 @@ def test_daily_loss_limit_sees_the_whole_portfolio_and_blocks_new_lp_and_books()
 
 @pytest.fixture(scope="module")
 def real_market() -> MarketTensors:
-    """3 pairs, 2024-03-20 .. 2024-06-01 of the bundled sample with its Coinbase candles (from 2024-04-18)."""
-    market = load_market("binance", ["BTC/USDT", "ETH/USDT", "SOL/USDT"], start="2024-03-20", end="2024-06-01")
-    market.second_venue = load_second_venue(market, "coinbase", "USD")
-    raw = market_features(market)
-    return MarketTensors.build(market, Normalizer.fit(raw, WARMUP_BARS, 1200), "cpu", raw)
+    return binance_with_coinbase()
 
 
 def random_valid(mask: torch.Tensor, gen: torch.Generator, p_hold: float = 0.5) -> torch.Tensor:
