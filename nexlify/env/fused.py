@@ -99,6 +99,13 @@ def write_spot_state(out, holding, close, entry, highest, bars_in_trade, units, 
 
 
 @_jit_inline
+def entries_blocked(equity, day_start_equity, daily_loss_limit, day_next, day_now):
+    """risk.entries_blocked_by_daily_loss, lifted when the next bar opens a new UTC day (see _entries_blocked)."""
+    hit = daily_loss_limit > 0 and equity <= day_start_equity * (1.0 - daily_loss_limit)
+    return hit and day_next == day_now
+
+
+@_jit_inline
 def record_closed_trades(ring, head, closed, returns, n_win, n_loss, sum_win, sum_loss):
     """risk.record_trades_ and the window sums' update for one episode: the returns of the trades closed this
     bar (closed[p], returns[p], in pair order) go into its ring (a row [window + 1]) in place; returns the new
@@ -307,9 +314,7 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, kelly_on, kelly_min_trades, kelly_fraction,
                                kelly_floor, fixed_size, max_position)
         o_size[b] = size_b
-        next_bar = min(u + 1, n_bars - 1)
-        hit = daily_loss_limit > 0 and equity_b <= ds * (1.0 - daily_loss_limit)
-        blocked_b = hit and day[next_bar] == day[u]
+        blocked_b = entries_blocked(equity_b, ds, daily_loss_limit, day[min(u + 1, n_bars - 1)], day[u])
         o_blocked[b] = blocked_b
         holding_count = 0
         for p in range(n_pairs):

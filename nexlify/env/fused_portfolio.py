@@ -569,9 +569,7 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                                      prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
                                      prm[MAX_POSITION])
         o_ef[b, SIZE] = size_b
-        next_bar = min(u + 1, n_bars - 1)
-        hit = daily_loss_limit > 0 and equity <= ds * (1.0 - daily_loss_limit)
-        blocked_b = hit and day[next_bar] == day[u]
+        blocked_b = fused.entries_blocked(equity, ds, daily_loss_limit, day[min(u + 1, n_bars - 1)], day[u])
         o_blocked[b] = blocked_b
         open_trades = 0
         for p in range(n_pairs):
