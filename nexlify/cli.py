@@ -58,7 +58,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="strategies on, e.g. spot,staking,lp,lending,arbitrage (default: the config default, "
                             "all of them)")
         b.add_argument("--kernel", default="auto", choices=("auto", "torch"),
-                       help="auto: a fused CPU kernel (spot alone, or with the strategies); torch: tensor ops (the reference)")
+                       help="auto: a fused CPU kernel (spot alone, or with the strategies); torch: tensor ops "
+                            "(the reference)")
         if name == "env":
             b.add_argument("--precision", default="float64", choices=("float64", "float32"),
                            help="accounting precision of the environment")

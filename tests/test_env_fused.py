@@ -18,7 +18,7 @@ import torch
 
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
-from nexlify.env import fused, fused_portfolio
+from nexlify.env import batched, fused, fused_portfolio
 from nexlify.env.batched import (
     ACTION_NAMES, CLOSE, HOLD, N_ACTIONS, NO_TRANSFER, OPEN_LONG, PNL_SOURCES, STATE_NAMES, BatchedTradingEnv,
 )
@@ -142,6 +142,17 @@ def test_kernel_choice_follows_the_config_device_and_strategies(tensors):
     assert every_ref._fused is None
 
 
+def test_the_kernels_number_actions_and_sentinels_as_the_environment_does():
+    names = ("HOLD", "OPEN_LONG", "CLOSE", "STAKE", "UNSTAKE", "LP_OPEN", "LP_CLOSE", "LEND", "WITHDRAW", "ARB",
+             "ARB_CLOSE", "NO_LOT", "NO_TRANSFER")
+    assert [getattr(fused_portfolio, n) for n in names] == [getattr(batched, n) for n in names]
+    assert (fused.HOLD, fused.OPEN_LONG, fused.CLOSE) == (batched.HOLD, batched.OPEN_LONG, batched.CLOSE)
+    assert fused.N_SPOT_STATE == len(batched.SPOT_STATE_NAMES)
+    assert set(fused_portfolio.SLOT_FLOATS) <= set(vars(BatchedTradingEnv(
+        binance_with_coinbase(), torch.zeros((1, 1), dtype=torch.int64), torch.tensor([800]), 1, EnvConfig(),
+        RiskConfig())))
+
+
 def test_fused_step_by_hand_and_earlier_tensors_keep_their_values():
     """The hand-computed round trip of tests/test_env.py on the fused kernel, and the state a caller kept
     from an earlier step is not overwritten by the next one."""
@@ -186,7 +197,8 @@ PORTFOLIO_STATE = STATE + ("staked_units", "unbonding_units", "release_bar", "ex
 # arbitrage trades that leave books part-used, so that the rebalancing threshold decides
 BUSY_PARAMS = StrategyParams(
     arbitrage=ArbParams(taker_fee_a=0.0, taker_fee_b=0.0002, min_edge_bps=0.0, rebalance_notional_usd=1e7,
-                        rebalance_below=0.3, max_notional_usd=150.0, rebalance_delay_hours={"BTC": 2.0, "ETH": 1.0, "SOL": 3.0}),
+                        rebalance_below=0.3, max_notional_usd=150.0,
+                        rebalance_delay_hours={"BTC": 2.0, "ETH": 1.0, "SOL": 3.0}),
     staking=StakingParams(assets={"ETH": StakedAsset(0.05, 365.0, 5.0), "SOL": StakedAsset(0.07, 182.5, 2.0)},
                           stake_fraction=0.5, unstake_fraction=0.5))
 PORTFOLIO_ACTIONS = {"p_hold": 0.5, "p_wild": 0.3, "wild_every": 10}

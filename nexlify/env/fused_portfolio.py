@@ -12,11 +12,12 @@ result.
 
 State travels in packed arrays, episode-major so that an episode's numbers lie side by side in memory:
 per-slot numbers [B, len(SLOT_FLOATS), P] (and int64 and bool companions), per-episode numbers
-[B, len(EPISODE_FLOATS)]; the environment sees [P, B] and [B] views of them. After a step the environment's tensors are
-views of the rows of fresh arrays (so a tensor a caller kept from an earlier step keeps its values), and
-the next step passes those arrays back as they are, without packing again, while the environment still
-holds exactly those views. The ring of closed-trade returns, its head and the PnL rows are updated in place,
-as the tensor step does.
+[B, len(EPISODE_FLOATS)]; the environment's state tensors are [P, B] and [B] views of them. Every step
+writes fresh arrays (so a tensor a caller kept from an earlier step keeps its values), and the next step
+passes them back as they are, without packing again, while the environment still holds exactly those
+views. The ring of closed-trade returns, its head and the PnL rows are updated in place, as the tensor
+step does. The action numbers and sentinels below are batched's (which imports this module; a test
+holds them equal).
 """
 
 from __future__ import annotations
