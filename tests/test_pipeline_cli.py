@@ -114,9 +114,11 @@ def test_quick_test_preset_and_flags_win_over_it():
     assert (plain["initial_runs"], plain["max_iterations"]) == (preset["initial_runs"], preset["max_iterations"])
     assert (plain["initial_episodes"], plain["retrain_episodes"]) == (preset["initial_episodes"], preset["retrain_episodes"])
     assert plain["env"]["num_envs"] == preset["num_envs"] and plain["checkpoint_every"] == preset["checkpoint_every"]
+    assert plain["device"] == preset["device"] == "cpu"
 
-    mixed = config_show("--quick-test", "--initial-runs", "3", "--num-envs", "8", "--pairs", "ETH/USDT", "SOL/USDT")
-    assert mixed["initial_runs"] == 3 and mixed["env"]["num_envs"] == 8
+    mixed = config_show("--quick-test", "--initial-runs", "3", "--num-envs", "8", "--pairs", "ETH/USDT", "SOL/USDT",
+                        "--device", "auto")
+    assert mixed["initial_runs"] == 3 and mixed["env"]["num_envs"] == 8 and mixed["device"] == "auto"
     assert mixed["data"]["pairs"] == ["ETH/USDT", "SOL/USDT"]
     assert mixed["max_iterations"] == preset["max_iterations"]  # what no flag names stays the preset's
     assert mixed["initial_episodes"] == preset["initial_episodes"]

@@ -1,0 +1,132 @@
+"""Checks for a machine with a CUDA GPU (CI has none; run this where one is lent).
+
+1. The tensor step on the GPU against the fused CPU kernel, side by side on real candles (3 pairs with the
+   Coinbase venue, every strategy on, float64, busy risk settings): the same actions, then the largest
+   differences in equity, reward and observation, and the first step where the masks part, if any; once
+   on free paths, once starting every step from the CPU's state (one step's differences).
+2. `nexlify bench env` and `bench train` on the GPU, spot alone and every strategy.
+3. The quick pipeline with --device cuda, end to end.
+
+Prints one JSON object per line. Usage: python tools/gpu-check.py [--skip-benches] [--skip-pipeline]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from nexlify.bench import bench_env, bench_train
+from nexlify.config import EnvConfig, RiskConfig
+from nexlify.data.candles import load_market
+from nexlify.data.second_venue import load_second_venue
+from nexlify.env import fused_portfolio
+from nexlify.env.batched import BatchedTradingEnv
+from nexlify.env.market import MarketTensors, market_features
+from nexlify.features import WARMUP_BARS, Normalizer
+from nexlify.strategies.params import ArbParams, StakedAsset, StakingParams, StrategyParams
+
+PAIRS = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
+DEVICE = os.environ.get("NEXLIFY_CHECK_DEVICE", "cuda")  # cpu: a dry run of this script without a GPU
+
+
+def emit(**fields) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def copy_state(source: BatchedTradingEnv, target: BatchedTradingEnv) -> None:
+    """Everything that carries from one step to the next (the names the fused kernel packs), onto target's device."""
+    names = (fused_portfolio.SLOT_FLOATS + fused_portfolio.SLOT_INTS + fused_portfolio.SLOT_BOOLS
+             + fused_portfolio.EPISODE_FLOATS + fused_portfolio.EPISODE_INTS + fused_portfolio.EPISODE_F64)
+    dev = target.device
+    fused_portfolio._set_state(target, [(n, fused_portfolio._state_attr(source, n).to(dev, copy=True)) for n in names])
+    target.trade_ring, target.trade_head = source.trade_ring.to(dev, copy=True), source.trade_head.to(dev, copy=True)
+    target.stats.pnl_rows = source.stats.pnl_rows.to(dev, copy=True)
+    target.blocked, target.mask = source.blocked.to(dev, copy=True), source.mask.to(dev, copy=True)
+    target._arb_live, target._transfers_until = source._arb_live, source._transfers_until
+
+
+def side_by_side(n_steps: int = 300, resync: bool = False) -> None:
+    """resync: every step starts the device's environment from the CPU's state, so that the figures are one
+    step's differences (float64 on a GPU rounds exp, log1p and friends differently in the last bit, and a
+    decision on a number at dust level can then part the two paths)."""
+    market = load_market("binance", PAIRS, start="2024-03-20", end="2024-06-01")
+    market.second_venue = load_second_venue(market, "coinbase", "USD")
+    raw = market_features(market)
+    normalizer = Normalizer.fit(raw, WARMUP_BARS, 1200)
+    params = StrategyParams(
+        arbitrage=ArbParams(taker_fee_a=0.0, taker_fee_b=0.0002, min_edge_bps=0.0, rebalance_notional_usd=1e7,
+                            rebalance_below=0.3, max_notional_usd=150.0),
+        staking=StakingParams(assets={"ETH": StakedAsset(0.05, 365.0, 5.0), "SOL": StakedAsset(0.07, 182.5, 2.0)},
+                              stake_fraction=0.5, unstake_fraction=0.5))
+    risk = RiskConfig(max_position=0.2, fixed_size=0.2, kelly_min_trades=5, kelly_window=10, stop_loss=0.01,
+                      take_profit=0.02, trailing_stop=0.015, daily_loss_limit=0.03, max_trades=5)
+    starts = torch.arange(64) * 7 + 700
+    envs = {}
+    for name, device, kernel in (("fused", "cpu", "auto"), ("tensor", DEVICE, "torch")):
+        tensors = MarketTensors.build(market, normalizer, device, raw)
+        envs[name] = BatchedTradingEnv(tensors, torch.arange(3).expand(len(starts), 3), starts, n_steps,
+                                       EnvConfig(kernel=kernel), risk, params)
+    cpu, gpu = envs["fused"], envs["tensor"]
+    assert cpu._fused is not None and gpu._fused is None
+    cpu.reset()
+    gpu.reset()
+    gen = torch.Generator().manual_seed(1)
+    worst = {"equity_rel": 0.0, "reward": 0.0, "obs": 0.0}
+    mask_parted_at = None
+    for k in range(n_steps):
+        if resync:
+            copy_state(cpu, gpu)
+        act = torch.where(cpu.mask, torch.rand(cpu.mask.shape, generator=gen), -1.0).argmax(-1)
+        act = torch.where(torch.rand(act.shape, generator=gen) < 0.5, 0, act)
+        obs_c, rew_c, _ = cpu.step(act)
+        obs_g, rew_g, _ = gpu.step(act.to(DEVICE))
+        equity_rel = ((gpu.equity.cpu() - cpu.equity) / cpu.equity).abs().max()
+        worst["equity_rel"] = max(worst["equity_rel"], float(equity_rel))
+        worst["reward"] = max(worst["reward"], float((rew_g.cpu() - rew_c).abs().max()))
+        worst["obs"] = max(worst["obs"], float((obs_g.cpu() - obs_c).abs().max()))
+        if mask_parted_at is None and not torch.equal(gpu.mask.cpu(), cpu.mask):
+            mask_parted_at = k + 1
+    emit(check="tensor_step_on_device_vs_cpu_fused_kernel", device=DEVICE, resync_every_step=resync,
+         episodes=len(starts), steps=n_steps,
+         max_diff=worst, masks_parted_at_step=mask_parted_at, trades=int(cpu.stats.trades.sum()),
+         pnl_by_source_cpu=cpu.stats.pnl.sum(0).tolist(), pnl_by_source_gpu=gpu.stats.pnl.sum(0).cpu().tolist())
+
+
+def benches() -> None:
+    for strategies in (["spot"], None):
+        for batch in (16384, 65536):
+            emit(**bench_env(PAIRS, batch, 300, device=DEVICE, strategies=strategies))
+        for batch in (256, 2048):
+            emit(**bench_train(PAIRS, batch, 2000 if batch == 256 else 500, device=DEVICE,
+                                  strategies=strategies))
+
+
+def pipeline() -> None:
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", "from controller.cli import main; main()", "train", "--quick-test",
+                          "--device", DEVICE, "--output", "/tmp/gpu-quick", "--log-format", "json"],
+                         capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    summary = {}
+    if run.returncode == 0:
+        with open("/tmp/gpu-quick/complete_training_summary.json") as f:
+            summary = json.load(f)
+    emit(check="quick_pipeline_on_device", rc=run.returncode, seconds=round(seconds, 1),
+         device=summary.get("device"), stop_reason=summary.get("stop_reason"),
+         final_best_score=summary.get("final_best_score"), stderr_tail=run.stderr[-1500:] if run.returncode else "")
+
+
+if __name__ == "__main__":
+    emit(check="devices", torch=torch.__version__, cuda=torch.cuda.is_available(),
+         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    side_by_side()
+    side_by_side(resync=True)
+    if "--skip-benches" not in sys.argv:
+        benches()
+    if "--skip-pipeline" not in sys.argv:
+        pipeline()
