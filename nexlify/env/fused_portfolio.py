@@ -89,9 +89,9 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             transfer_bars, sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows, prm,
             o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask, fs, ks, acts):
     """One step for every episode b (see BatchedTradingEnv._advance with strategy tables). sf/si/sb are the
-    slot state [B, rows, P], ef/ei/e64 the episode state [B, rows]; o_* are written whole; stake_growth ..
-    transfer_bars are constants per market column; fs [B, N_SCRATCH,
-    P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch; obs [B, P, O] and o_mask [B, P, A] are written whole."""
+    slot state [B, rows, P], ef/ei/e64 the episode state [B, rows]; o_* are written whole, and so are obs
+    [B, P, O] and o_mask [B, P, A]; stake_growth .. transfer_bars are constants per market column; fs
+    [B, N_SCRATCH, P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch."""
     n_episodes, n_pairs = sf.shape[0], sf.shape[2]
     n_feat = features.shape[1]
     fee, slip = prm[FEE], prm[SLIP]
@@ -138,12 +138,10 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             if S:
                 staked, unbonding, release = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p], o_si[b, RELEASE, p]
                 f[F_COINS_BEFORE, p] = units + staked + unbonding
-                if unbonding > 0 and release != NO_LOT and u >= release:
+                if unbonding > 0 and release != NO_LOT and u >= release:  # staking.release_unbonded
                     o_sf[b, UNITS, p] = units + unbonding
-                    o_sf[b, UNBONDING, p] = unbonding - unbonding
+                    o_sf[b, UNBONDING, p] = 0.0
                     o_si[b, RELEASE, p] = NO_LOT
-                else:
-                    o_sf[b, UNITS, p] = units + 0.0
             if AR:
                 tr_coin = o_sf[b, TR_COIN, p]
                 f[F_ARB_COINS_BEFORE, p] = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(tr_coin)
@@ -153,8 +151,7 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                     o_sf[b, CB, p] = o_sf[b, CB, p] - min(tr_coin, 0.0)
                     o_sf[b, QA, p] = o_sf[b, QA, p] + max(tr_quote, 0.0)
                     o_sf[b, QB, p] = o_sf[b, QB, p] - min(tr_quote, 0.0)
-                    o_sf[b, TR_COIN, p] = tr_coin - tr_coin
-                    o_sf[b, TR_QUOTE, p] = tr_quote - tr_quote
+                    o_sf[b, TR_COIN, p], o_sf[b, TR_QUOTE, p] = 0.0, 0.0
                     o_si[b, TR_DUE, p] = NO_TRANSFER
 
         # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
