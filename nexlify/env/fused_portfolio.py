@@ -113,17 +113,12 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         blk = blocked[b]
         size_now = ef[b, SIZE]
         notional = size_now * prev_eq
-        # copy the slot state into the outputs, where the blocks below update it
-        for r in range(o_sf.shape[1]):
-            for p in range(n_pairs):
-                o_sf[b, r, p] = sf[b, r, p]
+        # copy the slot state into the outputs, where the blocks below update it. (The scratch is not cleared:
+        # it starts at zero, and each step writes every entry of a strategy that is on before reading it.)
+        o_sf[b] = sf[b]
         for p in range(n_pairs):
             o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
             o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
-            for r in range(N_SCRATCH):
-                f[r, p] = 0.0
-            for r in range(N_FLAGS):
-                k[r, p] = False
 
         # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
         for p in range(n_pairs):
@@ -709,8 +704,8 @@ class FusedPortfolioStep:
             tb.stake_growth, tb.stake_apy * 10.0, tb.unbond_bars.to(torch.int64), tb.stakeable,
             tb.withdrawal_fee_units, tb.transfer_bars.to(torch.int64)))
         P, B = env.P, env.B
-        self.scratch = (np.empty((B, N_SCRATCH, P)), np.empty((B, N_FLAGS, P), dtype=np.bool_),
-                        np.empty((B, P), dtype=np.int64))
+        self.scratch = (np.zeros((B, N_SCRATCH, P)), np.zeros((B, N_FLAGS, P), dtype=np.bool_),
+                        np.zeros((B, P), dtype=np.int64))
         r, e, sp = env.risk_cfg, env.env_cfg, env.strategy_params
         values = {
             "fee": env.fee, "slip": env.slip, "stop_loss": r.stop_loss, "take_profit": r.take_profit,
