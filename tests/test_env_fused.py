@@ -243,6 +243,11 @@ def test_fused_portfolio_step_matches_the_tensor_step_with_every_strategy(venues
     assert (ref.stats.trades >= 20).all()
 
 
+ACTION_OWNER = {"open_long": "spot", "close": "spot", "stake": "staking", "unstake": "staking", "lp_open": "lp",
+                "lp_close": "lp", "lend": "lending", "withdraw": "lending", "arbitrage": "arbitrage",
+                "arb_close": "arbitrage"}
+
+
 @pytest.mark.parametrize("strategies", [
     ["spot", "staking", "lending"],  # no LP and no arbitrage: entries scaled as with spot alone
     ["spot", "lp"],
@@ -260,9 +265,6 @@ def test_fused_portfolio_step_matches_with_some_strategies_on(venues, strategies
     assert ref.stats.trades.sum() > 0
 
 
-ACTION_OWNER = {"open_long": "spot", "close": "spot", "stake": "staking", "unstake": "staking", "lp_open": "lp",
-                "lp_close": "lp", "lend": "lending", "withdraw": "lending", "arbitrage": "arbitrage",
-                "arb_close": "arbitrage"}
 
 
 def test_fused_portfolio_step_in_float32_with_one_pair_per_episode(venues):
@@ -277,7 +279,7 @@ def test_fused_portfolio_step_in_float32_with_one_pair_per_episode(venues):
     ref.reset()
     gen = torch.Generator().manual_seed(5)
     for k in range(300):
-        copy_state(ref, fast)
+        fused_portfolio.copy_step_state(ref, fast)
         act = torch.where(ref.mask, torch.rand(ref.mask.shape, generator=gen), -1.0).argmax(-1)
         act = torch.where(torch.rand(act.shape, generator=gen) < 0.5, HOLD, act)
         (obs_ref, reward_ref, _), (obs_fast, reward_fast, _) = ref.step(act), fast.step(act)
@@ -287,18 +289,6 @@ def test_fused_portfolio_step_in_float32_with_one_pair_per_episode(venues):
         assert_same(ref, fast, 1e-5, 1e-2, where)  # a cent: float32 rounding of a 10,000 portfolio
         assert_same_portfolio(ref, fast, 1e-5, 1e-2, where)
     assert ref.stats.trades.sum() > 10
-
-
-def copy_state(source: BatchedTradingEnv, target: BatchedTradingEnv) -> None:
-    """Everything that carries from one step to the next, copied (the names the fused kernel packs)."""
-    names = (fused_portfolio.SLOT_FLOATS + fused_portfolio.SLOT_INTS + fused_portfolio.SLOT_BOOLS
-             + fused_portfolio.EPISODE_FLOATS + fused_portfolio.EPISODE_INTS + fused_portfolio.EPISODE_F64)
-    fused_portfolio._set_state(target, [(n, fused_portfolio._state_attr(source, n).clone()) for n in names])
-    target.trade_ring, target.trade_head = source.trade_ring.clone(), source.trade_head.clone()
-    target.stats.pnl_rows = source.stats.pnl_rows.clone()
-    target.blocked, target.mask = source.blocked.clone(), source.mask.clone()
-    target._arb_live, target._transfers_until = source._arb_live, source._transfers_until
-    target.steps_done, target.stats.n_returns = source.steps_done, source.stats.n_returns
 
 
 def test_observe_after_a_fused_portfolio_step_gathers_the_tables_at_the_new_bar(venues):

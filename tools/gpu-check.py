@@ -38,18 +38,6 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def copy_state(source: BatchedTradingEnv, target: BatchedTradingEnv) -> None:
-    """Everything that carries from one step to the next (the names the fused kernel packs), onto target's device."""
-    names = (fused_portfolio.SLOT_FLOATS + fused_portfolio.SLOT_INTS + fused_portfolio.SLOT_BOOLS
-             + fused_portfolio.EPISODE_FLOATS + fused_portfolio.EPISODE_INTS + fused_portfolio.EPISODE_F64)
-    dev = target.device
-    fused_portfolio._set_state(target, [(n, fused_portfolio._state_attr(source, n).to(dev, copy=True)) for n in names])
-    target.trade_ring, target.trade_head = source.trade_ring.to(dev, copy=True), source.trade_head.to(dev, copy=True)
-    target.stats.pnl_rows = source.stats.pnl_rows.to(dev, copy=True)
-    target.blocked, target.mask = source.blocked.to(dev, copy=True), source.mask.to(dev, copy=True)
-    target._arb_live, target._transfers_until = source._arb_live, source._transfers_until
-
-
 def side_by_side(n_steps: int = 300, resync: bool = False) -> None:
     """resync: every step starts the device's environment from the CPU's state, so that the figures are one
     step's differences (float64 on a GPU rounds exp, log1p and friends differently in the last bit, and a
@@ -80,7 +68,7 @@ def side_by_side(n_steps: int = 300, resync: bool = False) -> None:
     mask_parted_at = None
     for k in range(n_steps):
         if resync:
-            copy_state(cpu, gpu)
+            fused_portfolio.copy_step_state(cpu, gpu)
         act = torch.where(cpu.mask, torch.rand(cpu.mask.shape, generator=gen), -1.0).argmax(-1)
         act = torch.where(torch.rand(act.shape, generator=gen) < 0.5, 0, act)
         obs_c, rew_c, _ = cpu.step(act)

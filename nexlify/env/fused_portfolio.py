@@ -656,10 +656,6 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 obs[b, p, j + 16] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
 
 
-def available() -> bool:
-    return fused.available()
-
-
 def _state_attr(env: "BatchedTradingEnv", name: str) -> torch.Tensor:
     if name.startswith("kelly"):
         return env.kelly_sums[int(name[-1])]
@@ -676,6 +672,20 @@ def _set_state(env: "BatchedTradingEnv", views: list[tuple[str, torch.Tensor]]) 
             setattr(env, name, view)
     env.kelly_sums = tuple(view for name, view in views if name.startswith("kelly"))
     env.stats.equity = env.equity
+
+
+def copy_step_state(source: "BatchedTradingEnv", target: "BatchedTradingEnv") -> None:
+    """Copies everything that carries from one step to the next (the names this kernel packs, the Kelly ring,
+    the PnL rows, the mask and the host's flags) from source onto target, on target's device: the two then
+    take their next step from the same state (tests and tools/gpu-check.py compare steps that way)."""
+    dev = target.device
+    names = SLOT_FLOATS + SLOT_INTS + SLOT_BOOLS + EPISODE_FLOATS + EPISODE_INTS + EPISODE_F64
+    _set_state(target, [(n, _state_attr(source, n).to(dev, copy=True)) for n in names])
+    target.trade_ring, target.trade_head = source.trade_ring.to(dev, copy=True), source.trade_head.to(dev, copy=True)
+    target.stats.pnl_rows = source.stats.pnl_rows.to(dev, copy=True)
+    target.blocked, target.mask = source.blocked.to(dev, copy=True), source.mask.to(dev, copy=True)
+    target._arb_live, target._transfers_until = source._arb_live, source._transfers_until
+    target.steps_done, target.stats.n_returns = source.steps_done, source.stats.n_returns
 
 
 GROUPS = (("sf", SLOT_FLOATS), ("si", SLOT_INTS), ("sb", SLOT_BOOLS), ("ef", EPISODE_FLOATS), ("ei", EPISODE_INTS),
