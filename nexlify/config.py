@@ -64,10 +64,11 @@ class EnvConfig:
     initial_equity: float = setting(10_000.0, "starting equity in quote currency", lo=0.0, lo_open=True)
     fee: float = setting(0.001, "exchange fee per side, as a fraction of notional", lo=0.0, hi=0.1)
     slippage_bps: float = setting(5.0, "slippage against us on every fill, in basis points", lo=0.0, hi=1000.0)
-    episode_bars: int = setting(0, "bars per training episode from a seeded random start (0 = one full pass)", lo=0)
+    episode_bars: int = setting(720, "bars per training episode, each from a seeded random start in the training "
+                                "window (0 = the whole window, every episode the same pass)", lo=0)
     drawdown_penalty: float = setting(0.0, "reward penalty per unit of new drawdown (0 = pure log-equity reward)", lo=0.0)
-    num_envs: int = setting(0, "training episodes stepped together as one batch (0 = all of a run's episodes, "
-                            "up to 1024)", lo=0, hi=65536)
+    num_envs: int = setting(32, "training episodes stepped together as one batch, each at its own random offset "
+                            "(0 = all of a run's episodes, up to 1024)", lo=0, hi=65536)
     precision: str = setting("float64", "accounting precision: float64 (exact) or float32 (faster)",
                              choices=("float64", "float32"))
     strategies: list[str] = setting(list(ALL_STRATEGIES), "strategies the agent may use (the others' actions are "
@@ -230,7 +231,7 @@ class AgentConfig:
     batch_size: int = setting(256, "transitions per gradient step", lo=1)
     buffer_size: int = setting(200_000, "replay capacity in transitions (one per pair and episode and bar)", lo=1)
     learning_starts: int = setting(5_000, "transitions collected before the first gradient step", lo=0)
-    train_every: int = setting(2, "batched environment steps per gradient step", lo=1)
+    train_every: int = setting(1, "batched environment steps per gradient step", lo=1)
     target_update: int = setting(500, "gradient steps between target-network copies", lo=1)
     grad_clip: float = setting(10.0, "max gradient norm", lo=0.0, lo_open=True)
     eps_start: float = setting(1.0, "initial exploration rate of a fresh run", lo=0.0, hi=1.0)
@@ -239,6 +240,10 @@ class AgentConfig:
                                   lo=0.0, hi=1.0)
     eps_decay_fraction: float = setting(0.5, "fraction of the run over which epsilon decays linearly",
                                         lo=0.0, hi=1.0, lo_open=True)
+    reward_scale: float = setting(100.0, "the learner's rewards are the environment's (log-equity change per slot) "
+                                  "times this: 100 puts them in percent of equity, so that Q-values of a few "
+                                  "tenths separate instead of hiding in float noise at 1e-4", lo=0.0, lo_open=True,
+                                  hi=1e6)
 
 
 @dataclass

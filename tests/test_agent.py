@@ -236,8 +236,9 @@ def test_nstep_window_of_one_is_the_one_step_return():
 
 def test_remember_stores_nstep_transitions_with_the_right_bootstrap_state():
     """Through DQNAgent.remember (n = 3, gamma = 0.9): the transition from step k bootstraps from the
-    observation n steps later, or from the last one when the episode ends first."""
-    agent = small_agent(obs_size=1, n_step=3, gamma=0.9, buffer_size=64)
+    observation n steps later, or from the last one when the episode ends first. Rewards are stored times
+    reward_scale (here 2: every return below is twice the hand-computed n-step sum)."""
+    agent = small_agent(obs_size=1, n_step=3, gamma=0.9, buffer_size=64, reward_scale=2.0)
     for k in range(5):
         agent.remember(torch.full((2, 1), float(k)), torch.full((2,), k % 3), rewards(k),
                        torch.full((2, 1), float(k + 1)), torch.ones((2, 3), dtype=torch.bool), episode_end=(k == 4))
@@ -248,7 +249,7 @@ def test_remember_stores_nstep_transitions_with_the_right_bootstrap_state():
         rows = slice(2 * i, 2 * i + 2)
         assert buf.obs[rows, 0].tolist() == [k, k]
         assert buf.action[rows].tolist() == [k % 3, k % 3]
-        assert buf.ret[rows].tolist() == [pytest.approx(value), pytest.approx(10 * value)]
+        assert buf.ret[rows].tolist() == [pytest.approx(2 * value), pytest.approx(2 * 10 * value)]
         assert buf.discount[rows].tolist() == [pytest.approx(discount)] * 2
         assert buf.next_obs[rows, 0].tolist() == [boot, boot]
 

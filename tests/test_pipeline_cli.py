@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller.config import quick_test_preset
+from controller.config import PipelineConfig, quick_test_preset
 from tests.pipeline_support import REPO, child_env, read_json, run_cli
 
 NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # `--device cuda` must fail the same way on a GPU machine
@@ -137,7 +137,7 @@ def test_config_file_nested_and_flat_keys_and_flags_override_it(tmp_path):
     assert from_file["risk"]["stop_loss"] == 0.03 and from_file["risk"]["take_profit"] == 0.07
     assert from_file["risk"]["max_trades"] == 5
     assert from_file["data"]["pairs"] == ["ETH/USDT"] and from_file["data"]["val_days"] == 60
-    assert from_file["retrain_episodes"] == 200  # untouched: the documented default
+    assert from_file["retrain_episodes"] == PipelineConfig().retrain_episodes  # untouched: the documented default
 
     flags = config_show("--config", str(path), "--patience", "6", "--stop-loss", "0.01", "--pairs", "SOL/USDT")
     assert flags["patience"] == 6 and flags["risk"]["stop_loss"] == 0.01 and flags["data"]["pairs"] == ["SOL/USDT"]

@@ -173,7 +173,7 @@ class DQNAgent:
     def remember(self, obs: Tensor, action: Tensor, reward: Tensor, next_obs: Tensor, next_mask: Tensor,
                  episode_end: bool) -> None:
         """Feed one step of all streams (flattened [M, ...]); stores the n-step transitions that are ready."""
-        self.window.push(obs, action, reward)
+        self.window.push(obs, action, reward * self.cfg.reward_scale)
         ready = self.window.flush() if episode_end else self.window.pop_ready()
         for o, a, ret, disc in ready:
             self.buffer.add(o, a, ret, torch.full_like(ret, disc), next_obs, next_mask)
