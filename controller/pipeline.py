@@ -256,6 +256,9 @@ class Pipeline:
         log.info("pipeline_complete", pipeline=self.pipeline_id, stop_reason=self.state["stop_reason"],
                  best_initial_score=summary["best_initial_score"], final_best_score=summary["final_best_score"],
                  total_improvement_pct=summary["total_improvement_pct"], final_model=summary["final_model_path"],
+                 winner=summary["selection"]["selected"], val_return=summary["selection"]["val_return"],
+                 beats_cash_plus_lending=summary["selection"]["beats_cash_plus_lending"],
+                 deflated_sharpe=summary["selection"]["deflated_sharpe"].get("value"),
                  seconds=round(time.perf_counter() - t0, 1))
         return summary
 
