@@ -206,3 +206,17 @@ def test_random_baseline_is_deterministic_per_seed_and_the_mean_of_its_seeds(mar
     for key in ("turnover", "fees_paid", "exposure"):
         assert both[key] == pytest.approx((one[key] + two[key]) / 2, rel=1e-12)
     assert both["seeds"] == [0, 1] and math.isfinite(both["avg_sharpe"])
+
+
+def test_the_accounting_is_the_same_on_the_fused_kernel_and_the_tensor_step(market):
+    """Exposure, turnover and fees read from the environment's state after each step: the fused CPU kernel
+    and the tensor step (the GPU's path) must leave the same state behind."""
+    window = (1000, 1120)
+    fused = evaluate_with_baselines(None, market, window, EnvConfig(), RiskConfig(), seeds=(0,))
+    tensor = evaluate_with_baselines(None, market, window, EnvConfig(kernel="torch"), RiskConfig(), seeds=(0,))
+    for name in bl.BASELINES:
+        a, b = fused["baselines"][name], tensor["baselines"][name]
+        for key in ("avg_return", "exposure", "exposure_any", "turnover", "fees_paid"):
+            assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (name, key)
+        assert a["exposure_by_strategy"] == pytest.approx(b["exposure_by_strategy"]), name
+    assert fused["baselines"][bl.RANDOM_VALID]["exposure_any"] > fused["baselines"][bl.RANDOM_VALID]["exposure"]
