@@ -338,7 +338,8 @@ class Pipeline:
         devices = sorted({e["device"] for e in entries if e.get("device")})
         run_versions = final_entry.get("versions") or {}
         # every candidate's validation return and Sharpe beside its score; the selected one's honesty report
-        sources = [(f"init-{e['run_id']}", e["seed"], e["val_score"], e["val_metrics"], e["model_key"]) for e in initial]
+        sources = [(f"init-{e['run_id']}", e["seed"], e["val_score"], e["val_metrics"], e["model_key"])
+                   for e in initial]
         sources += [(f"retrain-{e['iteration']}", e["seed"], e["score"], e["metrics"], e["model_path"])
                     for e in st["retraining"]]
         candidates = [selection.candidate(src, seed, score, metrics, selected=key == final_key)

@@ -86,7 +86,8 @@ def final_lines(summary: dict) -> list[str]:
              f"score {s['val_score']:.3f} ({s['models_tried']} models tried)"]
     cpl = s.get("cash_plus_lending")
     if cpl is not None:
-        lines.append(f"cash plus lending, same window: return {cpl['avg_return']:.3f} %, Sharpe {cpl['avg_sharpe']:.3f}")
+        lines.append(f"cash plus lending, same window: return {cpl['avg_return']:.3f} %, "
+                     f"Sharpe {cpl['avg_sharpe']:.3f}")
     d = s["deflated_sharpe"]
     if d.get("value") is not None:
         lines.append(f"deflated Sharpe ratio: {d['value']:.3f} ({d['note']})")

@@ -120,12 +120,15 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
     plans.append((lend_cfg, risk_cfg, Group(bl.CASH_PLUS_LENDING, lambda obs, mask, env, rows: bl.take_lend(mask))))
     notes[bl.CASH_PLUS_LENDING] = "LEND whenever the mask allows it (the environment decides how much)." + (
         " Lending was off in the model's config; this baseline ran with lending switched on." if lend_added else "")
-    plans.append((spot_cfg, full_risk, Group(bl.BUY_AND_HOLD_FULL, lambda obs, mask, env, rows: bl.buy_when_flat(mask))))
+    def buy(obs: Tensor, mask: Tensor, env: BatchedTradingEnv, rows: slice) -> Tensor:
+        return bl.buy_when_flat(mask)
+
+    plans.append((spot_cfg, full_risk, Group(bl.BUY_AND_HOLD_FULL, buy)))
     notes[bl.BUY_AND_HOLD_FULL] = (
         "Buy at the first tradable open with all the equity and hold: the model's risk config with "
         "max_position=1, fixed_size=1 (the order is scaled to the cash, so fees come out of the position), "
         "kelly off, stop_loss=take_profit=trailing_stop=0 and daily_loss_limit=0." + spot_note)
-    plans.append((spot_cfg, risk_cfg, Group(bl.BUY_AND_HOLD_SIZED, lambda obs, mask, env, rows: bl.buy_when_flat(mask))))
+    plans.append((spot_cfg, risk_cfg, Group(bl.BUY_AND_HOLD_SIZED, buy)))
     notes[bl.BUY_AND_HOLD_SIZED] = ("open_long whenever flat and allowed, under the model's own risk config "
                                     "(per-trade cap, Kelly, stops, targets, daily loss limit)." + spot_note)
     plans.append((spot_cfg, risk_cfg, Group(bl.MA_CROSSOVER, ma_policy)))
@@ -239,7 +242,8 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
                 m["turnover"] = float(turnover[i])
                 per_pair[pair] = m
             copies.append(per_pair)
-        per_pair = copies[0] if g.copies == 1 else {pair: _mean_of([cp[pair] for cp in copies]) for pair in market.pairs}
+        per_pair = (copies[0] if g.copies == 1
+                    else {pair: _mean_of([cp[pair] for cp in copies]) for pair in market.pairs})
         metrics = _with_extras(average_metrics(per_pair))
         book = equity[:, rows].sum(1)
         metrics["return_moments"] = return_moments((book[1:] / book[:-1] - 1.0).cpu().numpy())

@@ -31,9 +31,9 @@ def model_path(tmp_path_factory) -> str:
     normalizer = Normalizer.fit(raw, WARMUP_BARS, 1000)
     torch.manual_seed(0)
     net = DuelingQNet(observation_size(raw.shape[-1]), N_ACTIONS, cfg.agent.hidden)
-    ckpt = checkpoint.build_checkpoint({"model_state_dict": net.state_dict(), "target_model_state_dict": net.state_dict(),
-                                        "optimizer_state_dict": {}},
-                                       config=to_dict(cfg), normalizer=normalizer.to_dict(), episodes_trained=0,
+    state = {"model_state_dict": net.state_dict(), "target_model_state_dict": net.state_dict(),
+             "optimizer_state_dict": {}}
+    ckpt = checkpoint.build_checkpoint(state, config=to_dict(cfg), normalizer=normalizer.to_dict(), episodes_trained=0,
                                        seed=0, metrics={})
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     path.write_bytes(checkpoint.to_bytes(ckpt))
