@@ -10,7 +10,8 @@ functions of recorded numbers (each run's result.json, through the pipeline stat
 - A plain flag, `beats_cash_plus_lending`, and a sentence: does the selected model's validation return
   beat the cash-plus-lending baseline's on the same window, in the same environment? (On return: the
   lending baseline's per-bar returns barely vary, so its Sharpe is huge and says little; both Sharpes are
-  reported beside.)
+  reported beside.) `beats_baselines` makes the same comparison with every baseline, on return and on
+  Sharpe.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def selection_report(candidates: list[dict], moments: dict[str, dict | None], ba
             f"return {sel['val_return']:.3f} % against {lending['avg_return']:.3f} % from lending idle cash at the "
             "modelled Aave rate" + ("." if beats else "; holding cash in Aave would have done better."))
 
+    # the same comparison against every baseline, on return and on Sharpe (strictly better)
+    report["beats_baselines"] = {
+        name: {"return": sel["val_return"] > m["avg_return"], "sharpe": sel["val_sharpe"] > m["avg_sharpe"]}
+        for name, m in (baselines or {}).items() if sel["val_return"] is not None and sel["val_sharpe"] is not None}
     report["deflated_sharpe"] = _deflated(sel["source"], candidates, moments)
     return report
 

@@ -77,7 +77,7 @@ def _cands(*rows):
             for src, seed, score, ret, sh, sel in rows]
 
 
-LENDING = {"cash_plus_lending": {"avg_return": 0.9, "avg_sharpe": 1500.0}, "flat": {"avg_return": 0.0}}
+LENDING = {"cash_plus_lending": {"avg_return": 0.9, "avg_sharpe": 1500.0}, "flat": {"avg_return": 0.0, "avg_sharpe": 0.0}}
 NORMAL = {"n": 500, "mean": 0.0, "std": 1.0, "skew": 0.0, "kurtosis": 3.0}
 
 
@@ -95,6 +95,9 @@ def test_the_flag_and_its_sentence(ret, baselines, beats, words):
     assert report["val_return"] == ret and report["val_sharpe"] == 1.0
     assert report["beats_cash_plus_lending"] is beats
     assert words in report["verdict"]
+    if baselines is not None:
+        assert report["beats_baselines"]["cash_plus_lending"] == {"return": beats, "sharpe": False}
+        assert report["beats_baselines"]["flat"] == {"return": ret > 0.0, "sharpe": True}
     lines = selection.final_lines({"selection": report})
     assert lines[0].startswith("winner: init-1") and "2 models tried" in lines[0]
     assert lines[-1].startswith(f"beats_cash_plus_lending: {'unknown' if beats is None else str(beats).lower()}")
