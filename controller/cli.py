@@ -123,14 +123,24 @@ def resolve_pipeline_config(args: argparse.Namespace) -> PipelineConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from controller.preflight import run_preflight
     from controller.run import run_pipeline
+    from controller.selection import final_lines as selection_lines
 
     cfg = resolve_pipeline_config(args)
     if not run_preflight(cfg, print_table=True):
         return 2
     signal.signal(signal.SIGTERM, _raise_terminated)  # stop like Ctrl-C: workers save, training.log is published
     summary = run_pipeline(cfg, force=args.force)
-    print(json.dumps({k: summary[k] for k in ("stop_reason", "best_initial_score", "final_best_score",
-                                               "total_improvement_pct", "final_model_url")}, indent=2))
+    final = {k: summary[k] for k in ("stop_reason", "best_initial_score", "final_best_score", "total_improvement_pct",
+                                     "final_model_url")}
+    chosen = summary.get("selection") or {}
+    dsr = chosen.get("deflated_sharpe") or {}
+    final.update({"winner": chosen.get("selected"), "val_return": chosen.get("val_return"),
+                  "val_sharpe": chosen.get("val_sharpe"), "cash_plus_lending": chosen.get("cash_plus_lending"),
+                  "deflated_sharpe": dsr.get("value"), "models_tried": chosen.get("models_tried"),
+                  "beats_cash_plus_lending": chosen.get("beats_cash_plus_lending"), "verdict": chosen.get("verdict")})
+    print(json.dumps(final, indent=2))  # stdout stays one JSON object; the same in words on stderr
+    for line in selection_lines(summary):
+        print(line, file=sys.stderr)
     return 0
 
 

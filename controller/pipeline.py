@@ -21,7 +21,7 @@ from pathlib import Path
 import structlog
 
 import nexlify
-from controller import rules
+from controller import rules, selection
 from controller.config import PipelineConfig, pipeline_hash
 from controller.executors.base import Executor, RunSpec
 from controller.stores import StoreKeyMissing
@@ -256,6 +256,9 @@ class Pipeline:
         log.info("pipeline_complete", pipeline=self.pipeline_id, stop_reason=self.state["stop_reason"],
                  best_initial_score=summary["best_initial_score"], final_best_score=summary["final_best_score"],
                  total_improvement_pct=summary["total_improvement_pct"], final_model=summary["final_model_path"],
+                 winner=summary["selection"]["selected"], val_return=summary["selection"]["val_return"],
+                 beats_cash_plus_lending=summary["selection"]["beats_cash_plus_lending"],
+                 deflated_sharpe=summary["selection"]["deflated_sharpe"].get("value"),
                  seconds=round(time.perf_counter() - t0, 1))
         return summary
 
@@ -308,6 +311,7 @@ class Pipeline:
                 "new_best": decision.new_best, "patience_count": decision.patience_count,
                 "continued_from": best["model_key"], "test_metrics": result.get("test_metrics"),
                 "timings": result.get("timings"), "device": result.get("device"), "versions": result.get("versions"),
+                **_honesty_fields(result),
             }
             self.state["retraining"].append(entry)
             if decision.new_best:
@@ -333,6 +337,15 @@ class Pipeline:
         entries = initial + st["retraining"]
         devices = sorted({e["device"] for e in entries if e.get("device")})
         run_versions = final_entry.get("versions") or {}
+        # every candidate's validation return and Sharpe beside its score; the selected one's honesty report
+        sources = [(f"init-{e['run_id']}", e["seed"], e["val_score"], e["val_metrics"], e["model_key"])
+                   for e in initial]
+        sources += [(f"retrain-{e['iteration']}", e["seed"], e["score"], e["metrics"], e["model_path"])
+                    for e in st["retraining"]]
+        candidates = [selection.candidate(src, seed, score, metrics, selected=key == final_key)
+                      for src, seed, score, metrics, key in sources]
+        moments = {src: e.get("return_moments") for (src, *_), e in zip(sources, entries)}
+        report = selection.selection_report(candidates, moments, final_entry.get("val_baselines"))
 
         return {
             "pipeline_complete": True,
@@ -352,6 +365,9 @@ class Pipeline:
             "final_model_path": final_key,
             "final_model_url": self.store.url(final_key),
             "final_test_metrics": final_entry.get("test_metrics"),
+            "candidates": candidates,
+            "selection": report,
+            "final_val_baselines": final_entry.get("val_baselines"),
             "config": to_dict(self.cfg),
             "config_hash": self.hash,
             "data": st["data"],
@@ -373,11 +389,24 @@ def _run_entry(run_id: int, spec: RunSpec, result: dict, output: str) -> dict:
         "per_pair": result["val_metrics"].get("per_pair"), "model_key": f"{output}/{result['model_file']}",
         "model_path": f"{output}/{result['model_file']}", "test_metrics": result.get("test_metrics"),
         "timings": result.get("timings"), "device": result.get("device"), "versions": result.get("versions"),
+        **_honesty_fields(result),
     }
+
+
+def _honesty_fields(result: dict) -> dict:
+    """What selection honesty needs from a run's result.json: the per-bar return moments of its validation
+    book and the baselines' averages on the same window (None from a result.json that predates them)."""
+    val = result["val_metrics"]
+    baselines = result.get("val_baselines")
+    return {"return_moments": val.get("return_moments"),
+            "val_baselines": {name: _avg_metrics(m) for name, m in baselines.items()} if baselines else None}
 
 
 def _avg_metrics(val: dict) -> dict:
     out = {k: val[k] for k in ("avg_return", "avg_sharpe", "avg_win_rate", "avg_drawdown", "total_trades", "score")}
+    for key in ("exposure", "exposure_any", "turnover", "fees_paid"):  # absent from an older result.json
+        if key in val:
+            out[key] = val[key]
     if val.get("pnl_breakdown") is not None:  # PnL by source, averaged over pairs (quote currency)
         out["pnl_breakdown"] = val["pnl_breakdown"]
     return out

@@ -217,6 +217,10 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                 "val_score": val["score"],
                 "val_metrics": _plain(val),
                 "test_metrics": _plain(output.test_metrics) if output.test_metrics is not None else None,
+                # the baselines on the same windows in the same environment (nexlify.baselines)
+                "val_baselines": _plain(output.val_baselines),
+                "test_baselines": _plain(output.test_baselines),
+                "baseline_notes": _plain(output.baseline_notes),
                 "train_return": output.train_return,
                 "model_file": model_name,
                 "model_url": f"{outputs.url}/{model_name}",

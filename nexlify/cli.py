@@ -10,16 +10,19 @@ from nexlify.configtools import apply_mapping, validate_tree
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("evaluate", help="metrics of a checkpoint on any window, beside buy-and-hold")
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint on any window, beside baselines in the same "
+                        "environment")
     ev.add_argument("--model", required=True, help="checkpoint file (.pt)")
     ev.add_argument("--pairs", nargs="+", help="pairs (default: the checkpoint's)")
     ev.add_argument("--exchange", help="exchange (default: the checkpoint's)")
     ev.add_argument("--data-dir", help="candle folder (default: the checkpoint's, else the bundled sample)")
     ev.add_argument("--start", help="first day evaluated, UTC (default: the checkpoint's validation window)")
-    ev.add_argument("--end", help="end of the window, UTC, exclusive (default: the checkpoint's data end with --start, "
-                    "else the end of its validation window)")
+    ev.add_argument("--end", help="end of the window, UTC, exclusive (default: the end of the data with --start, "
+                    "else the end of the checkpoint's validation window)")
     ev.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--record", action="store_true", help="with --json: add per-bar equity curves and positions "
+                    "of the agent and every baseline (\"curves\")")
     ev.set_defaults(handler=cmd_evaluate)
 
     data = sub.add_parser("data", help="fetch and inspect candles")
@@ -73,7 +76,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from nexlify.evaluate_cmd import evaluate_checkpoint, render_table
 
     report = evaluate_checkpoint(args.model, pairs=args.pairs, exchange=args.exchange, data_dir=args.data_dir,
-                                 start=args.start, end=args.end, device=args.device)
+                                 start=args.start, end=args.end, device=args.device, record=args.record)
     print(json.dumps(report, indent=2) if args.json else render_table(report))
     return 0
 

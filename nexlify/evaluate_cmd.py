@@ -1,4 +1,5 @@
-"""`nexlify evaluate`: a checkpoint's greedy metrics on any window, beside buy-and-hold."""
+"""`nexlify evaluate`: a checkpoint's greedy metrics on any window, beside the baselines stepped through
+the same environment (nexlify.baselines) and the market's fee-less move (buy_and_hold)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from nexlify.env.batched import N_ACTIONS, observation_size
 from nexlify.env.market import MarketTensors
 from nexlify.agent.dqn import DuelingQNet
 from nexlify.errors import InputError
-from nexlify.evaluation import buy_and_hold, evaluate_policy
+from nexlify.evaluation import buy_and_hold, evaluate_with_baselines
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.training import attach_second_venue, resolve_device
 
@@ -22,7 +23,13 @@ WARMUP_DAYS = WARMUP_BARS // 24 + 2
 
 def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exchange: str | None = None,
                         data_dir: str | None = None, start: str | None = None, end: str | None = None,
-                        device: str = "cpu") -> dict:
+                        device: str = "cpu", record: bool = False) -> dict:
+    """The checkpoint's greedy policy on a window: "agent" (metrics), "baselines" ({name: metrics}, see
+    nexlify.evaluation), "baseline_notes", "buy_and_hold" (per pair, no fees), the window and, with `record`,
+    "curves" (per-bar equity and positions of the agent and every baseline).
+
+    Window: --start and --end; --start alone runs to the end of the data; neither is the checkpoint's own
+    validation window (val_days before its test window)."""
     dev = resolve_device(device)
     ckpt = checkpoint.load(model_path, map_location=dev)
     cfg = TrainConfig()
@@ -31,17 +38,21 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     pairs = pairs or d.pairs
     exchange = exchange or d.exchange
     data_dir = data_dir if data_dir is not None else d.data_dir
+    end_ms: int | None
     if end is not None:
         end_ms = parse_utc_ms(end, "--end")
-    elif start is not None:  # from --start to the end of the checkpoint's data
-        end_ms = parse_utc_ms(d.end, "--end")
+    elif start is not None:  # from --start to the end of the data
+        end_ms = None
     else:  # the checkpoint's own validation window: val_days before its test window
         end_ms = parse_utc_ms(d.end, "--end") - d.test_days * MS_PER_DAY
     start_ms = end_ms - d.val_days * MS_PER_DAY if start is None else parse_utc_ms(start, "--start")
-    if start_ms >= end_ms:
+    if end_ms is not None and start_ms >= end_ms:
         raise InputError(f"--start {iso_utc(start_ms)} is not before --end {iso_utc(end_ms)}")
     market = load_market(exchange, pairs, d.timeframe, data_dir, iso_utc(start_ms - WARMUP_DAYS * MS_PER_DAY),
-                         iso_utc(end_ms))
+                         iso_utc(end_ms) if end_ms is not None else None)
+    if end_ms is None and int(market.timestamps[-1]) < start_ms:
+        raise InputError(f"--start {iso_utc(start_ms)} is after the last candle ({market.end_iso}); accepted: a "
+                         "start before the end of the data")
     attach_second_venue(cfg, market, data_dir)
     i0 = int(np.searchsorted(market.timestamps, start_ms, side="left"))
     if i0 - 1 < WARMUP_BARS:
@@ -51,15 +62,20 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), dev)
     model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden).to(dev)
     model.load_state_dict(ckpt["model_state_dict"])
-    metrics = evaluate_policy(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params())
-    return {
+    evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), record=record)
+    report = {
         "model": model_path,
         "window": {"start": iso_utc(int(market.timestamps[i0])), "end": market.end_iso, "bars": window[1] - window[0]},
         "exchange": exchange,
-        "agent": metrics,
+        "agent": evaluated["agent"],
+        "baselines": evaluated["baselines"],
+        "baseline_notes": evaluated["baseline_notes"],
         "buy_and_hold": buy_and_hold(tensors, window),
         "checkpoint": {"seed": ckpt["seed"], "episodes_trained": ckpt["episodes_trained"]},
     }
+    if record:
+        report["curves"] = evaluated["curves"]
+    return report
 
 
 def render_table(report: dict) -> str:
@@ -77,4 +93,18 @@ def render_table(report: dict) -> str:
                  f"{a['avg_drawdown']:.2f} %, win rate {a['avg_win_rate']:.2%}, score {a['score']:.3f}")
     if a.get("pnl_breakdown"):
         lines.append("average PnL by source: " + ", ".join(f"{k} {v:,.2f}" for k, v in a["pnl_breakdown"].items()))
+    lines += ["", "the agent beside baselines in the same environment (averages over pairs):", baseline_table(report)]
+    return "\n".join(lines)
+
+
+def baseline_table(report: dict) -> str:
+    """One line per policy: return, Sharpe, drawdown, exposure (spot / anything), turnover, fees paid."""
+    rows = [("agent", report["agent"])] + list(report.get("baselines", {}).items())
+    lines = [f"{'policy':<20} {'return %':>9} {'sharpe':>8} {'max dd %':>8} {'exposure':>8} {'any':>6} "
+             f"{'turnover':>8} {'fees':>10}"]
+    for name, m in rows:
+        lines.append(f"{name:<20} {m['avg_return']:>9.2f} {m['avg_sharpe']:>8.2f} {m['avg_drawdown']:>8.2f} "
+                     f"{m['exposure']:>8.1%} {m['exposure_any']:>6.1%} {m['turnover']:>8.2f} {m['fees_paid']:>10,.2f}")
+    for name, note in report.get("baseline_notes", {}).items():
+        lines.append(f"  {name}: {note}")
     return "\n".join(lines)

@@ -1,55 +1,319 @@
-"""Greedy evaluation of a Q-network on a window of bars, one single-pair portfolio per pair."""
+"""Greedy evaluation of a Q-network on a window of bars, one single-pair portfolio per pair, beside
+baselines stepped through the same environment (nexlify.baselines).
+
+Every policy (the agent, each baseline) trades each pair in its own portfolio; all of them step together
+as one batch per environment config (the agent, flat, the random seeds, buy-and-hold at the risk budget,
+the crossover and, with lending on, cash plus lending share one; buy-and-hold at full size runs under its
+own risk config). Episodes of a batch never interact, so the agent's numbers are those it gets alone.
+
+Besides the environment's statistics (nexlify.metrics.pair_metrics and the PnL by source), the loop over
+bars keeps a few tensors per episode, with no Python loop over episodes:
+- exposure: the share of bars at whose close the portfolio holds coins (free, staked or unbonding; spot
+  trades), `exposure_any` the share holding anything besides cash (coins, an LP position, an Aave supply
+  or an arbitrage book), and `exposure_by_strategy` the share per kind (spot, staking, lp, lending,
+  arbitrage);
+- turnover: traded notional / mean equity, where the traded notional is the sum over bars of the absolute
+  cash that went into or came out of positions (entries at their cost incl. fees, exits at their
+  proceeds, LP and arbitrage books opened and closed), lending supplies and withdrawals excluded (cash
+  moved to Aave is not a trade). A round trip opened and stopped out inside one bar nets out and is not
+  counted; trades inside an arbitrage book move no cash and are not counted;
+- fees_paid: every fee, slippage, gas and withdrawal fee paid, in quote currency (the environment's costs,
+  = -pnl_breakdown["fees_and_gas"]);
+- return_moments: n, mean, std (ddof=1), skewness and kurtosis (non-excess, population moments) of the
+  per-bar returns of the policy's book (the pair portfolios' equities added up), and its per-bar Sharpe
+  (mean / std): what the deflated Sharpe ratio of a selected model needs (nexlify.metrics).
+With `record=True` each policy also returns its per-bar equity curve and positions per pair (plain lists).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from torch import Tensor
 
-from nexlify.agent.dqn import NEG_INF
+from nexlify import baselines as bl
+from nexlify.agent.dqn import NEG_INF, random_valid_actions
 from nexlify.config import EnvConfig, RiskConfig
-from nexlify.env.batched import BatchedTradingEnv
+from nexlify.env.batched import PNL_SOURCES, BatchedTradingEnv
 from nexlify.env.market import MarketTensors
 from nexlify.features import WARMUP_BARS
-from nexlify.metrics import average_metrics, pair_metrics, sharpe_from_sums
+from nexlify.metrics import average_metrics, pair_metrics, return_moments, sharpe_from_sums
 from nexlify.strategies.params import StrategyParams
+
+AGENT = "agent"
+EXPOSURE_KINDS = ("spot", "staking", "lp", "lending", "arbitrage")
+_INTEREST = PNL_SOURCES.index("lending_interest")
+
+# (observations [n, P, obs], mask [n, P, A], environment, the policy's rows of the batch) -> actions [n, P]
+Policy = Callable[[Tensor, Tensor, BatchedTradingEnv, slice], Tensor]
+
+
+@dataclass
+class Group:
+    """One policy: `copies` portfolios per pair (the random baseline's seeds), stepped in one batch."""
+
+    name: str
+    policy: Policy
+    copies: int = 1
+
+
+def _check_window(window: tuple[int, int]) -> None:
+    i0, _ = window
+    if i0 - 1 < WARMUP_BARS:
+        raise ValueError(f"evaluation window starts at bar {i0}, inside the {WARMUP_BARS}-bar feature warm-up")
 
 
 @torch.no_grad()
 def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig,
-                    risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None) -> dict:
+                    risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None, *,
+                    record: bool = False) -> dict:
     """Run the greedy policy over bars [i0, i1): the first decision is at the close of bar i0-1 (so the
     first fill is at i0's open) and the last fill at bar i1-1. Each pair trades in its own portfolio;
     all pairs step together as a batch. Returns average metrics, score and the per-pair table, each pair
-    with its PnL broken down by source (`pnl_breakdown`, quote currency)."""
+    with its PnL broken down by source (`pnl_breakdown`, quote currency), exposure, turnover, fees paid
+    and the return moments (see the module doc); with `record`, the curves under "curves"."""
+    _check_window(window)
+    out = _simulate(market, window, env_cfg, risk_cfg, strategy_params, [Group(AGENT, greedy_policy(model))],
+                    record)
+    metrics = out["results"][AGENT]
+    if record:
+        metrics["curves"] = {"bar_ms": out["bar_ms"], **out["curves"][AGENT]}
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors, window: tuple[int, int],
+                            env_cfg: EnvConfig, risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None,
+                            *, record: bool = False, seeds: tuple[int, ...] = bl.RANDOM_SEEDS) -> dict:
+    """The agent (greedy `model`; None: baselines only) and every baseline of nexlify.baselines over the
+    same window, in the same environment. Returns {"agent": metrics (as evaluate_policy), "baselines":
+    {name: metrics}, "baseline_notes": {name: what it does and what was changed for it}} and, with `record`,
+    "curves": {"bar_ms": [...], name: {...}} (see `_curves`)."""
+    _check_window(window)
+    pairs = market.pairs
+    n_pairs = len(pairs)
+    notes: dict[str, str] = {}
+    spot_cfg, spot_added = bl.with_strategy(env_cfg, "spot")
+    spot_note = " Spot was off in the model's config; this baseline ran with spot switched on." if spot_added else ""
+    lend_cfg, lend_added = bl.with_strategy(env_cfg, "lending")
+    full_risk = bl.full_size_risk(risk_cfg)
+    signal = bl.ma_long_signal(market.prices[..., 3])
+
+    def ma_policy(obs: Tensor, mask: Tensor, env: BatchedTradingEnv, rows: slice) -> Tensor:
+        # the signal at each episode's decision bar t (its closes of bars <= t only)
+        return bl.ma_crossover(mask, signal[env.t[rows].unsqueeze(-1), env._pair_bp[rows]])
+
+    generators = [torch.Generator(device=market.prices.device).manual_seed(int(s)) for s in seeds]
+
+    def random_policy(obs: Tensor, mask: Tensor, env: BatchedTradingEnv, rows: slice) -> Tensor:
+        return torch.cat([random_valid_actions(mask[i * n_pairs:(i + 1) * n_pairs], g)
+                          for i, g in enumerate(generators)])
+
+    plans: list[tuple[EnvConfig, RiskConfig, Group]] = []
+    if model is not None:
+        plans.append((env_cfg, risk_cfg, Group(AGENT, greedy_policy(model))))
+    plans.append((env_cfg, risk_cfg, Group(bl.FLAT, lambda obs, mask, env, rows: bl.flat(mask))))
+    notes[bl.FLAT] = "Always hold: all cash, no costs."
+    plans.append((lend_cfg, risk_cfg, Group(bl.CASH_PLUS_LENDING, lambda obs, mask, env, rows: bl.take_lend(mask))))
+    notes[bl.CASH_PLUS_LENDING] = "LEND whenever the mask allows it (the environment decides how much)." + (
+        " Lending was off in the model's config; this baseline ran with lending switched on." if lend_added else "")
+    def buy(obs: Tensor, mask: Tensor, env: BatchedTradingEnv, rows: slice) -> Tensor:
+        return bl.buy_when_flat(mask)
+
+    plans.append((spot_cfg, full_risk, Group(bl.BUY_AND_HOLD_FULL, buy)))
+    notes[bl.BUY_AND_HOLD_FULL] = (
+        "Buy at the first tradable open with all the equity and hold: the model's risk config with "
+        "max_position=1, fixed_size=1 (the order is scaled to the cash, so fees come out of the position), "
+        "kelly off, stop_loss=take_profit=trailing_stop=0 and daily_loss_limit=0." + spot_note)
+    plans.append((spot_cfg, risk_cfg, Group(bl.BUY_AND_HOLD_SIZED, buy)))
+    notes[bl.BUY_AND_HOLD_SIZED] = ("open_long whenever flat and allowed, under the model's own risk config "
+                                    "(per-trade cap, Kelly, stops, targets, daily loss limit)." + spot_note)
+    plans.append((spot_cfg, risk_cfg, Group(bl.MA_CROSSOVER, ma_policy)))
+    notes[bl.MA_CROSSOVER] = (f"Long while the {bl.MA_FAST}-bar mean of the closes of bars <= t is above the "
+                              f"{bl.MA_SLOW}-bar mean (open when allowed, close when it falls to or below); the "
+                              "model's risk config." + spot_note)
+    if seeds:
+        plans.append((env_cfg, risk_cfg, Group(bl.RANDOM_VALID, random_policy, copies=len(seeds))))
+        notes[bl.RANDOM_VALID] = (f"Uniform over the valid actions, the mean over seeds {list(seeds)} "
+                                  "(a seeded torch.Generator each).")
+
+    # one batch per distinct (environment config, risk config)
+    batches: list[tuple[EnvConfig, RiskConfig, list[Group]]] = []
+    for cfg, risk, group in plans:
+        for bcfg, brisk, groups in batches:
+            if bcfg == cfg and brisk == risk:
+                groups.append(group)
+                break
+        else:
+            batches.append((cfg, risk, [group]))
+    results: dict[str, dict] = {}
+    curves: dict[str, dict] = {}
+    bar_ms: list[int] = []
+    for cfg, risk, groups in batches:
+        out = _simulate(market, window, cfg, risk, strategy_params, groups, record)
+        results.update(out["results"])
+        if record:
+            curves.update(out["curves"])
+            bar_ms = out["bar_ms"]
+    if seeds:
+        results[bl.RANDOM_VALID]["seeds"] = [int(s) for s in seeds]
+    report = {"agent": results.pop(AGENT, None),
+              "baselines": {name: results[name] for name in bl.BASELINES if name in results},
+              "baseline_notes": notes}
+    if record:
+        report["curves"] = {"bar_ms": bar_ms, **curves}
+    return report
+
+
+def greedy_policy(model: torch.nn.Module) -> Policy:
+    """The agent's greedy choice among the valid actions (the model in eval mode for the call)."""
+
+    def act(obs: Tensor, mask: Tensor, env: BatchedTradingEnv, rows: slice) -> Tensor:
+        was_training = model.training
+        model.eval()
+        q = model(obs)
+        model.train(was_training)
+        return torch.where(mask, q, NEG_INF).argmax(dim=-1)
+
+    return act
+
+
+def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig, risk_cfg: RiskConfig,
+              strategy_params: StrategyParams | None, groups: list[Group], record: bool) -> dict:
+    """Step every group's portfolios (copies x pairs each, one pair per portfolio) over the window in one
+    batch; return {"results": {name: metrics}, "curves": {name: ...}, "bar_ms": [...]}."""
     i0, i1 = window
-    if i0 - 1 < WARMUP_BARS:
-        raise ValueError(f"evaluation window starts at bar {i0}, inside the {WARMUP_BARS}-bar feature warm-up")
+    n_steps = i1 - i0
     n_pairs = len(market.pairs)
     device = market.prices.device
-    pair_idx = torch.arange(n_pairs, device=device).unsqueeze(1)
-    start = torch.full((n_pairs,), i0 - 1, dtype=torch.int64, device=device)
-    env = BatchedTradingEnv(market, pair_idx, start, i1 - i0, env_cfg, risk_cfg, strategy_params)
+    spans, cols, first = [], [], 0
+    for g in groups:
+        spans.append(slice(first, first + g.copies * n_pairs))
+        cols += list(range(n_pairs)) * g.copies
+        first += g.copies * n_pairs
+    B = first
+    pair_idx = torch.tensor(cols, dtype=torch.int64, device=device).unsqueeze(1)
+    start = torch.full((B,), i0 - 1, dtype=torch.int64, device=device)
+    env = BatchedTradingEnv(market, pair_idx, start, n_steps, env_cfg, risk_cfg, strategy_params)
     obs = env.reset()
-    was_training = model.training
-    model.eval()
-    done = False
+    e0 = float(env.stats.initial_equity)
+    equity = torch.empty((n_steps + 1, B), dtype=torch.float64, device=device)
+    equity[0] = e0
+    held = torch.zeros((n_steps, len(EXPOSURE_KINDS), B), dtype=torch.bool, device=device)
+    traded = torch.zeros(B, dtype=torch.float64, device=device)
+    cash_prev, lent_prev, interest_prev = env.cash.to(torch.float64).clone(), _lent(env), _interest(env)
+    k, done = 0, False
     while not done:
-        q = model(obs)
-        actions = torch.where(env.mask, q, NEG_INF).argmax(dim=-1)
+        mask = env.mask
+        actions = torch.cat([g.policy(obs[rows], mask[rows], env, rows) for g, rows in zip(groups, spans)])
         obs, _, done = env.step(actions)
-    model.train(was_training)
+        equity[k + 1] = env.equity
+        held[k] = _holdings(env)
+        # the cash that went into or came out of positions this bar (P = 1: the slot's flow), lending excluded:
+        # the change of the Aave supply less its interest is what was supplied minus what was withdrawn
+        cash, lent, interest = env.cash.to(torch.float64).clone(), _lent(env), _interest(env)
+        traded += (cash - cash_prev + (lent - lent_prev) - (interest - interest_prev)).abs()
+        cash_prev, lent_prev, interest_prev = cash, lent, interest
+        k += 1
+
     st = env.stats
-    per_pair = {}
-    for i, pair in enumerate(market.pairs):
-        per_pair[pair] = pair_metrics(float(st.equity[i]), st.initial_equity, float(st.ret_sum[i]),
-                                      float(st.ret_sq_sum[i]), st.n_returns, float(st.max_drawdown[i]),
-                                      int(st.trades[i]), int(st.wins[i]), pnl_breakdown=st.pnl_breakdown(i))
-        per_pair[pair]["costs_paid"] = float(st.costs[i])
-    return average_metrics(per_pair)
+    exposure = held.to(torch.float64).mean(0)  # [kinds, B]
+    exposure_any = held.any(1).to(torch.float64).mean(0)
+    turnover = traded / equity[1:].t().contiguous().mean(-1)  # row by row: the same sum whatever the batch
+    results, curves = {}, {}
+    for g, rows in zip(groups, spans):
+        copies = []
+        for c in range(g.copies):
+            per_pair = {}
+            for j, pair in enumerate(market.pairs):
+                i = rows.start + c * n_pairs + j
+                m = pair_metrics(float(st.equity[i]), st.initial_equity, float(st.ret_sum[i]), float(st.ret_sq_sum[i]),
+                                 st.n_returns, float(st.max_drawdown[i]), int(st.trades[i]), int(st.wins[i]),
+                                 pnl_breakdown=st.pnl_breakdown(i))
+                m["costs_paid"] = float(st.costs[i])
+                m["fees_paid"] = float(st.costs[i])
+                m["exposure"] = float(exposure[0, i])
+                m["exposure_any"] = float(exposure_any[i])
+                m["exposure_by_strategy"] = {kind: float(exposure[j_kind, i])
+                                             for j_kind, kind in enumerate(EXPOSURE_KINDS)}
+                m["turnover"] = float(turnover[i])
+                per_pair[pair] = m
+            copies.append(per_pair)
+        per_pair = (copies[0] if g.copies == 1
+                    else {pair: _mean_of([cp[pair] for cp in copies]) for pair in market.pairs})
+        metrics = _with_extras(average_metrics(per_pair))
+        book = equity[:, rows].sum(1)
+        metrics["return_moments"] = return_moments((book[1:] / book[:-1] - 1.0).cpu().numpy())
+        if g.copies > 1:
+            metrics["copies_avg_return"] = [sum(cp[p]["total_return"] for p in cp) / n_pairs for cp in copies]
+        results[g.name] = metrics
+        if record:
+            curves[g.name] = _curves(market.pairs, equity[:, rows], held[:, 0, rows], held.any(1)[:, rows], g.copies)
+    bar_ms = market.timestamps[i0 - 1:i1].tolist() if record else []
+    return {"results": results, "curves": curves, "bar_ms": bar_ms}
+
+
+def _lent(env: BatchedTradingEnv) -> Tensor:
+    return env.lent.sum(-1).to(torch.float64) if env.lending_on else torch.zeros_like(env.cash, dtype=torch.float64)
+
+
+def _interest(env: BatchedTradingEnv) -> Tensor:
+    return env.stats.pnl_rows[_INTEREST].clone()  # the fused kernels update this row in place
+
+
+def _holdings(env: BatchedTradingEnv) -> Tensor:
+    """[len(EXPOSURE_KINDS), B] bool: what each portfolio holds at the close of the bar just stepped."""
+    no = torch.zeros(env.B, dtype=torch.bool, device=env.device)
+    staking = (env.staked_units + env.unbonding_units > 0).any(-1) if env.staking_on else no
+    lp = (env.lp_liquidity > 0).any(-1) if env.lp_on else no
+    lending = (env.lent > 0).any(-1) if env.lending_on else no
+    arb = env.arb_inventory["open"].any(-1) if env.arb_on else no
+    return torch.stack([env.in_position.any(-1), staking, lp, lending, arb])
+
+
+def _mean_of(tables: list[dict]) -> dict:
+    """The mean of per-pair metric tables (the random baseline's seeds), key by key (nested dicts too)."""
+    out = {}
+    for key, value in tables[0].items():
+        if isinstance(value, dict):
+            out[key] = _mean_of([t[key] for t in tables])
+        else:
+            out[key] = sum(float(t[key]) for t in tables) / len(tables)
+    return out
+
+
+def _with_extras(avg: dict) -> dict:
+    """average_metrics plus the means over pairs of exposure, turnover and fees paid."""
+    per_pair = list(avg["per_pair"].values())
+    n = max(len(per_pair), 1)
+    extras = {key: sum(m[key] for m in per_pair) / n for key in ("exposure", "exposure_any", "turnover", "fees_paid")}
+    extras["exposure_by_strategy"] = {kind: sum(m["exposure_by_strategy"][kind] for m in per_pair) / n
+                                      for kind in EXPOSURE_KINDS}
+    out = {k: v for k, v in avg.items() if k != "per_pair"}
+    out.update(extras)
+    out["per_pair"] = avg["per_pair"]
+    return out
+
+
+def _curves(pairs: list[str], equity: Tensor, spot: Tensor, any_held: Tensor, copies: int) -> dict:
+    """Per pair: equity at the close of each bar from the decision bar before the window to its last bar
+    (n+1 values; the mean over copies), and the position held at each bar's close (n values; 1/0 spot and
+    any-strategy, or the share of copies holding). Entries and exits are where the position changes."""
+    n_pairs = len(pairs)
+    eq = equity.view(equity.shape[0], copies, n_pairs).mean(1).cpu().numpy()
+    sp = spot.view(spot.shape[0], copies, n_pairs).to(torch.float64).mean(1).cpu().numpy()
+    an = any_held.view(any_held.shape[0], copies, n_pairs).to(torch.float64).mean(1).cpu().numpy()
+    return {"equity": {p: eq[:, j].tolist() for j, p in enumerate(pairs)},
+            "position": {p: sp[:, j].tolist() for j, p in enumerate(pairs)},
+            "position_any": {p: an[:, j].tolist() for j, p in enumerate(pairs)}}
 
 
 def buy_and_hold(market: MarketTensors, window: tuple[int, int]) -> dict[str, dict]:
-    """Holding each coin from the open of bar i0 to the close of bar i1-1 (no fees): the yardstick."""
+    """Holding each coin from the open of bar i0 to the close of bar i1-1 with no fees: the market's own
+    move, a yardstick beside the baselines that pay the environment's costs."""
     i0, i1 = window
     closes = market.prices[i0:i1, :, 3].cpu().numpy()
     first_open = market.prices[i0, :, 0].cpu().numpy()

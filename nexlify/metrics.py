@@ -11,6 +11,7 @@ inverted).
 from __future__ import annotations
 
 import math
+import statistics
 
 HOURS_PER_YEAR = 24 * 365
 SCORE_WEIGHTS = {"return": 0.4, "sharpe": 10 * 0.3, "win_rate": 100 * 0.2, "drawdown": 0.1}
@@ -78,3 +79,71 @@ def average_metrics(per_pair: dict[str, dict]) -> dict:
     avg["per_pair"] = per_pair
     return avg
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Return moments and the deflated Sharpe ratio (Bailey & Lopez de Prado, "The Deflated Sharpe Ratio:
+# Correcting for Selection Bias, Backtest Overfitting and Non-Normality", J. Portfolio Management 40(5),
+# 2014). Sharpe ratios here are per bar (mean / std of per-bar returns), never annualised: the formulas
+# take the number of returns T as it is.
+
+EULER_GAMMA = 0.5772156649015329
+_NORMAL = statistics.NormalDist()
+
+
+def return_moments(returns) -> dict:
+    """n, mean, std (ddof=1), skewness and kurtosis (non-excess: 3 for a normal law; population central
+    moments m3 / m2^1.5 and m4 / m2^2) and the per-bar Sharpe mean / std of a series of per-bar returns.
+    With fewer than 2 returns or no variation std is 0 and sharpe, skew and kurtosis are None."""
+    xs = [float(x) for x in returns]
+    n = len(xs)
+    if n == 0:
+        return {"n": 0, "mean": 0.0, "std": 0.0, "skew": None, "kurtosis": None, "sharpe": None}
+    mean = math.fsum(xs) / n
+    dev = [x - mean for x in xs]
+    m2 = math.fsum(d * d for d in dev) / n
+    if n < 2 or m2 <= 1e-30:
+        return {"n": n, "mean": mean, "std": 0.0, "skew": None, "kurtosis": None, "sharpe": None}
+    m3 = math.fsum(d ** 3 for d in dev) / n
+    m4 = math.fsum(d ** 4 for d in dev) / n
+    std = math.sqrt(m2 * n / (n - 1))
+    return {"n": n, "mean": mean, "std": std, "skew": m3 / m2 ** 1.5, "kurtosis": m4 / (m2 * m2),
+            "sharpe": mean / std}
+
+
+def expected_max_sharpe(n_trials: int, sharpe_variance: float) -> float:
+    """E[max SR] of n_trials independent trials whose true Sharpe is 0 and whose estimated Sharpes have
+    variance `sharpe_variance` (the paper's SR0):
+        sqrt(V) * ((1 - g) * Z^-1(1 - 1/N) + g * Z^-1(1 - 1/(N e))),  g = Euler-Mascheroni.
+    0 for a single trial (no selection) or no variance between trials."""
+    if n_trials < 1:
+        raise ValueError(f"n_trials {n_trials}: accepted: at least 1")
+    if n_trials == 1 or sharpe_variance <= 0:
+        return 0.0
+    z = _NORMAL.inv_cdf
+    return math.sqrt(sharpe_variance) * ((1.0 - EULER_GAMMA) * z(1.0 - 1.0 / n_trials)
+                                         + EULER_GAMMA * z(1.0 - 1.0 / (n_trials * math.e)))
+
+
+def probabilistic_sharpe(sharpe: float, benchmark: float, n: int, skew: float, kurtosis: float) -> float:
+    """PSR: the probability that the true Sharpe exceeds `benchmark`, given the estimate `sharpe` from n
+    returns with this skewness and (non-excess) kurtosis:
+        Z[(SR - SR*) sqrt(n - 1) / sqrt(1 - skew SR + (kurtosis - 1) / 4 SR^2)]."""
+    if n < 2:
+        raise ValueError(f"n {n}: the probabilistic Sharpe ratio needs at least 2 returns")
+    denom = 1.0 - skew * sharpe + (kurtosis - 1.0) / 4.0 * sharpe * sharpe
+    if not denom > 0:  # only a two-point law reaches 0 (kurtosis >= 1 + skew^2)
+        raise ValueError(f"skew {skew}, kurtosis {kurtosis} and Sharpe {sharpe} leave no variance for the estimate")
+    return _NORMAL.cdf((sharpe - benchmark) * math.sqrt(n - 1) / math.sqrt(denom))
+
+
+def deflated_sharpe(sharpe: float, n: int, skew: float, kurtosis: float, trial_sharpes: list[float]) -> dict:
+    """The deflated Sharpe ratio of a model selected among len(trial_sharpes) trials (its own Sharpe among
+    them): PSR against the expected maximum Sharpe of that many trials, with the sample variance (ddof=1)
+    of the trials' Sharpes. All Sharpes per bar. Returns value, the benchmark SR0 and what went in."""
+    n_trials = len(trial_sharpes)
+    variance = statistics.variance(trial_sharpes) if n_trials >= 2 else 0.0
+    sr0 = expected_max_sharpe(max(n_trials, 1), variance)
+    return {"value": probabilistic_sharpe(sharpe, sr0, n, skew, kurtosis), "sharpe": sharpe,
+            "expected_max_sharpe": sr0, "trials": n_trials, "trials_sharpe_variance": variance, "n_returns": n,
+            "skew": skew, "kurtosis": kurtosis}

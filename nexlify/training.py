@@ -25,7 +25,7 @@ from nexlify.data.candles import MarketData, Windows, load_market, split_windows
 from nexlify.data.second_venue import load_second_venue
 from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv, observation_size
 from nexlify.env.market import MarketTensors, market_features
-from nexlify.evaluation import evaluate_policy
+from nexlify.evaluation import evaluate_with_baselines
 from nexlify.features import WARMUP_BARS, Normalizer
 
 
@@ -60,6 +60,10 @@ class RunOutput:
     timings: dict
     train_returns: list[float] = field(default_factory=list)
     test_metrics: dict | None = None
+    # the baselines of nexlify.baselines on the same windows, in the same environment ({name: metrics})
+    val_baselines: dict | None = None
+    test_baselines: dict | None = None
+    baseline_notes: dict | None = None
 
 
 def prepare_data(cfg: TrainConfig, data_dir: str | None = None) -> tuple[MarketData, Windows]:
@@ -196,14 +200,18 @@ def train_run(
 
     # --- validation (and the held-out test window, when configured)
     t_val = time.perf_counter()
-    val_metrics = evaluate_policy(agent.model, tensors, windows.val, cfg.env, cfg.risk, strategy_params)
-    test_metrics = (evaluate_policy(agent.model, tensors, windows.test, cfg.env, cfg.risk, strategy_params)
-                    if windows.test else None)
+    val = evaluate_with_baselines(agent.model, tensors, windows.val, cfg.env, cfg.risk, strategy_params)
+    test = (evaluate_with_baselines(agent.model, tensors, windows.test, cfg.env, cfg.risk, strategy_params)
+            if windows.test else None)
+    val_metrics = val["agent"]
+    test_metrics = test["agent"] if test is not None else None
     val_seconds = time.perf_counter() - t_val
     total_seconds = time.perf_counter() - t_begin
     last_round = train_returns[-min(len(train_returns), num_envs):] if train_returns else [0.0]
     return RunOutput(
         agent=agent, normalizer=normalizer, val_metrics=val_metrics, test_metrics=test_metrics,
+        val_baselines=val["baselines"], test_baselines=test["baselines"] if test is not None else None,
+        baseline_notes=val["baseline_notes"],
         train_return=float(np.mean(last_round)), episodes_trained=episodes_done, train_returns=train_returns,
         timings={"train_s": round(train_seconds, 3), "validate_s": round(val_seconds, 3),
                  "total_s": round(total_seconds, 3), "env_steps": env_steps,

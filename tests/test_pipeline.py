@@ -97,6 +97,60 @@ def test_summary_has_the_guides_fields(summary):
     assert summary["failures"] == []
 
 
+def test_every_run_reports_the_baselines_and_the_summary_is_honest_about_the_selection(out, summary):
+    from nexlify.metrics import deflated_sharpe
+
+    runs = [("init-1", "initial_runs/run_1"), ("init-2", "initial_runs/run_2"),
+            ("retrain-1", "retraining/iteration_1"), ("retrain-2", "retraining/iteration_2")]
+    results = {src: read_json(out / folder / "result.json") for src, folder in runs}
+    for src, result in results.items():
+        baselines = result["val_baselines"]
+        assert set(baselines) == {"flat", "cash_plus_lending", "buy_and_hold_full", "buy_and_hold_sized",
+                                  "ma_crossover", "random_valid"}, src
+        assert baselines["flat"]["avg_return"] == 0.0 and baselines["cash_plus_lending"]["avg_return"] > 0.0
+        for m in [result["val_metrics"]] + list(baselines.values()):
+            assert {"avg_return", "avg_sharpe", "exposure", "turnover", "fees_paid"} <= set(m)
+        assert result["val_metrics"]["return_moments"]["n"] == 30 * 24
+        assert "switched on" in result["baseline_notes"]["cash_plus_lending"]  # the tiny pipeline trades spot only
+    # the same window and environment for every run: the same baselines (the random seeds are fixed)
+    assert all(r["val_baselines"] == results["init-1"]["val_baselines"] for r in results.values())
+
+    # every candidate's validation return and Sharpe beside its score; exactly the final model is selected
+    entries = summary["initial_runs"] + summary["retraining_iterations"]
+    cands = summary["candidates"]
+    assert [c["source"] for c in cands] == [src for src, _ in runs]
+    for c, e in zip(cands, entries):
+        metrics = e.get("val_metrics") or e["metrics"]
+        assert (c["val_return"], c["val_sharpe"]) == (metrics["avg_return"], metrics["avg_sharpe"])
+        assert c["val_score"] == e.get("val_score", e.get("score"))
+        assert c["selected"] == (e["model_path"] == summary["final_model_path"])
+    assert sum(c["selected"] for c in cands) == 1
+
+    sel = summary["selection"]
+    winner = next(c for c in cands if c["selected"])
+    assert sel["selected"] == winner["source"] and sel["models_tried"] == 4
+    lending = results[winner["source"]]["val_baselines"]["cash_plus_lending"]
+    assert sel["cash_plus_lending"]["avg_return"] == lending["avg_return"]
+    assert sel["beats_cash_plus_lending"] == (winner["val_return"] > lending["avg_return"])
+    assert ("does not beat" in sel["verdict"]) == (not sel["beats_cash_plus_lending"])
+    own = results[winner["source"]]["val_metrics"]["return_moments"]
+    if own["sharpe"] is None:
+        assert sel["deflated_sharpe"]["value"] is None
+    else:  # recomputed from the runs' result.json
+        trials = [r["val_metrics"]["return_moments"]["sharpe"] or 0.0 for r in results.values()]
+        expected = deflated_sharpe(own["sharpe"], own["n"], own["skew"], own["kurtosis"], trials)["value"]
+        assert sel["deflated_sharpe"]["value"] == pytest.approx(expected, rel=1e-12)
+        assert 0.0 <= expected <= 1.0
+    assert summary["final_val_baselines"]["cash_plus_lending"]["avg_return"] == lending["avg_return"]
+
+    # the train command's last lines say the same
+    last = (out.parent / "train.log").read_text().strip().splitlines()[-4:]
+    assert last[0].startswith(f"winner: {winner['source']}") and "4 models tried" in last[0]
+    assert last[1].startswith("cash plus lending, same window: return")
+    assert last[2].startswith("deflated Sharpe ratio: ")
+    assert last[3].startswith(f"beats_cash_plus_lending: {str(sel['beats_cash_plus_lending']).lower()}: ")
+
+
 def test_summary_records_config_data_versions_device_and_timings(out, summary):
     cfg = summary["config"]
     assert cfg == read_json(out / "pipeline_config.json")

@@ -1,0 +1,67 @@
+"""`nexlify evaluate` (nexlify.evaluate_cmd.evaluate_checkpoint) on a checkpoint written here: its window
+rules and the baselines it reports beside the agent. Bundled candles only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nexlify import baselines as bl
+from nexlify import checkpoint
+from nexlify.agent.dqn import DuelingQNet
+from nexlify.config import TrainConfig
+from nexlify.configtools import to_dict
+from nexlify.data.candles import load_market
+from nexlify.env.batched import N_ACTIONS, observation_size
+from nexlify.env.market import market_features
+from nexlify.errors import InputError
+from nexlify.evaluate_cmd import evaluate_checkpoint, render_table
+from nexlify.features import WARMUP_BARS, Normalizer
+from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    """An untrained network whose config's data ends 2025-04-01 (the bundled sample runs to 2025-06-01)."""
+    cfg = TrainConfig()
+    cfg.data.pairs, cfg.data.start, cfg.data.end, cfg.data.val_days = ["BTC/USDT"], "2025-01-01", "2025-04-01", 10
+    cfg.env.strategies = ["spot"]
+    data = load_market("binance", cfg.data.pairs, start=cfg.data.start, end=cfg.data.end)
+    raw = market_features(data)
+    normalizer = Normalizer.fit(raw, WARMUP_BARS, 1000)
+    torch.manual_seed(0)
+    net = DuelingQNet(observation_size(raw.shape[-1]), N_ACTIONS, cfg.agent.hidden)
+    state = {"model_state_dict": net.state_dict(), "target_model_state_dict": net.state_dict(),
+             "optimizer_state_dict": {}}
+    ckpt = checkpoint.build_checkpoint(state, config=to_dict(cfg), normalizer=normalizer.to_dict(), episodes_trained=0,
+                                       seed=0, metrics={})
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    path.write_bytes(checkpoint.to_bytes(ckpt))
+    return str(path)
+
+
+def test_start_without_end_runs_to_the_end_of_the_data(model_path):
+    report = evaluate_checkpoint(model_path, start="2025-05-25")
+    # to the last bundled candle (2025-05-31 23:00), not to the checkpoint's data end (2025-04-01)
+    assert report["window"] == {"start": "2025-05-25T00:00:00Z", "end": "2025-06-01T00:00:00Z", "bars": 7 * 24}
+    assert set(report["baselines"]) == set(bl.BASELINES)
+    assert "switched on" in report["baseline_notes"][bl.CASH_PLUS_LENDING]  # the checkpoint trades spot only
+    table = render_table(report)
+    for name in ("agent",) + bl.BASELINES:
+        assert f"\n{name} " in table
+
+
+def test_start_and_end_and_the_default_window(model_path):
+    report = evaluate_checkpoint(model_path, start="2025-05-25", end="2025-05-28", record=True)
+    assert report["window"] == {"start": "2025-05-25T00:00:00Z", "end": "2025-05-28T00:00:00Z", "bars": 3 * 24}
+    curve = report["curves"][bl.BUY_AND_HOLD_FULL]["equity"]["BTC/USDT"]
+    assert len(curve) == 3 * 24 + 1 and len(report["curves"]["bar_ms"]) == 3 * 24 + 1
+    # neither: the checkpoint's validation window, its last val_days before its data end
+    report = evaluate_checkpoint(model_path)
+    assert report["window"] == {"start": "2025-03-22T00:00:00Z", "end": "2025-04-01T00:00:00Z", "bars": 10 * 24}
+    assert "curves" not in report
+
+
+def test_start_after_the_data_is_refused(model_path):
+    with pytest.raises(InputError, match="after the last candle"):
+        evaluate_checkpoint(model_path, start="2025-06-03")  # its warm-up days hold candles, the window none
