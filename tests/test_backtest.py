@@ -2,7 +2,8 @@
 hand, then a real 2-fold backtest on the bundled candles (local executor, folder store) run as the CLI users
 type: no look-ahead in what the fold pipelines trained on, the table and walk_forward.json consistent with each
 fold's test_result.json and with `nexlify evaluate` of the fold's model, resume fold by fold, a failing fold,
-bad flags; and the same backtest into a real S3 server (SeaweedFS), which must give the same numbers."""
+bad flags; and the same backtest into a real S3 server (SeaweedFS) and as Kubernetes Jobs through the strict fake
+API server (tests.test_kubernetes_executor's fixtures), each of which must give the local numbers."""
 
 from __future__ import annotations
 
@@ -10,14 +11,19 @@ import gzip
 import json
 import shutil
 import statistics
+import uuid
 from pathlib import Path
 
 import pytest
 
 from controller.backtest import Fold, WalkForwardConfig, aggregate, comparators, fold_row, plan_folds, render_table
+from controller.backtest_run import fold_config, resolve_walk_forward, run_walk_forward
+from controller.cli import build_parser, resolve_pipeline_config
+from controller.config import pipeline_hash
 from nexlify.data.timeframes import parse_utc_ms
 from nexlify.errors import InputError
 from tests.pipeline_support import read_json, run_cli
+from tests.test_kubernetes_executor import k8s_flags, make_cluster, s3  # noqa: F401 - fixtures used below
 
 HOUR_MS = 3_600_000
 
@@ -374,3 +380,23 @@ def test_backtest_into_a_bucket_gives_the_local_numbers(seaweed, s3_env, wf_out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [e["event"] for e in log_events_text(proc.stderr) if e.get("event", "").startswith("fold_")] == \
         ["fold_adopted", "fold_adopted"]
+
+
+# ---------------------------------------------------------------------------------------- Kubernetes
+
+
+def test_folds_run_as_kubernetes_jobs_through_the_fake_api_server(s3, make_cluster, wf_out):
+    """The same backtest with --executor kubernetes: every run of every fold is a Job of its fold's pipeline
+    (the worker in a pod of the strict fake API server, the output in SeaweedFS), the numbers the local ones."""
+    cluster = make_cluster(s3_server=s3)
+    output = f"s3://{s3.bucket}/wf-k8s-{uuid.uuid4().hex}"
+    args = build_parser().parse_args(["backtest", "--walk-forward", *TINY_WF, *k8s_flags(s3.endpoint_url),
+                                      "--output", output])
+    cfg, wf = resolve_pipeline_config(args), resolve_walk_forward(args)
+    report = run_walk_forward(cfg, wf)
+    local = read_json(wf_out[0] / "walk_forward.json")
+    assert report["folds"] == local["folds"] and report["aggregate"] == local["aggregate"]
+    ids = [pipeline_hash(fold_config(cfg, f, "unused"))[:8] for f in plan_folds("2024-11-01", "2025-06-01", wf,
+                                                                                 val_days=30)]
+    assert len(set(ids)) == 2  # each fold is its own pipeline, so its Jobs never collide with another fold's
+    assert cluster.jobs_created() == {f"nexlify-{pid}-{key}": 1 for pid in ids for key in ("init-1", "retrain-1")}
