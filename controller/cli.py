@@ -2,6 +2,7 @@
 
     nexlify train ...            the pipeline (alias: nexlify-train)
     nexlify preflight ...        the checks `train` runs first, as a pass/fail table
+    nexlify backtest --walk-forward ...  folds: the pipeline on the past only, tested on the window after
     nexlify worker train ...     one training run (what the pipeline starts locally or in a pod)
     nexlify evaluate|data|bench  the trainer's own commands (nexlify.cli)
     nexlify config schema        the JSON schema of the pipeline config (used by the Helm chart)
@@ -21,6 +22,7 @@ import sys
 
 import structlog
 
+from controller.backtest_run import add_parser as add_backtest_parser
 from controller.config import PipelineConfig, quick_test_preset
 from nexlify import logs
 from nexlify.cli import add_commands as add_trainer_commands
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
     add_flags(wt, TrainConfig)
     wt.set_defaults(handler=cmd_worker_train)
+
+    add_backtest_parser(sub, _add_pipeline_args)
 
     cfg = sub.add_parser("config", help="inspect the configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
