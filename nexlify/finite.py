@@ -74,8 +74,8 @@ class LearnWatch:
     """Watches the losses of the gradient steps (on the device, no sync) and checks them with the network's
     parameters every LEARN_CHECK_EVERY gradient steps and at `check`."""
 
-    def __init__(self, model: nn.Module, seed: int | None = None, every: int = LEARN_CHECK_EVERY) -> None:
-        self.model, self.seed, self.every = model, seed, every
+    def __init__(self, model: nn.Module, seed: int | None = None, every: int | None = None) -> None:
+        self.model, self.seed, self.every = model, seed, every or LEARN_CHECK_EVERY
         self.first_bad: Tensor | None = None  # grad step of the first non-finite loss, -1 while none
         self.losses = 0
 
