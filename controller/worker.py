@@ -25,7 +25,7 @@ import structlog
 import torch
 
 import nexlify
-from nexlify import checkpoint
+from nexlify import checkpoint, finite
 from nexlify.config import TrainConfig
 from nexlify.configtools import apply_mapping, leaf_index, to_dict, validate_tree
 from nexlify.data.candles import candle_filename
@@ -200,6 +200,7 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
             finally:
                 progress.close()
             previous_episodes = int(init["episodes_trained"]) if init else 0
+            finite.check_metrics(_plain(output.val_metrics), "validation")  # never a NaN score in a result
             metrics = {"val": _plain(output.val_metrics)}
             if output.test_metrics is not None:
                 metrics["test"] = _plain(output.test_metrics)

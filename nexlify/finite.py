@@ -111,6 +111,30 @@ def check_parameters(model: nn.Module, *, step: int, seed: int | None = None, no
     _raise(name, value, step=step, seed=seed, step_kind="gradient step", note=note)
 
 
+def check_metrics(metrics: Mapping, what: str) -> None:
+    """Every number in a metrics mapping (nested) finite, else NonFiniteError naming it: a score of NaN is
+    never recorded as a result."""
+    bad = _first_bad_number(metrics, "")
+    if bad is not None:
+        raise NonFiniteError(f"non-finite {what} metric {bad}", quantity=f"{what} {bad}")
+
+
+def _first_bad_number(obj: object, path: str) -> str | None:
+    if isinstance(obj, float):
+        return None if np.isfinite(obj) else f"{path} = {obj}"
+    if isinstance(obj, Mapping):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _first_bad_number(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def check_checkpoint(ckpt: Mapping, what: str = "checkpoint") -> None:
     """No checkpoint with a non-finite tensor (weights, target, optimiser moments) is ever written: raises
     NonFiniteError naming the tensor's key path."""

@@ -294,3 +294,9 @@ def test_a_nan_reward_fails_the_pipeline_with_one_line_and_no_model(tmp_path):
     assert [f["run"] for f in state["failures"]] == ["init-1", "init-2"]
     assert not (out / "complete_training_summary.json").exists()
     assert list(Path(out).rglob("*.pt")) == []
+
+
+def test_a_non_finite_validation_metric_is_never_recorded_as_a_result():
+    finite.check_metrics({"score": 1.5, "per_pair": {"BTC/USDT": {"sharpe": 0.3, "trades": 4}}}, "validation")
+    with pytest.raises(NonFiniteError, match=r"^non-finite validation metric per_pair\.BTC/USDT\.sharpe = nan$"):
+        finite.check_metrics({"score": 1.5, "per_pair": {"BTC/USDT": {"sharpe": float("nan")}}}, "validation")
