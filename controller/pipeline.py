@@ -224,6 +224,7 @@ class Pipeline:
                     recorded = self._read_json(f"{self._outputs[spec.run_key]}/result.json")
                     if recorded is not None and recorded.get("status") == "failed" and recorded.get("reason"):
                         reason = str(recorded["reason"])  # the worker's own account (e.g. a non-finite reward)
+                        reason = reason.removeprefix(f"run {spec.run_key}: ")  # the line names the run once
                     elif recorded is not None and recorded.get("status") == "succeeded":
                         reason = f"non-finite val_score {recorded.get('val_score')!r} in result.json: not selectable"
                     failed.append(f"{spec.run_key}: {reason}")

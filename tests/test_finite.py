@@ -282,8 +282,9 @@ def test_a_nan_reward_fails_the_pipeline_with_one_line_and_no_model(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
     line = errors[0]
-    assert line.startswith("error: runs failed: init-1: run init-1: non-finite reward[BTC/USDT] = nan at step 5")
-    assert "init-2: run init-2: non-finite reward[BTC/USDT]" in line and "episode 0 of the batch" in line
+    assert line.startswith("error: runs failed: init-1: non-finite reward[BTC/USDT] = nan at step 5 (seed 42, "
+                           "episode 0 of the batch (start bar ")
+    assert "; init-2: non-finite reward[BTC/USDT] = nan at step 5 (seed 1042, episode 0" in line
     assert "score" not in line
     for run in ("run_1", "run_2"):
         result = json.loads((out / "initial_runs" / run / "result.json").read_text())
