@@ -26,13 +26,15 @@ network's shape never depends on the config). Per pair slot:
   position with its swap costs and gas exceeds the cash;
   6 lp_close: withdraw it at the open (the coin half sold at the spot fee and slippage; gas per close),
   collecting the accrued fees; masked while the position (fees included) is worth less than
-  LPParams.min_close_value_usd (its gas would be out of proportion: the position waits). Fees accrue every bar (uniswap_v3.fee_income); impermanent loss falls out
-  of the V3 formulas. LP positions have no stop: the daily loss limit sees their value.
+  LPParams.min_close_value_usd (its gas would be out of proportion: the position waits). Fees accrue
+  every bar (uniswap_v3.fee_income); impermanent loss falls out of the V3 formulas. LP positions have no
+  stop: the daily loss limit sees their value.
 - 7 lend: top the portfolio's Aave supply up to `max_idle_share` (AaveParams) of its idle USDT (cash after
   this bar's entries plus the supply), whatever `size` (the first LEND of a bar in pair order supplies it
-  all); masked where nothing is left to supply; 8 withdraw: take the slot's whole supply back. Lending is portfolio cash: each slot keeps its own sub-account of the one
-  Aave balance (so its interest is that slot's reward); the portfolio's supply is their sum. Interest
-  accrues every bar at the supply rate of the utilization path.
+  all); masked where nothing is left to supply; 8 withdraw: take the slot's whole supply back. Lending is
+  portfolio cash: each slot keeps its own sub-account of the one Aave balance (so its interest is that
+  slot's reward); the portfolio's supply is their sum. Interest accrues every bar at the supply rate of
+  the utilization path.
 - 9 arbitrage: buy on the cheaper venue and sell on the dearer one from inventory held on both
   (arbitrage.arb_trade, at both venues' opens). Valid only when the second venue has the candle of bar t
   and the net edge at bar t's closes beats all costs. The first arbitrage of a slot funds its book:
@@ -44,21 +46,23 @@ network's shape never depends on the config). Per pair slot:
 Hold, open_long and close stay actions 0, 1, 2.
 
 Risk rules across strategies: the per-trade cap (`size`, at most max_position) sizes spot entries, LP
-positions and arbitrage books alike (lending is not a risk trade: it is capped by max_idle_share); the concurrent-trade cap counts open spot trades, LP positions and
-arbitrage legs (a book holds one leg on each venue: 2 trades); the daily loss limit sees the whole
-portfolio and blocks new spot trades, LP positions and arbitrage books (not staking, lending or trades
-from an existing book).
+positions and arbitrage books alike (lending is not a risk trade: it is capped by max_idle_share); the
+concurrent-trade cap counts open spot trades, LP positions and arbitrage legs (a book holds one leg on
+each venue: 2 trades); the daily loss limit sees the whole portfolio and blocks new spot trades, LP
+positions and arbitrage books (not staking, lending or trades from an existing book).
 
 Accounting, in quote currency and float64: equity = cash + spot/staked/unbonding coins * close +
 LP value (V3 formula at the close) + accrued LP fees + Aave supply + arbitrage inventories (quote on
 both venues and coins on both venues and in transit, coins at the primary close, USD and USDT at par).
 Every cost (fee, slippage, gas, withdrawal fee) is paid at the fill, so the identity holds at every bar.
+`EpisodeStats.pnl` breaks the PnL down by source (PNL_SOURCES); the sources add up to the equity change.
 
 Finite by construction: cash never goes below zero (entries are scaled to the cash at the open, gas
-included; a withdrawal fee is paid out of the coins it moves) and every holding is worth >= 0, and the
-fixed costs are kept in proportion by the minimums above, so equity stays > 0 and the log-equity reward
-and observation stay finite. nexlify.finite checks it as a run goes.
-`EpisodeStats.pnl` breaks the PnL down by source (PNL_SOURCES); the sources add up to the equity change.
+included, and an LP position or a book that the scaling would shrink below its minimum is not opened;
+a withdrawal fee is paid out of the coins it moves), every holding is worth >= 0, and the fixed costs
+are kept in proportion by the minimums above, so equity stays > 0 and the log-equity reward and
+observation stay finite. The reward's log1p is left unguarded on purpose: nexlify.finite checks every
+reward and observation as a run goes, and a violation stops the run instead of being clipped away.
 
 Reward per pair slot: the slot's change in value (including the costs it paid) divided by the
 portfolio's previous equity, scaled so that the slots of an episode add up to exactly the change of
