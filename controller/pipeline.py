@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import tempfile
 import time
@@ -220,6 +221,12 @@ class Pipeline:
                 result = self._result(spec) if outcome.succeeded else None
                 if result is None:
                     reason = outcome.reason or "result.json is missing after the run reported success"
+                    recorded = self._read_json(f"{self._outputs[spec.run_key]}/result.json")
+                    if recorded is not None and recorded.get("status") == "failed" and recorded.get("reason"):
+                        reason = str(recorded["reason"])  # the worker's own account (e.g. a non-finite reward)
+                        reason = reason.removeprefix(f"run {spec.run_key}: ")  # the line names the run once
+                    elif recorded is not None and recorded.get("status") == "succeeded":
+                        reason = f"non-finite val_score {recorded.get('val_score')!r} in result.json: not selectable"
                     failed.append(f"{spec.run_key}: {reason}")
                     self.state.setdefault("failures", []).append(
                         {"run": spec.run_key, "reason": reason, "details": outcome.details})
@@ -233,8 +240,9 @@ class Pipeline:
         return results
 
     def _result(self, spec: RunSpec) -> dict | None:
+        """The run's result if it succeeded with a finite score: only such a run can be selected."""
         result = self._read_json(f"{self._outputs[spec.run_key]}/result.json")
-        if result is not None and result.get("status") == "succeeded":
+        if result is not None and result.get("status") == "succeeded" and _finite(result.get("val_score")):
             return result
         return None
 
@@ -424,3 +432,7 @@ def _gzip_csv(frame) -> bytes:
         write_candles(frame, path)
         return path.read_bytes()
 
+
+def _finite(value: object) -> bool:
+    """A recorded score that is a finite number (json reads NaN and Infinity as floats)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -4,7 +4,8 @@ It reads its config, data snapshot and starting checkpoint through URLs (a folde
 and writes its checkpoints and `result.json` under its output URL. It is idempotent: a run whose
 result.json says succeeded is not redone, and a run with a resume checkpoint continues from it.
 
-Exit codes: 0 done; 2 invalid input (the Kubernetes Job fails at once, no retry); 143 stopped by
+Exit codes: 0 done; 1 a permanent error (a non-finite reward, observation, loss or weight: result.json
+says "failed" with the reason); 2 invalid input (the Kubernetes Job fails at once, no retry); 143 stopped by
 SIGTERM after saving its resume checkpoint (preemption: a replacement pod continues from it).
 """
 
@@ -24,12 +25,12 @@ import structlog
 import torch
 
 import nexlify
-from nexlify import checkpoint
+from nexlify import checkpoint, finite
 from nexlify.config import TrainConfig
 from nexlify.configtools import apply_mapping, leaf_index, to_dict, validate_tree
 from nexlify.data.candles import candle_filename
 from nexlify.data.second_venue import second_venue_pair
-from nexlify.errors import InputError
+from nexlify.errors import InputError, NonFiniteError
 from nexlify.training import Preempted, prepare_data, resolve_device, train_run
 
 from controller.stores import StoreKeyMissing, open_store
@@ -199,6 +200,7 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
             finally:
                 progress.close()
             previous_episodes = int(init["episodes_trained"]) if init else 0
+            finite.check_metrics(_plain(output.val_metrics), "validation")  # never a NaN score in a result
             metrics = {"val": _plain(output.val_metrics)}
             if output.test_metrics is not None:
                 metrics["test"] = _plain(output.test_metrics)
@@ -237,6 +239,15 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                      train_return=round(output.train_return, 3), model=model_name,
                      seconds=output.timings["total_s"])
             return 0
+    except NonFiniteError as exc:
+        # the run stops for good: result.json says why (the pipeline reports it and never selects the run);
+        # no checkpoint holds the non-finite value (nexlify.checkpoint refuses to write one)
+        error = NonFiniteError(f"run {run_key}: {exc}", **{**exc.details, "run": run_key})
+        outputs.write_json(RESULT, {"status": "failed", "error": "non_finite", "reason": str(error),
+                                    "run_key": run_key, "seed": seed, "details": _plain(error.details),
+                                    "versions": versions()})
+        log.error("run_non_finite", reason=str(exc), **{k: v for k, v in exc.details.items() if k != "seed"})
+        raise error from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from nexlify import finite
 from nexlify.errors import InputError
 
 FORMAT_VERSION = 1
@@ -38,13 +39,17 @@ def build_checkpoint(agent_state: dict, *, config: dict, normalizer: dict, episo
 
 
 def to_bytes(ckpt: dict) -> bytes:
+    """The checkpoint as bytes; NonFiniteError (nothing written) if a tensor in it is not finite."""
+    finite.check_checkpoint(ckpt)
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     return buf.getvalue()
 
 
 def save(ckpt: dict, path: str | Path) -> None:
-    """Write atomically: a temporary file beside the target, then rename."""
+    """Write atomically: a temporary file beside the target, then rename. NonFiniteError (nothing written)
+    if a tensor in it is not finite."""
+    finite.check_checkpoint(ckpt, f"checkpoint {path}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")

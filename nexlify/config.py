@@ -148,6 +148,10 @@ class LPConfig:
                                      lo=0.0)
     gas_price_gwei: float = setting(LPParams.gas_price_gwei, "gas price in gwei", lo=0.0)
     eth_usd_for_gas: float = setting(LPParams.eth_usd_for_gas, "ETH price in USD that converts gas to USD", lo=0.0)
+    max_gas_share: float = setting(LPParams.max_gas_share, "an LP action's gas is at most this share of the value "
+                                   "it moves: positions start at (gas open + close) / share (sized up within the "
+                                   "per-trade cap, else masked), close only while worth gas close / share",
+                                   lo=0.0, hi=1.0, lo_open=True)
 
     def params(self) -> LPParams:
         return LPParams(**asdict(self))
@@ -173,6 +177,9 @@ class LendingConfig:
     utilization: float = setting(AaveParams.utilization, "constant utilization path (assumption)", lo=0.0, hi=1.0)
     utilization_csv: str | None = setting(AaveParams.utilization_csv, "CSV timestamp,utilization (ms, fraction) "
                                           "used instead of the constant, joined as of each bar")
+    max_idle_share: float = setting(AaveParams.max_idle_share, "LEND tops the Aave supply up to this share of idle "
+                                    "USDT (cash plus supply), whatever the per-trade size; the rest stays cash",
+                                    lo=0.0, hi=1.0)
 
     def params(self) -> AaveParams:
         return AaveParams(**asdict(self))
@@ -203,6 +210,9 @@ class ArbitrageConfig:
                                       lo=0.0, lo_open=True)
     rebalance_below: float = setting(ArbParams.rebalance_below, "rebalance the inventory when a venue holds at "
                                      "most this fraction of the book's coins or quote", lo=0.0, hi=0.5, hi_open=True)
+    max_withdrawal_share: float = setting(ArbParams.max_withdrawal_share, "a book is funded only when one withdrawal "
+                                          "fee is at most this share of it (sized up within the per-trade cap, else "
+                                          "masked)", lo=0.0, hi=1.0, lo_open=True)
 
     def params(self) -> ArbParams:
         fields_ = asdict(self)

@@ -30,3 +30,13 @@ class InputError(PermanentError):
 
 class TemporaryError(NexlifyError):
     """May succeed on retry (network, throttling, a server's 5xx)."""
+
+
+class NonFiniteError(PermanentError):
+    """A reward, observation, loss or weight became NaN or infinite. The run stops at the first one (a
+    retry would meet it again: runs are deterministic) and the message names the run, the episode, the
+    quantity and the step. `details` holds the same as plain data for result.json."""
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.details = details

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nexlify import finite
 from nexlify.agent.dqn import DQNAgent
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
 from nexlify.data.candles import MarketData, Windows, load_market, split_windows
 from nexlify.data.second_venue import load_second_venue
-from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv, observation_size
+from nexlify.env.batched import N_ACTIONS, STATE_NAMES, BatchedTradingEnv, observation_size
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.evaluation import evaluate_with_baselines
 from nexlify.features import WARMUP_BARS, Normalizer
@@ -159,6 +160,8 @@ def train_run(
     # --- the loop: rounds of num_envs episodes stepping together
     t_train = time.perf_counter()
     env_steps = 0
+    learn_watch = finite.LearnWatch(agent.model, seed)  # losses and weights, every few hundred gradient steps
+    obs_names = finite.obs_names(tensors.n_features, STATE_NAMES)
     for rnd in range(first_round, n_rounds):
         n_env = min(num_envs, episodes - rnd * num_envs)
         rng = np.random.default_rng([seed, rnd])
@@ -166,6 +169,7 @@ def train_run(
         start = torch.as_tensor(train_start + offsets, dtype=torch.int64)
         pair_idx = torch.arange(n_pairs).unsqueeze(0).expand(n_env, n_pairs)
         env = BatchedTradingEnv(tensors, pair_idx, start, n_steps, cfg.env, cfg.risk, strategy_params)
+        step_ctx = finite.StepContext(seed, start.tolist(), tensors.timestamps, tensors.pairs, obs_names)
         agent.buffer.clear()
         agent.window.reset()
         obs = env.reset().flatten(0, 1)
@@ -175,10 +179,11 @@ def train_run(
             eps = epsilon_at(global_step, total_steps, eps_first, cfg.agent.eps_end, cfg.agent.eps_decay_fraction)
             action = agent.act(obs, mask, eps)
             next_obs, reward, done = env.step(action.view(n_env, n_pairs))
+            finite.check_step(reward, next_obs, env.steps_done, step_ctx)
             next_obs, next_mask = next_obs.flatten(0, 1), env.mask.flatten(0, 1)
             agent.remember(obs, action, reward.flatten(), next_obs, next_mask, episode_end=done)
             if global_step % cfg.agent.train_every == 0:
-                agent.learn()
+                learn_watch.loss(agent.learn(), agent.grad_steps)
             obs, mask = next_obs, next_mask
             global_step += 1
             env_steps += n_env
@@ -186,6 +191,7 @@ def train_run(
                 on_step(global_step, total_steps)
             if should_stop is not None and should_stop():
                 raise Preempted(last_state)
+        learn_watch.check(agent.grad_steps)
         round_returns = ((env.stats.equity / env.stats.initial_equity - 1.0) * 100.0).tolist()
         train_returns.extend(round_returns)
         episodes_done += n_env

@@ -195,8 +195,9 @@ def aave_supply_rate(u: float) -> float:
 
 @pytest.mark.parametrize("u, borrow_by_hand", [(0.46, 0.0325), (0.92, 0.065), (0.96, 0.065 + 0.175)])
 def test_lending_supply_rate_below_at_and_above_the_optimum(u, borrow_by_hand):
-    """LEND supplies 50% of equity from idle cash at bar 1's open; one hour of interest at the supply rate
-    of the utilization: balance * (1 + rate / 8760). WITHDRAW takes it all back."""
+    """LEND supplies max_idle_share 85% of the idle 10,000 at bar 1's open (8,500, whatever the 50% trade size);
+    one hour of interest at the supply rate of the utilization: balance * (1 + rate / 8760). WITHDRAW takes it
+    all back."""
     rate = borrow_by_hand * u * 0.9
     assert rate == pytest.approx(aave_supply_rate(u), rel=1e-12)
     market = make_market([flat(100)] * 4, pairs=["ETH/USDT"])
@@ -207,28 +208,51 @@ def test_lending_supply_rate_below_at_and_above_the_optimum(u, borrow_by_hand):
     assert obs[0, 0, apy_index + 1].item() == pytest.approx(u, rel=1e-6)
     assert env.mask[0, 0, LEND] and not env.mask[0, 0, WITHDRAW]
     env.step(actions(LEND))
-    assert env.lent.item() == pytest.approx(5000 * (1 + rate / 8760), rel=1e-13)
-    assert env.cash.item() == pytest.approx(5000.0)
+    assert env.lent.item() == pytest.approx(8500 * (1 + rate / 8760), rel=1e-13)
+    assert env.cash.item() == pytest.approx(1500.0)
+    # the supply (with its interest) is more than 85% of the idle 1,500 + 8,500.x: nothing left to lend
+    assert not env.mask[0, 0, LEND]
     env.step(actions(HOLD))
-    assert env.lent.item() == pytest.approx(5000 * (1 + rate / 8760) ** 2, rel=1e-13)
-    assert env.stats.pnl_breakdown(0)["lending_interest"] == pytest.approx(5000 * ((1 + rate / 8760) ** 2 - 1),
+    assert env.lent.item() == pytest.approx(8500 * (1 + rate / 8760) ** 2, rel=1e-13)
+    assert env.stats.pnl_breakdown(0)["lending_interest"] == pytest.approx(8500 * ((1 + rate / 8760) ** 2 - 1),
                                                                            rel=1e-9)
     assert env.mask[0, 0, WITHDRAW]
     env.step(actions(WITHDRAW))  # at bar 3's open: no interest for bar 3
     assert env.lent.item() == 0.0
-    assert env.cash.item() == pytest.approx(5000 + 5000 * (1 + rate / 8760) ** 2, rel=1e-13)
+    assert env.cash.item() == pytest.approx(1500 + 8500 * (1 + rate / 8760) ** 2, rel=1e-13)
 
 
 def test_lend_uses_only_cash_left_after_the_entries():
-    """Two pairs: pair 0 opens a spot trade (50% = 5,000), pair 1 lends a chunk of 5,000, pair 0 of... the
-    cash left after the entries, in pair order. With 60% sizes: the buy takes 6,000, the lend gets 4,000."""
+    """Two pairs: pair 0 opens a spot trade, pair 1 lends from the cash left after the entries. With 60% sizes
+    the buy takes 6,000; the lend gets max_idle_share 85% of the 4,000 left: 3,400, and 600 stay cash."""
     market = make_market([[flat(100), flat(50)]] * 3, pairs=["ETH/USDT", "SOL/USDT"])
     env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=0.0)),
                   risk=quiet_risk(max_position=0.6, fixed_size=0.6))
     env.step(actions(OPEN_LONG, LEND))
     assert env.units[0].tolist() == [pytest.approx(60.0), 0.0]
-    assert env.lent[0].tolist() == [0.0, pytest.approx(4000.0)]
-    assert env.cash.item() == pytest.approx(0.0, abs=1e-9)
+    assert env.lent[0].tolist() == [0.0, pytest.approx(3400.0)]
+    assert env.cash.item() == pytest.approx(600.0)
+
+
+def test_lend_tops_the_supply_up_to_max_idle_share_whatever_the_trade_size():
+    """max_idle_share 0.9, trade size 5% (500). Bar 1: pair 0 buys 500 of ETH, pair 1 lends: the idle cash is
+    9,500 and LEND supplies 0.9 * 9,500 = 8,550 (17 trade sizes: lending is not a risk trade); 950 stay cash.
+    Then the supply is exactly 90% of the idle 9,500: LEND is masked on both slots (a LEND asked for anyway is a
+    hold). Bar 2: pair 1 withdraws its 8,550. Bar 3: both slots lend: the first in pair order tops the supply up
+    to 0.9 * 9,500 again, the second gets 0."""
+    market = make_market([[flat(100), flat(50)]] * 5, pairs=["ETH/USDT", "SOL/USDT"])
+    env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=0.0, max_idle_share=0.9)),
+                  risk=quiet_risk(max_position=0.05, fixed_size=0.05))
+    env.step(actions(OPEN_LONG, LEND))
+    assert env.units[0].tolist() == [pytest.approx(5.0), 0.0]
+    assert env.lent[0].tolist() == [0.0, pytest.approx(8550.0)]
+    assert env.cash.item() == pytest.approx(950.0)
+    assert not env.mask[0, :, LEND].any()
+    env.step(actions(HOLD, WITHDRAW))
+    assert env.cash.item() == pytest.approx(9500.0) and env.mask[0, :, LEND].all()
+    env.step(actions(LEND, LEND))
+    assert env.lent[0].tolist() == [pytest.approx(8550.0), 0.0]
+    assert env.equity.item() == pytest.approx(10_000.0)
 
 
 # ================================================================================================= staking
@@ -570,8 +594,9 @@ def test_arbitrage_book_is_refused_when_only_one_trade_fits_in_the_same_bar():
     assert env.units[0, 0].item() > 0 and not env.arb_inventory["open"][0, 1].item()
 
 
-def test_per_trade_cap_sizes_lp_arbitrage_and_lending_like_a_spot_trade():
-    """max_position 5%: the LP position, the arbitrage book and the lending chunk are 500 each."""
+def test_per_trade_cap_sizes_lp_and_arbitrage_like_a_spot_trade_but_not_lending():
+    """max_position 5%: the LP position and the arbitrage book are 500 each; lending is no risk trade: it
+    supplies max_idle_share 85% of the 9,000 left, 7,650."""
     bars = [[flat(100), flat(100), flat(100)]] * 3
     market = make_market(bars, pairs=["ETH/USDT", "BTC/USDT", "SOL/USDT"], volume=[[0.0] * 3] * 3)
     with_second_venue(market, [[flat(100), flat(200), flat(100)]] * 3)
@@ -580,24 +605,25 @@ def test_per_trade_cap_sizes_lp_arbitrage_and_lending_like_a_spot_trade():
     env = env_for(market, ALL, params, risk=quiet_risk(max_position=0.05, fixed_size=0.05, max_trades=5))
     env.step(actions(LP_OPEN, ARB, LEND))
     assert env.lp_value[0, 0].item() == pytest.approx(500.0)
-    assert env.lent[0, 2].item() == pytest.approx(500.0)
-    assert env.cash.item() == pytest.approx(10_000 - 1500.0)
+    assert env.lent[0, 2].item() == pytest.approx(7650.0)
+    assert env.cash.item() == pytest.approx(9000 - 7650.0)
 
 
 def test_daily_loss_limit_sees_the_whole_portfolio_and_blocks_new_lp_and_books():
-    """The staked coins lose 20% in bar 3: the day is down 10% (> 5%): new spot trades, LP positions and
-    arbitrage books are masked; lending and the existing positions' exits are not."""
+    """30% in ETH, staked; it loses 20% in bar 3: the day is down 6% (> 5%): new spot trades, LP positions and
+    arbitrage books are masked; lending and the existing positions' exits are not. (At 30% the 7,000 of cash
+    covers a new LP position or book of 3,000 with its gas and fees, so only the loss limit masks them.)"""
     bars = [[flat(100), flat(100)], [flat(100), flat(100)], [flat(100), flat(100)], [(100, 100, 80, 80), flat(100)],
             [flat(80), flat(100)]]
     market = make_market(bars, pairs=["ETH/USDT", "BTC/USDT"], start="2024-01-01T01:00:00Z")
     with_second_venue(market, [[flat(80), flat(103)]] * 5)
     env = env_for(market, ALL, StrategyParams(arbitrage=ArbParams(**ARB_FEES)),
-                  risk=quiet_risk(daily_loss_limit=0.05))
+                  risk=quiet_risk(daily_loss_limit=0.05, max_position=0.3, fixed_size=0.3))
     env.step(actions(OPEN_LONG, HOLD))
     env.step(actions(STAKE, HOLD))
     assert env.mask[0, 1, ARB] and env.mask[0, 1, LP_OPEN]
     env.step(actions(HOLD, HOLD))
-    assert env.equity.item() == pytest.approx(9000.0, abs=0.1)  # 50 staked coins at 80 (and 2 hours of rewards)
+    assert env.equity.item() == pytest.approx(9400.0, abs=0.1)  # 30 staked coins at 80 (and 2 hours of rewards)
     assert not env.mask[0, 1, ARB] and not env.mask[0, 1, LP_OPEN] and not env.mask[0, 1, OPEN_LONG]
     assert env.mask[0, 1, LEND] and env.mask[0, 0, CLOSE]
 

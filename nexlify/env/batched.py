@@ -20,33 +20,49 @@ network's shape never depends on the config). Per pair slot:
   exit pending: the staked coins are unstaked at the next open and every coin is sold at the first
   tradable open after it comes free. An unbonding position cannot be stopped out until it is free.
 - 5 lp_open: a Uniswap V3 position on the pair against USDT worth `size` of equity on +-range_width
-  around the open (the coin half is bought at the spot fee and slippage; gas per open);
+  around the open (the coin half is bought at the spot fee and slippage; gas per open). The gas is fixed,
+  so a position is at least LPParams.min_notional_usd (the round trip's gas at most max_gas_share of it):
+  a smaller `size` is sized up to it, and LP_OPEN is masked where that exceeds the per-trade cap or the
+  position with its swap costs and gas exceeds the cash;
   6 lp_close: withdraw it at the open (the coin half sold at the spot fee and slippage; gas per close),
-  collecting the accrued fees. Fees accrue every bar (uniswap_v3.fee_income); impermanent loss falls out
-  of the V3 formulas. LP positions have no stop: the daily loss limit sees their value.
-- 7 lend: supply `size` of equity from idle cash (after this bar's entries) to Aave; 8 withdraw: take the
-  slot's whole supply back. Lending is portfolio cash: each slot keeps its own sub-account of the one
-  Aave balance (so its interest is that slot's reward); the portfolio's supply is their sum. Interest
-  accrues every bar at the supply rate of the utilization path.
+  collecting the accrued fees; masked while the position (fees included) is worth less than
+  LPParams.min_close_value_usd (its gas would be out of proportion: the position waits). Fees accrue
+  every bar (uniswap_v3.fee_income); impermanent loss falls out of the V3 formulas. LP positions have no
+  stop: the daily loss limit sees their value.
+- 7 lend: top the portfolio's Aave supply up to `max_idle_share` (AaveParams) of its idle USDT (cash after
+  this bar's entries plus the supply), whatever `size` (the first LEND of a bar in pair order supplies it
+  all); masked where nothing is left to supply; 8 withdraw: take the slot's whole supply back. Lending is
+  portfolio cash: each slot keeps its own sub-account of the one Aave balance (so its interest is that
+  slot's reward); the portfolio's supply is their sum. Interest accrues every bar at the supply rate of
+  the utilization path.
 - 9 arbitrage: buy on the cheaper venue and sell on the dearer one from inventory held on both
   (arbitrage.arb_trade, at both venues' opens). Valid only when the second venue has the candle of bar t
   and the net edge at bar t's closes beats all costs. The first arbitrage of a slot funds its book:
-  `size` of equity split into quote and coin on each venue (coins bought at each venue's taker fee).
+  `size` of equity split into quote and coin on each venue (coins bought at each venue's taker fee), sized
+  up to ArbParams' minimum book (one withdrawal fee at most max_withdrawal_share of it); funding is masked
+  where that exceeds the per-trade cap or the book with its fees exceeds the cash.
   A book is rebalanced by a transfer (withdrawal fee, configured delay) when a venue runs low;
   10 arb_close: sell the book's coins on both venues (not while a transfer is under way).
 Hold, open_long and close stay actions 0, 1, 2.
 
-Risk rules across strategies: the per-trade cap (`size`) sizes spot entries, LP positions, arbitrage
-books and lending chunks alike; the concurrent-trade cap counts open spot trades, LP positions and
-arbitrage legs (a book holds one leg on each venue: 2 trades); the daily loss limit sees the whole
-portfolio and blocks new spot trades, LP positions and arbitrage books (not staking, lending or trades
-from an existing book).
+Risk rules across strategies: the per-trade cap (`size`, at most max_position) sizes spot entries, LP
+positions and arbitrage books alike (lending is not a risk trade: it is capped by max_idle_share); the
+concurrent-trade cap counts open spot trades, LP positions and arbitrage legs (a book holds one leg on
+each venue: 2 trades); the daily loss limit sees the whole portfolio and blocks new spot trades, LP
+positions and arbitrage books (not staking, lending or trades from an existing book).
 
 Accounting, in quote currency and float64: equity = cash + spot/staked/unbonding coins * close +
 LP value (V3 formula at the close) + accrued LP fees + Aave supply + arbitrage inventories (quote on
 both venues and coins on both venues and in transit, coins at the primary close, USD and USDT at par).
 Every cost (fee, slippage, gas, withdrawal fee) is paid at the fill, so the identity holds at every bar.
 `EpisodeStats.pnl` breaks the PnL down by source (PNL_SOURCES); the sources add up to the equity change.
+
+Finite by construction: cash never goes below zero (entries are scaled to the cash at the open, gas
+included, and an LP position or a book that the scaling would shrink below its minimum is not opened;
+a withdrawal fee is paid out of the coins it moves), every holding is worth >= 0, and the fixed costs
+are kept in proportion by the minimums above, so equity stays > 0 and the log-equity reward and
+observation stay finite. The reward's log1p is left unguarded on purpose: nexlify.finite checks every
+reward and observation as a run goes, and a violation stops the run instead of being clipped away.
 
 Reward per pair slot: the slot's change in value (including the costs it paid) divided by the
 portfolio's previous equity, scaled so that the slots of an episode add up to exactly the change of
@@ -463,13 +479,22 @@ class BatchedTradingEnv:
             unstake = (self._staked > 0) & (self._unbonding <= 0) & ~pending
         else:
             stake = unstake = off
+        cap = r.max_position * self.equity  # the per-trade cap in quote [B]
         if self.lp_on:
-            lp_close = self._lp_L > 0
-            lp_open = ~lp_close & may_enter
+            # fixed gas in proportion (LPParams.max_gas_share): a position of at least min_notional_usd (sized
+            # up within the per-trade cap) whose cost, gas included, the cash covers; a close worth its gas
+            lpp = self.strategy_params.lp
+            live = self._lp_L > 0
+            lp_notional = torch.clamp(self.size * self.equity, min=lpp.min_notional_usd)
+            lp_fits = (lpp.min_notional_usd <= cap) & (
+                lp_notional * (1.0 + self._coin_share * (self.fee + self.slip)) + lpp.gas_usd_open <= self.cash)
+            lp_open = ~live & may_enter & lp_fits
+            lp_close = live & (self._lp_value + self._lp_fees >= lpp.min_close_value_usd)
         else:
             lp_open = lp_close = off
         if self.lending_on:
-            lend, withdraw = (self.cash > 0).expand(self.P, self.B), self._lent > 0
+            lend = (self._lendable(self.cash, self._lent) > 0).expand(self.P, self.B)
+            withdraw = self._lent > 0
         else:
             lend = withdraw = off
         arb = arb_close = off
@@ -480,10 +505,26 @@ class BatchedTradingEnv:
             if edge_now:  # else no pair has an edge at this bar
                 ab, ba = self._bx[tables.MASK_AB], self._bx[tables.MASK_BA]
                 stocked = (ab & (self._qa > 0) & (self._cb > 0)) | (ba & (self._qb > 0) & (self._ca > 0))
-                fund = ~book & (ab | ba) & can_enter & (open_trades + 2 <= r.max_trades)
+                ap = self.strategy_params.arbitrage
+                book_min = self._arb_min_book(self._close)
+                book_notional = torch.maximum(self.size * self.equity, book_min)
+                fits = (book_min <= cap) & (book_notional * (1.0 + (ap.taker_fee_a + ap.taker_fee_b) / 4.0)
+                                            <= self.cash)
+                fund = ~book & (ab | ba) & can_enter & (open_trades + 2 <= r.max_trades) & fits
                 arb = (book & stocked) | fund
         return [torch.ones_like(holding), can_open, close, stake, unstake, lp_open, lp_close, lend, withdraw, arb,
                 arb_close]
+
+    def _lendable(self, cash: Tensor, lent: Tensor) -> Tensor:
+        """[B] what a LEND may supply: the Aave supply is topped up to max_idle_share of the idle USDT (cash plus
+        supply), whatever the per-trade size (AaveParams.max_idle_share)."""
+        supply = lent.sum(0)
+        return (self.strategy_params.aave.max_idle_share * (cash + supply) - supply).clamp(min=0.0)
+
+    def _arb_min_book(self, close: Tensor) -> Tensor:
+        """[P, B] the smallest arbitrage book per slot: one withdrawal fee at `close` is at most max_withdrawal_share
+        of it (ArbParams.max_withdrawal_share)."""
+        return self._withdrawal_fee * close / self.strategy_params.arbitrage.max_withdrawal_share
 
     def observe(self) -> Tensor:
         """[B, P, obs_size] float32: market features at the cursor, then slot and portfolio state."""
@@ -736,12 +777,15 @@ class BatchedTradingEnv:
             accepted, accepted_lp = pairs_granted[:, 0], pairs_granted[:, 1]
             spend = torch.where(accepted, notional * (1.0 + fee), 0.0)
             variable, gas = spend.sum(0), 0.0
-            if LP:
+            if LP:  # an LP position and an arbitrage book are sized up to their minimum (the mask checked the cap)
                 n_lp = accepted_lp.sum(0)
-                variable = variable + n_lp * notional * (1.0 + self._coin_share * (fee + slip))
+                lp_notional = notional.clamp(min=lpp.min_notional_usd)
+                variable = variable + n_lp * lp_notional * (1.0 + self._coin_share * (fee + slip))
                 gas = n_lp.to(dt) * lpp.gas_usd_open
             if AR and may_fund:
-                variable = variable + accepted_arb.sum(0) * notional * (1.0 + (fa + fb) / 4.0)
+                book_min = self._arb_min_book(prev_close)
+                book_notional = torch.maximum(notional, book_min)
+                variable = variable + torch.where(accepted_arb, book_notional * (1.0 + (fa + fb) / 4.0), 0.0).sum(0)
             scale = torch.where(variable + gas > available,
                                 (available - gas).clamp(min=0.0) / variable.clamp(min=1e-30), 1.0)
             spend = spend * scale
@@ -760,8 +804,8 @@ class BatchedTradingEnv:
         highest = torch.where(accepted, buy_px, highest)
         bars_in_trade = torch.where(accepted, 0.0, bars_in_trade)
         if LP:
-            accepted_lp = accepted_lp & (scale > 0)
-            budget = notional * scale
+            budget = lp_notional * scale
+            accepted_lp = accepted_lp & (scale > 0) & (budget >= lpp.min_notional_usd)  # never below the minimum
             position = uniswap_v3.open_symmetric(budget, o, lpp.range_width, sqrt_p=fx[tables.SQRT_OPEN])
             swap_in = budget * (self._coin_share * (fee + slip))  # buying the coin share
             lp_out = budget + swap_in + lpp.gas_usd_open
@@ -773,7 +817,8 @@ class BatchedTradingEnv:
             x0, y0 = torch.where(accepted_lp, position.x, x0), torch.where(accepted_lp, position.y, y0)
             lp_cost = torch.where(accepted_lp, lp_out, lp_cost)
         if AR and may_fund:
-            quarter = notional * scale * 0.25
+            accepted_arb = accepted_arb & (scale > 0) & (book_notional * scale >= book_min)
+            quarter = book_notional * scale * 0.25
             funding_fees = quarter * (fa + fb)
             book_out = 4.0 * quarter + funding_fees
             funding = accepted_arb.to(dt)
@@ -812,10 +857,11 @@ class BatchedTradingEnv:
             tr_due = torch.where(rebalance, u + self._transfer_bars, tr_due)
             cost_slot = cost_slot + fee_units * o
         if LE:
-            # 4. Lending: each LEND supplies a chunk of the cash left after the entries, in pair order.
-            chunk = torch.where(act == LEND, self.size * prev_equity, 0.0)
-            room = (self.cash + flow.sum(0)).clamp(min=0.0)
-            supplied = torch.minimum(chunk, (room - (torch.cumsum(chunk, 0) - chunk)).clamp(min=0.0))
+            # 4. Lending: a LEND tops the supply up to max_idle_share of the idle USDT left after the entries (the
+            #    first LEND of the bar in pair order supplies it all).
+            lendable = self._lendable((self.cash + flow.sum(0)).clamp(min=0.0), lent)
+            chunk = torch.where(act == LEND, lendable, 0.0)
+            supplied = torch.minimum(chunk, (lendable - (torch.cumsum(chunk, 0) - chunk)).clamp(min=0.0))
             flow = flow - supplied
             lent, principal = lent + supplied, principal + supplied
 

@@ -69,11 +69,13 @@ PARAMS = ("fee", "slip", "stop_loss", "take_profit", "trailing_stop", "max_trade
           "drawdown_penalty", "initial_equity", "max_position", "kelly", "kelly_min_trades", "kelly_fraction",
           "kelly_floor", "fixed_size", "spot_on", "staking_on", "lp_on", "lending_on", "arb_on", "unstake_fraction",
           "stake_fraction", "lp_range_width", "lp_coin_share", "gas_open", "gas_close", "fee_a", "fee_b",
-          "max_notional", "rebalance_below", "tiny")
+          "max_notional", "rebalance_below", "tiny", "lp_min_notional", "lp_min_close", "max_withdrawal_share",
+          "max_idle_share")
 (FEE, SLIP, STOP_LOSS, TAKE_PROFIT, TRAILING_STOP, MAX_TRADES, DAILY_LOSS_LIMIT, DD_PENALTY, INITIAL_EQUITY,
  MAX_POSITION, KELLY_ON, KELLY_MIN_TRADES, KELLY_FRACTION, KELLY_FLOOR, FIXED_SIZE, SPOT_ON, STAKING_ON, LP_ON,
  LENDING_ON, ARB_ON, UNSTAKE_FRACTION, STAKE_FRACTION, LP_WIDTH, LP_COIN_SHARE, GAS_OPEN, GAS_CLOSE, FEE_A, FEE_B,
- MAX_NOTIONAL, REBALANCE_BELOW, TINY) = range(len(PARAMS))
+ MAX_NOTIONAL, REBALANCE_BELOW, TINY, LP_MIN_NOTIONAL, LP_MIN_CLOSE, MAX_WITHDRAWAL_SHARE,
+ MAX_IDLE_SHARE) = range(len(PARAMS))
 
 # Per-slot scratch, [B, len, P] (an episode's numbers side by side in memory).
 (F_FLOW, F_COST, F_RET, F_LP_RET, F_ARB_RET, F_SPOT_PNL, F_STAKE_PNL, F_LP_FEE_PNL, F_IL_PNL, F_INTEREST, F_ARB_PNL,
@@ -113,6 +115,7 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         blk = blocked[b]
         size_now = ef[b, SIZE]
         notional = size_now * prev_eq
+        lp_notional = max(notional, prm[LP_MIN_NOTIONAL])  # an LP position is sized up to its minimum
         # copy the slot state into the outputs, where the blocks below update it. (The scratch is not cleared:
         # it starts at zero, and each step writes every entry of a strategy that is on before reading it.)
         o_sf[b] = sf[b]
@@ -284,18 +287,20 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 k[K_ACCEPTED_ARB, p] = k[K_WANT_ARB, p] and book_rank <= capacity - used
             variable = 0.0
             n_lp = 0
-            n_arb = 0
+            arb_sum = 0.0
             for p in range(n_pairs):
                 f[F_SPEND, p] = notional * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
                 variable += f[F_SPEND, p]
                 n_lp += 1 if k[K_ACCEPTED_LP, p] else 0
-                n_arb += 1 if k[K_ACCEPTED_ARB, p] else 0
+                if AR and k[K_ACCEPTED_ARB, p]:  # a book sized up to its minimum (the mask checked the cap)
+                    book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+                    arb_sum += max(notional, book_min) * (1.0 + (fa + fb) / 4.0)
             gas = 0.0
             if LP:
-                variable = variable + n_lp * notional * (1.0 + coin_share * (fee + slip))
+                variable = variable + n_lp * lp_notional * (1.0 + coin_share * (fee + slip))
                 gas = n_lp * prm[GAS_OPEN]
             if AR:
-                variable = variable + n_arb * notional * (1.0 + (fa + fb) / 4.0)
+                variable = variable + arb_sum
             if variable + gas > available:
                 scale = max(available - gas, 0.0) / max(variable, 1e-30)
             for p in range(n_pairs):
@@ -325,8 +330,8 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = bought, buy_px, spend
                 o_sf[b, HIGHEST, p], o_sf[b, BARS, p] = buy_px, 0.0
             if LP:
-                accepted_lp = k[K_ACCEPTED_LP, p] and scale > 0
-                budget = notional * scale
+                budget = lp_notional * scale
+                accepted_lp = k[K_ACCEPTED_LP, p] and scale > 0 and budget >= prm[LP_MIN_NOTIONAL]
                 s = floats[tables.SQRT_OPEN, row]
                 swap_in = budget * (coin_share * (fee + slip))
                 lp_out = budget + swap_in + prm[GAS_OPEN]
@@ -341,7 +346,10 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                     o_sf[b, LP_COST, p] = lp_out
             if AR:
                 o2 = floats[tables.V2_OPEN, row]
-                quarter = notional * scale * 0.25
+                book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+                book_notional = max(notional, book_min)
+                k[K_ACCEPTED_ARB, p] = k[K_ACCEPTED_ARB, p] and scale > 0 and book_notional * scale >= book_min
+                quarter = book_notional * scale * 0.25
                 funding_fees = quarter * (fa + fb)
                 book_out = 4.0 * quarter + funding_fees
                 funding = 1.0 if k[K_ACCEPTED_ARB, p] else 0.0
@@ -390,17 +398,21 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                     f[F_COST, p] = f[F_COST, p] + fee_units * o
                 o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p] = qa, ca, qb, cb
 
-        # 4. Lending: each LEND supplies a chunk of the cash left after the entries, in pair order.
+        # 4. Lending: a LEND tops the supply up to max_idle_share of the idle USDT left after the entries (the
+        #    first LEND of the bar in pair order supplies it all).
         if LE:
             flow_sum = 0.0
+            supply = 0.0
             for p in range(n_pairs):
                 flow_sum += f[F_FLOW, p]
+                supply += o_sf[b, LENT, p]
             room = max(ef[b, CASH] + flow_sum, 0.0)
+            lendable = max(prm[MAX_IDLE_SHARE] * (room + supply) - supply, 0.0)
             cumulative = 0.0
             for p in range(n_pairs):
-                chunk = size_now * prev_eq if acts[b, p] == LEND else 0.0
+                chunk = lendable if acts[b, p] == LEND else 0.0
                 cumulative = cumulative + chunk
-                supplied = min(chunk, max(room - (cumulative - chunk), 0.0))
+                supplied = min(chunk, max(lendable - (cumulative - chunk), 0.0))
                 f[F_FLOW, p] = f[F_FLOW, p] - supplied
                 o_sf[b, LENT, p] = o_sf[b, LENT, p] + supplied
                 o_sf[b, PRINCIPAL, p] = o_sf[b, PRINCIPAL, p] + supplied
@@ -573,6 +585,14 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             if AR and o_sb[b, BOOK, p]:
                 open_trades += 2
         can_enter = (not blocked_b) and cash > 0
+        cap = prm[MAX_POSITION] * equity  # the per-trade cap in quote
+        sized = size_b * equity
+        lp_fits = (prm[LP_MIN_NOTIONAL] <= cap and max(sized, prm[LP_MIN_NOTIONAL]) * (1.0 + coin_share * (fee + slip))
+                   + prm[GAS_OPEN] <= cash)
+        supply = 0.0
+        for p in range(n_pairs):
+            supply += o_sf[b, LENT, p]
+        lendable = max(prm[MAX_IDLE_SHARE] * (cash + supply) - supply, 0.0)
         for p in range(n_pairs):
             row = u * n_cols + pair[b, p]
             units, staked = o_sf[b, UNITS, p], o_sf[b, STAKED, p]
@@ -589,10 +609,10 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 o_mask[b, p, UNSTAKE] = staked > 0 and o_sf[b, UNBONDING, p] <= 0 and not pending
             if LP:
                 lp_live = o_sf[b, LP_L, p] > 0
-                o_mask[b, p, LP_OPEN] = (not lp_live) and may_enter
-                o_mask[b, p, LP_CLOSE] = lp_live
+                o_mask[b, p, LP_OPEN] = (not lp_live) and may_enter and lp_fits
+                o_mask[b, p, LP_CLOSE] = lp_live and o_sf[b, LP_VALUE, p] + o_sf[b, LP_FEES, p] >= prm[LP_MIN_CLOSE]
             if LE:
-                o_mask[b, p, LEND] = cash > 0
+                o_mask[b, p, LEND] = lendable > 0
                 o_mask[b, p, WITHDRAW] = o_sf[b, LENT, p] > 0
             if AR:
                 book = o_sb[b, BOOK, p]
@@ -600,7 +620,9 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 ab, ba = flags[tables.MASK_AB, row], flags[tables.MASK_BA, row]
                 stocked = ((ab and o_sf[b, QA, p] > 0 and o_sf[b, CB, p] > 0)
                            or (ba and o_sf[b, QB, p] > 0 and o_sf[b, CA, p] > 0))
-                fund = (not book) and (ab or ba) and can_enter and open_trades + 2 <= max_trades
+                book_min = withdrawal_fee[pair[b, p]] * o_sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+                fits = book_min <= cap and max(sized, book_min) * (1.0 + (fa + fb) / 4.0) <= cash
+                fund = (not book) and (ab or ba) and can_enter and open_trades + 2 <= max_trades and fits
                 o_mask[b, p, ARB] = (book and stocked) or fund
 
         # the observation at bar u: market features, the spot state, then the strategies' state
@@ -729,7 +751,9 @@ class FusedPortfolioStep:
             "lp_coin_share": uniswap_v3.coin_share(sp.lp.range_width), "gas_open": sp.lp.gas_usd_open,
             "gas_close": sp.lp.gas_usd_close, "fee_a": sp.arbitrage.taker_fee_a, "fee_b": sp.arbitrage.taker_fee_b,
             "max_notional": sp.arbitrage.max_notional_usd, "rebalance_below": sp.arbitrage.rebalance_below,
-            "tiny": torch.finfo(env.dtype).tiny,
+            "tiny": torch.finfo(env.dtype).tiny, "lp_min_notional": sp.lp.min_notional_usd,
+            "lp_min_close": sp.lp.min_close_value_usd, "max_withdrawal_share": sp.arbitrage.max_withdrawal_share,
+            "max_idle_share": sp.aave.max_idle_share,
         }
         self.params = np.array([float(values[name]) for name in PARAMS])
         self._views: list[tuple[str, torch.Tensor]] = []  # the tensors the last step gave the environment

@@ -165,6 +165,16 @@ class LPParams:
       2024-25 outside congestion spikes) and eth_usd_for_gas 2,500 (ASSUMPTION: ETH around
       2,500 USD in the first half of 2025; the bundled data ends at ~2,500 in May 2025). That makes
       an open ~5.44 USD and a close ~2.23 USD. On an L2 such as Arbitrum both would be cents.
+    - max_gas_share 0.02 (the environment's rule, so that the fixed gas can never eat a position or
+      drive equity to zero): an LP action is valid only while its gas is at most this share of the
+      value it moves. Opening pays the mint now and the burn later, so a position needs at least
+      `min_notional_usd` = (gas open + gas close) / max_gas_share (383.1 USD at the defaults: gas of a
+      round trip then costs at most 2%, about 7x a spot round trip's 0.3% of fees and slippage, and
+      the smallest position fits in the 5% per-trade cap of the 10,000 USD starting equity); a smaller
+      sized position is sized up to it when the per-trade cap allows, else LP_OPEN is masked. A close
+      needs the position (accrued fees included, at the last close) worth at least
+      `min_close_value_usd` = gas close / max_gas_share (111.3 USD); below it LP_CLOSE is masked and
+      the position waits (its value still counts in equity).
     """
 
     fee_tier: float = 0.0005
@@ -176,6 +186,7 @@ class LPParams:
     gas_units_close: float = 178_028.0
     gas_price_gwei: float = 5.0
     eth_usd_for_gas: float = 2_500.0
+    max_gas_share: float = 0.02
 
     def __post_init__(self) -> None:
         if not any(math.isclose(self.fee_tier, tier, rel_tol=0, abs_tol=1e-12) for tier in FEE_TIERS):
@@ -193,6 +204,19 @@ class LPParams:
             number = getattr(self, name)
             if not (math.isfinite(number) and number >= 0):
                 raise InputError(f"LP {name} {number!r} is invalid; accepted: a number >= 0")
+        if not (math.isfinite(self.max_gas_share) and 0.0 < self.max_gas_share <= 1.0):
+            raise InputError(f"LP max_gas_share {self.max_gas_share!r} is out of range; accepted: a fraction in "
+                             "(0, 1], e.g. 0.02 for gas of at most 2% of the position")
+
+    @property
+    def min_notional_usd(self) -> float:
+        """The smallest position LP_OPEN may open: its round trip's gas is at most max_gas_share of it."""
+        return (self.gas_usd_open + self.gas_usd_close) / self.max_gas_share
+
+    @property
+    def min_close_value_usd(self) -> float:
+        """The smallest position value (fees included) LP_CLOSE may withdraw: its gas is at most max_gas_share."""
+        return self.gas_usd_close / self.max_gas_share
 
     @property
     def gas_usd_open(self) -> float:
@@ -230,6 +254,11 @@ class AaveParams:
       month; in April 2025 stablecoin utilization was below the 92% kink (LlamaRisk, t/21269).
       At 0.80 the supply rate is 0.065 * 0.80/0.92 * 0.80 * 0.90 = 4.07% a year.
     - utilization_csv: optional path of a `timestamp,utilization` CSV to use instead of the constant.
+    - max_idle_share 0.85 (the environment's rule, not Aave's): a LEND action tops the portfolio's Aave
+      supply up to this share of its idle USDT (cash plus supply; supplying USDT costs no fee in the
+      model), whatever the per-trade size, which caps risk trades only. The rest stays cash: 0.15 =
+      max_trades 3 x max_position 0.05 of the guide's risk defaults, so the risk trades can open at
+      full size without a withdrawal first.
     """
 
     optimal_usage_ratio: float = 0.92
@@ -239,6 +268,7 @@ class AaveParams:
     reserve_factor: float = 0.10
     utilization: float = 0.80
     utilization_csv: str | None = None
+    max_idle_share: float = 0.85
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.optimal_usage_ratio) and 0.0 < self.optimal_usage_ratio < 1.0):
@@ -248,7 +278,7 @@ class AaveParams:
             rate = getattr(self, name)
             if not (math.isfinite(rate) and 0.0 <= rate <= 10.0):
                 raise InputError(f"aave {name} {rate!r} is out of range; accepted: an annual rate in [0, 10]")
-        for name in ("reserve_factor", "utilization"):
+        for name in ("reserve_factor", "utilization", "max_idle_share"):
             fraction = getattr(self, name)
             if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
                 raise InputError(f"aave {name} {fraction!r} is out of range; accepted: a fraction in [0, 1]")
@@ -295,6 +325,12 @@ class ArbParams:
       delay; quote moved at par) when a venue holds no more than this fraction of the book's coins or
       quote. Small books pay the fixed fee on small transfers; relying on the spread to flip back keeps
       transfers rare. 0 = only once a venue has run out.
+    - max_withdrawal_share 0.02 (the environment's rule, so that the fixed withdrawal fee stays in
+      proportion): a book is funded only when one withdrawal fee at the decision bar's close is at most
+      this share of the book (`min_book_usd` = fee units * close / max_withdrawal_share: at the defaults
+      ~75 USD for SOL at 150, ~210 USD for ETH at 2,500, 2,500 USD for BTC at 100,000). A smaller sized
+      book is sized up to it when the per-trade cap allows, else funding is masked (a BTC book does not
+      fit the 5% cap of 10,000 USD: a 500 USD book would pay 10% of itself per rebalance).
     """
 
     taker_fee_a: float = 0.001
@@ -305,6 +341,7 @@ class ArbParams:
     min_edge_bps: float = 5.0
     max_notional_usd: float = 10_000.0
     rebalance_below: float = 0.10
+    max_withdrawal_share: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("taker_fee_a", "taker_fee_b"):
@@ -325,6 +362,9 @@ class ArbParams:
         if not (math.isfinite(self.rebalance_below) and 0.0 <= self.rebalance_below < 0.5):
             raise InputError(f"arbitrage rebalance_below {self.rebalance_below!r} is out of range; accepted: a "
                              "fraction in [0, 0.5)")
+        if not (math.isfinite(self.max_withdrawal_share) and 0.0 < self.max_withdrawal_share <= 1.0):
+            raise InputError(f"arbitrage max_withdrawal_share {self.max_withdrawal_share!r} is out of range; "
+                             "accepted: a fraction in (0, 1], e.g. 0.02")
         if not (math.isfinite(self.min_edge_bps) and self.min_edge_bps >= 0):
             raise InputError(f"arbitrage min_edge_bps {self.min_edge_bps!r} is invalid; accepted: bps >= 0")
 
