@@ -69,24 +69,24 @@ def test_flat_keeps_exactly_the_initial_equity(report):
     assert flat["return_moments"]["n"] == WINDOW[1] - WINDOW[0] and flat["return_moments"]["sharpe"] is None
 
 
-def _lending_by_hand(n_steps: int, size: float) -> float:
-    """Cash plus lending, by hand: each bar a LEND supplies `size` of the last equity from the cash left
-    (all of it once less remains), and the supply grows by 1 + supply_rate(U) / 8760 per hourly bar, with
-    Aave's V2 rate strategy at the default constant utilization."""
+def _lending_by_hand(n_steps: int, share: float) -> float:
+    """Cash plus lending, by hand: each bar a LEND tops the Aave supply up to `share` of the idle USDT (cash
+    plus supply; never more than the cash), and the supply grows by 1 + supply_rate(U) / 8760 per hourly bar,
+    with Aave's V2 rate strategy at the default constant utilization."""
     p = StrategyParams().aave
     rate = float(aave.supply_rate(p.utilization, p.base_variable_borrow_rate, p.variable_rate_slope1,
                                   p.variable_rate_slope2, p.optimal_usage_ratio, p.reserve_factor))
     growth = 1.0 + rate / 8760.0
     cash, lent = E0, 0.0
     for _ in range(n_steps):
-        supplied = min(size * (cash + lent), cash)
+        supplied = min(max(share * (cash + lent) - lent, 0.0), cash)
         cash, lent = cash - supplied, (lent + supplied) * growth
     return cash + lent
 
 
 def test_cash_plus_lending_earns_the_aave_supply_rate_compounded_over_the_window(market, report):
     n = WINDOW[1] - WINDOW[0]
-    expected = _lending_by_hand(n, RiskConfig().fixed_size)
+    expected = _lending_by_hand(n, StrategyParams().aave.max_idle_share)
     lending = report["baselines"][bl.CASH_PLUS_LENDING]
     for pair, m in lending["per_pair"].items():
         assert m["total_return"] == pytest.approx((expected / E0 - 1.0) * 100.0, rel=1e-9, abs=1e-12), pair
@@ -103,7 +103,7 @@ def test_cash_plus_lending_switches_lending_on_when_the_model_has_it_off(market)
     got = evaluate_with_baselines(None, market, (1000, 1100), EnvConfig(strategies=["spot"]), RiskConfig(), seeds=())
     assert got["agent"] is None
     lending = got["baselines"][bl.CASH_PLUS_LENDING]
-    assert lending["avg_return"] == pytest.approx((_lending_by_hand(100, RiskConfig().fixed_size) / E0 - 1) * 100,
+    assert lending["avg_return"] == pytest.approx((_lending_by_hand(100, StrategyParams().aave.max_idle_share) / E0 - 1) * 100,
                                                   rel=1e-9)
     assert "switched on" in got["baseline_notes"][bl.CASH_PLUS_LENDING]
     assert "switched on" not in got["baseline_notes"][bl.FLAT]
