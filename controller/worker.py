@@ -4,9 +4,9 @@ It reads its config, data snapshot and starting checkpoint through URLs (a folde
 and writes its checkpoints and `result.json` under its output URL. It is idempotent: a run whose
 result.json says succeeded is not redone, and a run with a resume checkpoint continues from it.
 
-Exit codes: 0 done; 1 a permanent error (a non-finite reward, observation, loss or weight: result.json
-says "failed" with the reason); 2 invalid input (the Kubernetes Job fails at once, no retry); 143 stopped by
-SIGTERM after saving its resume checkpoint (preemption: a replacement pod continues from it).
+Exit codes: 0 done; 2 invalid input and 3 a non-finite reward, observation, loss or weight (result.json
+says "failed" with the reason): the Kubernetes Job fails at once, no retry; 143 stopped by SIGTERM after
+saving its resume checkpoint (preemption: a replacement pod continues from it).
 """
 
 from __future__ import annotations

@@ -35,7 +35,10 @@ class TemporaryError(NexlifyError):
 class NonFiniteError(PermanentError):
     """A reward, observation, loss or weight became NaN or infinite. The run stops at the first one (a
     retry would meet it again: runs are deterministic) and the message names the run, the episode, the
-    quantity and the step. `details` holds the same as plain data for result.json."""
+    quantity and the step. `details` holds the same as plain data for result.json. A worker stopped by one
+    exits with code 3, which fails its Kubernetes Job at once (no retry); the pipeline then exits 1."""
+
+    exit_code = 3
 
     def __init__(self, message: str, **details: object) -> None:
         super().__init__(message)

@@ -294,6 +294,7 @@ def test_a_nan_reward_fails_the_pipeline_with_one_line_and_no_model(tmp_path):
     state = json.loads((out / "pipeline_state.json").read_text())
     assert "best" not in state and state["phase"] != "SELECTED"
     assert [f["run"] for f in state["failures"]] == ["init-1", "init-2"]
+    assert [f["details"]["exit_code"] for f in state["failures"]] == [3, 3]  # NonFiniteError: no retry
     assert not (out / "complete_training_summary.json").exists()
     assert list(Path(out).rglob("*.pt")) == []
 

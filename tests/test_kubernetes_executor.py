@@ -270,7 +270,7 @@ def test_manifest_runs_the_same_worker_args_with_labels_policy_and_hardening():
     assert "suspend" not in spec_
     assert spec_["podFailurePolicy"] == {"rules": [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2, 3]}},
     ]}
     pod = spec_["template"]["spec"]
     assert pod["restartPolicy"] == "Never"

@@ -28,6 +28,7 @@ SCRATCH_PATH = "/tmp"
 RUN_AS = 10001  # uid and gid of the worker; the image gives it no home, HOME points at the scratch volume
 TERMINATION_GRACE_SECONDS = 120  # SIGTERM -> the worker saves its resume checkpoint and exits 143
 EXIT_INVALID_INPUT = 2  # the worker's exit code for bad input: fail the Job at once, no retry
+EXIT_NON_FINITE = 3  # a non-finite reward, observation, loss or weight: runs are deterministic, a retry meets it again
 
 APP_NAME = "nexlify-train"
 MANAGED_BY = "nexlify-controller"
@@ -154,11 +155,12 @@ def _env_from(cfg: KubernetesConfig) -> list[dict[str, Any]]:
 def _pod_failure_policy() -> dict[str, Any]:
     """Evictions and preemptions (DisruptionTarget) are not the run's fault: they do not count against
     backoffLimit, and the replacement pod resumes from the checkpoint the worker saved on SIGTERM.
-    Exit code 2 is invalid input: retrying cannot help, so the Job fails at once."""
+    Exit code 2 is invalid input and 3 a non-finite value (nexlify.errors.NonFiniteError; a run is
+    deterministic): retrying cannot help, so the Job fails at once."""
     return {"rules": [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        {"action": "FailJob",
-         "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_INPUT]}},
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": [EXIT_INVALID_INPUT, EXIT_NON_FINITE]}},
     ]}
 
 

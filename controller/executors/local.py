@@ -181,7 +181,8 @@ class LocalExecutor:
         code = run.process.returncode
         if code == 0:
             return RunOutcome(run.spec.run_key, True, details={"exit_code": 0})
-        reason = {2: "invalid input", 143: "terminated (SIGTERM)", -15: "terminated (SIGTERM)",
+        reason = {2: "invalid input", 3: "a non-finite value (its result.json says which)",
+                  143: "terminated (SIGTERM)", -15: "terminated (SIGTERM)",
                   -9: "killed (SIGKILL, out of memory?)"}.get(code, f"exit code {code}")
         return RunOutcome(run.spec.run_key, False, reason=f"worker failed: {reason}",
                           details={"exit_code": code, "log_tail": run.tail[-10:]})
