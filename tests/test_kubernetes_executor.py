@@ -93,7 +93,7 @@ def dummy_spec(run_key: str = "init-1", seed: int = 42) -> RunSpec:
 def comparable(summary: dict) -> dict:
     """A summary without what differs between two places that ran it: timings and output locations."""
     s = copy.deepcopy(summary)
-    for key in ("timings", "final_model_url"):
+    for key in ("timings", "final_model_url", "final_model_path", "pipeline_id"):  # the id covers the output
         s.pop(key)
     for key in ("output", "executor", "kubernetes", "parallel"):
         s["config"].pop(key, None)

@@ -36,6 +36,8 @@ LABEL_PHASE = "nexlify.io/phase"
 LABEL_RUN = "nexlify.io/run"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ANNOTATION_OUTPUT = "nexlify.io/output"  # the run's output URL (under its pipeline's output)
+ANNOTATION_CONFIG_HASH = "nexlify.io/config-hash"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -208,7 +210,7 @@ def _pod_spec(spec: RunSpec, cfg: KubernetesConfig) -> dict[str, Any]:
 
 
 def job_manifest(spec: RunSpec, cfg: KubernetesConfig, pipeline_id: str,
-                 owner: dict[str, Any] | None = None) -> dict[str, Any]:
+                 owner: dict[str, Any] | None = None, config_hash: str = "") -> dict[str, Any]:
     """The batch/v1 Job of one run. `owner`: an ownerReference (see `owner_reference`) or None."""
     name = job_name(cfg.name, pipeline_id, spec.run_key)
     labels = run_labels(spec, cfg, pipeline_id)
@@ -219,7 +221,9 @@ def job_manifest(spec: RunSpec, cfg: KubernetesConfig, pipeline_id: str,
         "name": name,
         "namespace": cfg.namespace,
         "labels": job_labels,
-        "annotations": {"nexlify.io/seed": str(spec.seed), "nexlify.io/output": spec.output_url},
+        # what adoption checks: a restarted controller adopts only a Job of its own output and config
+        "annotations": {"nexlify.io/seed": str(spec.seed), ANNOTATION_OUTPUT: spec.output_url,
+                        ANNOTATION_CONFIG_HASH: config_hash},
     }
     if owner is not None:
         metadata["ownerReferences"] = [owner]
