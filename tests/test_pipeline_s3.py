@@ -12,6 +12,7 @@ import pytest
 from tests.pipeline_support import (
     Reference,
     comparable,
+    error_lines,
     finish,
     folder_tree,
     log_events,
@@ -83,7 +84,7 @@ def test_s3_pipeline_killed_and_resumed_equals_the_local_run(seaweed, s3_env, re
     expected = read_json(reference / "complete_training_summary.json")
     assert comparable(summary) == comparable(expected)
     assert summary["config"]["output"] == output
-    assert summary["final_model_url"] == f"{output}/{summary['final_model_path']}"
+    assert summary["final_model_url"] == summary["final_model_path"] == f"{output}/{summary['final_model_key']}"
 
     # the same files as the local run, models and data snapshot bit for bit
     local = folder_tree(reference)
@@ -111,6 +112,6 @@ def test_bad_input_writes_nothing_under_the_bucket_prefix(seaweed, s3_env, bad, 
     bucket = Bucket(seaweed, f"{s3_env}/out")
     got = run_cli(["train", "--output", f"s3://{seaweed.bucket}/{s3_env}/out", *bad], timeout=120)
     assert got.returncode == 2
-    errors = [line for line in got.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(got.stderr)
     assert len(errors) == 1 and named in errors[0]
     assert bucket.keys() == []
