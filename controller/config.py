@@ -38,6 +38,21 @@ class KubernetesConfig:
     memory_request: str = setting("2Gi", "worker memory request")
     cpu_limit: str = setting("", "worker CPU limit (empty: none)")
     memory_limit: str = setting("4Gi", "worker memory limit")
+    resources: dict = setting({}, "more worker resource requirements: {requests: {name: quantity}, limits: {name: "
+                              "quantity}} with any Kubernetes resource name (amd.com/gpu, nvidia.com/mig-1g.10gb, "
+                              "ephemeral-storage, ...); merged over the cpu/memory settings and gpus ('' unsets one)",
+                              cli=False)
+    pod_security_context: dict = setting(
+        {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+         "seccompProfile": {"type": "RuntimeDefault"}}, "securityContext of the worker pods (replaces the default)",
+        cli=False)
+    container_security_context: dict = setting(
+        {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+         "capabilities": {"drop": ["ALL"]}}, "securityContext of the worker container (replaces the default)",
+        cli=False)
+    pod_annotations: dict = setting({}, "extra annotations of the worker pods", cli=False)
+    pod_labels: dict = setting({}, "extra labels of the worker pods (the nexlify.io/* and app.kubernetes.io/* "
+                               "labels the controller selects by win)", cli=False)
     node_selector: dict = setting({}, "worker nodeSelector", cli=False)
     tolerations: list[dict] = setting([], "worker tolerations", cli=False)
     affinity: dict = setting({}, "worker affinity", cli=False)
