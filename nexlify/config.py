@@ -26,7 +26,8 @@ class DataConfig:
     exchange: str = setting("binance", "exchange whose candles are used (file prefix in --data-dir)")
     pairs: list[str] = setting(DEFAULT_PAIRS, "pairs to trade, e.g. BTC/USDT ETH/USDT")
     timeframe: str = setting("1h", "candle timeframe", choices=("1h",))
-    data_dir: str | None = setting(None, "folder of <exchange>_<BASE>-<QUOTE>_<tf>.csv.gz files; none = bundled sample")
+    data_dir: str | None = setting(None, "folder of <exchange>_<BASE>-<QUOTE>_<tf> candle files (.csv.gz, .csv or "
+                                   ".parquet); none = bundled sample")
     start: str = setting("2023-06-01", "first day of the data window (UTC date, inclusive)")
     end: str = setting("2025-06-01", "end of the data window (UTC date, exclusive); fixed, never 'now'")
     val_days: int = setting(90, "validation window: the last N days before the test window", lo=1, hi=3650)
