@@ -12,7 +12,8 @@ atomically:
   real server, 4.x) and AWS S3 honour both headers: a second create or a stale-etag put answers 412
   PreconditionFailed. The holder renews it every ttl/3; another controller may take it only once it
   has expired. A restarted pod of the same controller Job (parallelism 1, podReplacementPolicy
-  Failed: the old pod has ended before the new one starts) takes it over at once.
+  Failed: the old pod has ended before the new one starts) takes it over at once, and so does a
+  controller on the host of a holder whose process is gone (kill -9 on a laptop).
 
 A controller that finds the lease held exits 2 naming the holder (host, pid, start time, Job).
 """
@@ -103,6 +104,24 @@ def describe(record: Any, output: str, now: float | None = None) -> str:
         until = f"; the lease expires in {max(0.0, record['expires_at'] - now):.0f} s unless renewed"
     return (f"output {output} is in use by another pipeline controller ({who}){until}; wait for it to finish, "
             "or use another --output")
+
+
+def _dead_on_this_host(record: Any, me: dict) -> bool | None:
+    """False when the lease's holder ran on this host and its process is gone (a controller killed with -9
+    on a laptop: its successor need not wait for the expiry); None (unknown) otherwise. A live process is
+    not trusted over the expiry: a holder that stopped renewing has lost the lease either way."""
+    holder = record.get("holder") if isinstance(record, dict) else None
+    if not isinstance(holder, dict) or holder.get("host") != me.get("host") or not isinstance(holder.get("pid"), int):
+        return None
+    if holder["pid"] == os.getpid():
+        return None
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return None
+    return None
 
 
 def _parse(blob: bytes) -> Any:
@@ -223,7 +242,7 @@ class S3Lease:
     def acquire(self) -> None:
         for _ in range(10):
             record, etag = self._get()
-            decision = verdict(record, self.holder, self.clock())
+            decision = verdict(record, self.holder, self.clock(), alive=_dead_on_this_host(record, self.holder))
             if decision == HELD:
                 raise LeaseHeld(describe(record, self.store.root_url, self.clock()))
             if self._put(if_match=etag if record is not None else None):

@@ -114,7 +114,7 @@ def test_concurrent_start_with_the_same_config_is_refused_naming_the_holder(tmp_
 
 def test_concurrent_start_on_a_bucket_prefix_is_refused_by_the_lease_object(seaweed, s3_env):
     store = S3Store(seaweed.bucket, f"{s3_env}/out")
-    lease = S3Lease(store, dict(new_holder(job="nexlify-train-0123abcd"), pid=4242))
+    lease = S3Lease(store, dict(new_holder(job="nexlify-train-0123abcd"), pid=4242, host="controller-pod-7"))
     lease.acquire()  # another controller (a pod of another Job) holds the prefix
     try:
         got = run_cli(train_args(f"s3://{seaweed.bucket}/{s3_env}/out"), timeout=120)
@@ -122,7 +122,7 @@ def test_concurrent_start_on_a_bucket_prefix_is_refused_by_the_lease_object(seaw
         lease.release()
     assert got.returncode == 2, got.stderr[-3000:]
     [line] = error_lines(got.stderr)
-    assert f"output s3://{seaweed.bucket}/{s3_env}/out is in use by another pipeline controller (pid 4242 " in line
+    assert f"output s3://{seaweed.bucket}/{s3_env}/out is in use by another pipeline controller (pid 4242 on host controller-pod-7" in line
     assert "Job nexlify-train-0123abcd" in line and "expires in" in line
     assert store.list() == []  # the lease is gone (released), and the refused controller wrote nothing
 

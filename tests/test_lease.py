@@ -13,7 +13,7 @@ import pytest
 
 from controller.lease import (
     FREE, HELD, LEASE_KEY, MINE, STEALABLE, LeaseHeld, LeaseLost, LocalLease, S3Lease, describe, lease_record,
-    verdict,
+    new_holder, verdict,
 )
 from controller.stores import LocalStore, S3Store
 from tests.pipeline_support import REPO
@@ -139,6 +139,24 @@ def test_s3_lease_is_exclusive_until_it_expires(store):
     assert json.loads(store.read_bytes(LEASE_KEY))["holder"]["token"] == "second"
     second.release()
     assert not store.exists(LEASE_KEY)
+
+
+def test_s3_lease_of_a_dead_process_on_this_host_is_taken_at_once(store):
+    """kill -9 of a controller on this machine: the next one need not wait for the expiry."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    clock = Clock(1000.0)
+    gone = S3Lease(store, {**new_holder(), "pid": dead.pid, "token": "gone"}, ttl=60.0, clock=clock)
+    gone.acquire()
+    gone._stop.set()
+    elsewhere = S3Lease(store, {**new_holder(), "host": "another-host", "token": "elsewhere"}, ttl=60.0, clock=clock)
+    with pytest.raises(LeaseHeld):  # from another host, liveness is unknown: the expiry rules
+        elsewhere.acquire()
+    here = S3Lease(store, {**new_holder(), "token": "here"}, ttl=60.0, clock=clock)
+    here.acquire()
+    here._stop.set()
+    assert json.loads(store.read_bytes(LEASE_KEY))["holder"]["token"] == "here"
+    here.release()
 
 
 def test_s3_conditional_create_refuses_a_second_writer(store):
