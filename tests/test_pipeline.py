@@ -61,7 +61,7 @@ def expected_snapshot(cfg: dict) -> list[str]:
 # ------------------------------------------------------------------------------------- the summary
 
 
-def test_summary_has_the_guides_fields(summary):
+def test_summary_has_the_guides_fields(out, summary):
     assert summary["pipeline_complete"] is True
     # threshold 0 and patience 3: no rule stops before max_iterations (2)
     assert summary["stop_reason"] == rules.MAX_ITERATIONS
