@@ -299,3 +299,32 @@ def test_stale_worker_scratch_of_dead_workers_is_removed(tmp_path):
         (folder / "binance_BTC-USDT_1h.csv.gz").write_bytes(b"x" * 100)
     assert clean_stale_scratch(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and live.exists() and other.exists()
+
+
+# ---- a worker's failure names its cause ----------------------------------------------------------
+
+FAILING_WORKER = """
+import json, sys
+kind = sys.argv[1]
+if kind == "disk-full":
+    print(json.dumps({"event": "failed", "level": "error", "exit_code": 1,
+                      "error": "cannot write /data/out/initial_runs/run_1/resume.pt: No space left on device"}),
+          file=sys.stderr)
+    sys.exit(1)
+raise RuntimeError("CUDA error: an illegal memory access was encountered")
+"""
+
+
+def test_worker_failures_carry_their_cause_not_just_the_exit_code(monkeypatch, tmp_path):
+    import controller.executors.local as local
+
+    kinds = iter(["disk-full", "crash"])
+    monkeypatch.setattr(local, "worker_command", lambda: [sys.executable, "-c", FAILING_WORKER, next(kinds)])
+    executor = LocalExecutor(1, progress=False)
+    specs = [RunSpec(run_key=f"init-{i}", phase="initial", seed=i, episodes=1, config_url="c", data_url="d",
+                     output_url=str(tmp_path / f"run{i}")) for i in (1, 2)]
+    disk, crash = executor.wait([executor.start(spec) for spec in specs])
+    assert disk.reason == ("worker failed: cannot write /data/out/initial_runs/run_1/resume.pt: No space left on "
+                           "device (exit code 1)")
+    assert crash.reason == ("worker failed: RuntimeError: CUDA error: an illegal memory access was encountered "
+                            "(exit code 1)")
