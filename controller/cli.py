@@ -68,8 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_config_show)
 
     add_trainer_commands(sub)
+    evaluate = sub.choices["evaluate"]
+    evaluate.set_defaults(handler=_model_from_store(evaluate.get_default("handler")))
     _escape_help_percent(parser)
     return parser
+
+
+def _model_from_store(handler):
+    """`evaluate --model s3://bucket/.../model.pt` (a summary's final_model_path of a bucket output): the
+    checkpoint is downloaded to a temporary file first; the trainer itself reads local files only."""
+
+    def run(args: argparse.Namespace) -> int:
+        from controller.stores import StoreKeyMissing, download_url, is_s3_url
+
+        if not is_s3_url(args.model or ""):
+            return handler(args)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="nexlify-model-") as tmp:
+            local = os.path.join(tmp, os.path.basename(args.model.rstrip("/")) or "model.pt")
+            try:
+                download_url(args.model, local)
+            except StoreKeyMissing:
+                raise InputError(f"--model {args.model} does not exist") from None
+            args.model = local
+            return handler(args)
+
+    return run
 
 
 _LONE_PERCENT = re.compile(r"(?<!%)%(?![(%])")

@@ -97,6 +97,14 @@ def test_s3_pipeline_killed_and_resumed_equals_the_local_run(seaweed, s3_env, re
     events = [e["event"] for e in log_events_from_bytes(bucket.read("training.log"), tmp_path)]
     assert events.count("pipeline_complete") == 1 and events.count("pipeline_resumed") == 1
 
+    # the summary's final_model_path is usable as it stands: evaluate reads the model from the bucket
+    got = run_cli(["evaluate", "--model", summary["final_model_path"], "--json"], cwd=str(tmp_path), timeout=180)
+    assert got.returncode == 0, got.stderr[-3000:]
+    local_eval = run_cli(["evaluate", "--model", str(reference / summary["final_model_key"]), "--json"], timeout=180)
+    from_bucket, from_folder = json.loads(got.stdout), json.loads(local_eval.stdout)
+    from_bucket.pop("model"), from_folder.pop("model")  # where it was read from
+    assert from_bucket == from_folder  # the same model, bit for bit
+
 
 def log_events_from_bytes(blob: bytes, tmp_path: Path) -> list[dict]:
     path = tmp_path / "bucket-training.log"
