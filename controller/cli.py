@@ -23,12 +23,12 @@ import sys
 import structlog
 
 from controller.backtest_run import add_parser as add_backtest_parser
-from controller.config import PipelineConfig, quick_test_preset
+from controller.config import MAX_EPISODES, PipelineConfig, quick_test_preset
 from nexlify import logs
 from nexlify.cli import add_commands as add_trainer_commands
 from nexlify.cli import build_config
 from nexlify.config import TrainConfig
-from nexlify.configtools import add_flags, flags_to_mapping, json_schema
+from nexlify.configtools import add_flags, check_bounds, flags_to_mapping, json_schema, load_yaml
 from nexlify.errors import InputError, NexlifyError
 
 log = structlog.get_logger("nexlify")
@@ -72,8 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_config_show)
 
     add_trainer_commands(sub)
+    evaluate = sub.choices["evaluate"]
+    evaluate.set_defaults(handler=_model_from_store(evaluate.get_default("handler")))
     _escape_help_percent(parser)
     return parser
+
+
+def _model_from_store(handler):
+    """`evaluate --model s3://bucket/.../model.pt` (a summary's final_model_path of a bucket output): the
+    checkpoint is downloaded to a temporary file first; the trainer itself reads local files only."""
+
+    def run(args: argparse.Namespace) -> int:
+        from controller.stores import StoreKeyMissing, download_url, is_s3_url
+
+        if not is_s3_url(args.model or ""):
+            return handler(args)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="nexlify-model-") as tmp:
+            local = os.path.join(tmp, os.path.basename(args.model.rstrip("/")) or "model.pt")
+            try:
+                download_url(args.model, local)
+            except StoreKeyMissing:
+                raise InputError(f"--model {args.model} does not exist") from None
+            args.model = local
+            return handler(args)
+
+    return run
 
 
 _LONE_PERCENT = re.compile(r"(?<!%)%(?![(%])")
@@ -99,17 +124,16 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="start over on an output that holds another config")
     p.add_argument("--log-format", choices=("auto", "console", "json"), default=None,
                    help="auto: JSON unless stderr is a terminal")
+    p.add_argument("--verbose", action="store_true", help="also print the preflight table before training")
     add_flags(p, PipelineConfig)
 
 
 def resolve_pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     file_mapping = None
     if args.config_file:
-        import yaml
-
         try:
             with open(args.config_file) as fh:
-                file_mapping = yaml.safe_load(fh) or {}
+                text = fh.read()
         except FileNotFoundError:
             raise InputError(f"--config {args.config_file}: no such file") from None
         except OSError as exc:  # a folder, no permission
@@ -117,21 +141,23 @@ def resolve_pipeline_config(args: argparse.Namespace) -> PipelineConfig:
                              "accepted: a YAML file") from None
         except UnicodeDecodeError:
             raise InputError(f"--config {args.config_file} is not a text file; accepted: a YAML file") from None
-        except yaml.YAMLError as exc:
-            raise InputError(f"--config {args.config_file} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        file_mapping = load_yaml(text, f"--config {args.config_file}") or {}
     flags = flags_to_mapping(args, PipelineConfig)
     preset = quick_test_preset() if args.quick_test else None
     return build_config(PipelineConfig, file_mapping, preset, flags)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from controller.preflight import run_preflight
+    from controller.preflight import preflight, show_table
     from controller.run import run_pipeline
     from controller.selection import final_lines as selection_lines
 
     cfg = resolve_pipeline_config(args)
-    if not run_preflight(cfg, print_table=True):
-        return 2
+    ok, rows, first_error = preflight(cfg)
+    if args.verbose:
+        show_table(rows)
+    if not ok:  # one line (the table only with --verbose or `nexlify preflight`)
+        raise InputError(f"preflight failed: {first_error}")
     signal.signal(signal.SIGTERM, _raise_terminated)  # stop like Ctrl-C: workers save, training.log is published
     summary = run_pipeline(cfg, force=args.force)
     final = {k: summary[k] for k in ("stop_reason", "best_initial_score", "final_best_score", "total_improvement_pct",
@@ -149,16 +175,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from controller.preflight import run_preflight
+    from controller.preflight import preflight, show_table
 
-    return 0 if run_preflight(resolve_pipeline_config(args), print_table=True) else 2
+    ok, rows, first_error = preflight(resolve_pipeline_config(args))
+    show_table(rows)
+    if not ok:
+        raise InputError(f"preflight failed: {first_error}")
+    return 0
 
 
 def cmd_worker_train(args: argparse.Namespace) -> int:
     from controller.worker import run_worker
 
-    if args.episodes < 1:
-        raise InputError(f"--episodes {args.episodes}: accepted: a whole number >= 1")
+    check_bounds("--episodes", args.episodes, 1, MAX_EPISODES)
+    check_bounds("--checkpoint-every", args.checkpoint_every, 0, MAX_EPISODES)
     return run_worker(run_key=args.run_key, seed=args.seed, episodes=args.episodes, out_url=args.out,
                       config_url=args.config, overrides=flags_to_mapping(args, TrainConfig),
                       data_url=args.data_snapshot, init_from=args.init_from, checkpoint_every=args.checkpoint_every)
@@ -182,22 +212,33 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    logs.configure(getattr(args, "log_format", None) or os.environ.get("NEXLIFY_LOG_FORMAT", "auto"))
+    fmt = getattr(args, "log_format", None) or os.environ.get("NEXLIFY_LOG_FORMAT", "auto")
+    logs.configure(fmt)
+    as_json = logs.use_json(fmt)
     try:
         return int(args.handler(args) or 0)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except NexlifyError as exc:
-        log.error("failed", error=str(exc))
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(str(exc), exc.exit_code, as_json)
+    except OSError as exc:  # a full disk, a folder where a file belongs, no permission: one line, no traceback
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        return _fail(f"{exc.strerror or exc}:{where}".rstrip(":"), 1, as_json)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log.warning("interrupted") if as_json else print("interrupted", file=sys.stderr)
         return 130
     except Terminated:
-        print("terminated", file=sys.stderr)
+        log.warning("terminated") if as_json else print("terminated", file=sys.stderr)
         return 143
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    """One line on stderr: `error: ...` on a terminal, one JSON event under --log-format json (every line of
+    JSON mode is JSON, so a log collector and the local executor parse the cause)."""
+    message = " ".join(message.split())  # one line, whatever the message held
+    if as_json:
+        log.error("failed", error=message, exit_code=code)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 class Terminated(BaseException):

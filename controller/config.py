@@ -14,6 +14,10 @@ from nexlify.configtools import config_hash, section, setting, to_dict
 from nexlify.errors import InputError
 
 DEFAULT_OUTPUT = "./complete_auto_training_output"
+# Upper bounds of the pipeline's counts: far above any useful value, low enough that a typo (an extra
+# digit or ten) is refused at once instead of starting a run that never ends.
+MAX_EPISODES = 1_000_000  # episodes of one run (a default run has 300)
+MAX_SEED = 2**31 - 1  # seeds stay valid for every RNG (numpy takes < 2**32; run i adds 1000*i)
 
 
 @dataclass
@@ -29,19 +33,35 @@ class KubernetesConfig:
     s3_secret: str = setting("", "Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for the workers "
                                  "(empty: IRSA / workload identity)")
     s3_endpoint: str = setting("", "S3 endpoint URL passed to workers as AWS_ENDPOINT_URL (empty: AWS)")
-    gpus: int = setting(0, "nvidia.com/gpu per worker", lo=0)
+    gpus: int = setting(0, "nvidia.com/gpu per worker", lo=0, hi=64)
     cpu_request: str = setting("1", "worker CPU request")
     memory_request: str = setting("2Gi", "worker memory request")
     cpu_limit: str = setting("", "worker CPU limit (empty: none)")
     memory_limit: str = setting("4Gi", "worker memory limit")
+    resources: dict = setting({}, "more worker resource requirements: {requests: {name: quantity}, limits: {name: "
+                              "quantity}} with any Kubernetes resource name (amd.com/gpu, nvidia.com/mig-1g.10gb, "
+                              "ephemeral-storage, ...); merged over the cpu/memory settings and gpus ('' unsets one)",
+                              cli=False)
+    pod_security_context: dict = setting(
+        {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+         "seccompProfile": {"type": "RuntimeDefault"}}, "securityContext of the worker pods (replaces the default)",
+        cli=False)
+    container_security_context: dict = setting(
+        {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+         "capabilities": {"drop": ["ALL"]}}, "securityContext of the worker container (replaces the default)",
+        cli=False)
+    pod_annotations: dict = setting({}, "extra annotations of the worker pods", cli=False)
+    pod_labels: dict = setting({}, "extra labels of the worker pods (the nexlify.io/* and app.kubernetes.io/* "
+                               "labels the controller selects by win)", cli=False)
     node_selector: dict = setting({}, "worker nodeSelector", cli=False)
     tolerations: list[dict] = setting([], "worker tolerations", cli=False)
     affinity: dict = setting({}, "worker affinity", cli=False)
     priority_class_name: str = setting("", "worker priorityClassName")
     kueue_queue: str = setting("", "Kueue LocalQueue name (empty: no Kueue)")
-    backoff_limit: int = setting(2, "pod retries per Job", lo=0)
-    active_deadline_seconds: int = setting(6 * 3600, "seconds before a run Job is failed", lo=1)
-    ttl_seconds_after_finished: int = setting(7 * 24 * 3600, "seconds a finished Job is kept", lo=0)
+    backoff_limit: int = setting(2, "pod retries per Job", lo=0, hi=100)
+    active_deadline_seconds: int = setting(6 * 3600, "seconds before a run Job is failed", lo=1, hi=366 * 86400)
+    ttl_seconds_after_finished: int = setting(7 * 24 * 3600, "seconds a finished Job is kept", lo=0,
+                                              hi=366 * 86400)
     owner_job: str = setting("", "name of the controller's own Job, for ownerReferences (set in-cluster)",
                              cli=False)
 
@@ -49,17 +69,19 @@ class KubernetesConfig:
 @dataclass
 class PipelineConfig:
     train: TrainConfig = section(TrainConfig, inline=True)
-    seed: int = setting(42, "seed of the first initial run; run i uses seed + 1000*i", lo=0)
+    seed: int = setting(42, "seed of the first initial run; run i uses seed + 1000*i", lo=0, hi=MAX_SEED - 1_000_000)
     initial_runs: int = setting(3, "independent initial runs (multi-start)", lo=1, hi=64)
-    initial_episodes: int = setting(1000, "episodes per initial run (an episode is env.episode_bars bars)", lo=1)
-    retrain_episodes: int = setting(400, "episodes per retraining iteration", lo=1)
+    initial_episodes: int = setting(1000, "episodes per initial run (an episode is env.episode_bars bars)", lo=1,
+                                    hi=MAX_EPISODES)
+    retrain_episodes: int = setting(400, "episodes per retraining iteration", lo=1, hi=MAX_EPISODES)
     improvement_threshold: float = setting(1.0, "minimum improvement in % that keeps retraining going", lo=0.0)
-    patience: int = setting(3, "retraining iterations without improvement before stopping", lo=1)
-    max_iterations: int = setting(10, "retraining iterations at most (0 = no retraining)", lo=0)
+    patience: int = setting(3, "retraining iterations without improvement before stopping", lo=1, hi=1000)
+    max_iterations: int = setting(10, "retraining iterations at most (0 = no retraining)", lo=0, hi=1000)
     output: str = setting(DEFAULT_OUTPUT, "output folder or s3://bucket/prefix")
     executor: str = setting("local", "where runs execute", choices=("local", "kubernetes"))
-    parallel: int = setting(0, "runs at once (0 = what the cores or GPUs allow)", lo=0)
-    checkpoint_every: int = setting(100, "episodes between a run's resume checkpoints (0 = only at the end)", lo=0)
+    parallel: int = setting(0, "runs at once (0 = what the cores or GPUs allow)", lo=0, hi=1024)
+    checkpoint_every: int = setting(100, "episodes between a run's resume checkpoints (0 = only at the end)", lo=0,
+                                    hi=MAX_EPISODES)
     kubernetes: KubernetesConfig = section(KubernetesConfig)
 
     def check(self) -> None:
@@ -76,6 +98,14 @@ def pipeline_hash(cfg: PipelineConfig) -> str:
     for key in RUNTIME_ONLY:
         data.pop(key, None)
     return config_hash(data)
+
+
+def pipeline_id(cfg: PipelineConfig, output_url: str) -> str:
+    """The pipeline's identity (8 hex digits, in Job names): its config hash AND its output, so the same
+    config run to two outputs in one namespace never shares (or adopts) a Job."""
+    import hashlib
+
+    return hashlib.sha256(f"{pipeline_hash(cfg)}|{output_url.rstrip('/')}".encode()).hexdigest()[:8]
 
 
 def quick_test_preset() -> dict:

@@ -23,7 +23,7 @@ import structlog
 
 import nexlify
 from controller import rules, selection
-from controller.config import PipelineConfig, pipeline_hash
+from controller.config import PipelineConfig, pipeline_hash, pipeline_id
 from controller.executors.base import Executor, RunSpec
 from controller.stores import StoreKeyMissing
 from controller.stores.base import Store
@@ -50,7 +50,8 @@ class Pipeline:
         self.executor = executor
         self.force = force
         self.hash = pipeline_hash(cfg)
-        self.pipeline_id = self.hash[:8]
+        self.pipeline_id = pipeline_id(cfg, store.root_url)
+        self.lease = None  # controller.lease: checked at every transition (a lost S3 lease stops the pipeline)
         self.state: dict = {}
         self._outputs: dict[str, str] = {}  # run key -> store key of its folder
         self.on_transition = None  # called after every state transition (publishes training.log)
@@ -61,12 +62,29 @@ class Pipeline:
         self.store.write_bytes(key, json.dumps(data, indent=2).encode())
 
     def _read_json(self, key: str) -> dict | None:
+        """The JSON object at key, None if absent; DamagedFile (naming the file) if it cannot be parsed."""
         try:
-            return json.loads(self.store.read_bytes(key))
+            blob = self.store.read_bytes(key)
         except StoreKeyMissing:
             return None
+        try:
+            data = json.loads(blob)
+        except (ValueError, UnicodeDecodeError) as exc:
+            what = "empty" if not blob.strip() else f"not valid JSON ({str(exc).splitlines()[0]})"
+            raise DamagedFile(self.store.url(key), what) from None
+        if not isinstance(data, dict):
+            raise DamagedFile(self.store.url(key), f"a JSON {type(data).__name__}, not an object")
+        return data
+
+    def _read_state(self) -> tuple[dict | None, DamagedFile | None]:
+        try:
+            return self._read_json(STATE_KEY), None
+        except DamagedFile as damaged:
+            return None, damaged
 
     def _transition(self, phase: str, **fields) -> None:
+        if self.lease is not None:
+            self.lease.check()
         self.state["phase"] = phase
         self.state.update(fields)
         self.state["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -79,7 +97,12 @@ class Pipeline:
     def check_output(self) -> bool:
         """Refuse an output that holds another config's pipeline (InputError, nothing written), unless
         --force. True when --force will discard that other pipeline's files."""
-        existing = self._read_json(STATE_KEY)
+        existing, damaged = self._read_state()
+        if damaged is not None:
+            if not self.force:
+                raise PermanentError(f"{damaged}; nothing was changed: use --force to start this output over "
+                                     "(its runs, data and summary are discarded), or another --output")
+            return True
         if existing is None or existing.get("config_hash") == self.hash:
             return False
         if not self.force:
@@ -104,9 +127,9 @@ class Pipeline:
 
     def load_or_plan(self) -> None:
         """Adopt the state in the store, or plan a new pipeline. Refuses another config's output."""
-        existing = self._read_json(STATE_KEY)
+        existing, _ = self._read_state()
         if self.check_output():
-            self._discard_previous(existing.get("config_hash") if existing else None)
+            self._discard_previous(existing.get("config_hash") if existing else "unreadable state")
         elif existing is not None:
             self.state = existing
             self._publish_config()
@@ -251,10 +274,24 @@ class Pipeline:
     def run(self) -> dict:
         t0 = time.perf_counter()
         self.load_or_plan()
-        done = self._read_json(SUMMARY_KEY)
-        if self.state.get("phase") == "DONE" and done is not None:
-            log.info("pipeline_already_done", pipeline=self.pipeline_id, final_best_score=done["final_best_score"])
-            return done
+        if self.state.get("phase") == "DONE":
+            try:
+                done = self._read_json(SUMMARY_KEY)
+            except DamagedFile as damaged:
+                log.warning("summary_rewritten", reason=str(damaged))
+                done = None
+            missing = self._missing_files(done) if done is not None else []
+            if done is not None and not missing:
+                log.info("pipeline_already_done", pipeline=self.pipeline_id, final_best_score=done["final_best_score"])
+                return done
+            if missing and not self.force:
+                raise PermanentError(
+                    f"the pipeline at {self.store.root_url} finished, but {len(missing)} file(s) its summary names "
+                    f"are missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; restore them, or use "
+                    "--force to train this output again")
+            if missing:
+                self._discard_previous(self.hash)
+                self.load_or_plan()
         self.snapshot_data()
         self._initial_phase()
         self._retraining_phase()
@@ -269,6 +306,13 @@ class Pipeline:
                  deflated_sharpe=summary["selection"]["deflated_sharpe"].get("value"),
                  seconds=round(time.perf_counter() - t0, 1))
         return summary
+
+    def _missing_files(self, summary: dict) -> list[str]:
+        """A finished pipeline answers "done" only while the files its summary names are there."""
+        keys = [summary.get("final_model_key") or summary.get("final_model_path")]
+        keys += [e["model_path"] for e in summary.get("initial_runs", []) + summary.get("retraining_iterations", [])]
+        keys += [f["key"] for f in (summary.get("data") or {}).get("files", [])]
+        return [self.store.url(k) for k in dict.fromkeys(keys) if k and not self.store.exists(k)]
 
     def _initial_phase(self) -> None:
         cfg = self.cfg
@@ -370,7 +414,9 @@ class Pipeline:
             "best_initial_score": best_initial,
             "final_best_score": final,
             "total_improvement_pct": rules.improvement_pct(final, best_initial),
-            "final_model_path": final_key,
+            # usable from where the command ran (an absolute path or an s3:// URL): `nexlify evaluate --model`
+            "final_model_path": self.store.url(final_key),
+            "final_model_key": final_key,  # the same file relative to the output
             "final_model_url": self.store.url(final_key),
             "final_test_metrics": final_entry.get("test_metrics"),
             "candidates": candidates,
@@ -388,6 +434,14 @@ class Pipeline:
             "timings": st["timings"],
             "failures": st.get("failures", []),
         }
+
+
+class DamagedFile(PermanentError):
+    """A pipeline file that exists but cannot be read (truncated, empty, not JSON)."""
+
+    def __init__(self, url: str, what: str) -> None:
+        super().__init__(f"{url} is damaged: {what}")
+        self.url = url
 
 
 def _run_entry(run_id: int, spec: RunSpec, result: dict, output: str) -> dict:

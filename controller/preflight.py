@@ -91,7 +91,16 @@ def _creatable_folder(folder: str) -> str:
 
 
 def run_preflight(cfg: PipelineConfig, *, print_table: bool = True) -> bool:
-    """Run every check (all of them, even after a failure) and print the table to stderr."""
+    """Run every check (all of them, even after a failure); with print_table, show the result (a table on
+    a terminal, one JSON event per check in JSON mode). Returns whether all passed."""
+    ok, rows, _ = preflight(cfg)
+    if print_table:
+        show_table(rows)
+    return ok
+
+
+def preflight(cfg: PipelineConfig) -> tuple[bool, list[tuple[str, str, str]], str | None]:
+    """(all passed, rows (name, pass|FAIL, detail), the first failure as one line or None)."""
     rows, ok = [], True
     first_error: str | None = None
     for name, check in checks(cfg):
@@ -101,11 +110,22 @@ def run_preflight(cfg: PipelineConfig, *, print_table: bool = True) -> bool:
             ok = False
             rows.append((name, "FAIL", str(exc)))
             first_error = first_error or f"{name}: {exc}"
-    if print_table:
-        width = max(len(r[0]) for r in rows)
-        print("preflight", file=sys.stderr)
+    return ok, rows, first_error
+
+
+def show_table(rows: list[tuple[str, str, str]]) -> None:
+    """The pass/fail table on stderr, or under JSON logging one `preflight_check` event per row (every
+    line of JSON mode is JSON)."""
+    from nexlify import logs
+
+    if logs.json_mode():
+        import structlog
+
+        log = structlog.get_logger("nexlify.preflight")
         for name, status, detail in rows:
-            print(f"  {name:<{width}}  {status:<4}  {detail}", file=sys.stderr)
-        if first_error:
-            print(f"error: preflight failed: {first_error}", file=sys.stderr)
-    return ok
+            (log.info if status == "pass" else log.error)("preflight_check", check=name, status=status, detail=detail)
+        return
+    width = max(len(r[0]) for r in rows)
+    print("preflight", file=sys.stderr)
+    for name, status, detail in rows:
+        print(f"  {name:<{width}}  {status:<4}  {detail}", file=sys.stderr)

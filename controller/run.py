@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from controller.config import PipelineConfig, pipeline_hash
+from controller.config import PipelineConfig, pipeline_hash, pipeline_id
+from controller.lease import open_lease
 from controller.pipeline import Pipeline
 from controller.stores import Store, open_store
 from nexlify import logs
@@ -13,11 +14,11 @@ from nexlify import logs
 LOG_KEY = "training.log"
 
 
-def make_executor(cfg: PipelineConfig, pipeline_id: str):
+def make_executor(cfg: PipelineConfig, pipeline_id: str, config_hash: str = ""):
     if cfg.executor == "kubernetes":
         from controller.executors.kubernetes import KubernetesExecutor
 
-        return KubernetesExecutor(cfg.kubernetes, pipeline_id=pipeline_id)
+        return KubernetesExecutor(cfg.kubernetes, pipeline_id=pipeline_id, config_hash=config_hash)
     from controller.executors.local import LocalExecutor
 
     return LocalExecutor(cfg.parallel)
@@ -25,11 +26,28 @@ def make_executor(cfg: PipelineConfig, pipeline_id: str):
 
 def run_pipeline(cfg: PipelineConfig, *, force: bool = False) -> dict:
     store = open_store(cfg.output)
-    executor = make_executor(cfg, pipeline_hash(cfg)[:8])
+    # The Jobs' identity covers the output too: one config run to two prefixes never shares a Job.
+    executor = make_executor(cfg, pipeline_id(cfg, store.root_url), pipeline_hash(cfg))
     pipeline = Pipeline(cfg, store, executor, force=force)
+    lease = open_lease(store)
     try:
-        # Another config's output is refused here, before anything (training.log included) is written.
-        starting_over = pipeline.check_output()
+        # Another config's output is refused here, before anything (training.log included) is written;
+        # then the output is locked: one live controller per output (a second one exits 2).
+        pipeline.check_output()
+        lease.acquire()
+    except BaseException:
+        executor.close()
+        raise
+    pipeline.lease = lease
+    try:
+        return _run_locked(pipeline, store, executor)
+    finally:
+        lease.release()
+
+
+def _run_locked(pipeline: Pipeline, store: Store, executor) -> dict:
+    try:
+        starting_over = pipeline.check_output()  # again, under the lock: the state may have changed meanwhile
     except BaseException:
         executor.close()
         raise

@@ -27,7 +27,7 @@ import torch
 import nexlify
 from nexlify import checkpoint, finite
 from nexlify.config import TrainConfig
-from nexlify.configtools import apply_mapping, leaf_index, to_dict, validate_tree
+from nexlify.configtools import apply_mapping, leaf_index, load_yaml, to_dict, validate_tree
 from nexlify.data.candles import candle_filename
 from nexlify.data.second_venue import second_venue_pair
 from nexlify.errors import InputError, NonFiniteError
@@ -66,12 +66,7 @@ def _is_train_key(key: str) -> bool:
 
 
 def _parse_mapping(text: str, source: str) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise InputError(f"{source} is not valid YAML/JSON: {str(exc).splitlines()[0]}") from None
+    data = load_yaml(text, source) or {}
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
     return data
@@ -111,12 +106,26 @@ class RunOutputs:
     def save_torch(self, key: str, obj: dict) -> None:
         self.store.write_bytes(key, checkpoint.to_bytes(obj))
 
-    def load_torch(self, key: str, device: torch.device) -> dict | None:
+    def load_resume(self, device: torch.device) -> dict | None:
+        """The run's resume checkpoint, or None. A damaged or hostile one (truncated, not a torch file, a
+        pickle with code in it: weights_only refuses it) is set aside as resume.pt.damaged-<time>, with a
+        warning naming it, and the run starts again from its last good point (the beginning)."""
         try:
-            blob = self.store.read_bytes(key)
+            blob = self.store.read_bytes(RESUME)
         except StoreKeyMissing:
             return None
-        return torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+        try:
+            state = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+            if not isinstance(state, dict) or "episodes_done" not in state:
+                raise ValueError("not a resume checkpoint (no episodes_done)")
+            return state
+        except Exception as exc:  # noqa: BLE001 - whatever torch says, the file is unusable
+            aside = f"{RESUME}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+            self.store.write_bytes(aside, blob)
+            self.store.delete(RESUME)
+            log.warning("resume_damaged", file=self.store.url(RESUME), set_aside=self.store.url(aside),
+                        reason=checkpoint.load_failure(exc), action="the run starts again from its beginning")
+            return None
 
 
 def fetch_snapshot(data_url: str, cfg: TrainConfig, into: str) -> str:
@@ -159,7 +168,8 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with tempfile.TemporaryDirectory(prefix="nexlify-worker-") as tmp:
+        clean_stale_scratch()
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as tmp:
             data_dir = fetch_snapshot(data_url, cfg, tmp) if data_url else None
             market, windows = prepare_data(cfg, data_dir)
             init = None
@@ -170,9 +180,9 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                     store.download_file(key, init_path)
                 except StoreKeyMissing:
                     raise InputError(f"--init-from {init_from} does not exist") from None
-                init = checkpoint.load(init_path, map_location=device)
+                init = checkpoint.load(init_path, map_location=device, name=f"--init-from {init_from}")
             identity = _resume_identity(cfg, seed, episodes)
-            resume = outputs.load_torch(RESUME, device)
+            resume = outputs.load_resume(device)
             if resume is not None and resume.get("run_identity") != identity:
                 log.warning("resume_ignored", reason="the resume checkpoint belongs to another seed, episode "
                             "count or config")
@@ -250,6 +260,46 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
         raise error from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+SCRATCH_PREFIX = "nexlify-worker-"  # + <pid>-<random>: the owner's pid tells a live copy from a stale one
+
+
+def clean_stale_scratch(tmp_root: str | None = None) -> list[str]:
+    """Remove the snapshot copies (<tmp>/nexlify-worker-<pid>-*) of workers that are gone: a worker killed
+    with -9 cannot clean its own. A folder whose owning pid is alive (another worker) is left alone, and
+    so is one not named by this scheme. Returns the folders removed."""
+    import shutil
+
+    tmp_root = tmp_root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(tmp_root)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SCRATCH_PREFIX):
+            continue
+        pid_text = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        path = os.path.join(tmp_root, name)
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.exists(path):
+            removed.append(path)
+    if removed:
+        log.info("stale_scratch_removed", folders=removed)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _resume_identity(cfg: TrainConfig, seed: int, episodes: int) -> dict:

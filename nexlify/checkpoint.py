@@ -64,19 +64,35 @@ def save(ckpt: dict, path: str | Path) -> None:
         raise
 
 
-def load(source: str | Path | bytes, map_location: str | torch.device = "cpu") -> dict:
+def load_failure(exc: BaseException) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line, WITHOUT torch's advice to retry with
+    weights_only=False (never safe for a file from elsewhere)."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return ("it holds objects other than tensors and plain data (refused by weights_only=True: it could run "
+                "code when loaded); not a nexlify checkpoint")
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load(source: str | Path | bytes, map_location: str | torch.device = "cpu", *, name: str | None = None) -> dict:
     """Load safely (weights_only=True) and check the format; InputError naming the file otherwise."""
-    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+    if not isinstance(source, bytes) and os.path.isdir(source):
+        raise InputError(f"checkpoint {name} is a folder; expected a .pt file written by nexlify (a run's "
+                         "model_return*.pt, or final_model_path of a summary)")
     try:
         fh = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
     except FileNotFoundError:
         raise InputError(f"checkpoint {name} does not exist; expected a .pt file written by nexlify") from None
+    except OSError as exc:
+        raise InputError(f"checkpoint {name} cannot be read ({exc.strerror or exc}); expected a .pt file "
+                         "written by nexlify") from None
     try:
         with fh:
             ckpt = torch.load(fh, map_location=map_location, weights_only=True)
     except Exception as exc:  # a pickle with code in it, a truncated file, not a torch file at all
-        raise InputError(f"checkpoint {name} cannot be loaded safely (weights_only=True): "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise InputError(f"checkpoint {name} cannot be loaded safely: {load_failure(exc)}") from None
     missing = [k for k in REQUIRED_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(REQUIRED_KEYS)
     if missing:
         raise InputError(f"checkpoint {name} is not a nexlify checkpoint: missing {', '.join(missing)}")

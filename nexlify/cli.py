@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nexlify.configtools import apply_mapping, validate_tree
+from nexlify.configtools import apply_mapping, check_bounds, validate_tree
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -114,9 +114,22 @@ def _strategies(args: argparse.Namespace) -> list[str] | None:
     return [s for item in args.strategies for s in item.replace(",", " ").split() if s]
 
 
+# Bounds of the bench commands' own counts (one line and exit 2 outside them): episodes stepped together as
+# the training config allows them (num_envs), and steps enough for minutes of measurement.
+BENCH_MAX_BATCH = 65536
+BENCH_MAX_STEPS = 10_000_000
+
+
+def _check_bench(args: argparse.Namespace) -> None:
+    check_bounds("--batch-size", args.batch_size, 1, BENCH_MAX_BATCH)
+    check_bounds("--steps", args.steps, 1, BENCH_MAX_STEPS)
+    check_bounds("--threads", args.threads, 1, 256)
+
+
 def cmd_bench_env(args: argparse.Namespace) -> int:
     from nexlify.bench import bench_env
 
+    _check_bench(args)
     result = bench_env(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args),
                        args.precision, args.policy, args.kernel)
     _print_bench(result, args.json)
@@ -126,6 +139,7 @@ def cmd_bench_env(args: argparse.Namespace) -> int:
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from nexlify.bench import bench_train
 
+    _check_bench(args)
     result = bench_train(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args),
                          args.kernel)
     _print_bench(result, args.json)

@@ -26,11 +26,13 @@ class DataConfig:
     exchange: str = setting("binance", "exchange whose candles are used (file prefix in --data-dir)")
     pairs: list[str] = setting(DEFAULT_PAIRS, "pairs to trade, e.g. BTC/USDT ETH/USDT")
     timeframe: str = setting("1h", "candle timeframe", choices=("1h",))
-    data_dir: str | None = setting(None, "folder of <exchange>_<BASE>-<QUOTE>_<tf>.csv.gz files; none = bundled sample")
+    data_dir: str | None = setting(None, "folder of <exchange>_<BASE>-<QUOTE>_<tf> candle files (.csv.gz, .csv or "
+                                   ".parquet); none = bundled sample")
     start: str = setting("2023-06-01", "first day of the data window (UTC date, inclusive)")
     end: str = setting("2025-06-01", "end of the data window (UTC date, exclusive); fixed, never 'now'")
-    val_days: int = setting(90, "validation window: the last N days before the test window", lo=1)
-    test_days: int = setting(0, "held-out test window at the very end, never used for selection (0 = none)", lo=0)
+    val_days: int = setting(90, "validation window: the last N days before the test window", lo=1, hi=3650)
+    test_days: int = setting(0, "held-out test window at the very end, never used for selection (0 = none)", lo=0,
+                               hi=3650)
 
 
 @dataclass
@@ -42,13 +44,14 @@ class RiskConfig:
     trailing_stop: float = setting(0.03, "trailing stop below the highest price since entry (0 = off)",
                                    lo=0.0, hi=1.0, hi_open=True)
     max_position: float = setting(0.05, "at most this fraction of equity per trade", lo=0.0, hi=1.0, lo_open=True)
-    max_trades: int = setting(3, "at most this many concurrent open trades across all pairs", lo=1)
+    max_trades: int = setting(3, "at most this many concurrent open trades across all pairs", lo=1, hi=1000)
     daily_loss_limit: float = setting(0.05, "no new entries after losing this fraction of the UTC day's "
                                       "starting equity (0 = off)", lo=0.0, hi=1.0, hi_open=True)
     kelly: bool = setting(True, "size trades by half-Kelly from the agent's own closed trades (--no-kelly: fixed size)")
     kelly_fraction: float = setting(0.5, "fraction of the full Kelly bet (0.5 = half-Kelly)", lo=0.0, hi=1.0, lo_open=True)
     kelly_window: int = setting(50, "closed trades in the rolling Kelly estimate", lo=2, hi=1024)
-    kelly_min_trades: int = setting(20, "closed trades needed before Kelly sizing replaces the fixed size", lo=1)
+    kelly_min_trades: int = setting(20, "closed trades needed before Kelly sizing replaces the fixed size", lo=1,
+                                    hi=1024)
     kelly_floor: float = setting(0.01, "smallest Kelly size, as a fraction of equity", lo=0.0, hi=1.0)
     fixed_size: float = setting(0.05, "size before enough trades exist, and with --no-kelly (capped by max_position)",
                                 lo=0.0, hi=1.0, lo_open=True)
@@ -65,7 +68,7 @@ class EnvConfig:
     fee: float = setting(0.001, "exchange fee per side, as a fraction of notional", lo=0.0, hi=0.1)
     slippage_bps: float = setting(5.0, "slippage against us on every fill, in basis points", lo=0.0, hi=1000.0)
     episode_bars: int = setting(720, "bars per training episode, each from a seeded random start in the training "
-                                "window (0 = the whole window, every episode the same pass)", lo=0)
+                                "window (0 = the whole window, every episode the same pass)", lo=0, hi=10_000_000)
     drawdown_penalty: float = setting(0.0, "reward penalty per unit of new drawdown (0 = pure log-equity reward)", lo=0.0)
     num_envs: int = setting(32, "training episodes stepped together as one batch, each at its own random offset "
                             "(0 = all of a run's episodes, up to 1024)", lo=0, hi=65536)
@@ -238,11 +241,13 @@ class AgentConfig:
     gamma: float = setting(0.99, "discount per bar", lo=0.0, hi=1.0)
     n_step: int = setting(3, "n-step return length", lo=1, hi=64)
     learning_rate: float = setting(5e-4, "Adam learning rate", lo=0.0, lo_open=True)
-    batch_size: int = setting(256, "transitions per gradient step", lo=1)
-    buffer_size: int = setting(200_000, "replay capacity in transitions (one per pair and episode and bar)", lo=1)
-    learning_starts: int = setting(5_000, "transitions collected before the first gradient step", lo=0)
-    train_every: int = setting(1, "batched environment steps per gradient step", lo=1)
-    target_update: int = setting(500, "gradient steps between target-network copies", lo=1)
+    batch_size: int = setting(256, "transitions per gradient step", lo=1, hi=65536)
+    buffer_size: int = setting(200_000, "replay capacity in transitions (one per pair and episode and bar)", lo=1,
+                               hi=100_000_000)
+    learning_starts: int = setting(5_000, "transitions collected before the first gradient step", lo=0,
+                                   hi=100_000_000)
+    train_every: int = setting(1, "batched environment steps per gradient step", lo=1, hi=100_000)
+    target_update: int = setting(500, "gradient steps between target-network copies", lo=1, hi=10_000_000)
     grad_clip: float = setting(10.0, "max gradient norm", lo=0.0, lo_open=True)
     eps_start: float = setting(1.0, "initial exploration rate of a fresh run", lo=0.0, hi=1.0)
     eps_end: float = setting(0.05, "final exploration rate", lo=0.0, hi=1.0)

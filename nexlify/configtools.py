@@ -215,10 +215,23 @@ def check_leaf(leaf: Leaf, value: Any) -> None:
         bad_lo = lo is not None and (value <= lo if m.get("lo_open") else value < lo)
         bad_hi = hi is not None and (value >= hi if m.get("hi_open") else value > hi)
         if bad_lo or bad_hi:
-            left = "(" if m.get("lo_open") else "["
-            right = ")" if m.get("hi_open") else "]"
-            rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+            rng = accepted_range(m)
             raise InputError(f"{leaf.flag}: {value!r} is out of range; accepted: {_a(type_name(leaf.type))} in {rng}")
+
+
+def accepted_range(m: dict) -> str:
+    """A setting's bounds as written in messages and --help: [1, 1000000], (0.0, 1.0)."""
+    lo, hi = m.get("lo"), m.get("hi")
+    left = "(" if m.get("lo_open") else "["
+    right = ")" if m.get("hi_open") else "]"
+    return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+
+def check_bounds(flag: str, value: int, lo: int, hi: int) -> int:
+    """A whole-number option outside a setting tree (a command's own flag): InputError unless lo <= value <= hi."""
+    if not lo <= value <= hi:
+        raise InputError(f"{flag}: {value!r} is out of range; accepted: an integer in [{lo}, {hi}]")
+    return value
 
 
 def validate_tree(cfg: Any) -> None:
@@ -248,18 +261,60 @@ def apply_mapping(cfg: Any, mapping: dict, source: str) -> set[str]:
     index = leaf_index(type(cfg))
     sections = _sections(cfg)
     touched: set[str] = set()
+    where: dict[str, str] = {}  # leaf name -> how this mapping set it, to name both sides of a conflict
     for key, value in mapping.items():
         k = str(key).replace("-", "_")
         if k in sections and isinstance(value, dict):
-            touched |= apply_mapping(sections[k], value, f"{source}: section '{k}'")
+            new = apply_mapping(sections[k], value, f"{source}: section '{k}'")
+            how = f"in section '{k}'"
         elif k in index:
             leaf = index[k]
             set_path(cfg, leaf.path, coerce(leaf, value, source))
-            touched.add(k)
+            new = {k}
+            how = f"as '{key}'"
         else:
             accepted = ", ".join(sorted(list(index) + list(sections)))
             raise InputError(f"{source}: unknown setting {key!r}; accepted: {accepted}")
+        twice = sorted(new & touched)
+        if twice:  # flat `stop_loss` and `risk: {stop_loss}`: which one was meant? never last-wins
+            name = twice[0]
+            raise InputError(f"{source}: '{name}' is set twice ({where[name]} and {how}); accepted: one of them")
+        touched |= new
+        where.update(dict.fromkeys(new, how))
     return touched
+
+
+class _UniqueKeyLoader:
+    """Built lazily: a yaml SafeLoader that refuses a key written twice in one mapping."""
+
+    loader = None
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, except that a duplicated key is an InputError naming it (YAML would keep the last
+    one silently). Syntax errors are InputErrors naming `source`."""
+    import yaml
+
+    if _UniqueKeyLoader.loader is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        def construct_mapping(loader, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = loader.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise InputError(f"{source}: key {key!r} appears twice in one mapping (lines "
+                                     f"{seen[key] + 1} and {key_node.start_mark.line + 1}); accepted: each key once")
+                seen[key] = key_node.start_mark.line
+            return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+        Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+        _UniqueKeyLoader.loader = Loader
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader.loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source} is not valid YAML: {str(exc).splitlines()[0]}") from None
 
 
 def _sections(cfg: Any) -> dict[str, Any]:
@@ -314,7 +369,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, only: set[str] | No
         groups[group_name] = group
         base, _ = _unwrap_optional(leaf.type)
         default = leaf.field.default if leaf.field.default is not MISSING else leaf.field.default_factory()  # type: ignore[misc]
-        help_text = f"{leaf.meta['help']} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        bounds = f"; accepted: {accepted_range(leaf.meta)}" if leaf.meta.get("hi") is not None else ""
+        help_text = f"{leaf.meta['help']} (default: {default}{bounds})".replace("%", "%%")  # argparse formats with %
         if base is bool:
             group.add_argument(leaf.flag, dest=leaf.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)

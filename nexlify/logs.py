@@ -50,9 +50,19 @@ def use_json(fmt: str, stream: IO[str] | None = None) -> bool:
     return fmt == "json" or (fmt == "auto" and not stream.isatty())
 
 
+_json_mode = False
+
+
+def json_mode() -> bool:
+    """Whether the last `configure` chose JSON lines (then everything on stderr must be JSON)."""
+    return _json_mode
+
+
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     """fmt: auto (JSON unless stderr is a terminal) | console | json."""
+    global _json_mode
     _tee.stream = sys.stderr
+    _json_mode = use_json(fmt)
     processors = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

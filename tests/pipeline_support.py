@@ -182,14 +182,44 @@ def sigkill_pipeline(proc: subprocess.Popen) -> list[int]:
 
 def comparable(summary: dict) -> dict:
     """The summary less what legitimately differs between two runs of one pipeline: timings, and where
-    the output lives (the config's output and the final model's absolute URL)."""
+    the output lives (the config's output, the final model's absolute path or URL, and the pipeline id,
+    which covers the output so that one config run to two outputs never shares a Kubernetes Job)."""
     s = copy.deepcopy(summary)
     s.pop("timings", None)
     s.pop("final_model_url", None)
+    s.pop("final_model_path", None)
+    s.pop("pipeline_id", None)
     s["config"].pop("output", None)
     for entry in s["initial_runs"] + s["retraining_iterations"]:
         entry.pop("timings", None)
     return s
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The one-line errors of a command, as `error: ...`: printed so on a terminal, or as the JSON `failed`
+    event when the command logs JSON (every line of JSON mode is JSON; stderr is not a terminal here)."""
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("error:"):
+            out.append(line)
+        elif line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "failed" and "error" in event:
+                out.append(f"error: {event['error']}")
+    return out
+
+
+def non_json_lines(stderr: str) -> list[str]:
+    bad = []
+    for line in stderr.splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            bad.append(line)
+    return bad
 
 
 def sha256(data: bytes) -> str:

@@ -163,6 +163,11 @@ def test_helm_lint_strict(tools_bin: Path, tmp_path: Path, values: dict | None) 
     ({"worker": {"gpu": 1}}, "/worker", "'gpu' not allowed"),
     ({"storage": {"bucket": "x", "secret": "s"}}, "/storage", "'secret' not allowed"),
     ({"controler": {}}, "''", "'controler' not allowed"),
+    ({"worker": {"resources": {"limits": {"amd.com/gpu": "one"}}}}, "/worker/resources/limits/amd.com~1gpu",
+     "does not match pattern"),
+    ({"worker": {"resources": {"claims": []}}}, "/worker/resources", "'claims' not allowed"),
+    ({"controller": {"resources": {"limits": {"memory": "2GB"}}}}, "/controller/resources/limits/memory",
+     "does not match pattern"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_schema_rejects_wrong_types_and_unknown_keys(tools_bin: Path, tmp_path: Path, values: dict, path: str,
                                                      message: str) -> None:
@@ -406,6 +411,54 @@ def test_cronjob_replaces_the_job_and_leaves_owner_to_the_environment(render) ->
     assert yaml.safe_load(pipeline_yaml(docs))["kubernetes"]["owner_job"] == ""
 
 
+def test_controller_job_runs_one_pod_at_a_time(render) -> None:
+    """With the lease in the output, a restarted controller pod takes the pipeline over: never two pods."""
+    for docs in (render(), render(FULL_VALUES)):
+        spec = one(docs, "Job")["spec"] if by_kind(docs, "Job") else one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]
+        assert (spec["parallelism"], spec["completions"], spec["podReplacementPolicy"]) == (1, 1, "Failed")
+
+
+GPU_KINDS = {"worker": {"resources": {"requests": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "10Gi"},
+                                      "limits": {"memory": "16Gi", "amd.com/gpu": 1, "nvidia.com/mig-1g.10gb": "2"}},
+                        "podSecurityContext": {"runAsNonRoot": True, "runAsUser": 2000, "fsGroup": 2000},
+                        "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+                        "podLabels": {"team": "quant"}},
+             "controller": {"resources": {"requests": {"cpu": "250m", "ephemeral-storage": "1Gi"},
+                                          "limits": {"memory": "2Gi"}}}}
+
+
+def test_any_resource_names_and_worker_pod_settings_reach_the_run_jobs(render, tmp_path: Path) -> None:
+    docs = render(GPU_KINDS)
+    pod = controller_pod_spec(docs)
+    # Helm merges the user's maps into the defaults (requests.memory 1Gi stays)
+    assert pod["containers"][0]["resources"] == {"requests": {"cpu": "250m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
+                                                 "limits": {"memory": "2Gi"}}
+    cfg = load_with_real_loader(pipeline_yaml(docs), tmp_path)
+    k = cfg.kubernetes
+    assert (k.cpu_request, k.memory_request, k.cpu_limit, k.memory_limit) == ("2", "8Gi", "", "16Gi")
+    assert k.resources == {"requests": {"ephemeral-storage": "10Gi"},
+                           "limits": {"amd.com/gpu": 1, "nvidia.com/mig-1g.10gb": "2"}}
+    from controller.executors.kubernetes_manifest import job_manifest
+    from controller.executors.base import RunSpec
+
+    spec = RunSpec(run_key="init-1", phase="initial", seed=42, episodes=8, config_url="s3://b/p/c.json",
+                   data_url="s3://b/p/data", output_url="s3://b/p/initial_runs/run_1")
+    job = job_manifest(spec, k, "3f2a9c1e")
+    assert kubernetes_validate.validate(job, KUBE_MINORS[-1], strict=True)
+    template = job["spec"]["template"]
+    assert template["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "10Gi"},
+        "limits": {"memory": "16Gi", "amd.com/gpu": "1", "nvidia.com/mig-1g.10gb": "2"}}
+    assert template["spec"]["securityContext"] == {"runAsNonRoot": True, "runAsUser": 2000, "runAsGroup": 10001,
+                                                   "fsGroup": 2000, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert template["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    assert template["metadata"]["labels"]["team"] == "quant"
+    # the gpus shortcut still adds nvidia.com/gpu
+    k.gpus = 1
+    assert job_manifest(spec, k, "3f2a9c1e")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"] == "1"
+
+
 # ---- the config the controller reads ----------------------------------------------------------------
 
 
@@ -621,7 +674,10 @@ def test_wheel_installs_like_the_dockerfile_and_the_chart_commands_run(render, t
     out = run([nexlify, "preflight", "--config", str(config), "--output", str(output), "--executor", "local"],
               env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert re.search(r"output\s+pass", out.stderr), out.stderr
+    # stderr is not a terminal: JSON mode, one preflight_check event per row
+    checks = {e["check"]: e["status"] for e in map(json.loads, out.stderr.splitlines())
+              if e.get("event") == "preflight_check"}
+    assert checks["output"] == "pass", out.stderr
     # the `helm test` pod's script, with the same config pointing at a local folder
     local = yaml.safe_load(pipeline_yaml(docs)) | {"output": str(output)}
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(local))

@@ -174,3 +174,25 @@ def test_garbage_and_missing_files_are_input_errors(tmp_path):
                                          (0.0, "model_return0.0.pt")])
 def test_checkpoint_name(value, name):
     assert checkpoint.checkpoint_name(value) == name
+
+
+class _NotACheckpoint:
+    """Any pickled object: torch refuses it under weights_only=True and advises weights_only=False."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_a_non_checkpoint_pt_is_refused_without_the_advice_to_drop_weights_only(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"model": _NotACheckpoint()}, path)
+    with pytest.raises(InputError) as info:
+        checkpoint.load(path)
+    message = str(info.value)
+    assert f"checkpoint {path} cannot be loaded safely" in message and "not a nexlify checkpoint" in message
+    assert "weights_only=False" not in message and "\n" not in message
+
+
+def test_a_folder_given_as_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(InputError, match=f"checkpoint {tmp_path} is a folder; expected a .pt file"):
+        checkpoint.load(tmp_path)

@@ -1,4 +1,4 @@
-"""The data layer on real candles: the bundled sample, the full shared files and their real gaps,
+"""The data layer on real candles: the bundled sample, real series with gaps the tests cut out of it,
 and every way a bad file is refused with a message that names it."""
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from nexlify.data import (
 )
 from nexlify.errors import InputError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 H = 3_600_000
 BINANCE = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
 HEADER = "timestamp,open,high,low,close,volume\n"
@@ -55,11 +54,6 @@ def candle_file(tmp_path: Path, rows: list[str], header: str = HEADER,
     return write_gz(tmp_path / name, header + "\n".join(rows) + "\n")
 
 
-def source_lines(name: str) -> list[str]:
-    with gzip.open(SHARED / name, "rt") as handle:
-        return handle.read().splitlines()
-
-
 # ---- names ------------------------------------------------------------------------------------
 
 
@@ -76,10 +70,10 @@ def test_parse_pair_refuses_other_forms_naming_the_pair(text):
     assert repr(text) in str(info.value) and "BTC/USDT" in str(info.value)
 
 
-def test_candle_filename_matches_the_shared_files():
+def test_candle_filename_matches_the_bundled_files():
     assert candle_filename("binance", "BTC/USDT", "1h") == "binance_BTC-USDT_1h.csv.gz"
     assert candle_filename("Coinbase", "sol-usd", "1h") == "coinbase_SOL-USD_1h.csv.gz"
-    assert (SHARED / candle_filename("binance", "ETH/USDT", "1h")).is_file()
+    assert (bundled_dir() / candle_filename("binance", "ETH/USDT", "1h")).is_file()
     with pytest.raises(InputError, match="1M"):
         candle_filename("binance", "BTC/USDT", "1M")
 
@@ -121,15 +115,21 @@ def test_bundled_readme_names_each_file_with_its_rows_range_and_sha256():
     assert total < 4_000_000
 
 
-def test_bundled_rows_are_the_source_rows_byte_for_byte():
+def test_bundled_rows_are_hourly_valid_candles_from_their_first_to_their_last_hour():
+    """Each bundled file: the header, then one valid candle per hour (no gap, no repeat), its first line
+    parsed to the same numbers (the byte-for-byte copy of ../shared/data is make_bundle's job; the files'
+    sha256 are checked against the README above)."""
     for path in sorted(bundled_dir().glob("*.csv.gz")):
         with gzip.open(path, "rt") as handle:
-            bundled = handle.read().splitlines()
-        source = source_lines(path.name)
-        assert bundled[0] == source[0] == HEADER.strip()
-        start = "1685577600000," if path.name.startswith("binance") else ""  # 2023-06-01 00:00 UTC
-        first = next(i for i, line in enumerate(source) if i and line.startswith(start))
-        assert bundled[1:] == source[first:], path.name
+            lines = handle.read().splitlines()
+        assert lines[0] == HEADER.strip()
+        candles = read_candles(path)
+        validate_candles(candles, path.name, H)
+        assert np.all(np.diff(candles["timestamp"].to_numpy()) == H), path.name
+        first = lines[1].split(",")
+        assert int(first[0]) == candles["timestamp"].iloc[0] and float(first[4]) == candles["close"].iloc[0]
+        start = parse_utc_ms("2023-06-01") if path.name.startswith("binance") else parse_utc_ms("2024-04-18T17:00")
+        assert candles["timestamp"].iloc[0] == start, path.name
 
 
 def test_write_candles_reproduces_the_bundled_files_exactly(tmp_path):
@@ -191,26 +191,41 @@ def test_market_helpers_index_of_and_slice():
         market.slice(30, 30)
 
 
-# ---- real gaps in the shared data --------------------------------------------------------------
+# ---- real candles with gaps the test makes (the suite needs nothing outside the repository) --------
 
 
-def test_real_gaps_in_shared_binance_files_match_the_readme():
-    btc = read_candles(SHARED / "binance_BTC-USDT_1h.csv.gz")
+def bundled(name: str = "binance_BTC-USDT_1h.csv.gz") -> pd.DataFrame:
+    return read_candles(bundled_dir() / name)
+
+
+def with_gaps(name: str, starts: list[str], lengths: list[int]) -> pd.DataFrame:
+    """The bundled series with real rows removed: runs of `lengths` hours from each of `starts`."""
+    frame = bundled(name)
+    drop = set()
+    for start, length in zip(starts, lengths):
+        drop |= {parse_utc_ms(start) + k * H for k in range(length)}
+    kept = frame[~frame["timestamp"].isin(drop)].reset_index(drop=True)
+    assert len(kept) == len(frame) - sum(lengths)
+    return kept
+
+
+def test_gap_report_of_real_candles_with_gaps_cut_out():
+    # the bundled BTC series with 3 gaps cut out: 1 h, 33 h (the length of Binance's 2018-02-08 halt), 2 h
+    btc = with_gaps("binance_BTC-USDT_1h.csv.gz", ["2023-09-10T05:00", "2024-02-08T01:00", "2024-03-24T13:00"],
+                    [1, 33, 2])
     validate_candles(btc, "binance BTC", H)
     filled, report = fill_gaps(btc, H)
-    # Shared README: 64,870 rows, 27 gaps (122 bars); the longest (33 h) is Binance's 2018-02-08 halt.
-    assert len(btc) == 64_870 and report == GapReport(27, 122, 33, "2018-02-08T01:00:00Z")
-    assert len(filled) == 64_870 + 122
-    sol = read_candles(SHARED / "binance_SOL-USDT_1h.csv.gz")
-    assert fill_gaps(sol, H)[1] == GapReport(10, 20, 4, "2020-12-21T14:00:00Z")
-    coinbase = read_candles(SHARED / "coinbase_BTC-USD_1h.csv.gz")
-    assert fill_gaps(coinbase, H)[1] == GapReport(0, 0, 0, "")
+    assert report == GapReport(3, 36, 33, "2024-02-08T01:00:00Z")
+    assert len(filled) == 731 * 24  # back to every hour of the sample
+    # the bundled files themselves have no gap (their README says "none")
+    for name in ("binance_SOL-USDT_1h.csv.gz", "coinbase_BTC-USD_1h.csv.gz"):
+        assert fill_gaps(bundled(name), H)[1] == GapReport(0, 0, 0, "")
 
 
 def test_forward_fill_marks_the_missing_hour_and_never_shifts_a_real_row():
-    btc = read_candles(SHARED / "binance_BTC-USDT_1h.csv.gz")
+    btc = with_gaps("binance_BTC-USDT_1h.csv.gz", ["2024-03-24T13:00"], [1])
     filled, _ = fill_gaps(btc, H)
-    missing = parse_utc_ms("2023-03-24T13:00")
+    missing = parse_utc_ms("2024-03-24T13:00")
     assert missing not in set(btc["timestamp"])
     row = filled.index[filled["timestamp"] == missing][0]
     before = btc[btc["timestamp"] == missing - H].iloc[0]
@@ -220,28 +235,39 @@ def test_forward_fill_marks_the_missing_hour_and_never_shifts_a_real_row():
     real = filled[filled["tradable"]].reset_index(drop=True)
     pd.testing.assert_frame_equal(real.drop(columns="tradable"), btc)
     assert np.all(np.diff(filled["timestamp"].to_numpy()) == H)
-    assert int((~filled["tradable"]).sum()) == 122
+    assert int((~filled["tradable"]).sum()) == 1
 
 
-def test_load_market_over_the_gap_reports_it_for_the_window():
-    market = load_market("binance", ["BTC/USDT", "SOL/USDT"], data_dir=SHARED, start="2023-03-01", end="2023-04-01")
+def test_load_market_over_the_gap_reports_it_for_the_window(tmp_path):
+    write_candles(with_gaps("binance_BTC-USDT_1h.csv.gz", ["2024-03-24T13:00"], [1]),
+                  tmp_path / "binance_BTC-USDT_1h.csv.gz")
+    write_candles(with_gaps("binance_SOL-USDT_1h.csv.gz", ["2024-03-24T13:00"], [1]),
+                  tmp_path / "binance_SOL-USDT_1h.csv.gz")
+    market = load_market("binance", ["BTC/USDT", "SOL/USDT"], data_dir=tmp_path, start="2024-03-01", end="2024-04-01")
     assert market.n_bars == 31 * 24
-    assert market.gaps["BTC/USDT"] == GapReport(1, 1, 1, "2023-03-24T13:00:00Z")
-    i = market.index_of("2023-03-24T13:00")
+    assert market.gaps["BTC/USDT"] == GapReport(1, 1, 1, "2024-03-24T13:00:00Z")
+    i = market.index_of("2024-03-24T13:00")
     assert market.tradable[i].tolist() == [False, False] and market.tradable.sum() == 2 * (31 * 24 - 1)
     np.testing.assert_array_equal(market.close[i], market.close[i - 1])
     np.testing.assert_array_equal(market.volume[i], [0.0, 0.0])
-    btc = read_candles(SHARED / "binance_BTC-USDT_1h.csv.gz").set_index("timestamp")
-    after = parse_utc_ms("2023-03-24T14:00")
+    btc = bundled().set_index("timestamp")
+    after = parse_utc_ms("2024-03-24T14:00")
     assert market.open[i + 1, 0] == btc.loc[after, "open"] and market.close[i + 1, 0] == btc.loc[after, "close"]
 
 
-def test_full_shared_files_align_from_the_latest_first_candle():
-    market = load_market("binance", BINANCE, data_dir=SHARED)
-    assert market.start_iso == "2020-08-11T06:00:00Z"  # SOL's listing; BTC and ETH start in 2018
+def test_pairs_align_from_the_latest_first_candle(tmp_path):
+    # SOL "listed" later: its file starts 2024-01-01 with a 2-hour gap after it; BTC and ETH are whole
+    sol = bundled("binance_SOL-USDT_1h.csv.gz")
+    sol = sol[sol["timestamp"] >= parse_utc_ms("2024-01-01")]
+    sol = sol[~sol["timestamp"].isin([parse_utc_ms("2024-01-05T10:00"), parse_utc_ms("2024-01-05T11:00")])]
+    write_candles(sol, tmp_path / "binance_SOL-USDT_1h.csv.gz")
+    for name in ("binance_BTC-USDT_1h.csv.gz", "binance_ETH-USDT_1h.csv.gz"):
+        write_candles(bundled(name), tmp_path / name)
+    market = load_market("binance", BINANCE, data_dir=tmp_path)
+    assert market.start_iso == "2024-01-01T00:00:00Z"
     assert market.end_iso == "2025-06-01T00:00:00Z"
-    assert market.n_bars == 42_094 + 20  # SOL's rows plus its 20 missing bars
-    assert market.gaps["SOL/USDT"] == GapReport(10, 20, 4, "2020-12-21T14:00:00Z")
+    assert market.n_bars == len(sol) + 2  # SOL's rows plus its 2 missing bars
+    assert market.gaps["SOL/USDT"] == GapReport(1, 2, 2, "2024-01-05T10:00:00Z")
 
 
 # ---- fill_gaps and align on hand-made frames --------------------------------------------------
@@ -475,3 +501,39 @@ def test_timestamps_in_seconds_get_a_hint(tmp_path):
     with pytest.raises(InputError) as info:
         validate_candles(read_candles(path), str(path), H)
     assert "1h grid" in str(info.value) and "look like seconds" in str(info.value)
+
+
+# ---- --data-dir formats: .csv.gz, .csv and Parquet --------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_data_dir_reads_plain_csv_and_parquet_to_the_same_market(tmp_path, suffix):
+    btc = bundled()
+    path = tmp_path / f"binance_BTC-USDT_1h{suffix}"
+    if suffix == ".csv":
+        btc.to_csv(path, index=False)
+    else:
+        btc.to_parquet(path, index=False)
+    got = load_market("binance", ["BTC/USDT"], data_dir=tmp_path, start="2024-01-01", end="2024-02-01")
+    want = load_market("binance", ["BTC/USDT"], data_dir=None, start="2024-01-01", end="2024-02-01")
+    assert got.n_bars == 31 * 24
+    np.testing.assert_array_equal(got.close, want.close)
+    np.testing.assert_array_equal(got.volume, want.volume)
+    assert got.sources["BTC/USDT"]["file"] == str(path)
+
+
+def test_data_dir_without_the_file_lists_accepted_names_and_formats(tmp_path):
+    (tmp_path / "binance_BTC-USDT_1h.json").write_text("{}")
+    with pytest.raises(InputError) as info:
+        load_market("binance", ["BTC/USDT"], data_dir=tmp_path)
+    message = str(info.value)
+    for accepted in ("binance_BTC-USDT_1h.csv.gz", "binance_BTC-USDT_1h.csv", "binance_BTC-USDT_1h.parquet",
+                     "accepted formats: .csv.gz, .csv, .parquet"):
+        assert accepted in message
+
+
+def test_a_damaged_parquet_file_is_named(tmp_path):
+    path = tmp_path / "binance_BTC-USDT_1h.parquet"
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match="binance_BTC-USDT_1h.parquet is not a readable Parquet file"):
+        read_candles(path)

@@ -203,3 +203,20 @@ def test_make_client_builds_a_rate_limited_ccxt_exchange():
     assert isinstance(client, ccxt.binance) and client.enableRateLimit is True
     with pytest.raises(InputError, match="'nosuchexchange'"):
         make_client("nosuchexchange")
+
+
+def test_cache_dir_under_a_file_is_refused_before_any_download(tmp_path):
+    from nexlify.data.fetch import fetch_many
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    class NoNetwork:
+        def __getattr__(self, name):
+            raise AssertionError(f"the exchange was called ({name}) before the cache folder was checked")
+
+    for cache_dir, says in ((blocker / "cache", f"{blocker} is a file"), (blocker, "is a file")):
+        with pytest.raises(InputError) as info:
+            fetch_many("binance", ["BTC/USDT"], "1h", "2024-01-01", "2024-01-02", cache_dir, client=NoNetwork())
+        assert f"--cache-dir {cache_dir}" in str(info.value) and says in str(info.value)
+    assert not (blocker / "cache").exists()

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def dummy_spec(run_key: str = "init-1", seed: int = 42) -> RunSpec:
 def comparable(summary: dict) -> dict:
     """A summary without what differs between two places that ran it: timings and output locations."""
     s = copy.deepcopy(summary)
-    for key in ("timings", "final_model_url"):
+    for key in ("timings", "final_model_url", "final_model_path", "pipeline_id"):  # the id covers the output
         s.pop(key)
     for key in ("output", "executor", "kubernetes", "parallel"):
         s["config"].pop(key, None)
@@ -329,6 +330,51 @@ def test_manifest_variants_gpu_placement_kueue_secret_owner_validate_strictly():
     assert not any("AWS_SECRET" in json.dumps(e) for e in container["env"])  # never a credential inline
     with pytest.raises(InputError, match="--memory-limit '4GB'"):
         job_manifest(dummy_spec(), k8s_settings(memory_limit="4GB"), "3f2a9c1e")
+
+
+@pytest.mark.parametrize("extra, expected_limits", [
+    ({"limits": {"amd.com/gpu": "1"}}, {"memory": "4Gi", "amd.com/gpu": "1"}),
+    ({"limits": {"nvidia.com/mig-1g.10gb": 2, "ephemeral-storage": "20Gi"}},
+     {"memory": "4Gi", "nvidia.com/mig-1g.10gb": "2", "ephemeral-storage": "20Gi"}),
+    ({"limits": {"memory": ""}}, None),  # '' unsets the memory limit of the flat settings
+])
+def test_any_resource_name_reaches_the_worker_container(extra, expected_limits):
+    job = job_manifest(dummy_spec(), k8s_settings(resources=extra), "3f2a9c1e")
+    assert kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "1", "memory": "2Gi"}
+    assert resources.get("limits") == expected_limits
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"limits": {"amd.com/gpu": "one"}}, "kubernetes.resources.limits.amd.com/gpu 'one'"),
+    ({"limits": {"bad name!": "1"}}, "'bad name!' is not a resource name"),
+    ({"claims": []}, "accepted: a mapping with requests and/or limits"),
+])
+def test_bad_resources_are_refused_by_name(extra, says):
+    with pytest.raises(InputError, match=re.escape(says)):
+        job_manifest(dummy_spec(), k8s_settings(resources=extra), "3f2a9c1e")
+
+
+def test_worker_pod_security_context_annotations_and_labels_come_from_the_settings():
+    default = job_manifest(dummy_spec(), k8s_settings(), "3f2a9c1e")["spec"]["template"]
+    assert default["spec"]["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                                  "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert "annotations" not in default["metadata"]
+    cfg = k8s_settings(pod_security_context={"runAsNonRoot": True, "runAsUser": 2000, "fsGroup": 2000},
+                       container_security_context={"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                                                   "readOnlyRootFilesystem": True,
+                                                   "capabilities": {"drop": ["ALL"], "add": ["SYS_NICE"]}},
+                       pod_annotations={"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+                       pod_labels={"team": "quant", "nexlify.io/run": "spoofed"})
+    job = job_manifest(dummy_spec(), cfg, "3f2a9c1e")
+    assert kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    template = job["spec"]["template"]
+    assert template["spec"]["securityContext"] == {"runAsNonRoot": True, "runAsUser": 2000, "fsGroup": 2000}
+    assert template["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] == ["SYS_NICE"]
+    assert template["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    assert template["metadata"]["labels"]["team"] == "quant"
+    assert template["metadata"]["labels"]["nexlify.io/run"] == "init-1"  # the controller's own labels win
 
 
 def test_owner_reference_comes_from_the_setting_or_the_chart_environment():

@@ -10,12 +10,11 @@ import math
 import jsonschema
 import numpy as np
 import pytest
-import yaml
 
 from controller.config import PipelineConfig
 from nexlify.cli import build_config
 from nexlify.config import TrainConfig
-from nexlify.configtools import add_flags, flags_to_mapping, from_dict, json_schema, to_dict
+from nexlify.configtools import add_flags, flags_to_mapping, from_dict, json_schema, load_yaml, to_dict
 from nexlify.env.batched import HOLD, OPEN_LONG
 from nexlify.errors import InputError
 from nexlify.metrics import HOURS_PER_YEAR, average_metrics, pair_metrics, score, sharpe_from_sums
@@ -128,7 +127,7 @@ def parse_flags(argv: list[str], cls: type = TrainConfig) -> dict:
 
 def resolve(argv: list[str] = (), yaml_text: str | None = None, cls: type = TrainConfig):
     """defaults < YAML file < flags, validated: what the CLI does."""
-    file_mapping = yaml.safe_load(yaml_text) if yaml_text else None
+    file_mapping = load_yaml(yaml_text, "config file") if yaml_text else None
     return build_config(cls, file_mapping, None, parse_flags(list(argv), cls))
 
 
@@ -191,9 +190,9 @@ def test_to_dict_from_dict_round_trip():
     (["--stop-loss", "1.5"], None, TrainConfig, ["--stop-loss", "[0.0, 1.0)"]),
     ([], "risk: {stop_loss: 1.0}", TrainConfig, ["--stop-loss", "[0.0, 1.0)"]),
     (["--stop-loss", "-0.1"], None, TrainConfig, ["--stop-loss", "[0.0, 1.0)"]),
-    (["--episode-bars", "-5"], None, TrainConfig, ["--episode-bars", "-5", "[0, inf]"]),
-    (["--initial-episodes", "-3"], None, PipelineConfig, ["--initial-episodes", "-3", "[1, inf]"]),
-    ([], "retrain_episodes: 0", PipelineConfig, ["--retrain-episodes", "[1, inf]"]),
+    (["--episode-bars", "-5"], None, TrainConfig, ["--episode-bars", "-5", "[0, 10000000]"]),
+    (["--initial-episodes", "-3"], None, PipelineConfig, ["--initial-episodes", "-3", "[1, 1000000]"]),
+    ([], "retrain_episodes: 0", PipelineConfig, ["--retrain-episodes", "[1, 1000000]"]),
     (["--max-position", "0"], None, TrainConfig, ["--max-position", "(0.0, 1.0]"]),
     (["--device", "tpu"], None, TrainConfig, ["--device", "'tpu'", "auto, cpu, cuda"]),
     (["--kelly-min-trades", "60"], None, TrainConfig, ["--kelly-min-trades", "--kelly-window"]),
@@ -208,6 +207,14 @@ def test_to_dict_from_dict_round_trip():
     # a wrong type typed as a flag must name the flag the user typed
     pytest.param(["--hidden", "abc"], None, TrainConfig, ["--hidden", "integer", "'abc'"], id="flag-hidden-abc"),
     pytest.param(["--fee", "lots"], None, TrainConfig, ["--fee", "number", "'lots'"], id="flag-fee-lots"),
+    # every count has an upper bound (a typo never starts a run that does not end)
+    (["--initial-episodes", "99999999999999999999999"], None, PipelineConfig, ["[1, 1000000]"]),
+    (["--buffer-size", "1000000000"], None, TrainConfig, ["--buffer-size", "[1, 100000000]"]),
+    # one value per setting in one file: flat and nested, or a key written twice, is an error
+    ([], "stop_loss: 0.02\nrisk: {stop_loss: 0.03}", TrainConfig, ["'stop_loss' is set twice"]),
+    ([], "risk: {stop_loss: 0.03}\nstop_loss: 0.02", TrainConfig, ["'stop_loss' is set twice"]),
+    ([], "hidden: 32\nhidden: 64", TrainConfig, ["'hidden' appears twice"]),
+    ([], "risk: {stop_loss: 0.02, stop_loss: 0.03}", TrainConfig, ["'stop_loss' appears twice"]),
 ])
 def test_bad_input_is_an_input_error_naming_the_setting(argv, text, cls, must_contain):
     with pytest.raises(InputError) as info:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from nexlify.data.candles import candle_filename
 from tests.pipeline_support import (
     Reference,
     comparable,
+    error_lines,
     folder_tree,
     log_events,
     read_json,
@@ -59,7 +61,7 @@ def expected_snapshot(cfg: dict) -> list[str]:
 # ------------------------------------------------------------------------------------- the summary
 
 
-def test_summary_has_the_guides_fields(summary):
+def test_summary_has_the_guides_fields(out, summary):
     assert summary["pipeline_complete"] is True
     # threshold 0 and patience 3: no rule stops before max_iterations (2)
     assert summary["stop_reason"] == rules.MAX_ITERATIONS
@@ -95,6 +97,8 @@ def test_summary_has_the_guides_fields(summary):
                                                              rel=1e-12, abs=1e-12)
     assert summary["final_model_path"].endswith(".pt")
     assert summary["failures"] == []
+    # the path works from where the command ran; the key is the same file relative to the output
+    assert summary["final_model_path"] == str(out / summary["final_model_key"]) and os.path.isabs(summary["final_model_path"])
 
 
 def test_every_run_reports_the_baselines_and_the_summary_is_honest_about_the_selection(out, summary):
@@ -206,7 +210,7 @@ def test_output_layout(out, summary):
         total_episodes[it["model_path"]] = result["episodes_total"]
         assert it["model_path"] == f"retraining/iteration_{k}/model_return{result['val_metrics']['avg_return']:.1f}.pt"
     for path in [r["model_path"] for r in summary["initial_runs"]] + \
-            [it["model_path"] for it in summary["retraining_iterations"]] + [summary["final_model_path"]]:
+            [it["model_path"] for it in summary["retraining_iterations"]] + [summary["final_model_key"]]:
         assert (out / path).is_file(), path
     expected = {"complete_training_summary.json", "pipeline_state.json", "pipeline_config.json", "training.log"}
     expected |= set(expected_snapshot(summary["config"]))
@@ -247,14 +251,14 @@ def test_decisions_match_the_rules_on_the_recorded_scores(out, summary):
     assert it is summary["retraining_iterations"][-1]  # the pipeline stopped exactly where the rules say
     assert summary["stop_reason"] == stop
     assert summary["final_best_score"] == best_score
-    assert summary["final_model_path"] == best_model
+    assert summary["final_model_key"] == best_model
 
 
 # ------------------------------------------------------------------------------- the final model
 
 
 def test_best_model_loads_safely_and_evaluate_reproduces_its_scores(out, summary):
-    model = out / summary["final_model_path"]
+    model = out / summary["final_model_key"]
     ckpt = torch.load(model, weights_only=True, map_location="cpu")
     assert {"model_state_dict", "optimizer_state_dict", "config", "normalizer", "seed", "metrics"} <= set(ckpt)
     assert ckpt["metrics"]["val"]["score"] == summary["final_best_score"]
@@ -272,7 +276,7 @@ def test_best_model_loads_safely_and_evaluate_reproduces_its_scores(out, summary
     final_test = summary["final_test_metrics"]
     assert final_test is not None and set(AVG_KEYS) <= set(final_test)
     final_entry = next(e for e in summary["initial_runs"] + summary["retraining_iterations"]
-                       if e["model_path"] == summary["final_model_path"])
+                       if e["model_path"] == summary["final_model_key"])
     assert final_entry["test_metrics"] == final_test
     got = run_cli(["evaluate", "--model", str(model), "--json", "--start", test["start"]], timeout=120)
     assert got.returncode == 0, got.stderr
@@ -312,7 +316,7 @@ def test_another_config_is_refused_and_force_starts_over(out, summary, tmp_path)
 
     got = run_cli(train_args(str(copy), *changed), timeout=120)
     assert got.returncode == 2
-    errors = [line for line in got.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(got.stderr)
     assert len(errors) == 1
     assert "another config" in errors[0] and "--force" in errors[0] and str(copy) in errors[0]
     assert folder_tree(copy) == before  # nothing changed, training.log included

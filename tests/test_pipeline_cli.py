@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from controller.config import PipelineConfig, quick_test_preset
-from tests.pipeline_support import REPO, child_env, read_json, run_cli
+from tests.pipeline_support import REPO, child_env, error_lines, non_json_lines, read_json, run_cli
 
 NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # `--device cuda` must fail the same way on a GPU machine
 
@@ -27,10 +27,6 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]  # closed again when the block ends: connections are refused
-
-
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 # (case id, extra args, files to write {name: text}, extra env, strings the error line must contain)
@@ -60,6 +56,17 @@ BAD_INPUT = [
     ("yaml-is-a-folder", ["--config", "{tmp}"], {}, {}, ["--config {tmp}", "cannot be read"]),
     ("yaml-not-a-mapping", ["--config", "{tmp}/list.yaml"], {"list.yaml": "- 1\n- 2\n"}, {}, ["mapping", "list"]),
     ("device-cuda-without-cuda", ["--device", "cuda"], {}, NO_CUDA, ["--device cuda"]),
+    # every count has an upper bound: a typo never starts a run that does not end
+    ("episodes-beyond-bound", ["--initial-episodes", "99999999999999999999999"], {}, {},
+     ["--initial-episodes", "99999999999999999999999", "[1, 1000000]"]),
+    ("batch-size-beyond-bound", ["--batch-size", "100000000"], {}, {}, ["--batch-size", "[1, 65536]"]),
+    ("patience-beyond-bound", ["--patience", "5000"], {}, {}, ["--patience", "[1, 1000]"]),
+    # one YAML, one value per setting: never last-wins
+    ("yaml-duplicated-key", ["--config", "{tmp}/dup.yaml"], {"dup.yaml": "initial_runs: 2\ninitial_runs: 3\n"}, {},
+     ["'initial_runs' appears twice", "lines 1 and 2"]),
+    ("yaml-flat-and-nested", ["--config", "{tmp}/both.yaml"],
+     {"both.yaml": "stop_loss: 0.02\nrisk:\n  stop_loss: 0.03\n"}, {},
+     ["'stop_loss' is set twice", "as 'stop_loss'", "in section 'risk'"]),
 ]
 
 
@@ -94,6 +101,7 @@ def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(bad_input_resu
     for text in named:
         assert text.replace("{tmp}", str(tmp)) in lines[0], lines[0]
     assert "Traceback" not in got.stderr
+    assert non_json_lines(got.stderr) == []  # stderr is not a terminal: JSON mode, every line JSON
     assert not (tmp / "out").exists()  # not even an empty folder
     assert got.stdout == ""
 
@@ -169,13 +177,21 @@ def test_nexlify_train_alias_runs_the_pipeline_with_preset_and_flags(tmp_path):
     assert (cfg["initial_runs"], cfg["initial_episodes"], cfg["env"]["num_envs"]) == (1, 4, 4)  # flags
     assert cfg["data"]["pairs"] == ["BTC/USDT"] and cfg["checkpoint_every"] == quick_test_preset()["checkpoint_every"]
     assert [r["seed"] for r in summary["initial_runs"]] == [42] and summary["retraining_iterations"] == []
-    assert summary["final_model_path"] == summary["initial_runs"][0]["model_path"]
+    assert summary["final_model_key"] == summary["initial_runs"][0]["model_path"]
+    assert summary["final_model_path"] == str(out / summary["final_model_key"])  # usable from anywhere
 
 
 # ------------------------------------------------------------------------------ preflight
 
 
 def preflight_rows(stderr: str) -> dict[str, tuple[str, str]]:
+    """The preflight table: `preflight_check` JSON events (stderr is not a terminal here, so the command
+    logs JSON and every line of it is JSON), or the printed table."""
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    checks = {e["check"]: (e["status"], e["detail"]) for e in events if e.get("event") == "preflight_check"}
+    if checks:
+        assert non_json_lines(stderr) == []
+        return checks
     lines = stderr.splitlines()
     start = lines.index("preflight") + 1
     rows = {}
@@ -209,3 +225,66 @@ def test_preflight_fails_with_a_table_and_exit_2(tmp_path):
     lines = error_lines(got.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: preflight failed: device:")
     assert not (tmp_path / "out").exists()
+
+
+def test_train_preflight_failure_is_one_line_and_the_table_only_with_verbose(tmp_path):
+    base = ["train", "--pairs", "BTC/USDT", "--device", "cuda", "--output", str(tmp_path / "out")]
+    cases = {"console": base + ["--log-format", "console"], "json": base + ["--log-format", "json"],
+             "verbose": base + ["--log-format", "console", "--verbose"]}
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        got = dict(zip(cases, pool.map(lambda args: run_cli(args, timeout=120, env=NO_CUDA), cases.values())))
+    assert {name: g.returncode for name, g in got.items()} == {"console": 2, "json": 2, "verbose": 2}
+    # a terminal user: one error line and no table (the data check's own log events may come first)
+    [line] = error_lines(got["console"].stderr)
+    assert line.startswith("error: preflight failed: device:") and "--device cuda" in line
+    assert got["console"].stderr.splitlines()[-1] == line
+    assert "preflight" not in got["console"].stderr.splitlines() and " FAIL " not in got["console"].stderr
+    # JSON mode: every line JSON, the failure one event, no table
+    assert non_json_lines(got["json"].stderr) == []
+    events = [json.loads(line) for line in got["json"].stderr.splitlines()]
+    assert [e["event"] for e in events if e["level"] == "error"] == ["failed"] and events[-1]["exit_code"] == 2
+    assert "preflight_check" not in {e["event"] for e in events}
+    # --verbose: the table first, then the one error line
+    lines = got["verbose"].stderr.splitlines()
+    table = lines.index("preflight")
+    assert lines[table + 3].split()[:2] == ["device", "FAIL"]  # python, torch, device, ...
+    assert error_lines(got["verbose"].stderr) == [line] and lines[-1] == line
+    assert not (tmp_path / "out").exists()
+
+
+BENCH_BAD = [
+    (["bench", "env", "--batch-size", "0"], "--batch-size: 0"),
+    (["bench", "env", "--batch-size", "-1"], "--batch-size: -1"),
+    (["bench", "env", "--batch-size", "100000000000"], "--batch-size: 100000000000"),
+    (["bench", "train", "--batch-size", "0"], "--batch-size: 0"),
+    (["bench", "env", "--steps", "0"], "--steps: 0"),
+    (["bench", "train", "--steps", "-5"], "--steps: -5"),
+    (["worker", "train", "--episodes", "99999999999", "--out", "/nonexistent/x"], "--episodes: 99999999999"),
+]
+
+
+def test_bench_and_worker_counts_out_of_bounds_exit_2_with_one_line():
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda case: run_cli(case[0] + (["--log-format", "console"]
+                                                                  if case[0][0] == "worker" else []),
+                                                     timeout=120, env={"NEXLIFY_LOG_FORMAT": "console"}),
+                                BENCH_BAD))
+    for (args, named), got in zip(BENCH_BAD, results):
+        assert got.returncode == 2, (args, got.stderr[-2000:])
+        [line] = got.stderr.splitlines()
+        assert line.startswith(f"error: {named} is out of range; accepted: an integer in ["), line
+        assert got.stdout == ""
+
+
+def test_an_oserror_reaching_main_is_one_line(monkeypatch, capsys):
+    import errno
+
+    import controller.cli as cli
+
+    def full_disk(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/model.pt")
+
+    monkeypatch.setattr(cli, "cmd_config_schema", full_disk)
+    assert cli.main(["config", "schema"]) == 1
+    err = capsys.readouterr().err
+    assert non_json_lines(err) == [] and error_lines(err) == ["error: No space left on device: /data/out/model.pt"]

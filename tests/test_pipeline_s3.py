@@ -12,6 +12,7 @@ import pytest
 from tests.pipeline_support import (
     Reference,
     comparable,
+    error_lines,
     finish,
     folder_tree,
     log_events,
@@ -83,7 +84,7 @@ def test_s3_pipeline_killed_and_resumed_equals_the_local_run(seaweed, s3_env, re
     expected = read_json(reference / "complete_training_summary.json")
     assert comparable(summary) == comparable(expected)
     assert summary["config"]["output"] == output
-    assert summary["final_model_url"] == f"{output}/{summary['final_model_path']}"
+    assert summary["final_model_url"] == summary["final_model_path"] == f"{output}/{summary['final_model_key']}"
 
     # the same files as the local run, models and data snapshot bit for bit
     local = folder_tree(reference)
@@ -95,6 +96,14 @@ def test_s3_pipeline_killed_and_resumed_equals_the_local_run(seaweed, s3_env, re
         assert sha256(bucket.read(f["key"])) == f["sha256"]
     events = [e["event"] for e in log_events_from_bytes(bucket.read("training.log"), tmp_path)]
     assert events.count("pipeline_complete") == 1 and events.count("pipeline_resumed") == 1
+
+    # the summary's final_model_path is usable as it stands: evaluate reads the model from the bucket
+    got = run_cli(["evaluate", "--model", summary["final_model_path"], "--json"], cwd=str(tmp_path), timeout=180)
+    assert got.returncode == 0, got.stderr[-3000:]
+    local_eval = run_cli(["evaluate", "--model", str(reference / summary["final_model_key"]), "--json"], timeout=180)
+    from_bucket, from_folder = json.loads(got.stdout), json.loads(local_eval.stdout)
+    from_bucket.pop("model"), from_folder.pop("model")  # where it was read from
+    assert from_bucket == from_folder  # the same model, bit for bit
 
 
 def log_events_from_bytes(blob: bytes, tmp_path: Path) -> list[dict]:
@@ -111,6 +120,6 @@ def test_bad_input_writes_nothing_under_the_bucket_prefix(seaweed, s3_env, bad, 
     bucket = Bucket(seaweed, f"{s3_env}/out")
     got = run_cli(["train", "--output", f"s3://{seaweed.bucket}/{s3_env}/out", *bad], timeout=120)
     assert got.returncode == 2
-    errors = [line for line in got.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(got.stderr)
     assert len(errors) == 1 and named in errors[0]
     assert bucket.keys() == []

@@ -35,8 +35,9 @@ from controller.executors.backoff import Backoff
 from controller.executors.base import RunOutcome, RunSpec
 from controller.executors.kubernetes_client import (KubeApi, WatchBroken, WatchExpired, is_transient, permanent,
                                                     retry_after)
-from controller.executors.kubernetes_manifest import (CONTAINER, LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_RUN,
-                                                      MANAGED_BY, check_name_prefix, job_manifest, job_name,
+from controller.executors.kubernetes_manifest import (ANNOTATION_CONFIG_HASH, ANNOTATION_OUTPUT, CONTAINER,
+                                                      LABEL_MANAGED_BY, LABEL_PIPELINE, LABEL_RUN, MANAGED_BY,
+                                                      check_name_prefix, job_manifest, job_name,
                                                       kubectl_logs_command, label_selector, label_value,
                                                       owner_reference)
 from controller.executors.kubernetes_status import (FailureReport, PodProblem, describe_failure, job_state,
@@ -81,12 +82,13 @@ class _JobView:
 
 
 class KubernetesExecutor:
-    def __init__(self, cfg: KubernetesConfig, *, pipeline_id: str, api: KubeApi | None = None,
+    def __init__(self, cfg: KubernetesConfig, *, pipeline_id: str, config_hash: str = "", api: KubeApi | None = None,
                  backoff: Callable[[], Backoff] = Backoff, watch_timeout_s: int = 300, pod_check_s: float = 30.0,
                  log_tail_lines: int = 20) -> None:
         check_name_prefix(cfg.name)
         self.cfg = cfg
         self.pipeline_id = pipeline_id
+        self.config_hash = config_hash
         self.new_backoff = backoff
         self.watch_timeout_s = max(1, int(watch_timeout_s))
         self.pod_check_s = pod_check_s
@@ -108,7 +110,8 @@ class KubernetesExecutor:
         for _ in range(3):  # get, create; a Job deleted between a 409 and the next get goes round again
             existing = self._existing(name)
             if existing is None:
-                created = self.api.create_job(job_manifest(spec, self.cfg, self.pipeline_id, owner=self._owner_ref()))
+                created = self.api.create_job(job_manifest(spec, self.cfg, self.pipeline_id, owner=self._owner_ref(),
+                                                          config_hash=self.config_hash))
                 if created is not None:
                     log.info("job_created", **fields)
                     return handle
@@ -148,6 +151,17 @@ class KubernetesExecutor:
             name = job["metadata"]["name"]
             raise PermanentError(f"Job {name} in namespace {self.cfg.namespace} exists but is not this run's "
                                  f"(labels {wrong}, expected {expected}): delete it or choose another --name")
+        # The name already covers the output and the config; the annotations say it in full, so a Job of
+        # another pipeline (another output, another config) is never adopted, even on a hash collision.
+        annotations = job["metadata"].get("annotations") or {}
+        name = job["metadata"]["name"]
+        theirs = (annotations.get(ANNOTATION_OUTPUT), annotations.get(ANNOTATION_CONFIG_HASH))
+        ours = (spec.output_url, self.config_hash or annotations.get(ANNOTATION_CONFIG_HASH))
+        if theirs != ours:
+            raise PermanentError(
+                f"Job {name} in namespace {self.cfg.namespace} belongs to another pipeline (output {theirs[0]}, "
+                f"config hash {theirs[1]}; this run: output {ours[0]}, config hash {ours[1]}): it is not adopted; "
+                f"delete it (kubectl delete job {name} -n {self.cfg.namespace}) or choose another --name")
 
     def _owner_ref(self) -> dict[str, Any] | None:
         """ownerReference to the controller's own Job, resolved once.

@@ -11,6 +11,7 @@ itself, so the name stays a DNS-1123 label (at most 63 characters) and different
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from typing import Any
@@ -25,7 +26,6 @@ CONTAINER = "worker"
 WORKER_COMMAND = ["nexlify"]
 SCRATCH_VOLUME = "tmp"
 SCRATCH_PATH = "/tmp"
-RUN_AS = 10001  # uid and gid of the worker; the image gives it no home, HOME points at the scratch volume
 TERMINATION_GRACE_SECONDS = 120  # SIGTERM -> the worker saves its resume checkpoint and exits 143
 EXIT_INVALID_INPUT = 2  # the worker's exit code for bad input: fail the Job at once, no retry
 EXIT_NON_FINITE = 3  # a non-finite reward, observation, loss or weight: runs are deterministic, a retry meets it again
@@ -37,8 +37,12 @@ LABEL_PHASE = "nexlify.io/phase"
 LABEL_RUN = "nexlify.io/run"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+ANNOTATION_OUTPUT = "nexlify.io/output"  # the run's output URL (under its pipeline's output)
+ANNOTATION_CONFIG_HASH = "nexlify.io/config-hash"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE = "nvidia.com/gpu"
+# A resource name: an optional DNS-subdomain prefix and a name (apimachinery's qualified name).
+_RESOURCE_NAME = re.compile(r"([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LABEL_VALUE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
@@ -125,6 +129,21 @@ def _resources(cfg: KubernetesConfig) -> dict[str, dict[str, str]]:
         limits["memory"] = _quantity(cfg.memory_limit, "--memory-limit")
     if cfg.gpus > 0:
         limits[GPU_RESOURCE] = str(cfg.gpus)  # extended resources: the request defaults to the limit
+    extra = cfg.resources or {}
+    unknown = set(extra) - {"requests", "limits"}
+    if unknown or not all(isinstance(v, dict) for v in extra.values()):
+        raise InputError(f"kubernetes.resources {extra!r}: accepted: a mapping with requests and/or limits, each "
+                         "a mapping of resource name to quantity")
+    for kind, target in (("requests", requests), ("limits", limits)):
+        for name, value in (extra.get(kind) or {}).items():
+            if not _RESOURCE_NAME.fullmatch(str(name)):
+                raise InputError(f"kubernetes.resources.{kind}: {name!r} is not a resource name; accepted: names "
+                                 "such as cpu, memory, ephemeral-storage, nvidia.com/gpu, amd.com/gpu, "
+                                 "nvidia.com/mig-1g.10gb")
+            if value in ("", None):
+                target.pop(str(name), None)
+            else:
+                target[str(name)] = _quantity(str(value), f"kubernetes.resources.{kind}.{name}")
     out: dict[str, dict[str, str]] = {}
     if requests:
         out["requests"] = requests
@@ -174,25 +193,14 @@ def _pod_spec(spec: RunSpec, cfg: KubernetesConfig) -> dict[str, Any]:
         "env": _env(cfg),
         **({"envFrom": _env_from(cfg)} if cfg.s3_secret else {}),
         "resources": _resources(cfg),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": copy.deepcopy(cfg.container_security_context),
         "volumeMounts": [{"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH}],
     }
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,  # workers read and write the bucket only
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": copy.deepcopy(cfg.pod_security_context),
         "containers": [container],
         "volumes": [{"name": SCRATCH_VOLUME, "emptyDir": {}}],
     }
@@ -209,8 +217,16 @@ def _pod_spec(spec: RunSpec, cfg: KubernetesConfig) -> dict[str, Any]:
     return pod
 
 
+def _pod_metadata(cfg: KubernetesConfig, labels: dict[str, str]) -> dict[str, Any]:
+    """The run pod's labels (the user's, then ours: the controller selects pods by ours) and annotations."""
+    metadata: dict[str, Any] = {"labels": {**{str(k): str(v) for k, v in cfg.pod_labels.items()}, **labels}}
+    if cfg.pod_annotations:
+        metadata["annotations"] = {str(k): str(v) for k, v in cfg.pod_annotations.items()}
+    return metadata
+
+
 def job_manifest(spec: RunSpec, cfg: KubernetesConfig, pipeline_id: str,
-                 owner: dict[str, Any] | None = None) -> dict[str, Any]:
+                 owner: dict[str, Any] | None = None, config_hash: str = "") -> dict[str, Any]:
     """The batch/v1 Job of one run. `owner`: an ownerReference (see `owner_reference`) or None."""
     name = job_name(cfg.name, pipeline_id, spec.run_key)
     labels = run_labels(spec, cfg, pipeline_id)
@@ -221,7 +237,9 @@ def job_manifest(spec: RunSpec, cfg: KubernetesConfig, pipeline_id: str,
         "name": name,
         "namespace": cfg.namespace,
         "labels": job_labels,
-        "annotations": {"nexlify.io/seed": str(spec.seed), "nexlify.io/output": spec.output_url},
+        # what adoption checks: a restarted controller adopts only a Job of its own output and config
+        "annotations": {"nexlify.io/seed": str(spec.seed), ANNOTATION_OUTPUT: spec.output_url,
+                        ANNOTATION_CONFIG_HASH: config_hash},
     }
     if owner is not None:
         metadata["ownerReferences"] = [owner]
@@ -231,7 +249,7 @@ def job_manifest(spec: RunSpec, cfg: KubernetesConfig, pipeline_id: str,
         "ttlSecondsAfterFinished": cfg.ttl_seconds_after_finished,
         "podReplacementPolicy": "Failed",  # never two workers writing the same run at once
         "podFailurePolicy": _pod_failure_policy(),
-        "template": {"metadata": {"labels": labels}, "spec": _pod_spec(spec, cfg)},
+        "template": {"metadata": _pod_metadata(cfg, labels), "spec": _pod_spec(spec, cfg)},
     }
     if cfg.kueue_queue:
         job_spec["suspend"] = True  # Kueue admits (unsuspends) the Job when its queue has quota

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from controller.executors.base import RunOutcome, RunSpec
 log = structlog.get_logger("nexlify.executor.local")
 
 PR_SET_PDEATHSIG = 1
+_TRACEBACK_LAST = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
 STOP_GRACE_S = 60.0  # how long close() lets workers save their resume checkpoint after SIGTERM
 
 
@@ -68,6 +70,7 @@ class _Run:
     relay: threading.Thread | None = None
     tail: list[str] = field(default_factory=list)
     bar: object | None = None
+    cause: str | None = None  # the worker's own one-line error (its `failed` event), when it gave one
 
 
 class LocalExecutor:
@@ -149,8 +152,12 @@ class LocalExecutor:
                 event = json.loads(line)
             except ValueError:
                 log.info("worker_output", run=run.spec.run_key, line=line)
+                if _TRACEBACK_LAST.match(line):  # the last line of an unexpected traceback names the exception
+                    run.cause = line
                 continue
             name = event.pop("event", "worker_event")
+            if name == "failed" and event.get("error"):
+                run.cause = str(event["error"])
             if name == "training_progress":
                 if run.bar is not None:
                     run.bar.n = event.get("percent", 0)
@@ -184,5 +191,7 @@ class LocalExecutor:
         reason = {2: "invalid input", 3: "a non-finite value (its result.json says which)",
                   143: "terminated (SIGTERM)", -15: "terminated (SIGTERM)",
                   -9: "killed (SIGKILL, out of memory?)"}.get(code, f"exit code {code}")
+        if run.cause:  # what the worker said went wrong (a full disk, a missing --init-from), not just its code
+            reason = f"{run.cause} ({reason})"
         return RunOutcome(run.spec.run_key, False, reason=f"worker failed: {reason}",
                           details={"exit_code": code, "log_tail": run.tail[-10:]})

@@ -78,12 +78,35 @@ def candle_filename(exchange: str, pair: str, timeframe: str) -> str:
     return f"{_check_exchange(exchange)}_{base}-{quote}_{timeframe}{CANDLE_SUFFIX}"
 
 
+# A --data-dir may hold each series in any of these forms (looked for in this order): gzip CSV (what
+# `nexlify data fetch` and the pipeline's snapshot write), plain CSV, or Parquet with the same columns.
+# Parquet is read by pandas with the optional extra `nexlify-train[parquet]` (fastparquet, small; pyarrow
+# works too when it is installed).
+CANDLE_SUFFIXES = (".csv.gz", ".csv", ".parquet")
+
+
+def find_candle_file(folder: Path, exchange: str, pair: str, timeframe: str) -> Path | None:
+    """The file of one series in `folder`, in the first accepted format present, or None."""
+    stem = candle_filename(exchange, pair, timeframe)[: -len(CANDLE_SUFFIX)]
+    for suffix in CANDLE_SUFFIXES:
+        path = Path(folder) / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def accepted_names(exchange: str, pair: str, timeframe: str) -> str:
+    stem = candle_filename(exchange, pair, timeframe)[: -len(CANDLE_SUFFIX)]
+    return " or ".join(f"{stem}{suffix}" for suffix in CANDLE_SUFFIXES)
+
+
 def _present_files(folder: Path) -> str:
     """A short phrase listing the candle files in a folder, for error messages."""
     if not folder.is_dir():
         return f"folder {folder} does not exist"
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith((".csv.gz", ".csv")))
-    return "present: " + (", ".join(names) if names else "no candle files")
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(CANDLE_SUFFIXES))
+    return "present: " + (", ".join(names) if names else "no candle files") + \
+        " (accepted formats: " + ", ".join(CANDLE_SUFFIXES) + ")"
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,14 +133,38 @@ def read_candles(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"candle file {path} not found; {_present_files(path.parent)}")
+    if path.name.endswith(".parquet"):
+        frame = _read_parquet(path)
+    else:
+        frame = _read_csv(path)
+    return _typed_candles(frame, path)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
     try:
-        frame = pd.read_csv(path, compression="gzip" if path.name.endswith(".gz") else None)
+        return pd.read_parquet(path)
+    except ImportError:
+        raise InputError(f"candle file {path} is Parquet, which needs the optional extra: pip install "
+                         "'nexlify-train[parquet]' (or convert it to .csv / .csv.gz)") from None
+    except Exception as exc:  # noqa: BLE001 - the engines raise their own types for a damaged file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"candle file {path} is not a readable Parquet file ({reason}); expected the columns "
+                         f"{HEADER}") from None
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, compression="gzip" if path.name.endswith(".gz") else None)
     except pd.errors.EmptyDataError:
         raise InputError(f"candle file {path} is empty; expected the header {HEADER}") from None
     except (pd.errors.ParserError, OSError, EOFError, UnicodeDecodeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"candle file {path} is not a readable gzip CSV ({reason}); "
+        kind = "gzip CSV" if path.name.endswith(".gz") else "CSV"
+        raise InputError(f"candle file {path} is not a readable {kind} ({reason}); "
                          f"expected the header {HEADER}") from None
+
+
+def _typed_candles(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
     columns = [str(c) for c in frame.columns]
     missing = [c for c in COLUMNS if c not in columns]
     extra = [c for c in columns if c not in COLUMNS]
@@ -492,10 +539,10 @@ def load_market(
     frames: dict[str, pd.DataFrame] = {}
     sources: dict[str, dict] = {}
     for pair in names:
-        path = folder / candle_filename(exchange, pair, timeframe)
-        if not path.is_file():
+        path = find_candle_file(folder, exchange, pair, timeframe)
+        if path is None:
             raise InputError(f"no candles for {pair} on {exchange} {timeframe} in {folder} "
-                             f"(expected {path.name}); {_present_files(folder)}")
+                             f"(expected {accepted_names(exchange, pair, timeframe)}); {_present_files(folder)}")
         raw = read_candles(path)
         validate_candles(raw, str(path), tf_ms)
         filled, file_gaps = fill_gaps(raw, tf_ms)

@@ -13,6 +13,8 @@ or the request (ccxt.BadSymbol, ccxt.ExchangeError) is an InputError naming the 
 
 from __future__ import annotations
 
+import os
+
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -216,6 +218,21 @@ def fetch_candles(
     return path
 
 
+def check_cache_dir(cache_dir: str | Path) -> Path:
+    """The cache folder exists and is writable, or can be created: InputError naming it otherwise (a file
+    where the folder or one of its parents should be, no permission). Creates nothing."""
+    folder = Path(cache_dir).expanduser().absolute()
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == folder else f"cannot be created: {probe} is a file"
+        raise InputError(f"--cache-dir {cache_dir} {where}; accepted: a folder (existing or creatable)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--cache-dir {cache_dir}: {probe} is not writable; accepted: a folder you may write to")
+    return folder
+
+
 def fetch_many(
     exchange: str,
     pairs: list[str],
@@ -235,6 +252,7 @@ def fetch_many(
     names = [normalize_pair(p) for p in pairs]
     if not names:
         raise InputError("no pairs to fetch; accepted: one or more pairs such as BTC/USDT")
+    check_cache_dir(cache_dir)  # before any download: a bad folder must not cost a fetch
     client = make_client(exchange) if client is None else client
     if until is None:
         tf_ms = timeframe_ms(timeframe)

@@ -21,7 +21,7 @@ import numpy as np
 import structlog
 
 from nexlify.data.candles import (
-    MarketData, bundled_dir, candle_filename, parse_pair, read_candles, sha256_file, validate_candles,
+    MarketData, bundled_dir, candle_filename, find_candle_file, parse_pair, read_candles, sha256_file, validate_candles,
 )
 from nexlify.data.timeframes import timeframe_ms
 
@@ -80,7 +80,8 @@ def load_second_venue(market: MarketData, exchange: str, quote: str,
     for j, pair in enumerate(market.pairs):
         symbol = second_venue_pair(pair, quote)
         symbols.append(symbol)
-        path = folder / candle_filename(exchange, symbol, market.timeframe)
+        path = find_candle_file(folder, exchange, symbol, market.timeframe) or \
+            folder / candle_filename(exchange, symbol, market.timeframe)
         if not path.is_file():
             log.warning("second_venue_missing", exchange=exchange, pair=symbol, file=str(path),
                         effect="arbitrage masked for this pair")

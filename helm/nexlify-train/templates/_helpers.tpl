@@ -72,6 +72,12 @@ setting them under `pipeline`.
 */}}
 {{- define "nexlify-train.pipelineBody" -}}
 {{- $w := .Values.worker -}}
+{{- $req := $w.resources.requests | default dict -}}
+{{- $lim := $w.resources.limits | default dict -}}
+{{- /* cpu and memory go to their own settings; every other resource name travels in `resources` */ -}}
+{{- $extra := dict -}}
+{{- with omit $req "cpu" "memory" }}{{- $_ := set $extra "requests" . }}{{- end }}
+{{- with omit $lim "cpu" "memory" }}{{- $_ := set $extra "limits" . }}{{- end }}
 {{- $k8s := dict
   "namespace" .Release.Namespace
   "name" (include "nexlify-train.fullname" .)
@@ -81,10 +87,15 @@ setting them under `pipeline`.
   "s3_secret" .Values.storage.existingSecret
   "s3_endpoint" .Values.storage.endpoint
   "gpus" $w.gpus
-  "cpu_request" ($w.resources.requests.cpu | toString)
-  "memory_request" ($w.resources.requests.memory | toString)
-  "cpu_limit" ($w.resources.limits.cpu | toString)
-  "memory_limit" ($w.resources.limits.memory | toString)
+  "cpu_request" (get $req "cpu" | toString)
+  "memory_request" (get $req "memory" | toString)
+  "cpu_limit" (get $lim "cpu" | toString)
+  "memory_limit" (get $lim "memory" | toString)
+  "resources" $extra
+  "pod_security_context" $w.podSecurityContext
+  "container_security_context" $w.securityContext
+  "pod_annotations" $w.podAnnotations
+  "pod_labels" $w.podLabels
   "node_selector" $w.nodeSelector
   "tolerations" $w.tolerations
   "affinity" $w.affinity
@@ -266,6 +277,11 @@ spec:
 
 {{/* The controller Job's spec (shared by the Job and the CronJob's jobTemplate). */}}
 {{- define "nexlify-train.controllerJobSpec" -}}
+# One controller pod at a time, and a replacement only once the previous pod has ended: with the lease
+# in the output (pipeline.lease), a restarted pod of this Job takes the pipeline over, never two at once.
+parallelism: 1
+completions: 1
+podReplacementPolicy: Failed
 backoffLimit: {{ .Values.controller.backoffLimit }}
 {{- with .Values.controller.activeDeadlineSeconds }}
 activeDeadlineSeconds: {{ . }}
