@@ -127,7 +127,7 @@ def test_every_run_reports_the_baselines_and_the_summary_is_honest_about_the_sel
         metrics = e.get("val_metrics") or e["metrics"]
         assert (c["val_return"], c["val_sharpe"]) == (metrics["avg_return"], metrics["avg_sharpe"])
         assert c["val_score"] == e.get("val_score", e.get("score"))
-        assert c["selected"] == (e["model_path"] == summary["final_model_path"])
+        assert c["selected"] == (e["model_path"] == summary["final_model_key"])
     assert sum(c["selected"] for c in cands) == 1
 
     sel = summary["selection"]
