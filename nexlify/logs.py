@@ -25,24 +25,29 @@ def redact(_logger, _name, event: dict) -> dict:
 
 
 class _Tee:
-    """Writes each rendered line to the terminal stream and, when set, to a file."""
+    """Writes each rendered line to the terminal stream and, when set, to a file. The stream is looked up
+    at every write (sys.stderr unless one was given): a stream captured when logging was configured may
+    be closed since (a test's capture, a redirected stderr), and a log line must never raise."""
 
-    def __init__(self, stream: IO[str]) -> None:
+    def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream
         self.files: list[IO[str]] = []
 
+    def _out(self) -> IO[str]:
+        return self.stream if self.stream is not None and not self.stream.closed else sys.stderr
+
     def write(self, text: str) -> None:
-        self.stream.write(text)
+        self._out().write(text)
         for fh in self.files:
             fh.write(text)
 
     def flush(self) -> None:
-        self.stream.flush()
+        self._out().flush()
         for fh in self.files:
             fh.flush()
 
 
-_tee = _Tee(sys.stderr)
+_tee = _Tee()
 
 
 def use_json(fmt: str, stream: IO[str] | None = None) -> bool:
@@ -61,7 +66,7 @@ def json_mode() -> bool:
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     """fmt: auto (JSON unless stderr is a terminal) | console | json."""
     global _json_mode
-    _tee.stream = sys.stderr
+    _tee.stream = None  # sys.stderr, looked up at every write
     _json_mode = use_json(fmt)
     processors = [
         structlog.contextvars.merge_contextvars,

@@ -32,7 +32,7 @@ from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.strategies.params import ArbParams, LPParams, StrategyParams
 from nexlify.training import prepare_data, train_run
 from tests.helpers_market import actions, flat, make_market, one_torch_thread, quiet_risk, step_kernel  # noqa: F401
-from tests.pipeline_support import REPO, run_cli, train_args
+from tests.pipeline_support import REPO, error_lines, run_cli, train_args
 
 # =============================================================== the reproduction: random valid actions
 
@@ -280,7 +280,8 @@ def test_a_nan_reward_fails_the_pipeline_with_one_line_and_no_model(tmp_path):
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(hooks)]), "NEXLIFY_TEST_NAN_REWARD_AT": "5"}
     proc = run_cli(train_args(str(out)), env=env)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # each worker logs its own `failed` event (JSON mode: stderr is not a terminal); the pipeline's is one line
+    errors = [line for line in error_lines(proc.stderr) if line.startswith("error: runs failed")]
     assert len(errors) == 1
     line = errors[0]
     assert line.startswith("error: runs failed: init-1: non-finite reward[BTC/USDT] = nan at step 5 (seed 42, "
