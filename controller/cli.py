@@ -158,6 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         show_table(rows)
     if not ok:  # one line (the table only with --verbose or `nexlify preflight`)
         raise InputError(f"preflight failed: {first_error}")
+    as_json = logs.json_mode()  # in a cluster every line is JSON: the result too, as an event
     signal.signal(signal.SIGTERM, _raise_terminated)  # stop like Ctrl-C: workers save, training.log is published
     summary = run_pipeline(cfg, force=args.force)
     final = {k: summary[k] for k in ("stop_reason", "best_initial_score", "final_best_score", "total_improvement_pct",
@@ -168,7 +169,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                   "val_sharpe": chosen.get("val_sharpe"), "cash_plus_lending": chosen.get("cash_plus_lending"),
                   "deflated_sharpe": dsr.get("value"), "models_tried": chosen.get("models_tried"),
                   "beats_cash_plus_lending": chosen.get("beats_cash_plus_lending"), "verdict": chosen.get("verdict")})
-    print(json.dumps(final, indent=2))  # stdout stays one JSON object; the same in words on stderr
+    # stdout stays one JSON object (with JSON logs one line, an event: kubectl logs merges stdout and stderr);
+    # the same in words on stderr
+    print(json.dumps({"event": "pipeline_result", **final}) if as_json else json.dumps(final, indent=2))
     for line in selection_lines(summary):
         print(line, file=sys.stderr)
     return 0

@@ -324,11 +324,14 @@ class Pipeline:
                             f"initial_runs/run_{i}", None) for i in range(1, cfg.initial_runs + 1)]
         results = self._run_all(specs)
         for i, spec in enumerate(specs, start=1):
-            r = results[spec.run_key]
-            self.state["initial_runs"][str(i)] = _run_entry(i, spec, r, f"initial_runs/run_{i}")
-            log.info("run_finished", pipeline=self.pipeline_id, phase="initial", run=spec.run_key, seed=spec.seed,
-                     val_score=round(r["val_score"], 4), train_return=round(r["train_return"], 3))
+            self.state["initial_runs"][str(i)] = _run_entry(i, spec, results[spec.run_key], f"initial_runs/run_{i}")
         best_id = rules.select_best([(int(k), v["val_score"]) for k, v in self.state["initial_runs"].items()])
+        for i, spec in enumerate(specs, start=1):
+            e = self.state["initial_runs"][str(i)]
+            log.info("run_finished", pipeline=self.pipeline_id, phase="initial", run=spec.run_key, seed=spec.seed,
+                     val_return=round(e["val_metrics"]["avg_return"], 3), val_sharpe=round(e["val_metrics"]["avg_sharpe"], 3),
+                     val_score=round(e["val_score"], 4), train_return=round(e["train_return"], 3),
+                     decision="selected" if i == best_id else "not selected")
         best = self.state["initial_runs"][str(best_id)]
         self.state["timings"]["initial_s"] = self.state["timings"].get("initial_s", 0.0) + round(time.perf_counter() - t0, 3)
         self._transition("SELECTED", best={"score": best["val_score"], "model_key": best["model_key"],
@@ -371,9 +374,11 @@ class Pipeline:
             self.state["patience_count"] = decision.patience_count
             self.state["stop_reason"] = decision.stop_reason
             self._write_json(STATE_KEY, self.state)
-            log.info("iteration_finished", pipeline=self.pipeline_id, iteration=k, seed=seed, score=round(score, 4),
-                     improvement_pct=round(decision.improvement_pct, 3), new_best=decision.new_best,
-                     patience=decision.patience_count, decision=decision.stop_reason or "continue")
+            log.info("iteration_finished", pipeline=self.pipeline_id, iteration=k, seed=seed,
+                     val_return=round(entry["metrics"]["avg_return"], 3), val_sharpe=round(entry["metrics"]["avg_sharpe"], 3),
+                     score=round(score, 4), improvement_pct=round(decision.improvement_pct, 3), new_best=decision.new_best,
+                     patience=decision.patience_count, decision=rules.describe(decision, cfg.patience),
+                     stop_reason=decision.stop_reason)
         self.state["timings"]["retraining_s"] = self.state["timings"].get("retraining_s", 0.0) + round(time.perf_counter() - t0, 3)
 
     # --------------------------------------------------------------------------------------- summary

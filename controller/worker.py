@@ -31,6 +31,7 @@ from nexlify.configtools import apply_mapping, leaf_index, load_yaml, to_dict, v
 from nexlify.data.candles import candle_filename
 from nexlify.data.second_venue import second_venue_pair
 from nexlify.errors import InputError, NonFiniteError
+from nexlify.logs import BAR_FORMAT
 from nexlify.training import Preempted, prepare_data, resolve_device, train_run
 
 from controller.stores import StoreKeyMissing, open_store
@@ -317,28 +318,38 @@ def _plain(metrics: dict | None) -> dict | None:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; otherwise one log event per round or every 30 s, whichever is rarer."""
+    """A tqdm bar on a terminal (episodes done, ETA, the last round's mean episode return); otherwise a
+    `training_progress` event every NEXLIFY_PROGRESS_SECONDS with the same numbers (the local executor
+    draws its bar per run from them)."""
 
     def __init__(self, episodes: int) -> None:
         self.bar = None
+        self.episodes = episodes
+        self.last_return: float | None = None
         self.last = time.monotonic()
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=100, desc="training", unit="%", leave=False)
+            self.bar = tqdm(total=episodes, desc="training", unit="ep", leave=False, bar_format=BAR_FORMAT)
 
     def step(self, done: int, total: int) -> None:
+        episodes_done = round(self.episodes * done / max(total, 1), 1)
         if self.bar is not None:
-            self.bar.n = round(100.0 * done / max(total, 1), 1)
-            self.bar.refresh()
+            self.bar.update(max(0.0, episodes_done - self.bar.n))
         elif time.monotonic() - self.last >= PROGRESS_SECONDS:
             self.last = time.monotonic()
-            log.info("training_progress", percent=round(100.0 * done / max(total, 1), 1))
+            log.info("training_progress", percent=round(100.0 * done / max(total, 1), 1),
+                     episodes_done=episodes_done, episodes=self.episodes, last_return=self.last_return)
 
     def round(self, info: dict) -> None:
+        self.last_return = round(info["mean_return"], 3)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"last return {self.last_return:+.2f} %", refresh=False)
+            self.bar.update(max(0.0, info["episodes_done"] - self.bar.n))
         log.info("episodes_finished", episode=info["episodes_done"], round=info["round"], rounds=info["rounds"],
                  epsilon=round(info["epsilon"], 3), mean_return=round(info["mean_return"], 3))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
