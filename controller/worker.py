@@ -32,6 +32,7 @@ from nexlify.data.candles import candle_filename
 from nexlify.data.second_venue import second_venue_pair
 from nexlify.errors import InputError, NonFiniteError
 from nexlify.logs import BAR_FORMAT
+from nexlify.tb import EVENTS_FILE, RunBoard
 from nexlify.training import Preempted, prepare_data, resolve_device, train_run
 
 from controller.stores import StoreKeyMissing, open_store
@@ -40,6 +41,7 @@ log = structlog.get_logger("nexlify.worker")
 
 RESULT = "result.json"
 RESUME = "resume.pt"
+TB_KEY = "tensorboard_events"  # the run's event file up to the resume point, in its resume checkpoint
 EXIT_PREEMPTED = 143
 PROGRESS_SECONDS = float(os.environ.get("NEXLIFY_PROGRESS_SECONDS", "30"))
 
@@ -194,17 +196,29 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                      init_from=init_from, train_bars=windows.train[1] - windows.train[0],
                      val_bars=windows.val[1] - windows.val[0])
             progress = _Progress(episodes)
+            # the run's TensorBoard curves: written here, uploaded into the run's folder with its checkpoints
+            board = RunBoard(os.path.join(tmp, "tensorboard"), _events_of(resume))
+
+            def with_events(state: dict) -> dict:
+                events = board.blob()
+                outputs.store.write_bytes(EVENTS_FILE, events)
+                return {**state, "run_identity": identity, TB_KEY: torch.frombuffer(bytearray(events), dtype=torch.uint8)}
+
+            def on_round(info: dict) -> None:
+                progress.round(info)
+                board.round(info)
+
             try:
                 output = train_run(
                     cfg, market, windows, seed=seed, episodes=episodes, init=init, resume=resume,
                     checkpoint_every=checkpoint_every,
-                    on_checkpoint=lambda state: (outputs.save_torch(RESUME, {**state, "run_identity": identity}),
+                    on_checkpoint=lambda state: (outputs.save_torch(RESUME, with_events(state)),
                                                  log.info("checkpoint_saved", episodes_done=state["episodes_done"])),
-                    on_round=progress.round, on_step=progress.step, should_stop=lambda: stop["requested"],
+                    on_round=on_round, on_step=progress.step, should_stop=lambda: stop["requested"],
                 )
             except Preempted as exc:
                 if exc.state is not None:
-                    outputs.save_torch(RESUME, {**exc.state, "run_identity": identity})
+                    outputs.save_torch(RESUME, with_events(exc.state))
                 log.warning("run_preempted", saved=exc.state is not None,
                             episodes_done=exc.state["episodes_done"] if exc.state else 0)
                 return EXIT_PREEMPTED
@@ -222,6 +236,10 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
             )
             model_name = checkpoint.checkpoint_name(output.val_metrics["avg_return"])
             outputs.save_torch(model_name, ckpt)
+            board.metrics("val", output.val_metrics, output.episodes_trained)
+            board.metrics("test", output.test_metrics, output.episodes_trained)
+            board.close()
+            outputs.store.write_bytes(EVENTS_FILE, board.blob())
             val = output.val_metrics
             result = {
                 "status": "succeeded",
@@ -301,6 +319,12 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def _events_of(resume: dict | None) -> bytes | None:
+    if resume is None or TB_KEY not in resume:
+        return None
+    return resume[TB_KEY].cpu().numpy().tobytes()
 
 
 def _resume_identity(cfg: TrainConfig, seed: int, episodes: int) -> dict:
