@@ -5,6 +5,7 @@
     nexlify backtest --walk-forward ...  folds: the pipeline on the past only, tested on the window after
     nexlify worker train ...     one training run (what the pipeline starts locally or in a pod)
     nexlify evaluate|data|bench  the trainer's own commands (nexlify.cli)
+    nexlify report OUTPUT        (re)build report.html of a finished pipeline (a folder or s3://)
     nexlify config schema        the JSON schema of the pipeline config (used by the Helm chart)
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted, before anything
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     wt.set_defaults(handler=cmd_worker_train)
 
     add_backtest_parser(sub, _add_pipeline_args)
+
+    rep = sub.add_parser("report", help="(re)build report.html of a finished pipeline's output")
+    rep.add_argument("output", help="the pipeline's output folder or s3://bucket/prefix")
+    rep.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+    rep.set_defaults(handler=cmd_report)
 
     cfg = sub.add_parser("config", help="inspect the configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
@@ -195,6 +201,14 @@ def cmd_worker_train(args: argparse.Namespace) -> int:
     return run_worker(run_key=args.run_key, seed=args.seed, episodes=args.episodes, out_url=args.out,
                       config_url=args.config, overrides=flags_to_mapping(args, TrainConfig),
                       data_url=args.data_snapshot, init_from=args.init_from, checkpoint_every=args.checkpoint_every)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from controller.report import write_report
+    from controller.stores import open_store
+
+    print(write_report(open_store(args.output)))
+    return 0
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:

@@ -298,6 +298,7 @@ class Pipeline:
         summary = self._summary()
         self._transition("DONE", stop_reason=self.state["stop_reason"])
         self._write_json(SUMMARY_KEY, summary)
+        self._write_report()
         log.info("pipeline_complete", pipeline=self.pipeline_id, stop_reason=self.state["stop_reason"],
                  best_initial_score=summary["best_initial_score"], final_best_score=summary["final_best_score"],
                  total_improvement_pct=summary["total_improvement_pct"], final_model=summary["final_model_path"],
@@ -313,6 +314,19 @@ class Pipeline:
         keys += [e["model_path"] for e in summary.get("initial_runs", []) + summary.get("retraining_iterations", [])]
         keys += [f["key"] for f in (summary.get("data") or {}).get("files", [])]
         return [self.store.url(k) for k in dict.fromkeys(keys) if k and not self.store.exists(k)]
+
+    def _write_report(self) -> None:
+        """report.html after the summary. A report that cannot be drawn costs the page, never the trained
+        models: it is logged as an error and `nexlify report OUTPUT` draws it again."""
+        from controller.report import write_report
+
+        t0 = time.perf_counter()
+        try:
+            url = write_report(self.store)
+        except Exception as exc:  # noqa: BLE001 - the summary is written; say what failed and go on
+            log.error("report_failed", pipeline=self.pipeline_id, error=f"{type(exc).__name__}: {exc}")
+            return
+        log.info("report_written", pipeline=self.pipeline_id, url=url, seconds=round(time.perf_counter() - t0, 1))
 
     def _initial_phase(self) -> None:
         cfg = self.cfg
