@@ -36,3 +36,24 @@ def render(data: dict) -> str:
     from nexlify.report.page import render as render_page
 
     return render_page(data)
+
+
+def evaluation_page(path: str, result: dict, model: torch.nn.Module, tensors: MarketTensors, window: tuple[int, int],
+                    cfg: TrainConfig) -> None:
+    """`nexlify evaluate --report FILE.html`: the evaluation section for `result` (evaluate_checkpoint's) alone.
+    Baselines the evaluation reports per pair with their curves ({"baselines": {pair: {name: {"equity": ...}}}})
+    are drawn beside the agent."""
+    from nexlify.errors import InputError
+
+    extra = result.get("baselines")
+    extra = {"window": extra} if isinstance(extra, dict) and all(isinstance(v, dict) for v in extra.values()) else None
+    w = result["window"]
+    data = {"title": f"nexlify evaluation of {result['model']}",
+            "evaluation": evaluation(model, tensors, {"window": window}, cfg, extra,
+                                     title=f"{result['model']} on {w['start']} .. {w['end']}")}
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(render(data))
+    except OSError as exc:
+        raise InputError(f"--report {path}: cannot be written ({exc.strerror or exc}); accepted: a writable file "
+                         "path") from None

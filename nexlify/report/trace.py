@@ -110,7 +110,8 @@ def trace_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[in
             "trades": trades,
             "tear_sheet": tear_sheet(equity, stack["holding"][1:, i], per_pair[pair]["costs_paid"]),
         }
-    return {"start": times[1], "end": iso_utc(int(market.timestamps[i1 - 1])), "bars": i1 - i0,
+    bar_ms = int(market.timestamps[1] - market.timestamps[0])
+    return {"start": times[1], "end": iso_utc(int(market.timestamps[i1 - 1]) + bar_ms), "bars": i1 - i0,
             "metrics": metrics, "pairs": pairs}
 
 
