@@ -113,9 +113,10 @@ def window_figures(prefix: str, w: dict) -> dict[str, dict]:
         figs[f"{key}-price"] = _fig(price, f"{pair}: price with entries, exits, stops, targets and trailing stops")
         figs[f"{key}-pnl"] = _fig([go.Scatter(x=t, y=p["pnl"][s], name=s) for s in PNL_SOURCES],
                                   f"{pair}: PnL by source so far (quote currency)")
+        used = [s for s in EXPOSURES if any(p["exposure"][s])] or ["spot"]  # strategies never used are left out
         figs[f"{key}-exposure"] = _fig([go.Scatter(x=t, y=p["exposure"][s], name=s, stackgroup="exposure")
-                                        for s in EXPOSURES], f"{pair}: exposure per strategy (share of equity)",
-                                       yaxis=dict(tickformat=".0%"))
+                                        for s in used], f"{pair}: exposure per strategy (share of equity)",
+                                       yaxis=dict(tickformat=".1%"))
     return figs
 
 

@@ -24,8 +24,8 @@ from nexlify.env import risk
 from nexlify.env.batched import CLOSE, OPEN_LONG, PNL_SOURCES, BatchedTradingEnv
 from nexlify.env.market import MarketTensors
 from nexlify.features import WARMUP_BARS
-from nexlify.metrics import average_metrics, pair_metrics
-from nexlify.report.metrics import tear_sheet
+from nexlify.metrics import average_metrics, pair_metrics, sharpe_from_sums
+from nexlify.report.metrics import max_drawdown, tear_sheet
 from nexlify.strategies.params import StrategyParams
 
 EXPOSURES = ("spot", "staking", "lp", "lending", "arbitrage")
@@ -163,7 +163,11 @@ def buy_and_hold_curves(trace: dict, initial_equity: float) -> dict[str, dict]:
         first_open = p["first_open"]
         path = np.concatenate([[first_open], close[1:]])
         hold = initial_equity * path / path[0]
-        out[pair] = {"cash": {"equity": [initial_equity] * len(close), "total_return": 0.0},
-                     "buy_and_hold (no fees)": {"equity": hold.tolist(),
-                                                "total_return": float((path[-1] / path[0] - 1.0) * 100.0)}}
+        rets = path[1:] / path[:-1] - 1.0
+        out[pair] = {"cash": {"equity": [initial_equity] * len(close), "total_return": 0.0, "sharpe": 0.0,
+                              "max_drawdown": 0.0},
+                     "buy_and_hold (no fees)": {  # nexlify.evaluation.buy_and_hold's numbers, with the curve
+                         "equity": hold.tolist(), "total_return": float((path[-1] / path[0] - 1.0) * 100.0),
+                         "sharpe": sharpe_from_sums(float(rets.sum()), float((rets ** 2).sum()), len(rets)),
+                         "max_drawdown": max_drawdown(path) * 100.0}}
     return out
