@@ -37,6 +37,7 @@ log = structlog.get_logger("nexlify.pipeline")
 
 STATE_KEY = "pipeline_state.json"
 SUMMARY_KEY = "complete_training_summary.json"
+REPORT_KEY = "report.html"  # written after the summary (controller.report)
 CONFIG_KEY = "pipeline_config.json"
 DATA_PREFIX = "data"
 LAYOUT_PREFIXES = (f"{DATA_PREFIX}/", "initial_runs/", "retraining/")  # what a pipeline writes besides its files
@@ -119,6 +120,7 @@ class Pipeline:
         config's state and asks for --force again, so no run of the old config is ever adopted."""
         log.warning("pipeline_forced", pipeline=self.pipeline_id, previous_hash=previous_hash)
         self.store.delete(SUMMARY_KEY)
+        self.store.delete(REPORT_KEY)
         for prefix in LAYOUT_PREFIXES:
             for key in self.store.list(prefix):
                 self.store.delete(key)
@@ -342,8 +344,9 @@ class Pipeline:
         best_id = rules.select_best([(int(k), v["val_score"]) for k, v in self.state["initial_runs"].items()])
         for i, spec in enumerate(specs, start=1):
             e = self.state["initial_runs"][str(i)]
+            m = e["val_metrics"]
             log.info("run_finished", pipeline=self.pipeline_id, phase="initial", run=spec.run_key, seed=spec.seed,
-                     val_return=round(e["val_metrics"]["avg_return"], 3), val_sharpe=round(e["val_metrics"]["avg_sharpe"], 3),
+                     val_return=round(m["avg_return"], 3), val_sharpe=round(m["avg_sharpe"], 3),
                      val_score=round(e["val_score"], 4), train_return=round(e["train_return"], 3),
                      decision="selected" if i == best_id else "not selected")
         best = self.state["initial_runs"][str(best_id)]
@@ -388,9 +391,10 @@ class Pipeline:
             self.state["patience_count"] = decision.patience_count
             self.state["stop_reason"] = decision.stop_reason
             self._write_json(STATE_KEY, self.state)
+            m = entry["metrics"]
             log.info("iteration_finished", pipeline=self.pipeline_id, iteration=k, seed=seed,
-                     val_return=round(entry["metrics"]["avg_return"], 3), val_sharpe=round(entry["metrics"]["avg_sharpe"], 3),
-                     score=round(score, 4), improvement_pct=round(decision.improvement_pct, 3), new_best=decision.new_best,
+                     val_return=round(m["avg_return"], 3), val_sharpe=round(m["avg_sharpe"], 3), score=round(score, 4),
+                     improvement_pct=round(decision.improvement_pct, 3), new_best=decision.new_best,
                      patience=decision.patience_count, decision=rules.describe(decision, cfg.patience),
                      stop_reason=decision.stop_reason)
         self.state["timings"]["retraining_s"] = self.state["timings"].get("retraining_s", 0.0) + round(time.perf_counter() - t0, 3)

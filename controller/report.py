@@ -22,7 +22,7 @@ from nexlify.errors import InputError
 log = structlog.get_logger("nexlify.report")
 
 REPORT_KEY = "report.html"
-SUMMARY_KEY = "complete_training_summary.json"
+SUMMARY_KEY = "complete_training_summary.json"  # controller.pipeline's keys (it imports this module lazily)
 STATE_KEY = "pipeline_state.json"
 
 
@@ -51,17 +51,20 @@ def pipeline_data(summary: dict, state: dict | None) -> dict:
         count = recorded.get(k, {}).get("patience_count")
         decision = "new best" if it["new_best"] else (f"patience {count}/{cfg['patience']}" if count is not None
                                                       else "no improvement")
-        runs.append({"key": f"retrain-{k}", "phase": "retrain", "seed": it["seed"], "val_return": it["metrics"]["avg_return"],
-                     "val_sharpe": it["metrics"]["avg_sharpe"], "score": it["score"], "train_return": it["train_return"],
+        m = it["metrics"]
+        runs.append({"key": f"retrain-{k}", "phase": "retrain", "seed": it["seed"], "val_return": m["avg_return"],
+                     "val_sharpe": m["avg_sharpe"], "score": it["score"], "train_return": it["train_return"],
                      "model_path": it["model_path"], "folder": f"retraining/iteration_{k}",
                      "improvement_pct": it["improvement_pct"], "new_best": it["new_best"], "patience_count": count,
                      "decision": decision})
     winner = next(r for r in runs if r["model_path"] == summary["final_model_path"])
     return {
         "pipeline_id": summary["pipeline_id"], "stop_reason": summary["stop_reason"], "runs": runs,
-        "winner": {"key": winner["key"], "score": summary["final_best_score"], "model_path": summary["final_model_path"]},
+        "winner": {"key": winner["key"], "score": summary["final_best_score"],
+                   "model_path": summary["final_model_path"]},
         "best_initial_score": summary["best_initial_score"], "final_best_score": summary["final_best_score"],
-        "total_improvement_pct": summary["total_improvement_pct"], "final_test_metrics": summary.get("final_test_metrics"),
+        "total_improvement_pct": summary["total_improvement_pct"],
+        "final_test_metrics": summary.get("final_test_metrics"),
         "rule": {"improvement_threshold": cfg["improvement_threshold"], "patience": cfg["patience"],
                  "max_iterations": cfg["max_iterations"]},
         "data": summary["data"], "config": cfg,
@@ -112,7 +115,24 @@ def final_model_evaluation(store: Store, summary: dict) -> dict:
     named = {"validation": windows.val}
     if windows.test:
         named["test"] = windows.test
-    return evaluation(model, tensors, named, cfg, title="The final model on the validation and test windows")
+    return evaluation(model, tensors, named, cfg, reported_baselines(store, summary, list(tensors.pairs)),
+                      title="The final model on the validation and test windows")
+
+
+def reported_baselines(store: Store, summary: dict, pairs: list[str]) -> dict:
+    """Baselines the final model's run reported in its result.json, per window ({window: {pair: {name: ...}}}):
+    `baselines` inside its val_metrics / test_metrics, or a top-level {"val": ..., "test": ...}."""
+    from nexlify.report import per_pair_baselines
+
+    folder = summary["final_model_path"].rsplit("/", 1)[0]
+    result = _json(store, f"{folder}/result.json") or {}
+    top = result.get("baselines") if isinstance(result.get("baselines"), dict) else {}
+    out = {}
+    for window, key, short in (("validation", "val_metrics", "val"), ("test", "test_metrics", "test")):
+        found = (result.get(key) or {}).get("baselines") or top.get(short) or top.get(window)
+        if found:
+            out[window] = per_pair_baselines(found, pairs)
+    return out
 
 
 def build(store: Store) -> dict:

@@ -202,7 +202,8 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
             def with_events(state: dict) -> dict:
                 events = board.blob()
                 outputs.store.write_bytes(EVENTS_FILE, events)
-                return {**state, "run_identity": identity, TB_KEY: torch.frombuffer(bytearray(events), dtype=torch.uint8)}
+                carried = torch.frombuffer(bytearray(events), dtype=torch.uint8)
+                return {**state, "run_identity": identity, TB_KEY: carried}
 
             def on_round(info: dict) -> None:
                 progress.round(info)

@@ -21,6 +21,7 @@ import torch
 import nexlify
 from controller import rules
 from nexlify.data.candles import candle_filename
+from nexlify.tb import EVENTS_FILE
 from tests.pipeline_support import (
     Reference,
     comparable,
@@ -212,12 +213,14 @@ def test_output_layout(out, summary):
     for path in [r["model_path"] for r in summary["initial_runs"]] + \
             [it["model_path"] for it in summary["retraining_iterations"]] + [summary["final_model_key"]]:
         assert (out / path).is_file(), path
-    expected = {"complete_training_summary.json", "pipeline_state.json", "pipeline_config.json", "training.log"}
+    expected = {"complete_training_summary.json", "pipeline_state.json", "pipeline_config.json", "training.log",
+                "report.html"}
     expected |= set(expected_snapshot(summary["config"]))
-    expected |= {f"initial_runs/run_{i}/result.json" for i in (1, 2)}
+    expected |= {f"initial_runs/run_{i}/{name}" for i in (1, 2) for name in ("result.json", EVENTS_FILE)}
     expected |= {r["model_path"] for r in summary["initial_runs"]}
     for it in summary["retraining_iterations"]:
-        expected |= {f"retraining/iteration_{it['iteration']}/result.json", it["model_path"]}
+        folder = f"retraining/iteration_{it['iteration']}"
+        expected |= {f"{folder}/result.json", f"{folder}/{EVENTS_FILE}", it["model_path"]}
     assert names == expected  # nothing else: no resume.pt left behind, no temporary files
 
     assert read_json(out / "pipeline_state.json")["phase"] == "DONE"

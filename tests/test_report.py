@@ -181,3 +181,32 @@ def test_tear_sheet_formulas_by_hand():
     assert calmar(equity, 3) == pytest.approx(0.089 / 0.1)
     assert sortino(np.array([100.0, 101.0, 102.0]), 1) == 0.0  # no downside
     assert calmar(np.array([100.0, 101.0, 102.0]), 1) == 0.0  # no drawdown
+
+
+# ------------------------------------------------------------- baselines the evaluation reports
+
+
+def test_reported_baselines_are_drawn_per_pair():
+    from nexlify.env.batched import PNL_SOURCES
+    from nexlify.report import per_pair_baselines
+    from nexlify.report.page import window_figures
+    from nexlify.report.trace import EXPOSURES
+
+    reported = {
+        "flat": {"avg_return": 0.0, "avg_sharpe": 0.0, "avg_drawdown": 0.0},
+        "ma_crossover": {"avg_return": 1.5, "per_pair": {
+            "BTC/USDT": {"total_return": 2.0, "sharpe": 1.1, "max_drawdown": 3.0, "equity": [100.0, 101.0, 102.0]},
+            "ETH/USDT": {"total_return": 1.0, "sharpe": 0.5, "max_drawdown": 2.0}}},
+    }
+    got = per_pair_baselines(reported, ["BTC/USDT", "ETH/USDT"])
+    assert got["BTC/USDT"]["ma_crossover"] == reported["ma_crossover"]["per_pair"]["BTC/USDT"]
+    assert got["ETH/USDT"]["ma_crossover"]["total_return"] == 1.0 and "equity" not in got["ETH/USDT"]["ma_crossover"]
+    assert got["ETH/USDT"]["flat"] == {"avg_return": 0.0, "avg_sharpe": 0.0, "avg_drawdown": 0.0, "total_return": 0.0,
+                                       "sharpe": 0.0, "max_drawdown": 0.0}
+    times = ["2025-05-01T00:00:00Z", "2025-05-01T01:00:00Z", "2025-05-01T02:00:00Z"]
+    pair = {"time": times, "close": [10.0, 11.0, 12.0], "equity": [100.0, 100.5, 99.0], "drawdown": [0.0, 0.0, -1.49],
+            "position": [0, 1, 0], "trades": [], "pnl": {s: [0.0, 0.0, 0.0] for s in PNL_SOURCES},
+            "exposure": {s: [0.0, 0.05, 0.0] for s in EXPOSURES}}
+    figs = window_figures("w", {"pairs": {"BTC/USDT": pair}, "baselines": {"BTC/USDT": got["BTC/USDT"]}})
+    lines = {trace["name"]: list(trace["y"]) for trace in figs["w-btc-usdt-equity"]["data"]}
+    assert lines == {"agent": [100.0, 100.5, 99.0], "ma_crossover": [100.0, 101.0, 102.0]}  # flat has no curve

@@ -125,7 +125,8 @@ def loaded(tmp_path_factory):
         browser.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT_WIDTH, height=min(height, 16000),
                      deviceScaleFactor=1, mobile=False)
         time.sleep(1.0)  # plotly redraws responsive charts after the resize
-        shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"])
+        shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+        shot = base64.b64decode(shot)
         png = base / "report.png"
         png.write_bytes(shot)
         if os.environ.get("NEXLIFY_REPORT_SCREENSHOT"):

@@ -5,8 +5,9 @@ to the evaluation section's data; the pipeline's report (controller.report) and 
 
 Baselines: each window carries `baselines` as {pair: {name: {"equity": [per bar], "total_return": %,
 "sharpe": ..., ...}}}. Cash and buy-and-hold (no fees) are drawn from the trace's own prices; baselines
-the evaluation reports (`extra_baselines`, same shape, e.g. stepped through the environment) are added
-beside them and drawn the same way.
+the evaluation reports ({name: metrics}, turned into that shape by `per_pair_baselines`, e.g. stepped
+through the environment) are added beside them: their metrics in the table, their curves in the chart
+when they carry one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,30 @@ def render(data: dict) -> str:
     return render_page(data)
 
 
+def per_pair_baselines(baselines: dict | None, pairs: list[str]) -> dict[str, dict]:
+    """Baselines as an evaluation reports them, {name: metrics}, where metrics may hold a per-bar "equity"
+    curve and a "per_pair" table (each pair's metrics, with its own "equity" when recorded), turned into the
+    report's {pair: {name: metrics}}. A baseline without a per-pair table applies to every pair."""
+    out: dict[str, dict] = {pair: {} for pair in pairs}
+    for name, metrics in (baselines or {}).items():
+        if not isinstance(metrics, dict):
+            continue
+        table = metrics.get("per_pair")
+        for pair in pairs:
+            entry = table.get(pair) if isinstance(table, dict) else None
+            out[pair][name] = _plain_metrics(entry if isinstance(entry, dict) else metrics)
+    return {pair: table for pair, table in out.items() if table}
+
+
+def _plain_metrics(m: dict) -> dict:
+    """A pair's metrics under the report's names (total_return, sharpe, max_drawdown), averages accepted."""
+    out = {k: v for k, v in m.items() if k != "per_pair"}
+    for name, avg in (("total_return", "avg_return"), ("sharpe", "avg_sharpe"), ("max_drawdown", "avg_drawdown")):
+        if name not in out and avg in out:
+            out[name] = out[avg]
+    return out
+
+
 def evaluation_page(path: str, result: dict, model: torch.nn.Module, tensors: MarketTensors, window: tuple[int, int],
                     cfg: TrainConfig) -> None:
     """`nexlify evaluate --report FILE.html`: the evaluation section for `result` (evaluate_checkpoint's) alone.
@@ -45,8 +70,7 @@ def evaluation_page(path: str, result: dict, model: torch.nn.Module, tensors: Ma
     are drawn beside the agent."""
     from nexlify.errors import InputError
 
-    extra = result.get("baselines")
-    extra = {"window": extra} if isinstance(extra, dict) and all(isinstance(v, dict) for v in extra.values()) else None
+    extra = {"window": per_pair_baselines(result.get("baselines"), list(tensors.pairs))}
     w = result["window"]
     data = {"title": f"nexlify evaluation of {result['model']}",
             "evaluation": evaluation(model, tensors, {"window": window}, cfg, extra,

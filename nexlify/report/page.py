@@ -46,8 +46,8 @@ def pipeline_figures(p: dict) -> dict[str, dict]:
     names = [r["key"] for r in runs]
     colors = ["#2ca02c" if r["key"] == p["winner"]["key"] else "#1f77b4" for r in runs]
     figs = {
-        "runs-return": _fig([go.Bar(x=names, y=[r["val_return"] for r in runs], marker_color=colors, name="val return %")],
-                            "Validation return % per run (winner in green)"),
+        "runs-return": _fig([go.Bar(x=names, y=[r["val_return"] for r in runs], marker_color=colors,
+                                    name="val return %")], "Validation return % per run (winner in green)"),
         "runs-sharpe": _fig([go.Bar(x=names, y=[r["val_sharpe"] for r in runs], marker_color=colors, name="Sharpe")],
                             "Validation Sharpe per run"),
         "runs-score": _fig([go.Bar(x=names, y=[r["score"] for r in runs], marker_color=colors, name="score")],
@@ -65,7 +65,8 @@ def pipeline_figures(p: dict) -> dict[str, dict]:
                        y1=rule["improvement_threshold"], line=dict(color="#d62728", dash="dash")),
                   dict(type="line", xref="paper", x0=0, x1=1, y0=0, y1=0, line=dict(color="#333", width=1))]
         notes = [dict(xref="paper", x=1, y=rule["improvement_threshold"], xanchor="right", yanchor="bottom",
-                      showarrow=False, text=f"threshold {rule['improvement_threshold']:g} %", font=dict(color="#d62728")),
+                      showarrow=False, text=f"threshold {rule['improvement_threshold']:g} %",
+                      font=dict(color="#d62728")),
                  dict(xref="paper", x=0, y=1.0, yref="paper", xanchor="left", yanchor="bottom", showarrow=False,
                       text=f"patience {rule['patience']}, at most {rule['max_iterations']} iterations")]
         figs["stop-rule"] = _fig(data, f"Stopping rule: {p['stop_reason']}", shapes=shapes, annotations=notes,
@@ -132,16 +133,18 @@ def _window_section(name: str, prefix: str, w: dict) -> str:
                  _num(ts["fees_paid"]))
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     parts = [f'<h3>{html.escape(name)}: {html.escape(w["start"])} .. {html.escape(w["end"])} ({w["bars"]} bars)</h3>',
-             f'<p class="metrics">average return <b>{_num(m["avg_return"])} %</b>, Sharpe <b>{_num(m["avg_sharpe"])}</b>, '
+             f'<p class="metrics">average return <b>{_num(m["avg_return"])} %</b>, '
+             f'Sharpe <b>{_num(m["avg_sharpe"])}</b>, '
              f'max drawdown {_num(m["avg_drawdown"])} %, win rate {m["avg_win_rate"]:.1%}, score '
              f'<b>{_num(m["score"])}</b></p>', _table(head, rows, f"{prefix}-metrics")]
     baseline_rows = []
     for pair, table in (w.get("baselines") or {}).items():
         for bname, b in table.items():
             baseline_rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
-                pair, bname, _num(b.get("total_return")), _num(b.get("sharpe")), _num(b.get("max_drawdown")))) + "</tr>")
+                pair, bname, _num(b.get("total_return")), _num(b.get("sharpe")), _num(b.get("max_drawdown")),
+                "yes" if b.get("equity") else "")) + "</tr>")
     if baseline_rows:
-        parts.append(_table(("pair", "baseline", "return %", "Sharpe", "max drawdown %"), baseline_rows,
+        parts.append(_table(("pair", "baseline", "return %", "Sharpe", "max drawdown %", "curve drawn"), baseline_rows,
                             f"{prefix}-baselines"))
     for pair in w["pairs"]:
         key = f"{prefix}-{_slug(pair)}"
@@ -202,10 +205,10 @@ def render(data: dict) -> str:
 
 def _pipeline_section(p: dict) -> str:
     d = p["data"]
-    windows = "".join(f"<li>{k}: {html.escape(str(d[k]['start']))} .. {html.escape(str(d[k]['end']))} ({d[k]['bars']} bars)"
-                      "</li>" for k in ("train", "validation", "test") if d.get(k))
-    files = "".join(f"<tr><td>{html.escape(f['key'])}</td><td>{f['rows']}</td><td><code>{f['sha256']}</code></td></tr>"
-                    for f in d.get("files", []))
+    windows = "".join(f"<li>{k}: {html.escape(str(d[k]['start']))} .. {html.escape(str(d[k]['end']))} "
+                      f"({d[k]['bars']} bars)</li>" for k in ("train", "validation", "test") if d.get(k))
+    files = "".join(f"<tr><td>{html.escape(f['key'])}</td><td>{f['rows']}</td>"
+                    f"<td><code>{f['sha256']}</code></td></tr>" for f in d.get("files", []))
     config = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
                      for k, v in _flatten(p["config"]).items())
     w = p["winner"]
