@@ -299,6 +299,9 @@ def test_finished_pipeline_run_again_changes_nothing(out, summary, tmp_path):
     got = run_cli(train_args(str(copy)), timeout=120)
     assert got.returncode == 0, got.stderr
     assert json.loads(got.stdout)["final_best_score"] == summary["final_best_score"]
+    # --log-format json: every line is an event, the preflight and the printed result included
+    assert [json.loads(line)["event"] for line in got.stdout.splitlines()] == ["pipeline_result"]
+    assert "preflight" in [json.loads(line)["event"] for line in got.stderr.splitlines()]
     after = folder_tree(copy)
     before.pop("training.log"), after.pop("training.log")  # the log records this start too
     # the copy lives elsewhere: the workers' config names its new place, and nothing else changed
