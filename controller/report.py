@@ -115,24 +115,7 @@ def final_model_evaluation(store: Store, summary: dict) -> dict:
     named = {"validation": windows.val}
     if windows.test:
         named["test"] = windows.test
-    return evaluation(model, tensors, named, cfg, reported_baselines(store, summary, list(tensors.pairs)),
-                      title="The final model on the validation and test windows")
-
-
-def reported_baselines(store: Store, summary: dict, pairs: list[str]) -> dict:
-    """Baselines the final model's run reported in its result.json, per window ({window: {pair: {name: ...}}}):
-    `baselines` inside its val_metrics / test_metrics, or a top-level {"val": ..., "test": ...}."""
-    from nexlify.report import per_pair_baselines
-
-    folder = summary["final_model_path"].rsplit("/", 1)[0]
-    result = _json(store, f"{folder}/result.json") or {}
-    top = result.get("baselines") if isinstance(result.get("baselines"), dict) else {}
-    out = {}
-    for window, key, short in (("validation", "val_metrics", "val"), ("test", "test_metrics", "test")):
-        found = (result.get(key) or {}).get("baselines") or top.get(short) or top.get(window)
-        if found:
-            out[window] = per_pair_baselines(found, pairs)
-    return out
+    return evaluation(model, tensors, named, cfg, title="The final model on the validation and test windows")
 
 
 def build(store: Store) -> dict:

@@ -87,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         evaluation_page(args.report, report, *seen["args"])
         if not args.record:
-            report.pop("curves", None)  # drawn in the page; printed only when asked for
+            report.pop("curves", None)  # drawn in the page; printed with --record only
     print(json.dumps(report, indent=2) if args.json else render_table(report))
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nexlify.baselines import BASELINES
 from nexlify.report.metrics import annual_return, calmar, max_drawdown, sortino
 from nexlify.tb import EVENTS_FILE, read_scalars
 from tests.pipeline_support import Reference, read_json, run_cli
@@ -116,11 +117,31 @@ def test_the_trace_adds_up(data, summary, window):
         assert [x > 0 for x in p["exposure"]["spot"]] == [bool(x) for x in p["position"]]
         assert p["tear_sheet"]["exposure_share"] == pytest.approx(np.mean(p["position"][1:]))
         assert p["tear_sheet"]["fees_paid"] == m["costs_paid"] == pytest.approx(-p["pnl"]["fees_and_gas"][-1])
-        # buy-and-hold from the first fill's open to the last close, cash flat
+        # the evaluation's baselines with their curves: flat stays at E0, every curve ends at its return
         b = w["baselines"][pair]
-        assert b["cash"]["equity"] == [e0] * n
-        hold = b["buy_and_hold (no fees)"]
+        assert sorted(b) == sorted(list(BASELINES) + ["buy_and_hold (no fees)"])
+        assert b["flat"]["equity"] == [e0] * n and b["flat"]["total_return"] == 0.0
+        for name, baseline in b.items():
+            assert len(baseline["equity"]) == n, name
+            assert (baseline["equity"][-1] / e0 - 1.0) * 100.0 == pytest.approx(baseline["total_return"], abs=1e-9), name
+        hold = b["buy_and_hold (no fees)"]  # from the first fill's open to the last close
         assert hold["equity"][-1] / e0 == pytest.approx(p["close"][-1] / p["first_open"])
+        # the trace's own bookkeeping gives the evaluation's numbers
+        assert w["trace_metrics"]["per_pair"][pair]["total_return"] == m["total_return"]
+        assert w["trace_metrics"]["per_pair"][pair]["sharpe"] == m["sharpe"]
+
+
+def test_the_baselines_are_the_runs_own(data, summary, out):
+    """The report's baselines of the final model's validation window are the ones its run reported."""
+    folder = summary["final_model_path"].rsplit("/", 1)[0]
+    result = read_json(out / folder / "result.json")
+    for window, key in (("validation", "val_baselines"), ("test", "test_baselines")):
+        w = data["evaluation"]["windows"][window]
+        for name, metrics in result[key].items():
+            for pair, pm in metrics["per_pair"].items():
+                drawn = w["baselines"][pair][name]
+                for k in ("total_return", "sharpe", "max_drawdown", "trades", "fees_paid", "turnover"):
+                    assert drawn[k] == pm[k], (window, name, k)
 
 
 def test_training_curves_are_the_event_files(data, summary, out):
@@ -166,6 +187,11 @@ def test_evaluate_report_draws_the_evaluation_it_printed(out, summary, tmp_path)
     drawn = w["baselines"]["BTC/USDT"]["buy_and_hold (no fees)"]
     for key in ("total_return", "sharpe", "max_drawdown"):  # evaluation.buy_and_hold's numbers, with its curve
         assert drawn[key] == pytest.approx(hold[key], rel=1e-9), key
+    for name, metrics in printed["baselines"].items():  # evaluate's baselines, each with its curve
+        drawn = w["baselines"]["BTC/USDT"][name]
+        assert drawn["total_return"] == metrics["per_pair"]["BTC/USDT"]["total_return"]
+        assert len(drawn["equity"]) == 241
+    assert "curves" not in printed  # drawn in the page; printed with --record only
 
 
 # ------------------------------------------------------------------------ tear sheet, worked by hand

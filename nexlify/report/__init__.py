@@ -4,10 +4,9 @@ to the evaluation section's data; the pipeline's report (controller.report) and 
 --report` both use it.
 
 Baselines: each window carries `baselines` as {pair: {name: {"equity": [per bar], "total_return": %,
-"sharpe": ..., ...}}}. Cash and buy-and-hold (no fees) are drawn from the trace's own prices; baselines
-the evaluation reports ({name: metrics}, turned into that shape by `per_pair_baselines`, e.g. stepped
-through the environment) are added beside them: their metrics in the table, their curves in the chart
-when they carry one.
+"sharpe": ..., ...}}}: the evaluation's baselines, stepped through the same environment (flat, cash plus
+lending, buy-and-hold full and sized, MA crossover, random valid; nexlify.evaluation), with their
+recorded curves, and buy-and-hold without fees drawn from the trace's own prices as a yardstick.
 """
 
 from __future__ import annotations
@@ -20,37 +19,46 @@ from nexlify.report.trace import buy_and_hold_curves, trace_policy
 
 
 def evaluation(model: torch.nn.Module, tensors: MarketTensors, windows: dict[str, tuple[int, int]], cfg: TrainConfig,
-               extra_baselines: dict[str, dict] | None = None, title: str = "The final model") -> dict:
-    """{"title", "windows": {name: trace + "baselines"}} for each named window (e.g. validation, test)."""
+               evaluated: dict[str, dict] | None = None, title: str = "The final model") -> dict:
+    """{"title", "windows": {name: ...}} for each named window (e.g. validation, test): the trace of what the
+    agent did bar by bar (nexlify.report.trace), with the metrics of the evaluation itself
+    (nexlify.evaluation.evaluate_with_baselines: the agent's, and every baseline's with its per-bar curve).
+    `evaluated`: that evaluation's result per window when the caller already has it (with its curves)."""
+    from nexlify.evaluation import evaluate_with_baselines
+
     out = {}
     for name, window in windows.items():
+        ev = (evaluated or {}).get(name)
+        if ev is None:
+            ev = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), record=True)
         trace = trace_policy(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params())
-        baselines = buy_and_hold_curves(trace, float(cfg.env.initial_equity))
-        for pair, table in ((extra_baselines or {}).get(name) or {}).items():
+        trace["trace_metrics"] = trace.pop("metrics")
+        trace["metrics"] = ev["agent"]  # the evaluation's numbers, as the summary and `nexlify evaluate` give them
+        baselines = per_pair_baselines(ev.get("baselines"), list(tensors.pairs), ev.get("curves"))
+        for pair, table in buy_and_hold_curves(trace, float(cfg.env.initial_equity)).items():
             baselines.setdefault(pair, {}).update(table)
         trace["baselines"] = baselines
+        trace["baseline_notes"] = ev.get("baseline_notes") or {}
         out[name] = trace
     return {"title": title, "windows": out}
 
 
-def render(data: dict) -> str:
-    from nexlify.report.page import render as render_page
-
-    return render_page(data)
-
-
-def per_pair_baselines(baselines: dict | None, pairs: list[str]) -> dict[str, dict]:
-    """Baselines as an evaluation reports them, {name: metrics}, where metrics may hold a per-bar "equity"
-    curve and a "per_pair" table (each pair's metrics, with its own "equity" when recorded), turned into the
-    report's {pair: {name: metrics}}. A baseline without a per-pair table applies to every pair."""
+def per_pair_baselines(baselines: dict | None, pairs: list[str], curves: dict | None = None) -> dict[str, dict]:
+    """Baselines as the evaluation reports them, {name: metrics} (averages with a "per_pair" table), and
+    their recorded curves ({name: {"equity": {pair: [...]}}}), as the report's {pair: {name: metrics with
+    "equity"}}. A baseline without a per-pair table applies to every pair."""
     out: dict[str, dict] = {pair: {} for pair in pairs}
     for name, metrics in (baselines or {}).items():
         if not isinstance(metrics, dict):
             continue
         table = metrics.get("per_pair")
+        curve = ((curves or {}).get(name) or {}).get("equity") or {}
         for pair in pairs:
             entry = table.get(pair) if isinstance(table, dict) else None
-            out[pair][name] = _plain_metrics(entry if isinstance(entry, dict) else metrics)
+            m = _plain_metrics(entry if isinstance(entry, dict) else metrics)
+            if pair in curve:
+                m["equity"] = list(curve[pair])
+            out[pair][name] = m
     return {pair: table for pair, table in out.items() if table}
 
 
@@ -63,17 +71,21 @@ def _plain_metrics(m: dict) -> dict:
     return out
 
 
+def render(data: dict) -> str:
+    from nexlify.report.page import render as render_page
+
+    return render_page(data)
+
+
 def evaluation_page(path: str, result: dict, model: torch.nn.Module, tensors: MarketTensors, window: tuple[int, int],
                     cfg: TrainConfig) -> None:
-    """`nexlify evaluate --report FILE.html`: the evaluation section for `result` (evaluate_checkpoint's) alone.
-    Baselines the evaluation reports per pair with their curves ({"baselines": {pair: {name: {"equity": ...}}}})
-    are drawn beside the agent."""
+    """`nexlify evaluate --report FILE.html`: the evaluation section for `result` (evaluate_checkpoint's, with
+    its curves: record=True) alone."""
     from nexlify.errors import InputError
 
-    extra = {"window": per_pair_baselines(result.get("baselines"), list(tensors.pairs))}
     w = result["window"]
     data = {"title": f"nexlify evaluation of {result['model']}",
-            "evaluation": evaluation(model, tensors, {"window": window}, cfg, extra,
+            "evaluation": evaluation(model, tensors, {"window": window}, cfg, {"window": result},
                                      title=f"{result['model']} on {w['start']} .. {w['end']}")}
     try:
         with open(path, "w", encoding="utf-8") as fh:

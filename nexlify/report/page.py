@@ -22,7 +22,9 @@ from nexlify.env.batched import PNL_SOURCES
 from nexlify.report.trace import EXPOSURES
 
 CHART_HEIGHT = 320
-COLORS = {"agent": "#1f77b4", "cash": "#7f7f7f", "buy_and_hold (no fees)": "#ff7f0e"}
+COLORS = {"agent": "#1f77b4", "flat": "#7f7f7f", "cash_plus_lending": "#17becf", "buy_and_hold_full": "#ff7f0e",
+          "buy_and_hold_sized": "#bcbd22", "ma_crossover": "#9467bd", "random_valid": "#e377c2",
+          "buy_and_hold (no fees)": "#8c564b"}
 TRADE_MARKERS = {"entry": ("triangle-up", "#2ca02c"), "close": ("x", "#1f77b4"), "stop": ("triangle-down", "#d62728"),
                  "trailing": ("triangle-down", "#ff7f0e"), "target": ("star", "#9467bd"), "exit": ("circle", "#8c564b")}
 TRAINING_TAGS = (("train/episode_return", "episode return %"), ("train/loss", "loss"), ("train/epsilon", "epsilon"),
@@ -150,12 +152,19 @@ def _window_section(name: str, prefix: str, w: dict) -> str:
     baseline_rows = []
     for pair, table in (w.get("baselines") or {}).items():
         for bname, b in table.items():
+            share = b.get("exposure_any", b.get("exposure"))
             baseline_rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in (
                 pair, bname, _num(b.get("total_return")), _num(b.get("sharpe")), _num(b.get("max_drawdown")),
+                "" if share is None else f"{share:.1%}", _num(b.get("turnover")), _num(b.get("fees_paid")),
                 "yes" if b.get("equity") else "")) + "</tr>")
     if baseline_rows:
-        parts.append(_table(("pair", "baseline", "return %", "Sharpe", "max drawdown %", "curve drawn"), baseline_rows,
+        parts.append(_table(("pair", "baseline (same environment, costs and risk rules)", "return %", "Sharpe",
+                             "max drawdown %", "exposure", "turnover", "fees paid", "curve drawn"), baseline_rows,
                             f"{prefix}-baselines"))
+    notes = w.get("baseline_notes") or {}
+    if notes:
+        parts.append("<details><summary>What each baseline does</summary><ul>" + "".join(
+            f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in notes.items()) + "</ul></details>")
     for pair in w["pairs"]:
         key = f"{prefix}-{_slug(pair)}"
         parts.append(f"<h4>{html.escape(pair)}</h4>")

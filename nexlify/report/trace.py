@@ -154,9 +154,9 @@ def _forced_exit(o: float, h: float, lo: float, entry: float, highest: float, r:
 
 
 def buy_and_hold_curves(trace: dict, initial_equity: float) -> dict[str, dict]:
-    """Two yardsticks drawn from the trace's own prices, per pair: cash (equity stays put) and the coin
-    held from the first fill's open to the last close without fees (nexlify.evaluation.buy_and_hold's
-    path). {pair: {name: {"equity": [...], "total_return": %}}}."""
+    """The yardstick drawn from the trace's own prices, per pair: the coin held from the first fill's open
+    to the last close without fees (nexlify.evaluation.buy_and_hold's path and numbers).
+    {pair: {name: {"equity": [...], "total_return": %, "sharpe", "max_drawdown"}}}."""
     out = {}
     for pair, p in trace["pairs"].items():
         close = np.asarray(p["close"])
@@ -164,9 +164,7 @@ def buy_and_hold_curves(trace: dict, initial_equity: float) -> dict[str, dict]:
         path = np.concatenate([[first_open], close[1:]])
         hold = initial_equity * path / path[0]
         rets = path[1:] / path[:-1] - 1.0
-        out[pair] = {"cash": {"equity": [initial_equity] * len(close), "total_return": 0.0, "sharpe": 0.0,
-                              "max_drawdown": 0.0},
-                     "buy_and_hold (no fees)": {  # nexlify.evaluation.buy_and_hold's numbers, with the curve
+        out[pair] = {"buy_and_hold (no fees)": {  # nexlify.evaluation.buy_and_hold's numbers, with the curve
                          "equity": hold.tolist(), "total_return": float((path[-1] / path[0] - 1.0) * 100.0),
                          "sharpe": sharpe_from_sums(float(rets.sum()), float((rets ** 2).sum()), len(rets)),
                          "max_drawdown": max_drawdown(path) * 100.0}}
