@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import struct
+import time
 
 EVENT_GLOB = "events.out.tfevents.*"
 # The run's event file in its folder: a fixed name (tensorboard reads any file with "tfevents" in its name),
@@ -29,34 +30,43 @@ METRIC_KEYS = ("avg_return", "avg_sharpe", "avg_drawdown", "avg_win_rate", "tota
 
 
 class RunBoard:
-    """One run's curves. tensorboardX writes them to a file in `logdir` (a local folder); `blob()` is what
-    goes into the run's folder as EVENTS_FILE: the events a resumed run had before (carried in its resume
-    checkpoint, so they stop exactly where the checkpoint does) followed by this process's. TFRecord files
-    are sequences of self-framed records, so the two concatenated are one valid event file."""
+    """One run's curves. tensorboardX's EventsWriter writes them synchronously to a file in `logdir` (a local
+    folder; the SummaryWriter would hand them to a background thread, and its flush does not wait for it,
+    so a checkpoint could carry fewer events than its round wrote). `blob()` is what goes into the run's
+    folder as EVENTS_FILE: the events a resumed run had before (carried in its resume checkpoint, so they stop
+    exactly where the checkpoint does) followed by this process's. TFRecord files are sequences of
+    self-framed records, so the two concatenated are one valid event file."""
 
     def __init__(self, logdir: str, previous: bytes | None = None) -> None:
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
+        os.makedirs(logdir, exist_ok=True)
         self.logdir = logdir
         self.previous = previous or b""
-        self.writer = SummaryWriter(logdir=logdir, flush_secs=10)
+        self.writer = EventsWriter(os.path.join(logdir, "events"))
         self.closed = False
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        self.writer.write_event(Event(wall_time=time.time(), step=int(step), summary=scalar(tag, float(value))))
 
     def round(self, info: dict) -> None:
         """The training loop's on_round info: per-episode returns, then the round's statistics."""
         done = int(info["episodes_done"])
         returns = info.get("returns") or []
         for j, value in enumerate(returns):
-            self.writer.add_scalar("train/episode_return", float(value), done - len(returns) + j + 1)
+            self._scalar("train/episode_return", value, done - len(returns) + j + 1)
         for key, tag in ROUND_TAGS.items():
             if info.get(key) is not None:
-                self.writer.add_scalar(tag, float(info[key]), done)
+                self._scalar(tag, info[key], done)
         self.writer.flush()
 
     def metrics(self, prefix: str, metrics: dict | None, step: int) -> None:
         for key in METRIC_KEYS:
             if metrics and metrics.get(key) is not None:
-                self.writer.add_scalar(f"{prefix}/{key}", float(metrics[key]), step)
+                self._scalar(f"{prefix}/{key}", metrics[key], step)
         self.writer.flush()
 
     def blob(self) -> bytes:

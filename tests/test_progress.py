@@ -22,13 +22,24 @@ class FakeTerminal(io.StringIO):
         return True
 
 
+@pytest.fixture(autouse=True)
+def logging_restored():
+    """These tests configure logging onto their own streams; later tests (in this process) get back the
+    configuration and stream they had."""
+    config = structlog.get_config()
+    saved = (logs._tee.stream, logs._tee.around_bars, dict(logs._json))
+    yield
+    structlog.configure(**config)
+    logs._tee.stream, logs._tee.around_bars = saved[0], saved[1]
+    logs._json.update(saved[2])
+
+
 @pytest.fixture
 def terminal(monkeypatch):
     term = FakeTerminal()
     monkeypatch.setattr("sys.stderr", term)
     logs.configure("console")
-    yield term
-    logs.configure("json")
+    return term
 
 
 def segments(text: str) -> list[str]:
