@@ -33,6 +33,12 @@ def _json(store: Store, key: str) -> dict | None:
         return None
 
 
+def model_key(summary: dict) -> str:
+    """The final model's key in the output (final_model_path is its full URL; older summaries had the key
+    there)."""
+    return summary.get("final_model_key") or summary["final_model_path"]
+
+
 def pipeline_data(summary: dict, state: dict | None) -> dict:
     """The at-a-glance section's numbers, as the summary (and, for each iteration's patience, the state)
     recorded them."""
@@ -57,11 +63,12 @@ def pipeline_data(summary: dict, state: dict | None) -> dict:
                      "model_path": it["model_path"], "folder": f"retraining/iteration_{k}",
                      "improvement_pct": it["improvement_pct"], "new_best": it["new_best"], "patience_count": count,
                      "decision": decision})
-    winner = next(r for r in runs if r["model_path"] == summary["final_model_path"])
+    final_key = model_key(summary)
+    winner = next(r for r in runs if r["model_path"] == final_key)
     return {
         "pipeline_id": summary["pipeline_id"], "stop_reason": summary["stop_reason"], "runs": runs,
         "winner": {"key": winner["key"], "score": summary["final_best_score"],
-                   "model_path": summary["final_model_path"]},
+                   "model_path": final_key, "url": summary["final_model_path"]},
         "best_initial_score": summary["best_initial_score"], "final_best_score": summary["final_best_score"],
         "total_improvement_pct": summary["total_improvement_pct"],
         "final_test_metrics": summary.get("final_test_metrics"),
@@ -104,7 +111,7 @@ def final_model_evaluation(store: Store, summary: dict) -> dict:
         for f in summary["data"]["files"]:
             store.download_file(f["key"], os.path.join(tmp, os.path.basename(f["key"])))
         model_path = os.path.join(tmp, "model.pt")
-        store.download_file(summary["final_model_path"], model_path)
+        store.download_file(model_key(summary), model_path)
         ckpt = checkpoint.load(model_path, map_location=torch.device("cpu"))
         cfg = TrainConfig()
         apply_mapping(cfg, ckpt["config"], f"checkpoint {summary['final_model_path']}")

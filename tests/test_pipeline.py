@@ -300,13 +300,13 @@ def test_finished_pipeline_run_again_changes_nothing(out, summary, tmp_path):
     got = run_cli(train_args(str(copy)), timeout=120)
     assert got.returncode == 0, got.stderr
     assert json.loads(got.stdout)["final_best_score"] == summary["final_best_score"]
-    # --log-format json: every line is an event, the preflight and the printed result included, but for the
-    # selection's closing lines in words
+    # --log-format json: every line is an event, the printed result included, but for the selection's closing
+    # lines in words
     assert [json.loads(line)["event"] for line in got.stdout.splitlines()] == ["pipeline_result"]
     words = final_lines(summary)
     lines = got.stderr.splitlines()
     assert words and lines[-len(words):] == words
-    assert "preflight" in [json.loads(line)["event"] for line in lines[:-len(words)]]
+    assert "pipeline_already_done" in [json.loads(line)["event"] for line in lines[:-len(words)]]
     after = folder_tree(copy)
     before.pop("training.log"), after.pop("training.log")  # the log records this start too
     # the copy lives elsewhere: the workers' config names its new place, and nothing else changed

@@ -27,11 +27,10 @@ def logging_restored():
     """These tests configure logging onto their own streams; later tests (in this process) get back the
     configuration and stream they had."""
     config = structlog.get_config()
-    saved = (logs._tee.stream, logs._tee.around_bars, dict(logs._json))
+    saved = (logs._tee.stream, logs._tee.around_bars, logs._json_mode)
     yield
     structlog.configure(**config)
-    logs._tee.stream, logs._tee.around_bars = saved[0], saved[1]
-    logs._json.update(saved[2])
+    logs._tee.stream, logs._tee.around_bars, logs._json_mode = saved
 
 
 @pytest.fixture

@@ -63,10 +63,11 @@ def test_runs_winner_and_stop_reason_are_the_summarys(data, summary, out):
              for it in summary["retraining_iterations"]]
     assert [(r["key"], r["val_return"], r["val_sharpe"], r["score"]) for r in p["runs"]] == want
     assert p["stop_reason"] == summary["stop_reason"]
-    assert p["winner"]["model_path"] == summary["final_model_path"]
+    assert p["winner"]["model_path"] == summary["final_model_key"]
+    assert p["winner"]["url"] == summary["final_model_path"]
     assert p["winner"]["score"] == summary["final_best_score"]
     winner = next(r for r in p["runs"] if r["key"] == p["winner"]["key"])
-    assert winner["model_path"] == summary["final_model_path"]
+    assert winner["model_path"] == summary["final_model_key"]
     its = [r for r in p["runs"] if r["phase"] == "retrain"]
     assert [r["patience_count"] for r in its] == [e["patience_count"] for e in state["retraining"]]
     assert [r["improvement_pct"] for r in its] == [e["improvement_pct"] for e in summary["retraining_iterations"]]
@@ -76,7 +77,7 @@ def test_runs_winner_and_stop_reason_are_the_summarys(data, summary, out):
 
 def test_the_final_models_evaluation_is_its_validation_and_test(data, summary):
     winner = next(r for r in summary["initial_runs"] + summary["retraining_iterations"]
-                  if r["model_path"] == summary["final_model_path"])
+                  if r["model_path"] == summary["final_model_key"])
     val = data["evaluation"]["windows"]["validation"]["metrics"]
     want_val = winner.get("val_metrics") or winner["metrics"]
     for key in ("avg_return", "avg_sharpe", "avg_win_rate", "avg_drawdown", "total_trades", "score", "pnl_breakdown"):
@@ -133,7 +134,7 @@ def test_the_trace_adds_up(data, summary, window):
 
 def test_the_baselines_are_the_runs_own(data, summary, out):
     """The report's baselines of the final model's validation window are the ones its run reported."""
-    folder = summary["final_model_path"].rsplit("/", 1)[0]
+    folder = summary["final_model_key"].rsplit("/", 1)[0]
     result = read_json(out / folder / "result.json")
     for window, key in (("validation", "val_baselines"), ("test", "test_baselines")):
         w = data["evaluation"]["windows"][window]
@@ -175,7 +176,7 @@ def test_nexlify_report_on_an_unfinished_output_is_bad_input(tmp_path):
 
 def test_evaluate_report_draws_the_evaluation_it_printed(out, summary, tmp_path):
     page_path = tmp_path / "eval.html"
-    got = run_cli(["evaluate", "--model", str(out / summary["final_model_path"]), "--start", "2025-05-01",
+    got = run_cli(["evaluate", "--model", summary["final_model_path"], "--start", "2025-05-01",
                    "--end", "2025-05-11", "--json", "--report", str(page_path)], timeout=120)
     assert got.returncode == 0, got.stderr
     printed = json.loads(got.stdout)

@@ -169,10 +169,10 @@ def test_every_chart_is_drawn_at_its_size(loaded):
 def test_the_winner_and_stop_reason_shown_are_the_summarys(loaded):
     summary = read_json(loaded["out"] / "complete_training_summary.json")
     winner = next([f"init-{r['run_id']}"] for r in summary["initial_runs"]
-                  if r["model_path"] == summary["final_model_path"]) if any(
-        r["model_path"] == summary["final_model_path"] for r in summary["initial_runs"]) else [
+                  if r["model_path"] == summary["final_model_key"]) if any(
+        r["model_path"] == summary["final_model_key"] for r in summary["initial_runs"]) else [
         f"retrain-{it['iteration']}" for it in summary["retraining_iterations"]
-        if it["model_path"] == summary["final_model_path"]]
+        if it["model_path"] == summary["final_model_key"]]
     assert loaded["shown"] == {"winner": winner[0], "stop": summary["stop_reason"]}
 
 
