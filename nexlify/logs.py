@@ -40,6 +40,8 @@ class _Tee:
         self.around_bars = False
 
     def write(self, text: str) -> None:
+        if getattr(self.stream, "closed", False):  # a stream swapped out under us (a test's capture): stderr now
+            self.stream = sys.stderr
         if self.around_bars:
             from tqdm import tqdm
 

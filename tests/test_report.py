@@ -171,7 +171,10 @@ def test_nexlify_report_rebuilds_the_same_page_data(out, data, tmp_path):
 def test_nexlify_report_on_an_unfinished_output_is_bad_input(tmp_path):
     got = run_cli(["report", str(tmp_path)], timeout=60)
     assert got.returncode == 2
-    assert got.stderr.strip().splitlines()[-1].startswith("error: ") and "has not finished" in got.stderr
+    last = json.loads(got.stderr.strip().splitlines()[-1])  # JSON logs (not a terminal): the error is an event
+    assert last["event"] == "failed" and last["exit_code"] == 2
+    assert "complete_training_summary.json does not exist" in last["error"] and "has not finished" in last["error"]
+    assert not (tmp_path / "report.html").exists()
 
 
 def test_evaluate_report_draws_the_evaluation_it_printed(out, summary, tmp_path):
