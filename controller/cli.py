@@ -5,6 +5,7 @@
     nexlify backtest --walk-forward ...  folds: the pipeline on the past only, tested on the window after
     nexlify worker train ...     one training run (what the pipeline starts locally or in a pod)
     nexlify evaluate|data|bench  the trainer's own commands (nexlify.cli)
+    nexlify report OUTPUT        (re)build report.html of a finished pipeline (a folder or s3://)
     nexlify config schema        the JSON schema of the pipeline config (used by the Helm chart)
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted, before anything
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     wt.set_defaults(handler=cmd_worker_train)
 
     add_backtest_parser(sub, _add_pipeline_args)
+
+    rep = sub.add_parser("report", help="(re)build report.html of a finished pipeline's output")
+    rep.add_argument("output", help="the pipeline's output folder or s3://bucket/prefix")
+    rep.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+    rep.set_defaults(handler=cmd_report)
 
     cfg = sub.add_parser("config", help="inspect the configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
@@ -158,6 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         show_table(rows)
     if not ok:  # one line (the table only with --verbose or `nexlify preflight`)
         raise InputError(f"preflight failed: {first_error}")
+    as_json = logs.json_mode()  # in a cluster every line is JSON: the result too, as an event
     signal.signal(signal.SIGTERM, _raise_terminated)  # stop like Ctrl-C: workers save, training.log is published
     summary = run_pipeline(cfg, force=args.force)
     final = {k: summary[k] for k in ("stop_reason", "best_initial_score", "final_best_score", "total_improvement_pct",
@@ -168,7 +175,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                   "val_sharpe": chosen.get("val_sharpe"), "cash_plus_lending": chosen.get("cash_plus_lending"),
                   "deflated_sharpe": dsr.get("value"), "models_tried": chosen.get("models_tried"),
                   "beats_cash_plus_lending": chosen.get("beats_cash_plus_lending"), "verdict": chosen.get("verdict")})
-    print(json.dumps(final, indent=2))  # stdout stays one JSON object; the same in words on stderr
+    # stdout stays one JSON object (with JSON logs one line, an event: kubectl logs merges stdout and stderr);
+    # the same in words on stderr
+    print(json.dumps({"event": "pipeline_result", **final}) if as_json else json.dumps(final, indent=2))
     for line in selection_lines(summary):
         print(line, file=sys.stderr)
     return 0
@@ -192,6 +201,14 @@ def cmd_worker_train(args: argparse.Namespace) -> int:
     return run_worker(run_key=args.run_key, seed=args.seed, episodes=args.episodes, out_url=args.out,
                       config_url=args.config, overrides=flags_to_mapping(args, TrainConfig),
                       data_url=args.data_snapshot, init_from=args.init_from, checkpoint_every=args.checkpoint_every)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from controller.report import write_report
+    from controller.stores import open_store
+
+    print(write_report(open_store(args.output)))
+    return 0
 
 
 def cmd_config_schema(args: argparse.Namespace) -> int:

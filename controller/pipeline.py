@@ -37,6 +37,7 @@ log = structlog.get_logger("nexlify.pipeline")
 
 STATE_KEY = "pipeline_state.json"
 SUMMARY_KEY = "complete_training_summary.json"
+REPORT_KEY = "report.html"  # written after the summary (controller.report)
 CONFIG_KEY = "pipeline_config.json"
 DATA_PREFIX = "data"
 LAYOUT_PREFIXES = (f"{DATA_PREFIX}/", "initial_runs/", "retraining/")  # what a pipeline writes besides its files
@@ -119,6 +120,7 @@ class Pipeline:
         config's state and asks for --force again, so no run of the old config is ever adopted."""
         log.warning("pipeline_forced", pipeline=self.pipeline_id, previous_hash=previous_hash)
         self.store.delete(SUMMARY_KEY)
+        self.store.delete(REPORT_KEY)
         for prefix in LAYOUT_PREFIXES:
             for key in self.store.list(prefix):
                 self.store.delete(key)
@@ -298,6 +300,7 @@ class Pipeline:
         summary = self._summary()
         self._transition("DONE", stop_reason=self.state["stop_reason"])
         self._write_json(SUMMARY_KEY, summary)
+        self._write_report()
         log.info("pipeline_complete", pipeline=self.pipeline_id, stop_reason=self.state["stop_reason"],
                  best_initial_score=summary["best_initial_score"], final_best_score=summary["final_best_score"],
                  total_improvement_pct=summary["total_improvement_pct"], final_model=summary["final_model_path"],
@@ -314,6 +317,19 @@ class Pipeline:
         keys += [f["key"] for f in (summary.get("data") or {}).get("files", [])]
         return [self.store.url(k) for k in dict.fromkeys(keys) if k and not self.store.exists(k)]
 
+    def _write_report(self) -> None:
+        """report.html after the summary. A report that cannot be drawn costs the page, never the trained
+        models: it is logged as an error and `nexlify report OUTPUT` draws it again."""
+        from controller.report import write_report
+
+        t0 = time.perf_counter()
+        try:
+            url = write_report(self.store)
+        except Exception as exc:  # noqa: BLE001 - the summary is written; say what failed and go on
+            log.error("report_failed", pipeline=self.pipeline_id, error=f"{type(exc).__name__}: {exc}")
+            return
+        log.info("report_written", pipeline=self.pipeline_id, url=url, seconds=round(time.perf_counter() - t0, 1))
+
     def _initial_phase(self) -> None:
         cfg = self.cfg
         if self.state["phase"] not in ("PLANNED", "INITIAL_RUNNING"):
@@ -324,11 +340,15 @@ class Pipeline:
                             f"initial_runs/run_{i}", None) for i in range(1, cfg.initial_runs + 1)]
         results = self._run_all(specs)
         for i, spec in enumerate(specs, start=1):
-            r = results[spec.run_key]
-            self.state["initial_runs"][str(i)] = _run_entry(i, spec, r, f"initial_runs/run_{i}")
-            log.info("run_finished", pipeline=self.pipeline_id, phase="initial", run=spec.run_key, seed=spec.seed,
-                     val_score=round(r["val_score"], 4), train_return=round(r["train_return"], 3))
+            self.state["initial_runs"][str(i)] = _run_entry(i, spec, results[spec.run_key], f"initial_runs/run_{i}")
         best_id = rules.select_best([(int(k), v["val_score"]) for k, v in self.state["initial_runs"].items()])
+        for i, spec in enumerate(specs, start=1):
+            e = self.state["initial_runs"][str(i)]
+            m = e["val_metrics"]
+            log.info("run_finished", pipeline=self.pipeline_id, phase="initial", run=spec.run_key, seed=spec.seed,
+                     val_return=round(m["avg_return"], 3), val_sharpe=round(m["avg_sharpe"], 3),
+                     val_score=round(e["val_score"], 4), train_return=round(e["train_return"], 3),
+                     decision="selected" if i == best_id else "not selected")
         best = self.state["initial_runs"][str(best_id)]
         self.state["timings"]["initial_s"] = self.state["timings"].get("initial_s", 0.0) + round(time.perf_counter() - t0, 3)
         self._transition("SELECTED", best={"score": best["val_score"], "model_key": best["model_key"],
@@ -371,9 +391,12 @@ class Pipeline:
             self.state["patience_count"] = decision.patience_count
             self.state["stop_reason"] = decision.stop_reason
             self._write_json(STATE_KEY, self.state)
-            log.info("iteration_finished", pipeline=self.pipeline_id, iteration=k, seed=seed, score=round(score, 4),
+            m = entry["metrics"]
+            log.info("iteration_finished", pipeline=self.pipeline_id, iteration=k, seed=seed,
+                     val_return=round(m["avg_return"], 3), val_sharpe=round(m["avg_sharpe"], 3), score=round(score, 4),
                      improvement_pct=round(decision.improvement_pct, 3), new_best=decision.new_best,
-                     patience=decision.patience_count, decision=decision.stop_reason or "continue")
+                     patience=decision.patience_count, decision=rules.describe(decision, cfg.patience),
+                     stop_reason=decision.stop_reason)
         self.state["timings"]["retraining_s"] = self.state["timings"].get("retraining_s", 0.0) + round(time.perf_counter() - t0, 3)
 
     # --------------------------------------------------------------------------------------- summary

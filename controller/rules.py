@@ -64,6 +64,13 @@ def decide(score: float, best: float, patience_count: int, iteration: int, *, th
     return decision
 
 
+def describe(decision: Decision, patience: int) -> str:
+    """The verdict as a person reads it in the log: "new best", "new best, stop: improvement_below_threshold",
+    "patience 2/3", "patience 3/3, stop: patience_exhausted"."""
+    text = "new best" if decision.new_best else f"patience {decision.patience_count}/{patience}"
+    return f"{text}, stop: {decision.stop_reason}" if decision.stop_reason else text
+
+
 def select_best(scores: list[tuple[int, float]]) -> int:
     """The run id with the highest validation score; ties go to the lower run id.
 

@@ -31,6 +31,8 @@ from nexlify.configtools import apply_mapping, leaf_index, load_yaml, to_dict, v
 from nexlify.data.candles import candle_filename
 from nexlify.data.second_venue import second_venue_pair
 from nexlify.errors import InputError, NonFiniteError
+from nexlify.logs import BAR_FORMAT
+from nexlify.tb import EVENTS_FILE, RunBoard
 from nexlify.training import Preempted, prepare_data, resolve_device, train_run
 
 from controller.stores import StoreKeyMissing, open_store
@@ -39,6 +41,7 @@ log = structlog.get_logger("nexlify.worker")
 
 RESULT = "result.json"
 RESUME = "resume.pt"
+TB_KEY = "tensorboard_events"  # the run's event file up to the resume point, in its resume checkpoint
 EXIT_PREEMPTED = 143
 PROGRESS_SECONDS = float(os.environ.get("NEXLIFY_PROGRESS_SECONDS", "30"))
 
@@ -193,17 +196,30 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                      init_from=init_from, train_bars=windows.train[1] - windows.train[0],
                      val_bars=windows.val[1] - windows.val[0])
             progress = _Progress(episodes)
+            # the run's TensorBoard curves: written here, uploaded into the run's folder with its checkpoints
+            board = RunBoard(os.path.join(tmp, "tensorboard"), _events_of(resume))
+
+            def with_events(state: dict) -> dict:
+                events = board.blob()
+                outputs.store.write_bytes(EVENTS_FILE, events)
+                carried = torch.frombuffer(bytearray(events), dtype=torch.uint8)
+                return {**state, "run_identity": identity, TB_KEY: carried}
+
+            def on_round(info: dict) -> None:
+                progress.round(info)
+                board.round(info)
+
             try:
                 output = train_run(
                     cfg, market, windows, seed=seed, episodes=episodes, init=init, resume=resume,
                     checkpoint_every=checkpoint_every,
-                    on_checkpoint=lambda state: (outputs.save_torch(RESUME, {**state, "run_identity": identity}),
+                    on_checkpoint=lambda state: (outputs.save_torch(RESUME, with_events(state)),
                                                  log.info("checkpoint_saved", episodes_done=state["episodes_done"])),
-                    on_round=progress.round, on_step=progress.step, should_stop=lambda: stop["requested"],
+                    on_round=on_round, on_step=progress.step, should_stop=lambda: stop["requested"],
                 )
             except Preempted as exc:
                 if exc.state is not None:
-                    outputs.save_torch(RESUME, {**exc.state, "run_identity": identity})
+                    outputs.save_torch(RESUME, with_events(exc.state))
                 log.warning("run_preempted", saved=exc.state is not None,
                             episodes_done=exc.state["episodes_done"] if exc.state else 0)
                 return EXIT_PREEMPTED
@@ -221,6 +237,10 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
             )
             model_name = checkpoint.checkpoint_name(output.val_metrics["avg_return"])
             outputs.save_torch(model_name, ckpt)
+            board.metrics("val", output.val_metrics, output.episodes_trained)
+            board.metrics("test", output.test_metrics, output.episodes_trained)
+            board.close()
+            outputs.store.write_bytes(EVENTS_FILE, board.blob())
             val = output.val_metrics
             result = {
                 "status": "succeeded",
@@ -302,6 +322,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _events_of(resume: dict | None) -> bytes | None:
+    if resume is None or TB_KEY not in resume:
+        return None
+    return resume[TB_KEY].cpu().numpy().tobytes()
+
+
 def _resume_identity(cfg: TrainConfig, seed: int, episodes: int) -> dict:
     """What a resume checkpoint must match to be continued: the seed, the episode count and the
     config (less the device and thread count, which may change between a crash and the resume). A
@@ -317,28 +343,38 @@ def _plain(metrics: dict | None) -> dict | None:
 
 
 class _Progress:
-    """A tqdm bar on a terminal; otherwise one log event per round or every 30 s, whichever is rarer."""
+    """A tqdm bar on a terminal (episodes done, ETA, the last round's mean episode return); otherwise a
+    `training_progress` event every NEXLIFY_PROGRESS_SECONDS with the same numbers (the local executor
+    draws its bar per run from them)."""
 
     def __init__(self, episodes: int) -> None:
         self.bar = None
+        self.episodes = episodes
+        self.last_return: float | None = None
         self.last = time.monotonic()
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=100, desc="training", unit="%", leave=False)
+            self.bar = tqdm(total=episodes, desc="training", unit="ep", leave=False, bar_format=BAR_FORMAT)
 
     def step(self, done: int, total: int) -> None:
+        episodes_done = round(self.episodes * done / max(total, 1), 1)
         if self.bar is not None:
-            self.bar.n = round(100.0 * done / max(total, 1), 1)
-            self.bar.refresh()
+            self.bar.update(max(0.0, episodes_done - self.bar.n))
         elif time.monotonic() - self.last >= PROGRESS_SECONDS:
             self.last = time.monotonic()
-            log.info("training_progress", percent=round(100.0 * done / max(total, 1), 1))
+            log.info("training_progress", percent=round(100.0 * done / max(total, 1), 1),
+                     episodes_done=episodes_done, episodes=self.episodes, last_return=self.last_return)
 
     def round(self, info: dict) -> None:
+        self.last_return = round(info["mean_return"], 3)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"last return {self.last_return:+.2f} %", refresh=False)
+            self.bar.update(max(0.0, info["episodes_done"] - self.bar.n))
         log.info("episodes_finished", episode=info["episodes_done"], round=info["round"], rounds=info["rounds"],
                  epsilon=round(info["epsilon"], 3), mean_return=round(info["mean_return"], 3))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+

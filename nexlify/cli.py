@@ -23,6 +23,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--record", action="store_true", help="with --json: add per-bar equity curves and positions "
                     "of the agent and every baseline (\"curves\")")
+    ev.add_argument("--report", metavar="FILE.html", help="also write the evaluation as a self-contained HTML page "
+                    "(equity beside the baselines, drawdown, trades, PnL by source, exposure per strategy)")
     ev.set_defaults(handler=cmd_evaluate)
 
     data = sub.add_parser("data", help="fetch and inspect candles")
@@ -75,8 +77,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nexlify.evaluate_cmd import evaluate_checkpoint, render_table
 
+    seen: dict = {}
     report = evaluate_checkpoint(args.model, pairs=args.pairs, exchange=args.exchange, data_dir=args.data_dir,
-                                 start=args.start, end=args.end, device=args.device, record=args.record)
+                                 start=args.start, end=args.end, device=args.device,
+                                 record=args.record or bool(args.report),
+                                 inspect=(lambda *a: seen.update(args=a)) if args.report else None)
+    if args.report:
+        from nexlify.report import evaluation_page
+
+        evaluation_page(args.report, report, *seen["args"])
+        if not args.record:
+            report.pop("curves", None)  # drawn in the page; printed with --record only
     print(json.dumps(report, indent=2) if args.json else render_table(report))
     return 0
 

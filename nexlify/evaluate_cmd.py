@@ -23,13 +23,14 @@ WARMUP_DAYS = WARMUP_BARS // 24 + 2
 
 def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exchange: str | None = None,
                         data_dir: str | None = None, start: str | None = None, end: str | None = None,
-                        device: str = "cpu", record: bool = False) -> dict:
+                        device: str = "cpu", record: bool = False, inspect=None) -> dict:
     """The checkpoint's greedy policy on a window: "agent" (metrics), "baselines" ({name: metrics}, see
     nexlify.evaluation), "baseline_notes", "buy_and_hold" (per pair, no fees), the window and, with `record`,
     "curves" (per-bar equity and positions of the agent and every baseline).
 
     Window: --start and --end; --start alone runs to the end of the data; neither is the checkpoint's own
-    validation window (val_days before its test window)."""
+    validation window (val_days before its test window). inspect(model, tensors, window, cfg), when given, is
+    called with what was evaluated (the report draws it)."""
     dev = resolve_device(device)
     ckpt = checkpoint.load(model_path, map_location=dev)
     cfg = TrainConfig()
@@ -63,6 +64,8 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden).to(dev)
     model.load_state_dict(ckpt["model_state_dict"])
     evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), record=record)
+    if inspect is not None:
+        inspect(model, tensors, window, cfg)
     report = {
         "model": model_path,
         "window": {"start": iso_utc(int(market.timestamps[i0])), "end": market.end_iso, "bars": window[1] - window[0]},

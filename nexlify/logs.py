@@ -14,6 +14,9 @@ from typing import IO
 
 import structlog
 
+# A run's progress bar: name, share, bar, episodes done of all, time spent < time left, the last return.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} ep [{elapsed}<{remaining}{postfix}]"
+
 SECRET_WORDS = ("secret", "password", "token", "credential", "access_key")
 
 
@@ -25,29 +28,36 @@ def redact(_logger, _name, event: dict) -> dict:
 
 
 class _Tee:
-    """Writes each rendered line to the terminal stream and, when set, to a file. The stream is looked up
-    at every write (sys.stderr unless one was given): a stream captured when logging was configured may
-    be closed since (a test's capture, a redirected stderr), and a log line must never raise."""
+    """Writes each rendered line to the terminal stream and, when set, to a file.
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    On a terminal a line goes out through `tqdm.write`, which clears the progress bars, prints the line
+    and draws the bars again below it: log lines and bars never share a line (without it a relayed event
+    lands right after a bar's `...10.37%/s]` and both are garbled). With no bar open it is a plain write."""
+
+    def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
         self.files: list[IO[str]] = []
-
-    def _out(self) -> IO[str]:
-        return self.stream if self.stream is not None and not self.stream.closed else sys.stderr
+        self.around_bars = False
 
     def write(self, text: str) -> None:
-        self._out().write(text)
+        if getattr(self.stream, "closed", False):  # a stream swapped out under us (a test's capture): stderr now
+            self.stream = sys.stderr
+        if self.around_bars:
+            from tqdm import tqdm
+
+            tqdm.write(text.rstrip("\n"), file=self.stream)
+        else:
+            self.stream.write(text)
         for fh in self.files:
             fh.write(text)
 
     def flush(self) -> None:
-        self._out().flush()
+        self.stream.flush()
         for fh in self.files:
             fh.flush()
 
 
-_tee = _Tee()
+_tee = _Tee(sys.stderr)
 
 
 def use_json(fmt: str, stream: IO[str] | None = None) -> bool:
@@ -66,8 +76,9 @@ def json_mode() -> bool:
 def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     """fmt: auto (JSON unless stderr is a terminal) | console | json."""
     global _json_mode
-    _tee.stream = None  # sys.stderr, looked up at every write
+    _tee.stream = sys.stderr
     _json_mode = use_json(fmt)
+    _tee.around_bars = sys.stderr.isatty()
     processors = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -82,7 +93,8 @@ def configure(fmt: str = "auto", level: int = logging.INFO) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=_tee),
+        # one write per event (PrintLogger writes the line and its newline separately)
+        logger_factory=structlog.WriteLoggerFactory(file=_tee),
         cache_logger_on_first_use=False,
     )
 

@@ -198,7 +198,8 @@ def train_run(
         last_state = snapshot(rnd + 1)
         if on_round is not None:
             on_round({"round": rnd + 1, "rounds": n_rounds, "episodes_done": episodes_done,
-                      "epsilon": eps, "mean_return": float(np.mean(round_returns)), "grad_steps": agent.grad_steps})
+                      "epsilon": eps, "mean_return": float(np.mean(round_returns)), "grad_steps": agent.grad_steps,
+                      "returns": round_returns, **agent.stats.take()})
         boundary = checkpoint_every > 0 and (episodes_done // checkpoint_every) > ((episodes_done - n_env) // checkpoint_every)
         if on_checkpoint is not None and boundary and rnd + 1 < n_rounds:
             on_checkpoint(last_state)

@@ -20,7 +20,9 @@ import torch
 
 import nexlify
 from controller import rules
+from controller.selection import final_lines
 from nexlify.data.candles import candle_filename
+from nexlify.tb import EVENTS_FILE
 from tests.pipeline_support import (
     Reference,
     comparable,
@@ -212,12 +214,14 @@ def test_output_layout(out, summary):
     for path in [r["model_path"] for r in summary["initial_runs"]] + \
             [it["model_path"] for it in summary["retraining_iterations"]] + [summary["final_model_key"]]:
         assert (out / path).is_file(), path
-    expected = {"complete_training_summary.json", "pipeline_state.json", "pipeline_config.json", "training.log"}
+    expected = {"complete_training_summary.json", "pipeline_state.json", "pipeline_config.json", "training.log",
+                "report.html"}
     expected |= set(expected_snapshot(summary["config"]))
-    expected |= {f"initial_runs/run_{i}/result.json" for i in (1, 2)}
+    expected |= {f"initial_runs/run_{i}/{name}" for i in (1, 2) for name in ("result.json", EVENTS_FILE)}
     expected |= {r["model_path"] for r in summary["initial_runs"]}
     for it in summary["retraining_iterations"]:
-        expected |= {f"retraining/iteration_{it['iteration']}/result.json", it["model_path"]}
+        folder = f"retraining/iteration_{it['iteration']}"
+        expected |= {f"{folder}/result.json", f"{folder}/{EVENTS_FILE}", it["model_path"]}
     assert names == expected  # nothing else: no resume.pt left behind, no temporary files
 
     assert read_json(out / "pipeline_state.json")["phase"] == "DONE"
@@ -296,6 +300,13 @@ def test_finished_pipeline_run_again_changes_nothing(out, summary, tmp_path):
     got = run_cli(train_args(str(copy)), timeout=120)
     assert got.returncode == 0, got.stderr
     assert json.loads(got.stdout)["final_best_score"] == summary["final_best_score"]
+    # --log-format json: every line is an event, the printed result included, but for the selection's closing
+    # lines in words
+    assert [json.loads(line)["event"] for line in got.stdout.splitlines()] == ["pipeline_result"]
+    words = final_lines(summary)
+    lines = got.stderr.splitlines()
+    assert words and lines[-len(words):] == words
+    assert "pipeline_already_done" in [json.loads(line)["event"] for line in lines[:-len(words)]]
     after = folder_tree(copy)
     before.pop("training.log"), after.pop("training.log")  # the log records this start too
     # the copy lives elsewhere: the workers' config names its new place, and nothing else changed

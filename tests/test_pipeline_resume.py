@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from nexlify.tb import EVENTS_FILE, read_scalars
 from tests.pipeline_support import (
     Reference,
     alive,
@@ -156,6 +157,8 @@ def test_stopped_at_five_points_and_resumed_ends_like_an_uninterrupted_run(refer
             for r in (got, want):
                 r.pop("timings"), r.pop("model_url"), r.pop("init_from")
             assert got == want, name
+        elif name.endswith(EVENTS_FILE):  # the curves continue from the resume checkpoint: no gap, no repeat
+            assert read_scalars([(out / name).read_bytes()]) == read_scalars([(reference / name).read_bytes()]), name
     # training.log holds every start's events, appended
     log_events_all = [e["event"] for e in log_events(out / "training.log")]
     assert log_events_all.count("pipeline_resumed") == 5

@@ -136,8 +136,10 @@ class LocalExecutor:
         if self.progress:
             from tqdm import tqdm
 
-            run.bar = tqdm(total=100, desc=run.spec.run_key, unit="%", position=position % self.parallel,
-                           leave=False)
+            from nexlify.logs import BAR_FORMAT
+
+            run.bar = tqdm(total=run.spec.episodes, desc=run.spec.run_key, unit="ep", leave=False,
+                           position=position % self.parallel, bar_format=BAR_FORMAT)
         run.relay = threading.Thread(target=self._relay, args=(run,), daemon=True)
         run.relay.start()
         log.info("run_started", run=run.spec.run_key, seed=run.spec.seed, phase=run.spec.phase,
@@ -158,10 +160,9 @@ class LocalExecutor:
             name = event.pop("event", "worker_event")
             if name == "failed" and event.get("error"):
                 run.cause = str(event["error"])
-            if name == "training_progress":
-                if run.bar is not None:
-                    run.bar.n = event.get("percent", 0)
-                    run.bar.refresh()
+            if run.bar is not None and name in ("training_progress", "episodes_finished"):
+                _advance_bar(run.bar, event)
+                if name == "training_progress":
                     continue
             level = event.pop("level", "info")
             event.pop("timestamp", None)
@@ -195,3 +196,16 @@ class LocalExecutor:
             reason = f"{run.cause} ({reason})"
         return RunOutcome(run.spec.run_key, False, reason=f"worker failed: {reason}",
                           details={"exit_code": code, "log_tail": run.tail[-10:]})
+
+
+def _advance_bar(bar, event: dict) -> None:
+    """A run's bar from its worker's events: episodes done (update(), not n =, so tqdm's rate and ETA
+    follow) and the last round's mean episode return."""
+    done = event.get("episodes_done", event.get("episode"))
+    last = event.get("last_return", event.get("mean_return"))
+    if last is not None:
+        bar.set_postfix_str(f"last return {last:+.2f} %", refresh=False)
+    if done is not None:
+        bar.update(max(0.0, float(done) - bar.n))
+    else:
+        bar.refresh()

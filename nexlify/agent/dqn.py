@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nexlify.agent.stats import TrainingStats
 from nexlify.config import AgentConfig
 
 NEG_INF = -1e9
@@ -150,13 +151,15 @@ class DQNAgent:
         self.buffer = ReplayBuffer(cfg.buffer_size, obs_size, n_actions, device)
         self.window = NStepWindow(cfg.n_step, cfg.gamma)
         self.grad_steps = 0
+        self.stats = TrainingStats(device)  # loss, Q-values, finiteness per round (TensorBoard)
 
     # ------------------------------------------------------------------------------------------ act
 
     @torch.no_grad()
     def greedy(self, obs: Tensor, mask: Tensor) -> Tensor:
-        q = self.model(obs)
-        return torch.where(mask, q, NEG_INF).argmax(dim=-1)
+        q = torch.where(mask, self.model(obs), NEG_INF)
+        self.stats.add_q(q.view(-1, q.shape[-1]), mask.view(-1, mask.shape[-1]))
+        return q.argmax(dim=-1)
 
     @torch.no_grad()
     def act(self, obs: Tensor, mask: Tensor, epsilon: float) -> Tensor:
@@ -173,6 +176,7 @@ class DQNAgent:
     def remember(self, obs: Tensor, action: Tensor, reward: Tensor, next_obs: Tensor, next_mask: Tensor,
                  episode_end: bool) -> None:
         """Feed one step of all streams (flattened [M, ...]); stores the n-step transitions that are ready."""
+        self.stats.add_reward(reward)
         self.window.push(obs, action, reward * self.cfg.reward_scale)
         ready = self.window.flush() if episode_end else self.window.pop_ready()
         for o, a, ret, disc in ready:
@@ -198,6 +202,7 @@ class DQNAgent:
         self.grad_steps += 1
         if self.grad_steps % cfg.target_update == 0:
             self.target_model.load_state_dict(self.model.state_dict())
+        self.stats.add_loss(loss.detach())
         return loss.detach()
 
     # ------------------------------------------------------------------------------------ state i/o

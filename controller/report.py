@@ -1,0 +1,143 @@
+"""report.html of a pipeline output (a folder or s3://): written after the summary, and rebuilt by
+`nexlify report OUTPUT`.
+
+Everything comes from the output itself, through its store: the summary and the state (runs, scores,
+decisions), each run's TensorBoard event file (training curves), and the final model and the data
+snapshot, with which the final model is stepped through the validation (and test) window again
+(nexlify.report.evaluation: the same greedy evaluation the run's validation was, bar by bar).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import structlog
+
+from controller.stores import StoreKeyMissing
+from controller.stores.base import Store
+from nexlify.errors import InputError
+
+log = structlog.get_logger("nexlify.report")
+
+REPORT_KEY = "report.html"
+SUMMARY_KEY = "complete_training_summary.json"  # controller.pipeline's keys (it imports this module lazily)
+STATE_KEY = "pipeline_state.json"
+
+
+def _json(store: Store, key: str) -> dict | None:
+    try:
+        return json.loads(store.read_bytes(key))
+    except StoreKeyMissing:
+        return None
+
+
+def model_key(summary: dict) -> str:
+    """The final model's key in the output (final_model_path is its full URL; older summaries had the key
+    there)."""
+    return summary.get("final_model_key") or summary["final_model_path"]
+
+
+def pipeline_data(summary: dict, state: dict | None) -> dict:
+    """The at-a-glance section's numbers, as the summary (and, for each iteration's patience, the state)
+    recorded them."""
+    cfg = summary["config"]
+    runs = []
+    for r in summary["initial_runs"]:
+        m = r["val_metrics"]
+        runs.append({"key": f"init-{r['run_id']}", "phase": "initial", "seed": r["seed"], "val_return": m["avg_return"],
+                     "val_sharpe": m["avg_sharpe"], "score": r["val_score"], "train_return": r["train_return"],
+                     "model_path": r["model_path"], "folder": f"initial_runs/run_{r['run_id']}",
+                     "improvement_pct": None, "new_best": None,
+                     "decision": "selected" if r["run_id"] == summary["best_initial_run"] else "not selected"})
+    recorded = {e["iteration"]: e for e in (state or {}).get("retraining", [])}
+    for it in summary["retraining_iterations"]:
+        k = it["iteration"]
+        count = recorded.get(k, {}).get("patience_count")
+        decision = "new best" if it["new_best"] else (f"patience {count}/{cfg['patience']}" if count is not None
+                                                      else "no improvement")
+        m = it["metrics"]
+        runs.append({"key": f"retrain-{k}", "phase": "retrain", "seed": it["seed"], "val_return": m["avg_return"],
+                     "val_sharpe": m["avg_sharpe"], "score": it["score"], "train_return": it["train_return"],
+                     "model_path": it["model_path"], "folder": f"retraining/iteration_{k}",
+                     "improvement_pct": it["improvement_pct"], "new_best": it["new_best"], "patience_count": count,
+                     "decision": decision})
+    final_key = model_key(summary)
+    winner = next(r for r in runs if r["model_path"] == final_key)
+    return {
+        "pipeline_id": summary["pipeline_id"], "stop_reason": summary["stop_reason"], "runs": runs,
+        "winner": {"key": winner["key"], "score": summary["final_best_score"],
+                   "model_path": final_key, "url": summary["final_model_path"]},
+        "best_initial_score": summary["best_initial_score"], "final_best_score": summary["final_best_score"],
+        "total_improvement_pct": summary["total_improvement_pct"],
+        "final_test_metrics": summary.get("final_test_metrics"),
+        "rule": {"improvement_threshold": cfg["improvement_threshold"], "patience": cfg["patience"],
+                 "max_iterations": cfg["max_iterations"]},
+        "data": summary["data"], "config": cfg,
+    }
+
+
+def training_curves(store: Store, runs: list[dict]) -> dict:
+    """{run key: {tag: [[step, value], ...]}} from each run's event file (runs without one are left out)."""
+    from nexlify.tb import EVENTS_FILE, read_scalars
+
+    out = {}
+    for r in runs:
+        try:
+            blob = store.read_bytes(f"{r['folder']}/{EVENTS_FILE}")
+        except StoreKeyMissing:
+            continue
+        out[r["key"]] = {tag: [[s, v] for s, v in values] for tag, values in read_scalars([blob]).items()}
+    return out
+
+
+def final_model_evaluation(store: Store, summary: dict) -> dict:
+    """The final model stepped through the pipeline's validation and test windows, on the output's own data
+    snapshot and with the model's own config and normaliser."""
+    import torch
+
+    from nexlify import checkpoint
+    from nexlify.agent.dqn import DuelingQNet
+    from nexlify.config import TrainConfig
+    from nexlify.configtools import apply_mapping
+    from nexlify.env.batched import N_ACTIONS, observation_size
+    from nexlify.env.market import MarketTensors
+    from nexlify.features import Normalizer
+    from nexlify.report import evaluation
+    from nexlify.training import prepare_data
+
+    with tempfile.TemporaryDirectory(prefix="nexlify-report-") as tmp:
+        for f in summary["data"]["files"]:
+            store.download_file(f["key"], os.path.join(tmp, os.path.basename(f["key"])))
+        model_path = os.path.join(tmp, "model.pt")
+        store.download_file(model_key(summary), model_path)
+        ckpt = checkpoint.load(model_path, map_location=torch.device("cpu"))
+        cfg = TrainConfig()
+        apply_mapping(cfg, ckpt["config"], f"checkpoint {summary['final_model_path']}")
+        market, windows = prepare_data(cfg, tmp)
+    tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), "cpu")
+    model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden)
+    model.load_state_dict(ckpt["model_state_dict"])
+    named = {"validation": windows.val}
+    if windows.test:
+        named["test"] = windows.test
+    return evaluation(model, tensors, named, cfg, title="The final model on the validation and test windows")
+
+
+def build(store: Store) -> dict:
+    summary = _json(store, SUMMARY_KEY)
+    if summary is None:
+        raise InputError(f"{store.url(SUMMARY_KEY)} does not exist: the pipeline there has not finished; accepted: "
+                         "the output folder or s3:// prefix of a finished pipeline")
+    p = pipeline_data(summary, _json(store, STATE_KEY))
+    return {"title": f"nexlify pipeline {summary['pipeline_id']}", "pipeline": p,
+            "evaluation": final_model_evaluation(store, summary), "training": training_curves(store, p["runs"])}
+
+
+def write_report(store: Store) -> str:
+    """Build report.html from the output and write it there; returns its URL."""
+    from nexlify.report import render
+
+    store.write_bytes(REPORT_KEY, render(build(store)).encode())
+    return store.url(REPORT_KEY)
