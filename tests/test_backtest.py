@@ -19,10 +19,10 @@ import pytest
 from controller.backtest import Fold, WalkForwardConfig, aggregate, comparators, fold_row, plan_folds, render_table
 from controller.backtest_run import fold_config, resolve_walk_forward, run_walk_forward
 from controller.cli import build_parser, resolve_pipeline_config
-from controller.config import pipeline_hash
+from controller.config import pipeline_hash, pipeline_id
 from nexlify.data.timeframes import parse_utc_ms
 from nexlify.errors import InputError
-from tests.pipeline_support import read_json, run_cli
+from tests.pipeline_support import error_lines, read_json, run_cli
 from tests.test_kubernetes_executor import k8s_flags, make_cluster, s3  # noqa: F401 - fixtures used below
 
 HOUR_MS = 3_600_000
@@ -303,7 +303,7 @@ def test_a_failing_fold_stops_the_backtest_naming_the_fold(wf_out, tmp_path):
     snapshot.write_bytes(snapshot.read_bytes() + b"\x00")
     proc = backtest(str(out))
     assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
+    last = error_lines(proc.stderr)[-1]
     assert last.startswith("error: fold 2 (train 2024-11-01 .. 2025-05-27, test 2025-05-27 .. 2025-06-01): "
                            "its pipeline failed: data snapshot ")
     wf = read_json(out / "walk_forward.json")
@@ -317,7 +317,7 @@ def test_another_layout_on_the_same_output_is_refused_before_anything_runs(wf_ou
     proc = run_cli(["backtest", "--walk-forward", *TINY_WF[:-4], "--fold-days", "4", "--folds", "2",
                     "--output", str(out)])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {out}/walk_forward.json belongs to a walk-forward "
+    assert error_lines(proc.stderr)[-1].startswith(f"error: {out}/walk_forward.json belongs to a walk-forward "
                                                            "with another config or fold layout")
     assert _stamps(out) == stamps
 
@@ -336,7 +336,7 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(flags, message, tmp_pa
     out = tmp_path / "out"
     proc = run_cli(["backtest", *flags, "--pairs", "BTC/USDT", "--output", str(out)])
     assert proc.returncode == 2, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1 and errors[0].startswith(message), proc.stderr
     assert not out.exists()
 
@@ -396,7 +396,7 @@ def test_folds_run_as_kubernetes_jobs_through_the_fake_api_server(s3, make_clust
     report = run_walk_forward(cfg, wf)
     local = read_json(wf_out[0] / "walk_forward.json")
     assert report["folds"] == local["folds"] and report["aggregate"] == local["aggregate"]
-    ids = [pipeline_hash(fold_config(cfg, f, "unused"))[:8] for f in plan_folds("2024-11-01", "2025-06-01", wf,
-                                                                                 val_days=30)]
+    folds = plan_folds("2024-11-01", "2025-06-01", wf, val_days=30)
+    ids = [pipeline_id(fold_config(cfg, f, f"{output}/fold_{f.index}"), f"{output}/fold_{f.index}") for f in folds]
     assert len(set(ids)) == 2  # each fold is its own pipeline, so its Jobs never collide with another fold's
     assert cluster.jobs_created() == {f"nexlify-{pid}-{key}": 1 for pid in ids for key in ("init-1", "retrain-1")}
