@@ -19,7 +19,7 @@ import pytest
 from controller.backtest import Fold, WalkForwardConfig, aggregate, comparators, fold_row, plan_folds, render_table
 from controller.backtest_run import fold_config, resolve_walk_forward, run_walk_forward
 from controller.cli import build_parser, resolve_pipeline_config
-from controller.config import pipeline_hash, pipeline_id
+from controller.config import pipeline_id
 from nexlify.data.timeframes import parse_utc_ms
 from nexlify.errors import InputError
 from tests.pipeline_support import error_lines, read_json, run_cli
