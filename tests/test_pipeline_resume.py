@@ -23,6 +23,7 @@ import pytest
 
 from nexlify.tb import EVENTS_FILE, read_scalars
 from tests.pipeline_support import (
+    REPO,
     Reference,
     alive,
     children,
@@ -58,6 +59,23 @@ def events_of(log_path: Path, start_offset: int) -> list[dict]:
     part = log_path.with_suffix(".part")
     part.write_bytes(log_path.read_bytes()[start_offset:])
     return log_events(part)
+
+
+def pause_after_resume_env(tmp_path: Path, seconds: float) -> dict:
+    """Environment for a child whose workers sleep `seconds` after each resume.pt they write (sitecustomize)."""
+    hooks = tmp_path / "pause_hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('NEXLIFY_TEST_PAUSE_AFTER_RESUME'):\n"
+        "    from controller import worker\n"
+        "    original = worker.RunOutputs.save_torch\n"
+        "    def save_torch(self, key, obj):\n"
+        "        original(self, key, obj)\n"
+        "        if key == worker.RESUME:\n"
+        "            time.sleep(float(os.environ['NEXLIFY_TEST_PAUSE_AFTER_RESUME']))\n"
+        "    worker.RunOutputs.save_torch = save_torch\n")
+    return {"PYTHONPATH": os.pathsep.join([str(REPO), str(hooks)]), "NEXLIFY_TEST_PAUSE_AFTER_RESUME": str(seconds)}
 
 
 def test_stopped_at_five_points_and_resumed_ends_like_an_uninterrupted_run(reference, tmp_path):
@@ -108,7 +126,9 @@ def test_stopped_at_five_points_and_resumed_ends_like_an_uninterrupted_run(refer
 
     # 4. Ctrl-C during retraining iteration 2, after its resume checkpoint exists ----------------------
     offset = log_path.stat().st_size
-    proc = start_cli(args, log_path, own_session=True)
+    # the worker pauses after writing a resume checkpoint (a test hook), so that Ctrl-C reaches it mid-run
+    # on a loaded machine too, instead of after the iteration (and the pipeline) already finished
+    proc = start_cli(args, log_path, own_session=True, env=pause_after_resume_env(tmp_path, seconds=3))
     resume_2 = out / "retraining/iteration_2/resume.pt"
     wait_until(resume_2.exists, proc, log_path, "retraining iteration 2's resume.pt")
     workers = children(proc.pid)
