@@ -122,6 +122,11 @@ def check_metrics(metrics: Mapping, what: str) -> None:
 def _first_bad_number(obj: object, path: str) -> str | None:
     if isinstance(obj, float):
         return None if np.isfinite(obj) else f"{path} = {obj}"
+    return _first_in_children(obj, path, _first_bad_number)
+
+
+def _first_in_children(obj: object, path: str, check) -> str | None:
+    """`check(child, its path)` over a mapping's values or a sequence's items: the first finding, or None."""
     if isinstance(obj, Mapping):
         items = obj.items()
     elif isinstance(obj, (list, tuple)):
@@ -129,7 +134,7 @@ def _first_bad_number(obj: object, path: str) -> str | None:
     else:
         return None
     for key, value in items:
-        found = _first_bad_number(value, f"{path}.{key}" if path else str(key))
+        found = check(value, f"{path}.{key}" if path else str(key))
         if found is not None:
             return found
     return None
@@ -148,17 +153,7 @@ def _first_bad_tensor(obj: object, path: str) -> str | None:
         if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
             return path or "tensor"
         return None
-    if isinstance(obj, Mapping):
-        items = obj.items()
-    elif isinstance(obj, (list, tuple)):
-        items = enumerate(obj)
-    else:
-        return None
-    for key, value in items:
-        found = _first_bad_tensor(value, f"{path}.{key}" if path else str(key))
-        if found is not None:
-            return found
-    return None
+    return _first_in_children(obj, path, _first_bad_tensor)
 
 
 def _raise(quantity: str, value: float, *, step: int, seed: int | None, step_kind: str = "step",

@@ -106,8 +106,13 @@ def tail(log_path: Path, chars: int = 4000) -> str:
 
 def log_events(log_path: Path) -> list[dict]:
     """The JSON events of a log (lines that are not JSON, like the preflight table, are skipped)."""
+    return log_events_text(log_path.read_text(errors="replace"))
+
+
+def log_events_text(text: str) -> list[dict]:
+    """The JSON events among lines of text (a log file's, a process's stderr)."""
     events = []
-    for line in log_path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         if line.startswith("{"):
             try:
                 events.append(json.loads(line))

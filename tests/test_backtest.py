@@ -22,7 +22,7 @@ from controller.cli import build_parser, resolve_pipeline_config
 from controller.config import pipeline_id
 from nexlify.data.timeframes import parse_utc_ms
 from nexlify.errors import InputError
-from tests.pipeline_support import error_lines, read_json, run_cli
+from tests.pipeline_support import error_lines, log_events_text, read_json, run_cli
 from tests.test_kubernetes_executor import k8s_flags, make_cluster, s3  # noqa: F401 - fixtures used below
 
 HOUR_MS = 3_600_000
@@ -341,16 +341,6 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(flags, message, tmp_pa
     assert not out.exists()
 
 
-def log_events_text(text: str) -> list[dict]:
-    """The JSON events among a process's stderr lines."""
-    events = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-    return events
 
 
 # ------------------------------------------------------------------------------------------------ S3
