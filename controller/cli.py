@@ -178,8 +178,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # stdout stays one JSON object (with JSON logs one line, an event: kubectl logs merges stdout and stderr);
     # the same in words on stderr
     print(json.dumps({"event": "pipeline_result", **final}) if as_json else json.dumps(final, indent=2))
-    for line in selection_lines(summary):
-        print(line, file=sys.stderr)
+    for line in selection_lines(summary):  # the last lines: in words, or as events where every line is JSON
+        if as_json:
+            structlog.get_logger("nexlify.pipeline").info("pipeline_verdict", line=line)
+        else:
+            print(line, file=sys.stderr)
     return 0
 
 

@@ -150,7 +150,8 @@ def test_every_run_reports_the_baselines_and_the_summary_is_honest_about_the_sel
     assert summary["final_val_baselines"]["cash_plus_lending"]["avg_return"] == lending["avg_return"]
 
     # the train command's last lines say the same
-    last = (out.parent / "train.log").read_text().strip().splitlines()[-4:]
+    # (JSON logs here: every line is an event, the closing lines `pipeline_verdict` events in words)
+    last = [json.loads(line)["line"] for line in (out.parent / "train.log").read_text().strip().splitlines()[-4:]]
     assert last[0].startswith(f"winner: {winner['source']}") and "4 models tried" in last[0]
     assert last[1].startswith("cash plus lending, same window: return")
     assert last[2].startswith("deflated Sharpe ratio: ")
@@ -300,13 +301,13 @@ def test_finished_pipeline_run_again_changes_nothing(out, summary, tmp_path):
     got = run_cli(train_args(str(copy)), timeout=120)
     assert got.returncode == 0, got.stderr
     assert json.loads(got.stdout)["final_best_score"] == summary["final_best_score"]
-    # --log-format json: every line is an event, the printed result included, but for the selection's closing
-    # lines in words
+    # --log-format json: every line is an event, the printed result and the closing lines included
     assert [json.loads(line)["event"] for line in got.stdout.splitlines()] == ["pipeline_result"]
     words = final_lines(summary)
-    lines = got.stderr.splitlines()
-    assert words and lines[-len(words):] == words
-    assert "pipeline_already_done" in [json.loads(line)["event"] for line in lines[:-len(words)]]
+    events = [json.loads(line) for line in got.stderr.splitlines()]
+    assert words and [e.get("line") for e in events[-len(words):]] == words
+    assert {e["event"] for e in events[-len(words):]} == {"pipeline_verdict"}
+    assert "pipeline_already_done" in [e["event"] for e in events[:-len(words)]]
     after = folder_tree(copy)
     before.pop("training.log"), after.pop("training.log")  # the log records this start too
     # the copy lives elsewhere: the workers' config names its new place, and nothing else changed
