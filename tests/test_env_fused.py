@@ -18,7 +18,7 @@ import torch
 
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
-from nexlify.env import batched, fused, fused_portfolio
+from nexlify.env import batched, fused, fused_portfolio, layout
 from nexlify.env.batched import (
     ACTION_NAMES, CLOSE, HOLD, N_ACTIONS, NO_TRANSFER, OPEN_LONG, PNL_SOURCES, STATE_NAMES, BatchedTradingEnv,
 )
@@ -142,12 +142,23 @@ def test_kernel_choice_follows_the_config_device_and_strategies(tensors):
     assert every_ref._fused is None
 
 
-def test_the_kernels_number_actions_and_sentinels_as_the_environment_does():
+def test_the_layout_names_every_offset_and_the_kernels_number_as_the_environment_does():
+    """nexlify.env.layout is the one source of the ids and offsets: each action has its id, each state field
+    its offset S_<NAME> (its place in STATE_NAMES), each PnL source its row PNL_<NAME>; the kernels and the
+    environment use the same numbers."""
+    for i, name in enumerate(layout.ACTION_NAMES):
+        assert getattr(layout, {"arbitrage": "ARB"}.get(name, name.upper())) == i, name
+    for i, name in enumerate(layout.STATE_NAMES):
+        assert getattr(layout, "S_SPREAD" if name == arbitrage.SPREAD_FEATURE else "S_" + name.upper()) == i, name
+    for i, name in enumerate(layout.PNL_SOURCES):
+        assert getattr(layout, "PNL_" + name.upper()) == i, name
+    assert layout.PNL_SOURCES[-1] == "fees_and_gas"  # the tensor step writes the costs into pnl_rows[-1]
     names = ("HOLD", "OPEN_LONG", "CLOSE", "STAKE", "UNSTAKE", "LP_OPEN", "LP_CLOSE", "LEND", "WITHDRAW", "ARB",
              "ARB_CLOSE", "NO_LOT", "NO_TRANSFER")
     assert [getattr(fused_portfolio, n) for n in names] == [getattr(batched, n) for n in names]
-    assert (fused.HOLD, fused.OPEN_LONG, fused.CLOSE) == (batched.HOLD, batched.OPEN_LONG, batched.CLOSE)
-    assert fused.N_SPOT_STATE == len(batched.SPOT_STATE_NAMES)
+    assert [getattr(batched, n) for n in names] == [getattr(layout, n) for n in names]
+    assert (batched.NO_LOT, batched.NO_TRANSFER) == (-1, 2 ** 62)
+    assert layout.N_SPOT_STATE == len(batched.SPOT_STATE_NAMES) == 11
     assert set(fused_portfolio.SLOT_FLOATS) <= set(vars(BatchedTradingEnv(
         binance_with_coinbase(), torch.zeros((1, 1), dtype=torch.int64), torch.tensor([800]), 1, EnvConfig(),
         RiskConfig())))

@@ -22,8 +22,10 @@ under the concurrent-trade cap). nexlify.env.fused_portfolio does the same for t
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
+import importlib.util
 import math
 import types
 from pathlib import Path
@@ -31,6 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from nexlify.env.layout import (
+    CLOSE, HOLD, N_SPOT_STATE, OPEN_LONG, PNL_FEES_AND_GAS, PNL_SPOT, S_BARS_IN_TRADE, S_CASH_FRAC,
+    S_DAILY_LOSS_USED, S_DIST_TO_STOP, S_DIST_TO_TARGET, S_IN_POSITION, S_LOG_EQUITY_CHANGE, S_OPEN_TRADES_FRAC,
+    S_POSITION_WEIGHT, S_SIZE_FRAC, S_UNREALISED_PNL,
+)
 
 if TYPE_CHECKING:
     from nexlify.env.batched import BatchedTradingEnv
@@ -40,8 +48,6 @@ try:
 except ImportError:  # the tensor step serves alone
     numba = None
 
-HOLD, OPEN_LONG, CLOSE = 0, 1, 2
-N_SPOT_STATE = 11  # len(batched.SPOT_STATE_NAMES); the kernel writes them in that order
 
 
 def available() -> bool:
@@ -81,21 +87,22 @@ def exit_in_bar(bar_open, bar_high, bar_low, stop, target):
 @_jit_inline
 def write_spot_state(out, holding, close, entry, highest, bars_in_trade, units, equity, open_frac, daily_used,
                      log_change, cash_frac, size_frac, stop_loss, take_profit, trailing_stop):
-    """The N_SPOT_STATE features of one slot (batched.SPOT_STATE_NAMES, as observe() computes them) into out."""
+    """The N_SPOT_STATE features of one slot (layout.SPOT_STATE_NAMES, as observe() computes them) into out, the
+    slot's state fields (out[S_X] is field X)."""
     hf = 1.0 if holding else 0.0
     safe_entry = entry if holding else close
     stop, target = stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
-    out[0] = hf
-    out[1] = hf * (close / safe_entry - 1.0)
-    out[2] = hf * ((close - stop) / close if stop > 0 else 1.0)
-    out[3] = hf * ((target - close) / close if take_profit > 0 else 1.0)
-    out[4] = hf * min(bars_in_trade / 168.0, 4.0)
-    out[5] = units * close / equity
-    out[6] = open_frac
-    out[7] = daily_used
-    out[8] = log_change
-    out[9] = cash_frac
-    out[10] = size_frac
+    out[S_IN_POSITION] = hf
+    out[S_UNREALISED_PNL] = hf * (close / safe_entry - 1.0)
+    out[S_DIST_TO_STOP] = hf * ((close - stop) / close if stop > 0 else 1.0)
+    out[S_DIST_TO_TARGET] = hf * ((target - close) / close if take_profit > 0 else 1.0)
+    out[S_BARS_IN_TRADE] = hf * min(bars_in_trade / 168.0, 4.0)
+    out[S_POSITION_WEIGHT] = units * close / equity
+    out[S_OPEN_TRADES_FRAC] = open_frac
+    out[S_DAILY_LOSS_USED] = daily_used
+    out[S_LOG_EQUITY_CHANGE] = log_change
+    out[S_CASH_FRAC] = cash_frac
+    out[S_SIZE_FRAC] = size_frac
 
 
 @_jit_inline
@@ -307,8 +314,8 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         o_trades[b] = trades[b] + n_closed
         o_wins[b] = wins[b] + n_won
         o_costs[b] = costs[b] + cost_b
-        pnl_rows[0, b] += (equity_b - prev_eq) + cost_b
-        pnl_rows[pnl_rows.shape[0] - 1, b] -= cost_b
+        pnl_rows[PNL_SPOT, b] += (equity_b - prev_eq) + cost_b
+        pnl_rows[PNL_FEES_AND_GAS, b] -= cost_b
         o_cash[b], o_equity[b], o_peak[b], o_day_start[b], o_t[b] = new_cash, equity_b, peak_b, ds, u
         # 6. the next bar's derived state (_refresh): Kelly size, daily-loss block, mask
         size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, kelly_on, kelly_min_trades, kelly_fraction,
@@ -362,10 +369,11 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
     key = (name, parallel)
     if key not in _compiled:
         # numba's cache tells entries apart by the function's name, not by the `parallel` flag, and checks only
-        # the kernel's own file for changes, not that of the rules it inlines from here: each build gets a
-        # name of its own that carries a digest of the kernels' sources
+        # the kernel's own file for changes, not those of the rules it inlines or the constants it compiles in
+        # (the layout, the tables' rows): each build gets a name of its own that carries a digest of the
+        # sources of the kernel's module and of every nexlify module it imports, transitively
         flavour = "threaded" if parallel else "serial"
-        build = f"{name}_{flavour}_{_sources_digest()}"
+        build = f"{name}_{flavour}_{_sources_digest(kernel.__module__)}"
         function = types.FunctionType(kernel.__code__, kernel.__globals__, build)
         function.__qualname__ = build
         try:
@@ -376,9 +384,33 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
 
 
 @functools.cache
-def _sources_digest() -> str:
-    files = sorted(Path(__file__).parent.glob("fused*.py"))
+def _sources_digest(module: str) -> str:
+    files = sorted(kernel_sources(module))
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
+def kernel_sources(module: str) -> set[Path]:
+    """The files of `module` and of every nexlify module it imports at its top level, transitively (imports
+    under `if TYPE_CHECKING:` and inside functions are not followed: a kernel cannot use them)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        spec = importlib.util.find_spec(name)
+        tree = ast.parse(Path(spec.origin).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.split(".")[0] == "nexlify"]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "nexlify":
+                todo.append(node.module)
+                if importlib.util.find_spec(node.module).submodule_search_locations is not None:
+                    # `from package import module` names modules, `from package import name` a name
+                    todo += [f"{node.module}.{a.name}" for a in node.names
+                             if importlib.util.find_spec(f"{node.module}.{a.name}") is not None]
+    return {Path(importlib.util.find_spec(name).origin) for name in seen}
 
 
 def as_numpy(x: torch.Tensor) -> np.ndarray:

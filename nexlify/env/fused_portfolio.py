@@ -16,8 +16,7 @@ per-slot numbers [B, len(SLOT_FLOATS), P] (and int64 and bool companions), per-e
 writes fresh arrays (so a tensor a caller kept from an earlier step keeps its values), and the next step
 passes them back as they are, without packing again, while the environment still holds exactly those
 views. The ring of closed-trade returns, its head and the PnL rows are updated in place, as the tensor
-step does. The action numbers and sentinels below are batched's (which imports this module; a test
-holds them equal).
+step does. The action numbers, sentinels, observation offsets and PnL rows are nexlify.env.layout's.
 """
 
 from __future__ import annotations
@@ -30,6 +29,14 @@ import torch
 
 from nexlify.env import fused
 from nexlify.env import strategy_tables as tables
+from nexlify.env.layout import (
+    ARB, ARB_CLOSE, CLOSE, HOLD, LEND, LP_CLOSE, LP_OPEN, N_SPOT_STATE, NO_LOT, NO_TRANSFER, OPEN_LONG,
+    PNL_ARBITRAGE, PNL_FEES_AND_GAS, PNL_IMPERMANENT_LOSS, PNL_LENDING_INTEREST, PNL_LP_FEES, PNL_SPOT,
+    PNL_STAKING_REWARDS, S_AAVE_SUPPLY_APY, S_AAVE_UTILIZATION, S_ARB_EDGE_BPS, S_ARB_WEIGHT, S_INTEREST_ACCRUED,
+    S_LENT_WEIGHT, S_LP_DIST_LOWER, S_LP_DIST_UPPER, S_LP_FEES_ACCRUED, S_LP_IMPERMANENT_LOSS, S_LP_IN_RANGE,
+    S_LP_WEIGHT, S_SPREAD, S_STAKED_WEIGHT, S_STAKING_APY, S_TRANSFER_PENDING, S_UNBOND_WAIT, S_UNBONDING_WEIGHT,
+    S_VENUE2_AVAILABLE, STAKE, UNSTAKE, WITHDRAW,
+)
 from nexlify.strategies import uniswap_v3
 
 if TYPE_CHECKING:
@@ -39,10 +46,6 @@ try:
     import numba
 except ImportError:  # the tensor step serves alone
     numba = None
-
-(HOLD, OPEN_LONG, CLOSE, STAKE, UNSTAKE, LP_OPEN, LP_CLOSE, LEND, WITHDRAW, ARB, ARB_CLOSE) = range(11)
-NO_LOT = -1
-NO_TRANSFER = 2 ** 62
 
 # The environment's state, packed: the attribute names in row order.
 SLOT_FLOATS = ("_units", "_entry", "_entry_cost", "_highest", "_bars_in_trade", "_close", "_staked", "_unbonding",
@@ -84,6 +87,9 @@ N_SCRATCH = 17
 (K_CLOSED, K_LP_CLOSED, K_ARB_CLOSED, K_ACCEPTED, K_ACCEPTED_LP, K_ACCEPTED_ARB, K_WANT, K_WANT_LP,
  K_WANT_ARB) = range(9)
 N_FLAGS = 9
+# The PnL rows (layout.PNL_SOURCES) summed over the pairs from the scratch rows (fees_and_gas is -cost)
+PNL_FROM_SCRATCH = ((PNL_SPOT, F_SPOT_PNL), (PNL_STAKING_REWARDS, F_STAKE_PNL), (PNL_LP_FEES, F_LP_FEE_PNL),
+                    (PNL_IMPERMANENT_LOSS, F_IL_PNL), (PNL_LENDING_INTEREST, F_INTEREST), (PNL_ARBITRAGE, F_ARB_PNL))
 
 
 def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
@@ -554,12 +560,12 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 done += 1
                 won += 1 if f[F_ARB_RET, p] > 0 else 0
             cost_b += f[F_COST, p]
-        for j in range(6):  # spot, staking rewards, LP fees, impermanent loss, lending interest, arbitrage
+        for source, scratch_row in PNL_FROM_SCRATCH:
             total = 0.0
             for p in range(n_pairs):
-                total += f[F_SPOT_PNL + j, p]
-            pnl_rows[j, b] += total
-        pnl_rows[6, b] += -cost_b
+                total += f[scratch_row, p]
+            pnl_rows[source, b] += total
+        pnl_rows[PNL_FEES_AND_GAS, b] += -cost_b
         o_e64[b, RET_SUM] = e64[b, RET_SUM] + x
         o_e64[b, RET_SQ_SUM] = e64[b, RET_SQ_SUM] + x * x
         o_ef[b, MAX_DD] = max(ef[b, MAX_DD], drawdown)
@@ -641,41 +647,40 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             c = o_sf[b, CLOSE_PX, p]
             units = o_sf[b, UNITS, p]
             holding = units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] > 0
-            j = n_feat
-            fused.write_spot_state(obs[b, p, j:j + fused.N_SPOT_STATE], holding, c, o_sf[b, ENTRY, p],
+            j = n_feat  # the state fields: obs[b, p, j + S_X] is field X (nexlify.env.layout)
+            fused.write_spot_state(obs[b, p, j:j + N_SPOT_STATE], holding, c, o_sf[b, ENTRY, p],
                                    o_sf[b, HIGHEST, p], o_sf[b, BARS, p], units, equity, open_frac, daily_used,
                                    log_change, cash_frac, size_frac, stop_loss, take_profit, trailing_stop)
-            j += fused.N_SPOT_STATE
-            for q in range(j, obs.shape[2]):
+            for q in range(j + N_SPOT_STATE, obs.shape[2]):
                 obs[b, p, q] = 0.0
             if S:
                 unbonding = o_sf[b, UNBONDING, p]
-                obs[b, p, j] = o_sf[b, STAKED, p] * c * inv_eq
-                obs[b, p, j + 1] = unbonding * c * inv_eq
+                obs[b, p, j + S_STAKED_WEIGHT] = o_sf[b, STAKED, p] * c * inv_eq
+                obs[b, p, j + S_UNBONDING_WEIGHT] = unbonding * c * inv_eq
                 wait = min(max((o_si[b, RELEASE, p] - u) * (1.0 / 168.0), 0.0), 4.0)
-                obs[b, p, j + 2] = wait if unbonding > 0 else 0.0
-                obs[b, p, j + 3] = stake_apy_feature[pair[b, p]]
+                obs[b, p, j + S_UNBOND_WAIT] = wait if unbonding > 0 else 0.0
+                obs[b, p, j + S_STAKING_APY] = stake_apy_feature[pair[b, p]]
             if LP:
                 lp_live = o_sf[b, LP_L, p] > 0
                 spa, spb = o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
                 lower, upper = spa * spa / c, spb * spb / c
-                obs[b, p, j + 4] = o_sf[b, LP_VALUE, p] * inv_eq
-                obs[b, p, j + 5] = 1.0 if lp_live and lower <= 1.0 and upper >= 1.0 else 0.0
-                obs[b, p, j + 6] = 1.0 - lower if lp_live else 0.0
-                obs[b, p, j + 7] = upper - 1.0 if lp_live else 0.0
-                obs[b, p, j + 8] = o_sf[b, LP_FEES, p] * (inv_eq * 100.0)
-                obs[b, p, j + 9] = o_sf[b, LP_IL, p] * (inv_eq * 100.0)
+                obs[b, p, j + S_LP_WEIGHT] = o_sf[b, LP_VALUE, p] * inv_eq
+                obs[b, p, j + S_LP_IN_RANGE] = 1.0 if lp_live and lower <= 1.0 and upper >= 1.0 else 0.0
+                obs[b, p, j + S_LP_DIST_LOWER] = 1.0 - lower if lp_live else 0.0
+                obs[b, p, j + S_LP_DIST_UPPER] = upper - 1.0 if lp_live else 0.0
+                obs[b, p, j + S_LP_FEES_ACCRUED] = o_sf[b, LP_FEES, p] * (inv_eq * 100.0)
+                obs[b, p, j + S_LP_IMPERMANENT_LOSS] = o_sf[b, LP_IL, p] * (inv_eq * 100.0)
             if LE:
-                obs[b, p, j + 10] = o_sf[b, LENT, p] * inv_eq
-                obs[b, p, j + 11] = (o_sf[b, LENT, p] - o_sf[b, PRINCIPAL, p]) * (inv_eq * 100.0)
-                obs[b, p, j + 17] = bar_tab[tables.SUPPLY_APY_FEATURE, u]
-                obs[b, p, j + 18] = bar_tab[tables.UTILIZATION, u]
+                obs[b, p, j + S_LENT_WEIGHT] = o_sf[b, LENT, p] * inv_eq
+                obs[b, p, j + S_INTEREST_ACCRUED] = (o_sf[b, LENT, p] - o_sf[b, PRINCIPAL, p]) * (inv_eq * 100.0)
+                obs[b, p, j + S_AAVE_SUPPLY_APY] = bar_tab[tables.SUPPLY_APY_FEATURE, u]
+                obs[b, p, j + S_AAVE_UTILIZATION] = bar_tab[tables.UTILIZATION, u]
             if AR:
-                obs[b, p, j + 12] = o_sf[b, ARB_VALUE, p] * inv_eq
-                obs[b, p, j + 13] = floats[tables.SPREAD_FEATURE, row]
-                obs[b, p, j + 14] = floats[tables.EDGE_FEATURE, row]
-                obs[b, p, j + 15] = floats[tables.V2_AVAILABLE, row]
-                obs[b, p, j + 16] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
+                obs[b, p, j + S_ARB_WEIGHT] = o_sf[b, ARB_VALUE, p] * inv_eq
+                obs[b, p, j + S_SPREAD] = floats[tables.SPREAD_FEATURE, row]
+                obs[b, p, j + S_ARB_EDGE_BPS] = floats[tables.EDGE_FEATURE, row]
+                obs[b, p, j + S_VENUE2_AVAILABLE] = floats[tables.V2_AVAILABLE, row]
+                obs[b, p, j + S_TRANSFER_PENDING] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
 
 
 def _state_attr(env: "BatchedTradingEnv", name: str) -> torch.Tensor:
