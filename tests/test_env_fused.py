@@ -1,5 +1,5 @@
-"""The fused CPU kernels (nexlify.env.fused for spot alone, nexlify.env.fused_portfolio with the strategies
-beyond spot) against the tensor step they stand in for.
+"""The fused CPU kernel (nexlify.env.fused_portfolio, for spot alone and with the strategies beyond spot)
+against the tensor step it stands in for.
 
 Two environments on the same real candles, one with kernel="torch" (the reference) and one with
 kernel="auto" (a fused kernel on the CPU), take the same actions step by step; every
@@ -18,7 +18,7 @@ import torch
 
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
-from nexlify.env import batched, fused, fused_portfolio, layout
+from nexlify.env import batched, fused_portfolio, layout
 from nexlify.env.batched import (
     ACTION_NAMES, CLOSE, HOLD, N_ACTIONS, NO_TRANSFER, OPEN_LONG, PNL_SOURCES, STATE_NAMES, BatchedTradingEnv,
 )
@@ -131,7 +131,8 @@ def test_kernel_choice_follows_the_config_device_and_strategies(tensors):
     starts = torch.tensor([300])
     spot = BatchedTradingEnv(tensors, torch.arange(3).expand(1, 3), starts, 10, EnvConfig(strategies=["spot"]),
                              RiskConfig())
-    assert spot._fused is not None and fused.available()
+    assert isinstance(spot._fused, fused_portfolio.FusedPortfolioStep) and fused_portfolio.available()
+    assert spot._fused.groups == fused_portfolio.SPOT_GROUPS  # spot alone packs the spot trade's rows only
     reference = BatchedTradingEnv(tensors, torch.arange(3).expand(1, 3), starts, 10,
                                   EnvConfig(strategies=["spot"], kernel="torch"), RiskConfig())
     assert reference._fused is None
@@ -164,6 +165,14 @@ def test_the_layout_names_every_offset_and_the_kernels_number_as_the_environment
         RiskConfig())))
 
 
+def test_the_kernel_cache_name_digests_every_source_the_kernel_compiles_in():
+    """numba's disk cache checks only the kernel's own file: the build's name carries a digest of every nexlify
+    module the kernel's module imports (the layout's offsets and the tables' rows are compiled in)."""
+    sources = {p.name for p in fused_portfolio.kernel_sources("nexlify.env.fused_portfolio")}
+    assert {"fused_portfolio.py", "layout.py", "strategy_tables.py", "staking.py", "arbitrage.py"} <= sources
+    assert "batched.py" not in sources  # the kernel does not import the environment
+
+
 def test_fused_step_by_hand_and_earlier_tensors_keep_their_values():
     """The hand-computed round trip of tests/test_env.py on the fused kernel, and the state a caller kept
     from an earlier step is not overwritten by the next one."""
@@ -185,13 +194,13 @@ def test_fused_step_by_hand_and_earlier_tensors_keep_their_values():
 
 def test_the_threaded_kernel_matches_the_tensor_step_on_a_large_batch(tensors):
     """Past PARALLEL_MIN_SLOTS slots with two threads the kernel runs its episodes on a thread pool."""
-    n = fused.PARALLEL_MIN_SLOTS // 3 + 100
+    n = fused_portfolio.PARALLEL_MIN_SLOTS // 3 + 100
     starts = torch.arange(250, 250 + n) % 900 + 250
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         ref, fast = pair_of_envs(tensors, BUSY_RISK, EnvConfig(strategies=["spot"]), starts, 80)
-        assert fast._fused.parallel and fast._fused.kernel is fused._compiled[("_kernel", True)]
+        assert fast._fused.parallel and fast._fused.kernel is fused_portfolio._compiled[("_portfolio_kernel", True)]
         run_side_by_side(ref, fast, 80, seed=2, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
     finally:
         torch.set_num_threads(threads)
@@ -317,7 +326,7 @@ def test_observe_after_a_fused_portfolio_step_gathers_the_tables_at_the_new_bar(
 
 
 def test_the_threaded_portfolio_kernel_matches_the_tensor_step_on_a_large_batch(venues):
-    n = fused.PARALLEL_MIN_SLOTS // 3 + 100
+    n = fused_portfolio.PARALLEL_MIN_SLOTS // 3 + 100
     starts = torch.arange(n) % 500 + 700
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -84,8 +84,9 @@ observations [B, P, obs]. `precision` chooses float64 (default: exact accounting
 
 This tensor step is the reference and serves every device and strategy. On the CPU (with `kernel`
 "auto"), `_advance` hands the step to a numba kernel that computes the same numbers in one pass per
-episode: nexlify.env.fused for spot alone, nexlify.env.fused_portfolio with the strategy tables
-(tests/test_env_fused.py holds each to this step, output by output and state by state).
+episode, nexlify.env.fused_portfolio, for spot alone and with the strategy tables (tests/test_env_fused.py
+holds it to this step, output by output and state by state). The observation's layout, the action ids
+and the PnL rows are named once, in nexlify.env.layout.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ import torch
 from torch import Tensor
 
 from nexlify.config import EnvConfig, RiskConfig
-from nexlify.env import fused, fused_portfolio, risk
+from nexlify.env import fused_portfolio, risk
 from nexlify.env import strategy_tables as tables
 # the layout (actions, state fields, PnL rows) is nexlify.env.layout's; re-exported for the callers that
 # import these names with the environment
@@ -212,14 +213,12 @@ class BatchedTradingEnv:
         self._mask_off = torch.zeros((self.B, self.P, N_ACTIONS - N_SPOT_ACTIONS), dtype=torch.bool,
                                      device=self.device)
         self.reset()
-        # On the CPU one fused kernel computes the same step in a pass per episode: one for spot alone, one
-        # with the strategy tables.
+        # On the CPU one fused kernel computes the same step in a pass per episode, for spot alone and with the
+        # strategy tables.
         self._fused = None
-        if self.device.type == "cpu" and getattr(env_cfg, "kernel", "auto") == "auto" and fused.available():
-            if self._tables is not None:
-                self._fused = fused_portfolio.FusedPortfolioStep(self)
-            elif self.spot_on:
-                self._fused = fused.FusedSpotStep(self)
+        cpu_kernel = self.device.type == "cpu" and getattr(env_cfg, "kernel", "auto") == "auto"
+        if cpu_kernel and fused_portfolio.available() and (self._tables is not None or self.spot_on):
+            self._fused = fused_portfolio.FusedPortfolioStep(self, tb)
 
     # ----------------------------------------------------------------------------------------- state
 
