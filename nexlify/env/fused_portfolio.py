@@ -231,6 +231,225 @@ def position_size(n_win, n_loss, sum_win, sum_loss, trade_count, kelly_on, min_t
     return size
 
 
+@_jit_inline
+def open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR):
+    """0. What the open of bar u brings for episode b: the actions (invalid ones turn into hold), unbonding lots
+    that come free (staking.release_unbonded), transfers between the venues that land; the coins marked at the
+    last close go into the scratch f (for the price PnL)."""
+    n_pairs = acts.shape[1]
+    for p in range(n_pairs):
+        a = actions[b, p]
+        if not mask[b, p, a]:
+            a = HOLD
+        acts[b, p] = a
+        row = u * n_cols + pair[b, p]
+        o_sb[b, TRADABLE, p] = tradable_tab[row]
+        units = o_sf[b, UNITS, p]
+        f[F_COINS_BEFORE, p] = units
+        if S:
+            staked, unbonding, release = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p], o_si[b, RELEASE, p]
+            f[F_COINS_BEFORE, p] = units + staked + unbonding
+            if unbonding > 0 and release != NO_LOT and u >= release:  # staking.release_unbonded
+                o_sf[b, UNITS, p] = units + unbonding
+                o_sf[b, UNBONDING, p] = 0.0
+                o_si[b, RELEASE, p] = NO_LOT
+        if AR:
+            tr_coin = o_sf[b, TR_COIN, p]
+            f[F_ARB_COINS_BEFORE, p] = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(tr_coin)
+            if o_si[b, TR_DUE, p] <= u:
+                tr_quote = o_sf[b, TR_QUOTE, p]
+                o_sf[b, CA, p] = o_sf[b, CA, p] + max(tr_coin, 0.0)
+                o_sf[b, CB, p] = o_sf[b, CB, p] - min(tr_coin, 0.0)
+                o_sf[b, QA, p] = o_sf[b, QA, p] + max(tr_quote, 0.0)
+                o_sf[b, QB, p] = o_sf[b, QB, p] - min(tr_quote, 0.0)
+                o_sf[b, TR_COIN, p], o_sf[b, TR_QUOTE, p] = 0.0, 0.0
+                o_si[b, TR_DUE, p] = NO_TRANSFER
+
+
+@_jit_inline
+def arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si, o_sb,
+                    f, prm):
+    """3. Arbitrage from the books of episode b at both venues' opens of bar u (arbitrage.directed_units, then
+    arbitrage.settle), then the rebalancing transfer of a book that ran low."""
+    n_pairs = acts.shape[1]
+    fa, fb = prm[FEE_A], prm[FEE_B]
+    rb = 2.0 * prm[REBALANCE_BELOW]
+    for p in range(n_pairs):
+        row = u * n_cols + pair[b, p]
+        o, o2 = prices[row, 0], floats[tables.V2_OPEN, row]
+        trade = acts[b, p] == ARB and o_sb[b, BOOK, p]
+        qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
+        # arbitrage.directed_units, then arbitrage.settle (torch divides a number by a tensor as the
+        # tensor's reciprocal times the number: so does this, to the last bit)
+        q_ab = min(min(max(qa, 0.0) / (o * (1.0 + fa)), max(cb, 0.0)), (1.0 / o) * prm[MAX_NOTIONAL])
+        q_ba = min(min(max(qb, 0.0) / (o2 * (1.0 + fb)), max(ca, 0.0)), (1.0 / o2) * prm[MAX_NOTIONAL])
+        units_arb = ((q_ab if trade and flags[tables.FILL_AB, row] else 0.0)
+                     - (q_ba if trade and flags[tables.FILL_BA, row] else 0.0))
+        size_arb = abs(units_arb)
+        qa = qa - units_arb * o - size_arb * (o * fa)
+        ca = ca + units_arb
+        qb = qb + units_arb * o2 - size_arb * (o2 * fb)
+        cb = cb - units_arb
+        f[F_COST, p] = f[F_COST, p] + size_arb * (o * fa + o2 * fb)
+        f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + units_arb * (o2 - o)
+        coins_mean, quote_mean = (ca + cb) * 0.5, (qa + qb) * 0.5
+        low = min(ca, cb) <= rb * coins_mean or min(qa, qb) <= rb * quote_mean
+        if units_arb != 0 and o_si[b, TR_DUE, p] == NO_TRANSFER and low:
+            to_a = coins_mean - ca
+            fee_units = min(abs(to_a), withdrawal_fee[pair[b, p]])
+            sign = 1.0 if to_a > 0 else (-1.0 if to_a < 0 else 0.0)
+            o_sf[b, TR_COIN, p] = to_a - sign * fee_units
+            o_sf[b, TR_QUOTE, p] = quote_mean - qa
+            ca, cb = min(ca, coins_mean), min(cb, coins_mean)
+            qa, qb = min(qa, quote_mean), min(qb, quote_mean)
+            o_si[b, TR_DUE, p] = u + transfer_bars[pair[b, p]]
+            f[F_COST, p] = f[F_COST, p] + fee_units * o
+        o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p] = qa, ca, qb, cb
+
+
+@_jit_inline
+def lend(b, ef, o_sf, f, acts, prm):
+    """4. Lending for episode b: a LEND tops the Aave supply up to max_idle_share of the idle USDT left after the
+    entries (the first LEND of the bar in pair order supplies it all)."""
+    n_pairs = acts.shape[1]
+    flow_sum = 0.0
+    supply = 0.0
+    for p in range(n_pairs):
+        flow_sum += f[F_FLOW, p]
+        supply += o_sf[b, LENT, p]
+    room = max(ef[b, CASH] + flow_sum, 0.0)
+    lendable = max(prm[MAX_IDLE_SHARE] * (room + supply) - supply, 0.0)
+    cumulative = 0.0
+    for p in range(n_pairs):
+        chunk = lendable if acts[b, p] == LEND else 0.0
+        cumulative = cumulative + chunk
+        supplied = min(chunk, max(lendable - (cumulative - chunk), 0.0))
+        f[F_FLOW, p] = f[F_FLOW, p] - supplied
+        o_sf[b, LENT, p] = o_sf[b, LENT, p] + supplied
+        o_sf[b, PRINCIPAL, p] = o_sf[b, PRINCIPAL, p] + supplied
+
+
+@_jit_inline
+def refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee, prm, spot_on, S, LP,
+                 LE, AR, equity, cash, size_b, blocked_b):
+    """8a. The mask at bar u for episode b (BatchedTradingEnv._action_mask) into o_mask[b]; returns the open
+    trades toward the concurrent cap (spot trades, LP positions, 2 legs per arbitrage book)."""
+    n_pairs = o_mask.shape[1]
+    fee, slip, fa, fb, coin_share = prm[FEE], prm[SLIP], prm[FEE_A], prm[FEE_B], prm[LP_COIN_SHARE]
+    max_trades = int(prm[MAX_TRADES])
+    open_trades = 0
+    for p in range(n_pairs):
+        units = o_sf[b, UNITS, p]
+        if (units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] if S else units) > 0:
+            open_trades += 1
+        if LP and o_sf[b, LP_L, p] > 0:
+            open_trades += 1
+        if AR and o_sb[b, BOOK, p]:
+            open_trades += 2
+    can_enter = (not blocked_b) and cash > 0
+    cap = prm[MAX_POSITION] * equity  # the per-trade cap in quote
+    sized = size_b * equity
+    lp_fits = (prm[LP_MIN_NOTIONAL] <= cap and max(sized, prm[LP_MIN_NOTIONAL]) * (1.0 + coin_share * (fee + slip))
+               + prm[GAS_OPEN] <= cash)
+    supply = 0.0
+    if LE:
+        for p in range(n_pairs):
+            supply += o_sf[b, LENT, p]
+    lendable = max(prm[MAX_IDLE_SHARE] * (cash + supply) - supply, 0.0)
+    for p in range(n_pairs):
+        row = u * n_cols + pair[b, p]
+        units = o_sf[b, UNITS, p]
+        staked = o_sf[b, STAKED, p] if S else 0.0
+        holding = (units + staked + o_sf[b, UNBONDING, p] if S else units) > 0
+        pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
+        may_enter = o_sb[b, TRADABLE, p] and can_enter and open_trades < max_trades
+        for a in range(o_mask.shape[2]):
+            o_mask[b, p, a] = False
+        o_mask[b, p, HOLD] = True
+        o_mask[b, p, OPEN_LONG] = spot_on and (not holding) and may_enter
+        o_mask[b, p, CLOSE] = holding and not pending
+        if S:
+            o_mask[b, p, STAKE] = stakeable[pair[b, p]] and units > 0 and not pending
+            o_mask[b, p, UNSTAKE] = staked > 0 and o_sf[b, UNBONDING, p] <= 0 and not pending
+        if LP:
+            lp_live = o_sf[b, LP_L, p] > 0
+            o_mask[b, p, LP_OPEN] = (not lp_live) and may_enter and lp_fits
+            o_mask[b, p, LP_CLOSE] = lp_live and o_sf[b, LP_VALUE, p] + o_sf[b, LP_FEES, p] >= prm[LP_MIN_CLOSE]
+        if LE:
+            o_mask[b, p, LEND] = lendable > 0
+            o_mask[b, p, WITHDRAW] = o_sf[b, LENT, p] > 0
+        if AR:
+            book = o_sb[b, BOOK, p]
+            o_mask[b, p, ARB_CLOSE] = book and o_si[b, TR_DUE, p] == NO_TRANSFER
+            ab, ba = flags[tables.MASK_AB, row], flags[tables.MASK_BA, row]
+            stocked = ((ab and o_sf[b, QA, p] > 0 and o_sf[b, CB, p] > 0)
+                       or (ba and o_sf[b, QB, p] > 0 and o_sf[b, CA, p] > 0))
+            book_min = withdrawal_fee[pair[b, p]] * o_sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+            fits = book_min <= cap and max(sized, book_min) * (1.0 + (fa + fb) / 4.0) <= cash
+            fund = (not book) and (ab or ba) and can_enter and open_trades + 2 <= max_trades and fits
+            o_mask[b, p, ARB] = (book and stocked) or fund
+    return open_trades
+
+
+@_jit_inline
+def observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stake_apy_feature, prm, S, LP, LE, AR,
+            equity, cash, ds, size_b, open_trades):
+    """8b. The observation at bar u for episode b (BatchedTradingEnv.observe) into obs[b]: the market features,
+    the spot state, then the strategies' state (zeros where a strategy is off)."""
+    n_pairs, n_feat = obs.shape[1], features.shape[1]
+    max_trades, daily_loss_limit = int(prm[MAX_TRADES]), prm[DAILY_LOSS_LIMIT]
+    stop_loss, take_profit, trailing_stop = prm[STOP_LOSS], prm[TAKE_PROFIT], prm[TRAILING_STOP]
+    daily_used = 0.0
+    if daily_loss_limit > 0:
+        daily_used = min(max((1.0 - equity / ds) / daily_loss_limit, 0.0), 1.0)
+    open_frac = open_trades / max_trades
+    log_change = math.log(equity / prm[INITIAL_EQUITY])
+    cash_frac = cash / equity
+    size_frac = size_b / prm[MAX_POSITION]
+    inv_eq = 1.0 / equity
+    for p in range(n_pairs):
+        row = u * n_cols + pair[b, p]
+        for j in range(n_feat):
+            obs[b, p, j] = features[row, j]
+        c = o_sf[b, CLOSE_PX, p]
+        units = o_sf[b, UNITS, p]
+        holding = (units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] if S else units) > 0
+        j = n_feat  # the state fields: obs[b, p, j + S_X] is field X (nexlify.env.layout)
+        write_spot_state(obs[b, p, j:j + N_SPOT_STATE], holding, c, o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p],
+                         o_sf[b, BARS, p], units, equity, open_frac, daily_used, log_change, cash_frac, size_frac,
+                         stop_loss, take_profit, trailing_stop)
+        for q in range(j + N_SPOT_STATE, obs.shape[2]):
+            obs[b, p, q] = 0.0
+        if S:
+            unbonding = o_sf[b, UNBONDING, p]
+            obs[b, p, j + S_STAKED_WEIGHT] = o_sf[b, STAKED, p] * c * inv_eq
+            obs[b, p, j + S_UNBONDING_WEIGHT] = unbonding * c * inv_eq
+            wait = min(max((o_si[b, RELEASE, p] - u) * (1.0 / 168.0), 0.0), 4.0)
+            obs[b, p, j + S_UNBOND_WAIT] = wait if unbonding > 0 else 0.0
+            obs[b, p, j + S_STAKING_APY] = stake_apy_feature[pair[b, p]]
+        if LP:
+            lp_live = o_sf[b, LP_L, p] > 0
+            spa, spb = o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+            lower, upper = spa * spa / c, spb * spb / c
+            obs[b, p, j + S_LP_WEIGHT] = o_sf[b, LP_VALUE, p] * inv_eq
+            obs[b, p, j + S_LP_IN_RANGE] = 1.0 if lp_live and lower <= 1.0 and upper >= 1.0 else 0.0
+            obs[b, p, j + S_LP_DIST_LOWER] = 1.0 - lower if lp_live else 0.0
+            obs[b, p, j + S_LP_DIST_UPPER] = upper - 1.0 if lp_live else 0.0
+            obs[b, p, j + S_LP_FEES_ACCRUED] = o_sf[b, LP_FEES, p] * (inv_eq * 100.0)
+            obs[b, p, j + S_LP_IMPERMANENT_LOSS] = o_sf[b, LP_IL, p] * (inv_eq * 100.0)
+        if LE:
+            obs[b, p, j + S_LENT_WEIGHT] = o_sf[b, LENT, p] * inv_eq
+            obs[b, p, j + S_INTEREST_ACCRUED] = (o_sf[b, LENT, p] - o_sf[b, PRINCIPAL, p]) * (inv_eq * 100.0)
+            obs[b, p, j + S_AAVE_SUPPLY_APY] = bar_tab[tables.SUPPLY_APY_FEATURE, u]
+            obs[b, p, j + S_AAVE_UTILIZATION] = bar_tab[tables.UTILIZATION, u]
+        if AR:
+            obs[b, p, j + S_ARB_WEIGHT] = o_sf[b, ARB_VALUE, p] * inv_eq
+            obs[b, p, j + S_SPREAD] = floats[tables.SPREAD_FEATURE, row]
+            obs[b, p, j + S_ARB_EDGE_BPS] = floats[tables.EDGE_FEATURE, row]
+            obs[b, p, j + S_VENUE2_AVAILABLE] = floats[tables.V2_AVAILABLE, row]
+            obs[b, p, j + S_TRANSFER_PENDING] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
+
+
 def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
             floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
             transfer_bars, sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows, prm,
@@ -271,33 +490,7 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
 
         # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
-        for p in range(n_pairs):
-            a = actions[b, p]
-            if not mask[b, p, a]:
-                a = HOLD
-            acts[b, p] = a
-            row = u * n_cols + pair[b, p]
-            o_sb[b, TRADABLE, p] = tradable_tab[row]
-            units = o_sf[b, UNITS, p]
-            f[F_COINS_BEFORE, p] = units
-            if S:
-                staked, unbonding, release = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p], o_si[b, RELEASE, p]
-                f[F_COINS_BEFORE, p] = units + staked + unbonding
-                if unbonding > 0 and release != NO_LOT and u >= release:  # staking.release_unbonded
-                    o_sf[b, UNITS, p] = units + unbonding
-                    o_sf[b, UNBONDING, p] = 0.0
-                    o_si[b, RELEASE, p] = NO_LOT
-            if AR:
-                tr_coin = o_sf[b, TR_COIN, p]
-                f[F_ARB_COINS_BEFORE, p] = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(tr_coin)
-                if o_si[b, TR_DUE, p] <= u:
-                    tr_quote = o_sf[b, TR_QUOTE, p]
-                    o_sf[b, CA, p] = o_sf[b, CA, p] + max(tr_coin, 0.0)
-                    o_sf[b, CB, p] = o_sf[b, CB, p] - min(tr_coin, 0.0)
-                    o_sf[b, QA, p] = o_sf[b, QA, p] + max(tr_quote, 0.0)
-                    o_sf[b, QB, p] = o_sf[b, QB, p] - min(tr_quote, 0.0)
-                    o_sf[b, TR_COIN, p], o_sf[b, TR_QUOTE, p] = 0.0, 0.0
-                    o_si[b, TR_DUE, p] = NO_TRANSFER
+        open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR)
 
         # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
         #    positions, arbitrage books and Aave supply; staking moves.
@@ -512,57 +705,13 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
 
         # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
         if AR:
-            rb = 2.0 * prm[REBALANCE_BELOW]
-            for p in range(n_pairs):
-                row = u * n_cols + pair[b, p]
-                o, o2 = prices[row, 0], floats[tables.V2_OPEN, row]
-                trade = acts[b, p] == ARB and o_sb[b, BOOK, p]
-                qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
-                # arbitrage.directed_units, then arbitrage.settle (torch divides a number by a tensor as the
-                # tensor's reciprocal times the number: so does this, to the last bit)
-                q_ab = min(min(max(qa, 0.0) / (o * (1.0 + fa)), max(cb, 0.0)), (1.0 / o) * prm[MAX_NOTIONAL])
-                q_ba = min(min(max(qb, 0.0) / (o2 * (1.0 + fb)), max(ca, 0.0)), (1.0 / o2) * prm[MAX_NOTIONAL])
-                units_arb = ((q_ab if trade and flags[tables.FILL_AB, row] else 0.0)
-                             - (q_ba if trade and flags[tables.FILL_BA, row] else 0.0))
-                size_arb = abs(units_arb)
-                qa = qa - units_arb * o - size_arb * (o * fa)
-                ca = ca + units_arb
-                qb = qb + units_arb * o2 - size_arb * (o2 * fb)
-                cb = cb - units_arb
-                f[F_COST, p] = f[F_COST, p] + size_arb * (o * fa + o2 * fb)
-                f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + units_arb * (o2 - o)
-                coins_mean, quote_mean = (ca + cb) * 0.5, (qa + qb) * 0.5
-                low = min(ca, cb) <= rb * coins_mean or min(qa, qb) <= rb * quote_mean
-                if units_arb != 0 and o_si[b, TR_DUE, p] == NO_TRANSFER and low:
-                    to_a = coins_mean - ca
-                    fee_units = min(abs(to_a), withdrawal_fee[pair[b, p]])
-                    sign = 1.0 if to_a > 0 else (-1.0 if to_a < 0 else 0.0)
-                    o_sf[b, TR_COIN, p] = to_a - sign * fee_units
-                    o_sf[b, TR_QUOTE, p] = quote_mean - qa
-                    ca, cb = min(ca, coins_mean), min(cb, coins_mean)
-                    qa, qb = min(qa, quote_mean), min(qb, quote_mean)
-                    o_si[b, TR_DUE, p] = u + transfer_bars[pair[b, p]]
-                    f[F_COST, p] = f[F_COST, p] + fee_units * o
-                o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p] = qa, ca, qb, cb
+            arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
+                            o_sb, f, prm)
 
         # 4. Lending: a LEND tops the supply up to max_idle_share of the idle USDT left after the entries (the
         #    first LEND of the bar in pair order supplies it all).
         if LE:
-            flow_sum = 0.0
-            supply = 0.0
-            for p in range(n_pairs):
-                flow_sum += f[F_FLOW, p]
-                supply += o_sf[b, LENT, p]
-            room = max(ef[b, CASH] + flow_sum, 0.0)
-            lendable = max(prm[MAX_IDLE_SHARE] * (room + supply) - supply, 0.0)
-            cumulative = 0.0
-            for p in range(n_pairs):
-                chunk = lendable if acts[b, p] == LEND else 0.0
-                cumulative = cumulative + chunk
-                supplied = min(chunk, max(lendable - (cumulative - chunk), 0.0))
-                f[F_FLOW, p] = f[F_FLOW, p] - supplied
-                o_sf[b, LENT, p] = o_sf[b, LENT, p] + supplied
-                o_sf[b, PRINCIPAL, p] = o_sf[b, PRINCIPAL, p] + supplied
+            lend(b, ef, o_sf, f, acts, prm)
 
         # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close.
         for p in range(n_pairs):
@@ -730,108 +879,10 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         o_ef[b, SIZE] = size_b
         blocked_b = entries_blocked(equity, ds, daily_loss_limit, day[min(u + 1, n_bars - 1)], day[u])
         o_blocked[b] = blocked_b
-        open_trades = 0
-        for p in range(n_pairs):
-            units = o_sf[b, UNITS, p]
-            if (units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] if S else units) > 0:
-                open_trades += 1
-            if LP and o_sf[b, LP_L, p] > 0:
-                open_trades += 1
-            if AR and o_sb[b, BOOK, p]:
-                open_trades += 2
-        can_enter = (not blocked_b) and cash > 0
-        cap = prm[MAX_POSITION] * equity  # the per-trade cap in quote
-        sized = size_b * equity
-        lp_fits = (prm[LP_MIN_NOTIONAL] <= cap and max(sized, prm[LP_MIN_NOTIONAL]) * (1.0 + coin_share * (fee + slip))
-                   + prm[GAS_OPEN] <= cash)
-        supply = 0.0
-        if LE:
-            for p in range(n_pairs):
-                supply += o_sf[b, LENT, p]
-        lendable = max(prm[MAX_IDLE_SHARE] * (cash + supply) - supply, 0.0)
-        for p in range(n_pairs):
-            row = u * n_cols + pair[b, p]
-            units = o_sf[b, UNITS, p]
-            staked = o_sf[b, STAKED, p] if S else 0.0
-            holding = (units + staked + o_sf[b, UNBONDING, p] if S else units) > 0
-            pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
-            may_enter = o_sb[b, TRADABLE, p] and can_enter and open_trades < max_trades
-            for a in range(o_mask.shape[2]):
-                o_mask[b, p, a] = False
-            o_mask[b, p, HOLD] = True
-            o_mask[b, p, OPEN_LONG] = spot_on and (not holding) and may_enter
-            o_mask[b, p, CLOSE] = holding and not pending
-            if S:
-                o_mask[b, p, STAKE] = stakeable[pair[b, p]] and units > 0 and not pending
-                o_mask[b, p, UNSTAKE] = staked > 0 and o_sf[b, UNBONDING, p] <= 0 and not pending
-            if LP:
-                lp_live = o_sf[b, LP_L, p] > 0
-                o_mask[b, p, LP_OPEN] = (not lp_live) and may_enter and lp_fits
-                o_mask[b, p, LP_CLOSE] = lp_live and o_sf[b, LP_VALUE, p] + o_sf[b, LP_FEES, p] >= prm[LP_MIN_CLOSE]
-            if LE:
-                o_mask[b, p, LEND] = lendable > 0
-                o_mask[b, p, WITHDRAW] = o_sf[b, LENT, p] > 0
-            if AR:
-                book = o_sb[b, BOOK, p]
-                o_mask[b, p, ARB_CLOSE] = book and o_si[b, TR_DUE, p] == NO_TRANSFER
-                ab, ba = flags[tables.MASK_AB, row], flags[tables.MASK_BA, row]
-                stocked = ((ab and o_sf[b, QA, p] > 0 and o_sf[b, CB, p] > 0)
-                           or (ba and o_sf[b, QB, p] > 0 and o_sf[b, CA, p] > 0))
-                book_min = withdrawal_fee[pair[b, p]] * o_sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
-                fits = book_min <= cap and max(sized, book_min) * (1.0 + (fa + fb) / 4.0) <= cash
-                fund = (not book) and (ab or ba) and can_enter and open_trades + 2 <= max_trades and fits
-                o_mask[b, p, ARB] = (book and stocked) or fund
-
-        # the observation at bar u: market features, the spot state, then the strategies' state
-        daily_used = 0.0
-        if daily_loss_limit > 0:
-            daily_used = min(max((1.0 - equity / ds) / daily_loss_limit, 0.0), 1.0)
-        open_frac = open_trades / max_trades
-        log_change = math.log(equity / prm[INITIAL_EQUITY])
-        cash_frac = cash / equity
-        size_frac = size_b / prm[MAX_POSITION]
-        inv_eq = 1.0 / equity
-        for p in range(n_pairs):
-            row = u * n_cols + pair[b, p]
-            for j in range(n_feat):
-                obs[b, p, j] = features[row, j]
-            c = o_sf[b, CLOSE_PX, p]
-            units = o_sf[b, UNITS, p]
-            holding = (units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] if S else units) > 0
-            j = n_feat  # the state fields: obs[b, p, j + S_X] is field X (nexlify.env.layout)
-            write_spot_state(obs[b, p, j:j + N_SPOT_STATE], holding, c, o_sf[b, ENTRY, p],
-                             o_sf[b, HIGHEST, p], o_sf[b, BARS, p], units, equity, open_frac, daily_used,
-                             log_change, cash_frac, size_frac, stop_loss, take_profit, trailing_stop)
-            for q in range(j + N_SPOT_STATE, obs.shape[2]):
-                obs[b, p, q] = 0.0
-            if S:
-                unbonding = o_sf[b, UNBONDING, p]
-                obs[b, p, j + S_STAKED_WEIGHT] = o_sf[b, STAKED, p] * c * inv_eq
-                obs[b, p, j + S_UNBONDING_WEIGHT] = unbonding * c * inv_eq
-                wait = min(max((o_si[b, RELEASE, p] - u) * (1.0 / 168.0), 0.0), 4.0)
-                obs[b, p, j + S_UNBOND_WAIT] = wait if unbonding > 0 else 0.0
-                obs[b, p, j + S_STAKING_APY] = stake_apy_feature[pair[b, p]]
-            if LP:
-                lp_live = o_sf[b, LP_L, p] > 0
-                spa, spb = o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
-                lower, upper = spa * spa / c, spb * spb / c
-                obs[b, p, j + S_LP_WEIGHT] = o_sf[b, LP_VALUE, p] * inv_eq
-                obs[b, p, j + S_LP_IN_RANGE] = 1.0 if lp_live and lower <= 1.0 and upper >= 1.0 else 0.0
-                obs[b, p, j + S_LP_DIST_LOWER] = 1.0 - lower if lp_live else 0.0
-                obs[b, p, j + S_LP_DIST_UPPER] = upper - 1.0 if lp_live else 0.0
-                obs[b, p, j + S_LP_FEES_ACCRUED] = o_sf[b, LP_FEES, p] * (inv_eq * 100.0)
-                obs[b, p, j + S_LP_IMPERMANENT_LOSS] = o_sf[b, LP_IL, p] * (inv_eq * 100.0)
-            if LE:
-                obs[b, p, j + S_LENT_WEIGHT] = o_sf[b, LENT, p] * inv_eq
-                obs[b, p, j + S_INTEREST_ACCRUED] = (o_sf[b, LENT, p] - o_sf[b, PRINCIPAL, p]) * (inv_eq * 100.0)
-                obs[b, p, j + S_AAVE_SUPPLY_APY] = bar_tab[tables.SUPPLY_APY_FEATURE, u]
-                obs[b, p, j + S_AAVE_UTILIZATION] = bar_tab[tables.UTILIZATION, u]
-            if AR:
-                obs[b, p, j + S_ARB_WEIGHT] = o_sf[b, ARB_VALUE, p] * inv_eq
-                obs[b, p, j + S_SPREAD] = floats[tables.SPREAD_FEATURE, row]
-                obs[b, p, j + S_ARB_EDGE_BPS] = floats[tables.EDGE_FEATURE, row]
-                obs[b, p, j + S_VENUE2_AVAILABLE] = floats[tables.V2_AVAILABLE, row]
-                obs[b, p, j + S_TRANSFER_PENDING] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
+        open_trades = refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee,
+                                   prm, spot_on, S, LP, LE, AR, equity, cash, size_b, blocked_b)
+        observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stake_apy_feature, prm, S, LP, LE, AR,
+                equity, cash, ds, size_b, open_trades)
 
 
 _compiled: dict[tuple[str, bool], Any] = {}
