@@ -18,7 +18,7 @@ from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
 from nexlify.data.second_venue import load_second_venue
 from nexlify.data.timeframes import parse_utc_ms
-from nexlify.env import fused
+from nexlify.env import fused_portfolio
 from nexlify.env.batched import BatchedTradingEnv
 from nexlify.env.market import MS_PER_DAY, MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer
@@ -44,7 +44,7 @@ def step_kernel(request, monkeypatch):
     the tensor step (the reference, and what a GPU runs). Import it into a test module and mark the module
     with `pytestmark = pytest.mark.usefixtures("step_kernel")`, or ask for it by name."""
     if request.param == "tensor":
-        monkeypatch.setattr(fused, "available", lambda: False)
+        monkeypatch.setattr(fused_portfolio, "available", lambda: False)
     return request.param
 
 

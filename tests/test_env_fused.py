@@ -1,5 +1,5 @@
-"""The fused CPU kernels (nexlify.env.fused for spot alone, nexlify.env.fused_portfolio with the strategies
-beyond spot) against the tensor step they stand in for.
+"""The fused CPU kernel (nexlify.env.fused_portfolio, for spot alone and with the strategies beyond spot)
+against the tensor step it stands in for.
 
 Two environments on the same real candles, one with kernel="torch" (the reference) and one with
 kernel="auto" (a fused kernel on the CPU), take the same actions step by step; every
@@ -18,7 +18,7 @@ import torch
 
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
-from nexlify.env import batched, fused, fused_portfolio
+from nexlify.env import batched, fused_portfolio, layout
 from nexlify.env.batched import (
     ACTION_NAMES, CLOSE, HOLD, N_ACTIONS, NO_TRANSFER, OPEN_LONG, PNL_SOURCES, STATE_NAMES, BatchedTradingEnv,
 )
@@ -131,7 +131,8 @@ def test_kernel_choice_follows_the_config_device_and_strategies(tensors):
     starts = torch.tensor([300])
     spot = BatchedTradingEnv(tensors, torch.arange(3).expand(1, 3), starts, 10, EnvConfig(strategies=["spot"]),
                              RiskConfig())
-    assert spot._fused is not None and fused.available()
+    assert isinstance(spot._fused, fused_portfolio.FusedPortfolioStep) and fused_portfolio.available()
+    assert spot._fused.groups == fused_portfolio.SPOT_GROUPS  # spot alone packs the spot trade's rows only
     reference = BatchedTradingEnv(tensors, torch.arange(3).expand(1, 3), starts, 10,
                                   EnvConfig(strategies=["spot"], kernel="torch"), RiskConfig())
     assert reference._fused is None
@@ -142,15 +143,34 @@ def test_kernel_choice_follows_the_config_device_and_strategies(tensors):
     assert every_ref._fused is None
 
 
-def test_the_kernels_number_actions_and_sentinels_as_the_environment_does():
+def test_the_layout_names_every_offset_and_the_kernels_number_as_the_environment_does():
+    """nexlify.env.layout is the one source of the ids and offsets: each action has its id, each state field
+    its offset S_<NAME> (its place in STATE_NAMES), each PnL source its row PNL_<NAME>; the kernels and the
+    environment use the same numbers."""
+    for i, name in enumerate(layout.ACTION_NAMES):
+        assert getattr(layout, {"arbitrage": "ARB"}.get(name, name.upper())) == i, name
+    for i, name in enumerate(layout.STATE_NAMES):
+        assert getattr(layout, "S_SPREAD" if name == arbitrage.SPREAD_FEATURE else "S_" + name.upper()) == i, name
+    for i, name in enumerate(layout.PNL_SOURCES):
+        assert getattr(layout, "PNL_" + name.upper()) == i, name
+    assert layout.PNL_SOURCES[-1] == "fees_and_gas"  # the tensor step writes the costs into pnl_rows[-1]
     names = ("HOLD", "OPEN_LONG", "CLOSE", "STAKE", "UNSTAKE", "LP_OPEN", "LP_CLOSE", "LEND", "WITHDRAW", "ARB",
              "ARB_CLOSE", "NO_LOT", "NO_TRANSFER")
     assert [getattr(fused_portfolio, n) for n in names] == [getattr(batched, n) for n in names]
-    assert (fused.HOLD, fused.OPEN_LONG, fused.CLOSE) == (batched.HOLD, batched.OPEN_LONG, batched.CLOSE)
-    assert fused.N_SPOT_STATE == len(batched.SPOT_STATE_NAMES)
+    assert [getattr(batched, n) for n in names] == [getattr(layout, n) for n in names]
+    assert (batched.NO_LOT, batched.NO_TRANSFER) == (-1, 2 ** 62)
+    assert layout.N_SPOT_STATE == len(batched.SPOT_STATE_NAMES) == 11
     assert set(fused_portfolio.SLOT_FLOATS) <= set(vars(BatchedTradingEnv(
         binance_with_coinbase(), torch.zeros((1, 1), dtype=torch.int64), torch.tensor([800]), 1, EnvConfig(),
         RiskConfig())))
+
+
+def test_the_kernel_cache_name_digests_every_source_the_kernel_compiles_in():
+    """numba's disk cache checks only the kernel's own file: the build's name carries a digest of every nexlify
+    module the kernel's module imports (the layout's offsets and the tables' rows are compiled in)."""
+    sources = {p.name for p in fused_portfolio.kernel_sources("nexlify.env.fused_portfolio")}
+    assert {"fused_portfolio.py", "layout.py", "strategy_tables.py", "staking.py", "arbitrage.py"} <= sources
+    assert "batched.py" not in sources  # the kernel does not import the environment
 
 
 def test_fused_step_by_hand_and_earlier_tensors_keep_their_values():
@@ -174,13 +194,13 @@ def test_fused_step_by_hand_and_earlier_tensors_keep_their_values():
 
 def test_the_threaded_kernel_matches_the_tensor_step_on_a_large_batch(tensors):
     """Past PARALLEL_MIN_SLOTS slots with two threads the kernel runs its episodes on a thread pool."""
-    n = fused.PARALLEL_MIN_SLOTS // 3 + 100
+    n = fused_portfolio.PARALLEL_MIN_SLOTS // 3 + 100
     starts = torch.arange(250, 250 + n) % 900 + 250
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         ref, fast = pair_of_envs(tensors, BUSY_RISK, EnvConfig(strategies=["spot"]), starts, 80)
-        assert fast._fused.parallel and fast._fused.kernel is fused._compiled[("_kernel", True)]
+        assert fast._fused.parallel and fast._fused.kernel is fused_portfolio._compiled[("_portfolio_kernel", True)]
         run_side_by_side(ref, fast, 80, seed=2, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
     finally:
         torch.set_num_threads(threads)
@@ -306,7 +326,7 @@ def test_observe_after_a_fused_portfolio_step_gathers_the_tables_at_the_new_bar(
 
 
 def test_the_threaded_portfolio_kernel_matches_the_tensor_step_on_a_large_batch(venues):
-    n = fused.PARALLEL_MIN_SLOTS // 3 + 100
+    n = fused_portfolio.PARALLEL_MIN_SLOTS // 3 + 100
     starts = torch.arange(n) % 500 + 700
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -248,12 +248,12 @@ def test_staking_apy_from_apr_and_default_terms():
     params = staking.StakingParams()
     assert params.asset("eth").apy == pytest.approx((1 + 0.028 / 365) ** 365 - 1, abs=1e-5)
     assert params.asset("BTC") is None
-    pairs = params.pair_tensors(["BTC/USDT", "ETH/USDT", "SOL/USDT"], 1.0)
+    pairs = staking.pair_tensors(params, ["BTC/USDT", "ETH/USDT", "SOL/USDT"], 1.0)
     assert pairs.stakeable.tolist() == [False, True, True]
     assert pairs.unbond_bars.tolist() == [0, 120, 54]
     assert float(pairs.growth[0]) == 1.0
     assert float(pairs.growth[2]) == pytest.approx(1.065 ** (1 / 8760), rel=1e-15)
-    assert params.pair_tensors(["SOL/USDT"], 4.0).unbond_bars.tolist() == [14]  # 54 h / 4 h, rounded up
+    assert staking.pair_tensors(params, ["SOL/USDT"], 4.0).unbond_bars.tolist() == [14]  # 54 h / 4 h, rounded up
 
 
 def test_staking_discrete_boundaries_credit_daily_and_sum_to_the_apy():
@@ -391,10 +391,10 @@ def test_arb_min_edge_buffer_blocks_thin_edges():
 def test_arb_params_defaults_and_validation():
     params = arbitrage.ArbParams()
     assert (params.taker_fee_a, params.taker_fee_b, params.min_edge) == (0.001, 0.006, 0.0005)
-    pair = params.pair_tensors(["BTC/USDT", "ETH/USDT", "SOL/USDT"], 1.0)
+    pair = arbitrage.pair_tensors(params, ["BTC/USDT", "ETH/USDT", "SOL/USDT"], 1.0)
     assert pair.withdrawal_fee_units.tolist() == [0.0005, 0.00168, 0.01] and pair.delay_bars.tolist() == [1, 1, 1]
     with pytest.raises(InputError, match="DOGE"):
-        params.pair_tensors(["DOGE/USDT"], 1.0)
+        arbitrage.pair_tensors(params, ["DOGE/USDT"], 1.0)
     with pytest.raises(InputError, match="taker_fee_b"):
         arbitrage.ArbParams(taker_fee_b=0.5)
 

@@ -84,8 +84,9 @@ observations [B, P, obs]. `precision` chooses float64 (default: exact accounting
 
 This tensor step is the reference and serves every device and strategy. On the CPU (with `kernel`
 "auto"), `_advance` hands the step to a numba kernel that computes the same numbers in one pass per
-episode: nexlify.env.fused for spot alone, nexlify.env.fused_portfolio with the strategy tables
-(tests/test_env_fused.py holds each to this step, output by output and state by state).
+episode, nexlify.env.fused_portfolio, for spot alone and with the strategy tables (tests/test_env_fused.py
+holds it to this step, output by output and state by state). The observation's layout, the action ids
+and the PnL rows are named once, in nexlify.env.layout.
 """
 
 from __future__ import annotations
@@ -97,49 +98,19 @@ import torch
 from torch import Tensor
 
 from nexlify.config import EnvConfig, RiskConfig
-from nexlify.env import fused, fused_portfolio, risk
+from nexlify.env import fused_portfolio, risk
 from nexlify.env import strategy_tables as tables
+# the layout (actions, state fields, PnL rows) is nexlify.env.layout's; re-exported for the callers that
+# import these names with the environment
+from nexlify.env.layout import (  # noqa: F401 (re-exported)
+    ACTION_NAMES, ARB, ARB_CLOSE, CLOSE, HOLD, LEND, LP_CLOSE, LP_OPEN, N_ACTIONS, N_SPOT_ACTIONS, NO_LOT,
+    NO_TRANSFER, OPEN_LONG, PNL_SOURCES, SPOT_STATE_NAMES, STAKE, STATE_NAMES, STRATEGY_STATE_NAMES, UNSTAKE,
+    WITHDRAW, observation_size,
+)
 from nexlify.env.market import MarketTensors
 from nexlify.env.strategy_tables import StrategyTables
 from nexlify.strategies import arbitrage, staking, uniswap_v3
 from nexlify.strategies.params import StrategyParams
-
-HOLD, OPEN_LONG, CLOSE, STAKE, UNSTAKE, LP_OPEN, LP_CLOSE, LEND, WITHDRAW, ARB, ARB_CLOSE = range(11)
-ACTION_NAMES = ("hold", "open_long", "close", "stake", "unstake", "lp_open", "lp_close", "lend", "withdraw",
-                "arbitrage", "arb_close")
-N_ACTIONS = len(ACTION_NAMES)
-
-# Slot and portfolio state appended to the market features in each slot's observation: the spot state,
-# then the strategies' (zero when a strategy is off). Weights are fractions of equity; lp_fees_accrued,
-# lp_impermanent_loss and interest_accrued are in % of equity; the APYs x10; the spread (which includes
-# the USDT/USD drift) and the better arbitrage edge at the closes in bps / 10, clipped to +-10;
-# unbond_wait in weeks (at most 4); lp_dist_* as fractions of the close.
-SPOT_STATE_NAMES = (
-    "in_position", "unrealised_pnl", "dist_to_stop", "dist_to_target", "bars_in_trade", "position_weight",
-    "open_trades_frac", "daily_loss_used", "log_equity_change", "cash_frac", "size_frac",
-)
-STRATEGY_STATE_NAMES = (
-    "staked_weight", "unbonding_weight", "unbond_wait", "staking_apy",
-    "lp_weight", "lp_in_range", "lp_dist_lower", "lp_dist_upper", "lp_fees_accrued", "lp_impermanent_loss",
-    "lent_weight", "interest_accrued",
-    "arb_weight", arbitrage.SPREAD_FEATURE, "arb_edge_bps", "venue2_available", "transfer_pending",
-    "aave_supply_apy", "aave_utilization",
-)
-STATE_NAMES = SPOT_STATE_NAMES + STRATEGY_STATE_NAMES
-
-# Where the PnL comes from. spot: price moves of every coin held (spot trades, staked coins, the LP
-# position's opening coins as if held, arbitrage inventory); staking_rewards: new coins at the close they
-# are credited; lp_fees; impermanent_loss: the LP position's value minus holding its opening amounts;
-# lending_interest; arbitrage: the spread captured against the primary's price (includes USDT/USD drift);
-# fees_and_gas: every fee, slippage, gas and withdrawal fee paid (negative).
-PNL_SOURCES = ("spot", "staking_rewards", "lp_fees", "impermanent_loss", "lending_interest", "arbitrage",
-               "fees_and_gas")
-NO_LOT = staking.NO_LOT
-NO_TRANSFER = 2 ** 62  # transfer_due of a book with no transfer under way (later than any bar)
-
-
-def observation_size(n_market_features: int) -> int:
-    return n_market_features + len(STATE_NAMES)
 
 
 @dataclass
@@ -239,16 +210,15 @@ class BatchedTradingEnv:
         self._coin_share = uniswap_v3.coin_share(self.strategy_params.lp.range_width)
         self._strategy_zeros = torch.zeros((self.B, self.P, len(STRATEGY_STATE_NAMES)), dtype=torch.float32,
                                            device=self.device)
-        self._mask_off = torch.zeros((self.B, self.P, N_ACTIONS - 3), dtype=torch.bool, device=self.device)
+        self._mask_off = torch.zeros((self.B, self.P, N_ACTIONS - N_SPOT_ACTIONS), dtype=torch.bool,
+                                     device=self.device)
         self.reset()
-        # On the CPU one fused kernel computes the same step in a pass per episode: one for spot alone, one
-        # with the strategy tables.
+        # On the CPU one fused kernel computes the same step in a pass per episode, for spot alone and with the
+        # strategy tables.
         self._fused = None
-        if self.device.type == "cpu" and getattr(env_cfg, "kernel", "auto") == "auto" and fused.available():
-            if self._tables is not None:
-                self._fused = fused_portfolio.FusedPortfolioStep(self)
-            elif self.spot_on:
-                self._fused = fused.FusedSpotStep(self)
+        cpu_kernel = self.device.type == "cpu" and getattr(env_cfg, "kernel", "auto") == "auto"
+        if cpu_kernel and fused_portfolio.available() and (self._tables is not None or self.spot_on):
+            self._fused = fused_portfolio.FusedPortfolioStep(self, tb)
 
     # ----------------------------------------------------------------------------------------- state
 

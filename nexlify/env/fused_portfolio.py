@@ -1,14 +1,23 @@
-"""The step of BatchedTradingEnv with the strategies beyond spot (staking, Uniswap V3, Aave, arbitrage)
-as one fused CPU kernel (numba): nexlify.env.fused does the same for spot alone.
+"""The step of BatchedTradingEnv as one fused CPU kernel (numba), for spot alone and with the strategies
+beyond spot (staking, Uniswap V3, Aave, arbitrage).
+
+On a CPU the tensor step is bound by memory traffic: hundreds of elementwise operations, each of which reads
+and writes every slot of the batch. This kernel computes the same step in one pass per episode, keeping a
+slot's numbers in registers. Episodes are independent, so the loop over them runs on
+`torch.get_num_threads()` threads (numba's prange) when there are several and the batch is large, else
+serially; the loop over an episode's pairs is the short inner loop, in pair order, as the rules want
+(entries are served in pair order under the concurrent-trade cap). In float32 the kernel computes in float64
+and stores float32, so the two agree to float32 rounding.
 
 The tensor step (nexlify.env.batched) is the reference and this kernel is a transcription of it, block by
 block and operation by operation in the same order, one episode at a time: the open's releases and
 transfers, exits, entries under the caps, arbitrage fills and rebalancing, lending, stops and targets, what
 the bar earns, the marks, the PnL by source, the Kelly window and the statistics, then the next mask and
 observation. In float64 both give the same numbers (tests/test_env_fused.py steps them side by side on
-real candles with every strategy on). The tensor step skips blocks on the host's flags where it knows them
-to be exact no-ops (no edge, no book, no transfer under way); the kernel decides per episode, with the same
-result.
+real candles, with spot alone and with every strategy on). The tensor step skips blocks on the host's flags
+where it knows them to be exact no-ops (no edge, no book, no transfer under way); the kernel decides per
+episode, with the same result. With spot alone it also keeps the tensor step's accounting for spot alone:
+the PnL's spot row is the equity change net of costs, and a slot's last value its coins at the last close.
 
 State travels in packed arrays, episode-major so that an episode's numbers lie side by side in memory:
 per-slot numbers [B, len(SLOT_FLOATS), P] (and int64 and bool companions), per-episode numbers
@@ -16,35 +25,48 @@ per-slot numbers [B, len(SLOT_FLOATS), P] (and int64 and bool companions), per-e
 writes fresh arrays (so a tensor a caller kept from an earlier step keeps its values), and the next step
 passes them back as they are, without packing again, while the environment still holds exactly those
 views. The ring of closed-trade returns, its head and the PnL rows are updated in place, as the tensor
-step does. The action numbers and sentinels below are batched's (which imports this module; a test
-holds them equal).
+step does. The action numbers, sentinels, observation offsets and PnL rows are nexlify.env.layout's.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import ast
+import functools
+import hashlib
+import importlib.util
+import types
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from nexlify.env import fused
 from nexlify.env import strategy_tables as tables
+from nexlify.env.layout import (
+    ARB, ARB_CLOSE, CLOSE, HOLD, LEND, LP_CLOSE, LP_OPEN, N_SPOT_STATE, NO_LOT, NO_TRANSFER, OPEN_LONG,
+    PNL_ARBITRAGE, PNL_FEES_AND_GAS, PNL_IMPERMANENT_LOSS, PNL_LENDING_INTEREST, PNL_LP_FEES, PNL_SPOT,
+    PNL_STAKING_REWARDS, S_AAVE_SUPPLY_APY, S_AAVE_UTILIZATION, S_ARB_EDGE_BPS, S_ARB_WEIGHT, S_BARS_IN_TRADE,
+    S_CASH_FRAC, S_DAILY_LOSS_USED, S_DIST_TO_STOP, S_DIST_TO_TARGET, S_IN_POSITION, S_INTEREST_ACCRUED,
+    S_LENT_WEIGHT, S_LOG_EQUITY_CHANGE, S_LP_DIST_LOWER, S_LP_DIST_UPPER, S_LP_FEES_ACCRUED, S_LP_IMPERMANENT_LOSS,
+    S_LP_IN_RANGE, S_LP_WEIGHT, S_OPEN_TRADES_FRAC, S_POSITION_WEIGHT, S_SIZE_FRAC, S_SPREAD, S_STAKED_WEIGHT,
+    S_STAKING_APY, S_TRANSFER_PENDING, S_UNBOND_WAIT, S_UNBONDING_WEIGHT, S_UNREALISED_PNL, S_VENUE2_AVAILABLE, STAKE,
+    UNSTAKE, WITHDRAW,
+)
 from nexlify.strategies import uniswap_v3
 
-if TYPE_CHECKING:
-    from nexlify.env.batched import BatchedTradingEnv
+# The environment this kernel steps: a nexlify.env.batched.BatchedTradingEnv. Not imported, even for type
+# checking: the environment imports this module, and the imports run one way (batched -> kernel -> layout).
+Env = Any
 
 try:
     import numba
 except ImportError:  # the tensor step serves alone
     numba = None
 
-(HOLD, OPEN_LONG, CLOSE, STAKE, UNSTAKE, LP_OPEN, LP_CLOSE, LEND, WITHDRAW, ARB, ARB_CLOSE) = range(11)
-NO_LOT = -1
-NO_TRANSFER = 2 ** 62
-
-# The environment's state, packed: the attribute names in row order.
+# The environment's state, packed: the attribute names in row order. With spot alone only the first rows
+# (N_SPOT_FLOATS, N_SPOT_BOOLS: the spot trade's) are packed, and the kernel reads no other row: the rest of
+# the state never changes then (and the environment keeps its zeros).
 SLOT_FLOATS = ("_units", "_entry", "_entry_cost", "_highest", "_bars_in_trade", "_close", "_staked", "_unbonding",
                "_exit_proceeds", "_lp_L", "_lp_spa", "_lp_spb", "_lp_x0", "_lp_y0", "_lp_fees", "_lp_cost",
                "_lp_value", "_lp_il", "_lent", "_lent_principal", "_qa", "_ca", "_qb", "_cb", "_tr_coin", "_tr_quote",
@@ -52,10 +74,12 @@ SLOT_FLOATS = ("_units", "_entry", "_entry_cost", "_highest", "_bars_in_trade", 
 (UNITS, ENTRY, ENTRY_COST, HIGHEST, BARS, CLOSE_PX, STAKED, UNBONDING, EXIT_PROCEEDS, LP_L, LP_SPA, LP_SPB, LP_X0,
  LP_Y0, LP_FEES, LP_COST, LP_VALUE, LP_IL, LENT, PRINCIPAL, QA, CA, QB, CB, TR_COIN, TR_QUOTE, ARB_COST, ARB_VALUE,
  SLOT_VALUE) = range(len(SLOT_FLOATS))
+N_SPOT_FLOATS = CLOSE_PX + 1
 SLOT_INTS = ("_release", "_tr_due")
 RELEASE, TR_DUE = range(len(SLOT_INTS))
-SLOT_BOOLS = ("_exit_pending", "_book", "_tradable_now")
-PENDING, BOOK, TRADABLE = range(len(SLOT_BOOLS))
+SLOT_BOOLS = ("_tradable_now", "_exit_pending", "_book")
+TRADABLE, PENDING, BOOK = range(len(SLOT_BOOLS))
+N_SPOT_BOOLS = TRADABLE + 1
 EPISODE_FLOATS = ("cash", "equity", "peak", "day_start_equity", "size", "kelly0", "kelly1", "kelly2", "kelly3",
                   "stats.max_drawdown", "stats.costs")
 CASH, EQUITY, PEAK, DAY_START, SIZE, N_WIN, N_LOSS, SUM_WIN, SUM_LOSS, MAX_DD, COSTS = range(len(EPISODE_FLOATS))
@@ -84,13 +108,353 @@ N_SCRATCH = 17
 (K_CLOSED, K_LP_CLOSED, K_ARB_CLOSED, K_ACCEPTED, K_ACCEPTED_LP, K_ACCEPTED_ARB, K_WANT, K_WANT_LP,
  K_WANT_ARB) = range(9)
 N_FLAGS = 9
+# The PnL rows (layout.PNL_SOURCES) summed over the pairs from the scratch rows (fees_and_gas is -cost)
+PNL_FROM_SCRATCH = ((PNL_SPOT, F_SPOT_PNL), (PNL_STAKING_REWARDS, F_STAKE_PNL), (PNL_LP_FEES, F_LP_FEE_PNL),
+                    (PNL_IMPERMANENT_LOSS, F_IL_PNL), (PNL_LENDING_INTEREST, F_INTEREST), (PNL_ARBITRAGE, F_ARB_PNL))
+
+
+def available() -> bool:
+    """numba is installed: the fused step can serve on the CPU."""
+    return numba is not None
+
+
+def _jit_inline(function: Any) -> Any:
+    """A rule of the kernel in a function of its own, compiled into the kernel (inlined) when numba is there."""
+    return numba.njit(inline="always", error_model="numpy")(function) if numba is not None else function
+
+
+@_jit_inline
+def stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop):
+    """risk.stop_level and risk.take_profit_level for one slot: (stop, 0 = none; target, +inf = none)."""
+    stop = 0.0
+    if stop_loss > 0:
+        stop = max(stop, entry * (1.0 - stop_loss))
+    if trailing_stop > 0:
+        stop = max(stop, highest * (1.0 - trailing_stop))
+    target = entry * (1.0 + take_profit) if take_profit > 0 else math.inf
+    return stop, target
+
+
+@_jit_inline
+def exit_in_bar(bar_open, bar_high, bar_low, stop, target):
+    """risk.exits_in_bar for one slot: (stop hit, target hit, the exit price before costs; 0 when neither)."""
+    stop_hit = stop > 0 and bar_low <= stop
+    target_hit = (not stop_hit) and bar_high >= target
+    if stop_hit:
+        return stop_hit, target_hit, min(bar_open, stop)
+    if target_hit:
+        return stop_hit, target_hit, max(bar_open, target)
+    return stop_hit, target_hit, 0.0
+
+
+@_jit_inline
+def write_spot_state(out, holding, close, entry, highest, bars_in_trade, units, equity, open_frac, daily_used,
+                     log_change, cash_frac, size_frac, stop_loss, take_profit, trailing_stop):
+    """The N_SPOT_STATE features of one slot (layout.SPOT_STATE_NAMES, as observe() computes them) into out, the
+    slot's state fields (out[S_X] is field X)."""
+    hf = 1.0 if holding else 0.0
+    safe_entry = entry if holding else close
+    stop, target = stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
+    out[S_IN_POSITION] = hf
+    out[S_UNREALISED_PNL] = hf * (close / safe_entry - 1.0)
+    out[S_DIST_TO_STOP] = hf * ((close - stop) / close if stop > 0 else 1.0)
+    out[S_DIST_TO_TARGET] = hf * ((target - close) / close if take_profit > 0 else 1.0)
+    out[S_BARS_IN_TRADE] = hf * min(bars_in_trade / 168.0, 4.0)
+    out[S_POSITION_WEIGHT] = units * close / equity
+    out[S_OPEN_TRADES_FRAC] = open_frac
+    out[S_DAILY_LOSS_USED] = daily_used
+    out[S_LOG_EQUITY_CHANGE] = log_change
+    out[S_CASH_FRAC] = cash_frac
+    out[S_SIZE_FRAC] = size_frac
+
+
+@_jit_inline
+def entries_blocked(equity, day_start_equity, daily_loss_limit, day_next, day_now):
+    """risk.entries_blocked_by_daily_loss, lifted when the next bar opens a new UTC day (see _entries_blocked)."""
+    hit = daily_loss_limit > 0 and equity <= day_start_equity * (1.0 - daily_loss_limit)
+    return hit and day_next == day_now
+
+
+@_jit_inline
+def record_closed_trades(ring, head, closed, returns, n_win, n_loss, sum_win, sum_loss):
+    """risk.record_trades_ and the window sums' update for one episode: the returns of the trades closed this
+    bar (closed[p], returns[p], in pair order) go into its ring (a row [window + 1]) in place; returns the new
+    head and the new (wins, losses, sum of wins, sum of losses) over the window. Every evicted return is read
+    before any is written (gather, then scatter), as the tensor step does."""
+    window = ring.shape[0] - 1
+    wins_in = losses_in = wins_out = losses_out = 0
+    won_in = lost_in = won_out = lost_out = 0.0
+    order = 0
+    for p in range(closed.shape[0]):
+        if closed[p]:
+            position = head + order
+            order += 1
+            ret = returns[p]
+            if ret > 0:
+                wins_in += 1
+                won_in += ret
+            else:
+                losses_in += 1
+                lost_in += ret
+            if position >= window:
+                old = ring[position % window]
+                if old > 0:
+                    wins_out += 1
+                    won_out += old
+                else:
+                    losses_out += 1
+                    lost_out += old
+    order = 0
+    for p in range(closed.shape[0]):
+        if closed[p]:
+            ring[(head + order) % window] = returns[p]
+            order += 1
+    return (head + order, n_win + wins_in - wins_out, n_loss + losses_in - losses_out, sum_win + won_in - won_out,
+            sum_loss - lost_in + lost_out)
+
+
+@_jit_inline
+def position_size(n_win, n_loss, sum_win, sum_loss, trade_count, kelly_on, min_trades, fraction, floor, fixed_size,
+                  max_position):
+    """risk.kelly_from_sums for one episode."""
+    if not kelly_on or trade_count < min_trades:
+        return min(fixed_size, max_position)
+    n_all = max(n_win + n_loss, 1.0)
+    w = n_win / n_all
+    ratio = (sum_win / max(n_win, 1.0)) / max(sum_loss / max(n_loss, 1.0), 1e-12)
+    f_star = w - (1.0 - w) / max(ratio, 1e-12)
+    size = min(max(fraction * f_star, floor), max_position)
+    if n_loss == 0:
+        size = max_position
+    if n_win == 0:
+        size = min(floor, max_position)
+    return size
+
+
+@_jit_inline
+def open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR):
+    """0. What the open of bar u brings for episode b: the actions (invalid ones turn into hold), unbonding lots
+    that come free (staking.release_unbonded), transfers between the venues that land; the coins marked at the
+    last close go into the scratch f (for the price PnL)."""
+    n_pairs = acts.shape[1]
+    for p in range(n_pairs):
+        a = actions[b, p]
+        if not mask[b, p, a]:
+            a = HOLD
+        acts[b, p] = a
+        row = u * n_cols + pair[b, p]
+        o_sb[b, TRADABLE, p] = tradable_tab[row]
+        units = o_sf[b, UNITS, p]
+        f[F_COINS_BEFORE, p] = units
+        if S:
+            staked, unbonding, release = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p], o_si[b, RELEASE, p]
+            f[F_COINS_BEFORE, p] = units + staked + unbonding
+            if unbonding > 0 and release != NO_LOT and u >= release:  # staking.release_unbonded
+                o_sf[b, UNITS, p] = units + unbonding
+                o_sf[b, UNBONDING, p] = 0.0
+                o_si[b, RELEASE, p] = NO_LOT
+        if AR:
+            tr_coin = o_sf[b, TR_COIN, p]
+            f[F_ARB_COINS_BEFORE, p] = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(tr_coin)
+            if o_si[b, TR_DUE, p] <= u:
+                tr_quote = o_sf[b, TR_QUOTE, p]
+                o_sf[b, CA, p] = o_sf[b, CA, p] + max(tr_coin, 0.0)
+                o_sf[b, CB, p] = o_sf[b, CB, p] - min(tr_coin, 0.0)
+                o_sf[b, QA, p] = o_sf[b, QA, p] + max(tr_quote, 0.0)
+                o_sf[b, QB, p] = o_sf[b, QB, p] - min(tr_quote, 0.0)
+                o_sf[b, TR_COIN, p], o_sf[b, TR_QUOTE, p] = 0.0, 0.0
+                o_si[b, TR_DUE, p] = NO_TRANSFER
+
+
+@_jit_inline
+def arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si, o_sb,
+                    f, prm):
+    """3. Arbitrage from the books of episode b at both venues' opens of bar u (arbitrage.directed_units, then
+    arbitrage.settle), then the rebalancing transfer of a book that ran low."""
+    n_pairs = acts.shape[1]
+    fa, fb = prm[FEE_A], prm[FEE_B]
+    rb = 2.0 * prm[REBALANCE_BELOW]
+    for p in range(n_pairs):
+        row = u * n_cols + pair[b, p]
+        o, o2 = prices[row, 0], floats[tables.V2_OPEN, row]
+        trade = acts[b, p] == ARB and o_sb[b, BOOK, p]
+        qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
+        # arbitrage.directed_units, then arbitrage.settle (torch divides a number by a tensor as the
+        # tensor's reciprocal times the number: so does this, to the last bit)
+        q_ab = min(min(max(qa, 0.0) / (o * (1.0 + fa)), max(cb, 0.0)), (1.0 / o) * prm[MAX_NOTIONAL])
+        q_ba = min(min(max(qb, 0.0) / (o2 * (1.0 + fb)), max(ca, 0.0)), (1.0 / o2) * prm[MAX_NOTIONAL])
+        units_arb = ((q_ab if trade and flags[tables.FILL_AB, row] else 0.0)
+                     - (q_ba if trade and flags[tables.FILL_BA, row] else 0.0))
+        size_arb = abs(units_arb)
+        qa = qa - units_arb * o - size_arb * (o * fa)
+        ca = ca + units_arb
+        qb = qb + units_arb * o2 - size_arb * (o2 * fb)
+        cb = cb - units_arb
+        f[F_COST, p] = f[F_COST, p] + size_arb * (o * fa + o2 * fb)
+        f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + units_arb * (o2 - o)
+        coins_mean, quote_mean = (ca + cb) * 0.5, (qa + qb) * 0.5
+        low = min(ca, cb) <= rb * coins_mean or min(qa, qb) <= rb * quote_mean
+        if units_arb != 0 and o_si[b, TR_DUE, p] == NO_TRANSFER and low:
+            to_a = coins_mean - ca
+            fee_units = min(abs(to_a), withdrawal_fee[pair[b, p]])
+            sign = 1.0 if to_a > 0 else (-1.0 if to_a < 0 else 0.0)
+            o_sf[b, TR_COIN, p] = to_a - sign * fee_units
+            o_sf[b, TR_QUOTE, p] = quote_mean - qa
+            ca, cb = min(ca, coins_mean), min(cb, coins_mean)
+            qa, qb = min(qa, quote_mean), min(qb, quote_mean)
+            o_si[b, TR_DUE, p] = u + transfer_bars[pair[b, p]]
+            f[F_COST, p] = f[F_COST, p] + fee_units * o
+        o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p] = qa, ca, qb, cb
+
+
+@_jit_inline
+def lend(b, ef, o_sf, f, acts, prm):
+    """4. Lending for episode b: a LEND tops the Aave supply up to max_idle_share of the idle USDT left after the
+    entries (the first LEND of the bar in pair order supplies it all)."""
+    n_pairs = acts.shape[1]
+    flow_sum = 0.0
+    supply = 0.0
+    for p in range(n_pairs):
+        flow_sum += f[F_FLOW, p]
+        supply += o_sf[b, LENT, p]
+    room = max(ef[b, CASH] + flow_sum, 0.0)
+    lendable = max(prm[MAX_IDLE_SHARE] * (room + supply) - supply, 0.0)
+    cumulative = 0.0
+    for p in range(n_pairs):
+        chunk = lendable if acts[b, p] == LEND else 0.0
+        cumulative = cumulative + chunk
+        supplied = min(chunk, max(lendable - (cumulative - chunk), 0.0))
+        f[F_FLOW, p] = f[F_FLOW, p] - supplied
+        o_sf[b, LENT, p] = o_sf[b, LENT, p] + supplied
+        o_sf[b, PRINCIPAL, p] = o_sf[b, PRINCIPAL, p] + supplied
+
+
+@_jit_inline
+def refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee, prm, spot_on, S, LP,
+                 LE, AR, equity, cash, size_b, blocked_b):
+    """8a. The mask at bar u for episode b (BatchedTradingEnv._action_mask) into o_mask[b]; returns the open
+    trades toward the concurrent cap (spot trades, LP positions, 2 legs per arbitrage book)."""
+    n_pairs = o_mask.shape[1]
+    fee, slip, fa, fb, coin_share = prm[FEE], prm[SLIP], prm[FEE_A], prm[FEE_B], prm[LP_COIN_SHARE]
+    max_trades = int(prm[MAX_TRADES])
+    open_trades = 0
+    for p in range(n_pairs):
+        units = o_sf[b, UNITS, p]
+        if (units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] if S else units) > 0:
+            open_trades += 1
+        if LP and o_sf[b, LP_L, p] > 0:
+            open_trades += 1
+        if AR and o_sb[b, BOOK, p]:
+            open_trades += 2
+    can_enter = (not blocked_b) and cash > 0
+    cap = prm[MAX_POSITION] * equity  # the per-trade cap in quote
+    sized = size_b * equity
+    lp_fits = (prm[LP_MIN_NOTIONAL] <= cap and max(sized, prm[LP_MIN_NOTIONAL]) * (1.0 + coin_share * (fee + slip))
+               + prm[GAS_OPEN] <= cash)
+    supply = 0.0
+    if LE:
+        for p in range(n_pairs):
+            supply += o_sf[b, LENT, p]
+    lendable = max(prm[MAX_IDLE_SHARE] * (cash + supply) - supply, 0.0)
+    for p in range(n_pairs):
+        row = u * n_cols + pair[b, p]
+        units = o_sf[b, UNITS, p]
+        staked = o_sf[b, STAKED, p] if S else 0.0
+        holding = (units + staked + o_sf[b, UNBONDING, p] if S else units) > 0
+        pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
+        may_enter = o_sb[b, TRADABLE, p] and can_enter and open_trades < max_trades
+        for a in range(o_mask.shape[2]):
+            o_mask[b, p, a] = False
+        o_mask[b, p, HOLD] = True
+        o_mask[b, p, OPEN_LONG] = spot_on and (not holding) and may_enter
+        o_mask[b, p, CLOSE] = holding and not pending
+        if S:
+            o_mask[b, p, STAKE] = stakeable[pair[b, p]] and units > 0 and not pending
+            o_mask[b, p, UNSTAKE] = staked > 0 and o_sf[b, UNBONDING, p] <= 0 and not pending
+        if LP:
+            lp_live = o_sf[b, LP_L, p] > 0
+            o_mask[b, p, LP_OPEN] = (not lp_live) and may_enter and lp_fits
+            o_mask[b, p, LP_CLOSE] = lp_live and o_sf[b, LP_VALUE, p] + o_sf[b, LP_FEES, p] >= prm[LP_MIN_CLOSE]
+        if LE:
+            o_mask[b, p, LEND] = lendable > 0
+            o_mask[b, p, WITHDRAW] = o_sf[b, LENT, p] > 0
+        if AR:
+            book = o_sb[b, BOOK, p]
+            o_mask[b, p, ARB_CLOSE] = book and o_si[b, TR_DUE, p] == NO_TRANSFER
+            ab, ba = flags[tables.MASK_AB, row], flags[tables.MASK_BA, row]
+            stocked = ((ab and o_sf[b, QA, p] > 0 and o_sf[b, CB, p] > 0)
+                       or (ba and o_sf[b, QB, p] > 0 and o_sf[b, CA, p] > 0))
+            book_min = withdrawal_fee[pair[b, p]] * o_sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+            fits = book_min <= cap and max(sized, book_min) * (1.0 + (fa + fb) / 4.0) <= cash
+            fund = (not book) and (ab or ba) and can_enter and open_trades + 2 <= max_trades and fits
+            o_mask[b, p, ARB] = (book and stocked) or fund
+    return open_trades
+
+
+@_jit_inline
+def observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stake_apy_feature, prm, S, LP, LE, AR,
+            equity, cash, ds, size_b, open_trades):
+    """8b. The observation at bar u for episode b (BatchedTradingEnv.observe) into obs[b]: the market features,
+    the spot state, then the strategies' state (zeros where a strategy is off)."""
+    n_pairs, n_feat = obs.shape[1], features.shape[1]
+    max_trades, daily_loss_limit = int(prm[MAX_TRADES]), prm[DAILY_LOSS_LIMIT]
+    stop_loss, take_profit, trailing_stop = prm[STOP_LOSS], prm[TAKE_PROFIT], prm[TRAILING_STOP]
+    daily_used = 0.0
+    if daily_loss_limit > 0:
+        daily_used = min(max((1.0 - equity / ds) / daily_loss_limit, 0.0), 1.0)
+    open_frac = open_trades / max_trades
+    log_change = math.log(equity / prm[INITIAL_EQUITY])
+    cash_frac = cash / equity
+    size_frac = size_b / prm[MAX_POSITION]
+    inv_eq = 1.0 / equity
+    for p in range(n_pairs):
+        row = u * n_cols + pair[b, p]
+        for j in range(n_feat):
+            obs[b, p, j] = features[row, j]
+        c = o_sf[b, CLOSE_PX, p]
+        units = o_sf[b, UNITS, p]
+        holding = (units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] if S else units) > 0
+        j = n_feat  # the state fields: obs[b, p, j + S_X] is field X (nexlify.env.layout)
+        write_spot_state(obs[b, p, j:j + N_SPOT_STATE], holding, c, o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p],
+                         o_sf[b, BARS, p], units, equity, open_frac, daily_used, log_change, cash_frac, size_frac,
+                         stop_loss, take_profit, trailing_stop)
+        for q in range(j + N_SPOT_STATE, obs.shape[2]):
+            obs[b, p, q] = 0.0
+        if S:
+            unbonding = o_sf[b, UNBONDING, p]
+            obs[b, p, j + S_STAKED_WEIGHT] = o_sf[b, STAKED, p] * c * inv_eq
+            obs[b, p, j + S_UNBONDING_WEIGHT] = unbonding * c * inv_eq
+            wait = min(max((o_si[b, RELEASE, p] - u) * (1.0 / 168.0), 0.0), 4.0)
+            obs[b, p, j + S_UNBOND_WAIT] = wait if unbonding > 0 else 0.0
+            obs[b, p, j + S_STAKING_APY] = stake_apy_feature[pair[b, p]]
+        if LP:
+            lp_live = o_sf[b, LP_L, p] > 0
+            spa, spb = o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+            lower, upper = spa * spa / c, spb * spb / c
+            obs[b, p, j + S_LP_WEIGHT] = o_sf[b, LP_VALUE, p] * inv_eq
+            obs[b, p, j + S_LP_IN_RANGE] = 1.0 if lp_live and lower <= 1.0 and upper >= 1.0 else 0.0
+            obs[b, p, j + S_LP_DIST_LOWER] = 1.0 - lower if lp_live else 0.0
+            obs[b, p, j + S_LP_DIST_UPPER] = upper - 1.0 if lp_live else 0.0
+            obs[b, p, j + S_LP_FEES_ACCRUED] = o_sf[b, LP_FEES, p] * (inv_eq * 100.0)
+            obs[b, p, j + S_LP_IMPERMANENT_LOSS] = o_sf[b, LP_IL, p] * (inv_eq * 100.0)
+        if LE:
+            obs[b, p, j + S_LENT_WEIGHT] = o_sf[b, LENT, p] * inv_eq
+            obs[b, p, j + S_INTEREST_ACCRUED] = (o_sf[b, LENT, p] - o_sf[b, PRINCIPAL, p]) * (inv_eq * 100.0)
+            obs[b, p, j + S_AAVE_SUPPLY_APY] = bar_tab[tables.SUPPLY_APY_FEATURE, u]
+            obs[b, p, j + S_AAVE_UTILIZATION] = bar_tab[tables.UTILIZATION, u]
+        if AR:
+            obs[b, p, j + S_ARB_WEIGHT] = o_sf[b, ARB_VALUE, p] * inv_eq
+            obs[b, p, j + S_SPREAD] = floats[tables.SPREAD_FEATURE, row]
+            obs[b, p, j + S_ARB_EDGE_BPS] = floats[tables.EDGE_FEATURE, row]
+            obs[b, p, j + S_VENUE2_AVAILABLE] = floats[tables.V2_AVAILABLE, row]
+            obs[b, p, j + S_TRANSFER_PENDING] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
 
 
 def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
             floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
             transfer_bars, sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows, prm,
             o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask, fs, ks, acts):
-    """One step for every episode b (see BatchedTradingEnv._advance with strategy tables). sf/si/sb are the
+    """One step for every episode b (see BatchedTradingEnv._advance). sf/si/sb are the
     slot state [B, rows, P], ef/ei/e64 the episode state [B, rows]; o_* are written whole, and so are obs
     [B, P, O] and o_mask [B, P, A]; stake_growth .. transfer_bars are constants per market column; fs
     [B, N_SCRATCH, P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch."""
@@ -101,6 +465,7 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
     max_trades = int(prm[MAX_TRADES])
     daily_loss_limit = prm[DAILY_LOSS_LIMIT]
     spot_on, S, LP, LE, AR = prm[SPOT_ON] > 0, prm[STAKING_ON] > 0, prm[LP_ON] > 0, prm[LENDING_ON] > 0, prm[ARB_ON] > 0
+    spot_alone = not (S or LP or LE or AR)
     fa, fb = prm[FEE_A], prm[FEE_B]
     coin_share = prm[LP_COIN_SHARE]
     width = prm[LP_WIDTH]
@@ -119,38 +484,13 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         # copy the slot state into the outputs, where the blocks below update it. (The scratch is not cleared:
         # it starts at zero, and each step writes every entry of a strategy that is on before reading it.)
         o_sf[b] = sf[b]
-        for p in range(n_pairs):
-            o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
-            o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
+        if not spot_alone:
+            for p in range(n_pairs):
+                o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
+                o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
 
         # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
-        for p in range(n_pairs):
-            a = actions[b, p]
-            if not mask[b, p, a]:
-                a = HOLD
-            acts[b, p] = a
-            row = u * n_cols + pair[b, p]
-            o_sb[b, TRADABLE, p] = tradable_tab[row]
-            units = o_sf[b, UNITS, p]
-            f[F_COINS_BEFORE, p] = units
-            if S:
-                staked, unbonding, release = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p], o_si[b, RELEASE, p]
-                f[F_COINS_BEFORE, p] = units + staked + unbonding
-                if unbonding > 0 and release != NO_LOT and u >= release:  # staking.release_unbonded
-                    o_sf[b, UNITS, p] = units + unbonding
-                    o_sf[b, UNBONDING, p] = 0.0
-                    o_si[b, RELEASE, p] = NO_LOT
-            if AR:
-                tr_coin = o_sf[b, TR_COIN, p]
-                f[F_ARB_COINS_BEFORE, p] = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(tr_coin)
-                if o_si[b, TR_DUE, p] <= u:
-                    tr_quote = o_sf[b, TR_QUOTE, p]
-                    o_sf[b, CA, p] = o_sf[b, CA, p] + max(tr_coin, 0.0)
-                    o_sf[b, CB, p] = o_sf[b, CB, p] - min(tr_coin, 0.0)
-                    o_sf[b, QA, p] = o_sf[b, QA, p] + max(tr_quote, 0.0)
-                    o_sf[b, QB, p] = o_sf[b, QB, p] - min(tr_quote, 0.0)
-                    o_sf[b, TR_COIN, p], o_sf[b, TR_QUOTE, p] = 0.0, 0.0
-                    o_si[b, TR_DUE, p] = NO_TRANSFER
+        open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR)
 
         # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
         #    positions, arbitrage books and Aave supply; staking moves.
@@ -160,7 +500,7 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             o = prices[row, 0]
             trad = o_sb[b, TRADABLE, p]
             units = o_sf[b, UNITS, p]
-            pending = o_sb[b, PENDING, p]
+            pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
             want_close = a == CLOSE
             if S:
                 want_close = want_close or pending
@@ -365,57 +705,13 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
 
         # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
         if AR:
-            rb = 2.0 * prm[REBALANCE_BELOW]
-            for p in range(n_pairs):
-                row = u * n_cols + pair[b, p]
-                o, o2 = prices[row, 0], floats[tables.V2_OPEN, row]
-                trade = acts[b, p] == ARB and o_sb[b, BOOK, p]
-                qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
-                # arbitrage.directed_units, then arbitrage.settle (torch divides a number by a tensor as the
-                # tensor's reciprocal times the number: so does this, to the last bit)
-                q_ab = min(min(max(qa, 0.0) / (o * (1.0 + fa)), max(cb, 0.0)), (1.0 / o) * prm[MAX_NOTIONAL])
-                q_ba = min(min(max(qb, 0.0) / (o2 * (1.0 + fb)), max(ca, 0.0)), (1.0 / o2) * prm[MAX_NOTIONAL])
-                units_arb = ((q_ab if trade and flags[tables.FILL_AB, row] else 0.0)
-                             - (q_ba if trade and flags[tables.FILL_BA, row] else 0.0))
-                size_arb = abs(units_arb)
-                qa = qa - units_arb * o - size_arb * (o * fa)
-                ca = ca + units_arb
-                qb = qb + units_arb * o2 - size_arb * (o2 * fb)
-                cb = cb - units_arb
-                f[F_COST, p] = f[F_COST, p] + size_arb * (o * fa + o2 * fb)
-                f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + units_arb * (o2 - o)
-                coins_mean, quote_mean = (ca + cb) * 0.5, (qa + qb) * 0.5
-                low = min(ca, cb) <= rb * coins_mean or min(qa, qb) <= rb * quote_mean
-                if units_arb != 0 and o_si[b, TR_DUE, p] == NO_TRANSFER and low:
-                    to_a = coins_mean - ca
-                    fee_units = min(abs(to_a), withdrawal_fee[pair[b, p]])
-                    sign = 1.0 if to_a > 0 else (-1.0 if to_a < 0 else 0.0)
-                    o_sf[b, TR_COIN, p] = to_a - sign * fee_units
-                    o_sf[b, TR_QUOTE, p] = quote_mean - qa
-                    ca, cb = min(ca, coins_mean), min(cb, coins_mean)
-                    qa, qb = min(qa, quote_mean), min(qb, quote_mean)
-                    o_si[b, TR_DUE, p] = u + transfer_bars[pair[b, p]]
-                    f[F_COST, p] = f[F_COST, p] + fee_units * o
-                o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p] = qa, ca, qb, cb
+            arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
+                            o_sb, f, prm)
 
         # 4. Lending: a LEND tops the supply up to max_idle_share of the idle USDT left after the entries (the
         #    first LEND of the bar in pair order supplies it all).
         if LE:
-            flow_sum = 0.0
-            supply = 0.0
-            for p in range(n_pairs):
-                flow_sum += f[F_FLOW, p]
-                supply += o_sf[b, LENT, p]
-            room = max(ef[b, CASH] + flow_sum, 0.0)
-            lendable = max(prm[MAX_IDLE_SHARE] * (room + supply) - supply, 0.0)
-            cumulative = 0.0
-            for p in range(n_pairs):
-                chunk = lendable if acts[b, p] == LEND else 0.0
-                cumulative = cumulative + chunk
-                supplied = min(chunk, max(lendable - (cumulative - chunk), 0.0))
-                f[F_FLOW, p] = f[F_FLOW, p] - supplied
-                o_sf[b, LENT, p] = o_sf[b, LENT, p] + supplied
-                o_sf[b, PRINCIPAL, p] = o_sf[b, PRINCIPAL, p] + supplied
+            lend(b, ef, o_sf, f, acts, prm)
 
         # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close.
         for p in range(n_pairs):
@@ -424,13 +720,13 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             trad = o_sb[b, TRADABLE, p]
             units, entry, highest = o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p]
             locked = f[F_LOCKED, p]
-            pending = o_sb[b, PENDING, p]
+            pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
             if S:
                 holding = units + locked > 0 and trad and not pending
             else:
                 holding = units > 0 and trad
-            stop, target = fused.stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
-            stop_hit, target_hit, exit_px = fused.exit_in_bar(o, h, lo, stop, target)
+            stop, target = stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
+            stop_hit, target_hit, exit_px = exit_in_bar(o, h, lo, stop, target)
             forced = holding and (stop_hit or target_hit)
             forced_gross = units * exit_px * (1.0 - slip)
             forced_proceeds = forced_gross * (1.0 - fee) if forced else 0.0
@@ -531,12 +827,16 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             prev_dd = 1.0 - prev_eq / ef[b, PEAK]
             penalty = prm[DD_PENALTY] * max(drawdown - prev_dd, 0.0) / n_pairs
         for p in range(n_pairs):
-            slot_change = f[F_VALUE, p] - sf[b, SLOT_VALUE, p] + f[F_FLOW, p]
+            # spot alone: a slot's value at the last close is its coins at that close, whatever the packed state
+            # says (the tensor step keeps no slot values for spot alone)
+            last_value = sf[b, UNITS, p] * sf[b, CLOSE_PX, p] if spot_alone else sf[b, SLOT_VALUE, p]
+            slot_change = f[F_VALUE, p] - last_value + f[F_FLOW, p]
             reward[b, p] = slot_change * (scale_log / prev_eq) - penalty
-            o_sf[b, SLOT_VALUE, p] = f[F_VALUE, p]
+            if not spot_alone:
+                o_sf[b, SLOT_VALUE, p] = f[F_VALUE, p]
 
         # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
-        new_head, n_win, n_loss, sum_win, sum_loss = fused.record_closed_trades(
+        new_head, n_win, n_loss, sum_win, sum_loss = record_closed_trades(
             ring[b], head[b], k[K_CLOSED], f[F_RET], ef[b, N_WIN], ef[b, N_LOSS], ef[b, SUM_WIN], ef[b, SUM_LOSS])
         head[b] = new_head
         o_ef[b, N_WIN], o_ef[b, N_LOSS], o_ef[b, SUM_WIN], o_ef[b, SUM_LOSS] = n_win, n_loss, sum_win, sum_loss
@@ -554,12 +854,15 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
                 done += 1
                 won += 1 if f[F_ARB_RET, p] > 0 else 0
             cost_b += f[F_COST, p]
-        for j in range(6):  # spot, staking rewards, LP fees, impermanent loss, lending interest, arbitrage
-            total = 0.0
-            for p in range(n_pairs):
-                total += f[F_SPOT_PNL + j, p]
-            pnl_rows[j, b] += total
-        pnl_rows[6, b] += -cost_b
+        if spot_alone:  # every change of equity that is not a cost is the coins' price move (as the tensor step)
+            pnl_rows[PNL_SPOT, b] += (equity - prev_eq) + cost_b
+        else:
+            for source, scratch_row in PNL_FROM_SCRATCH:
+                total = 0.0
+                for p in range(n_pairs):
+                    total += f[scratch_row, p]
+                pnl_rows[source, b] += total
+        pnl_rows[PNL_FEES_AND_GAS, b] += -cost_b
         o_e64[b, RET_SUM] = e64[b, RET_SUM] + x
         o_e64[b, RET_SQ_SUM] = e64[b, RET_SQ_SUM] + x * x
         o_ef[b, MAX_DD] = max(ef[b, MAX_DD], drawdown)
@@ -570,115 +873,80 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
         o_ei[b, T_BAR] = u
 
         # 8. The next bar's derived state (_refresh): Kelly size, daily-loss block, mask; then the observation.
-        size_b = fused.position_size(n_win, n_loss, sum_win, sum_loss, new_head, prm[KELLY_ON] > 0,
-                                     prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
-                                     prm[MAX_POSITION])
+        size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, prm[KELLY_ON] > 0,
+                               prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
+                               prm[MAX_POSITION])
         o_ef[b, SIZE] = size_b
-        blocked_b = fused.entries_blocked(equity, ds, daily_loss_limit, day[min(u + 1, n_bars - 1)], day[u])
+        blocked_b = entries_blocked(equity, ds, daily_loss_limit, day[min(u + 1, n_bars - 1)], day[u])
         o_blocked[b] = blocked_b
-        open_trades = 0
-        for p in range(n_pairs):
-            if o_sf[b, UNITS, p] + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] > 0:
-                open_trades += 1
-            if LP and o_sf[b, LP_L, p] > 0:
-                open_trades += 1
-            if AR and o_sb[b, BOOK, p]:
-                open_trades += 2
-        can_enter = (not blocked_b) and cash > 0
-        cap = prm[MAX_POSITION] * equity  # the per-trade cap in quote
-        sized = size_b * equity
-        lp_fits = (prm[LP_MIN_NOTIONAL] <= cap and max(sized, prm[LP_MIN_NOTIONAL]) * (1.0 + coin_share * (fee + slip))
-                   + prm[GAS_OPEN] <= cash)
-        supply = 0.0
-        for p in range(n_pairs):
-            supply += o_sf[b, LENT, p]
-        lendable = max(prm[MAX_IDLE_SHARE] * (cash + supply) - supply, 0.0)
-        for p in range(n_pairs):
-            row = u * n_cols + pair[b, p]
-            units, staked = o_sf[b, UNITS, p], o_sf[b, STAKED, p]
-            holding = units + staked + o_sf[b, UNBONDING, p] > 0
-            pending = o_sb[b, PENDING, p]
-            may_enter = o_sb[b, TRADABLE, p] and can_enter and open_trades < max_trades
-            for a in range(o_mask.shape[2]):
-                o_mask[b, p, a] = False
-            o_mask[b, p, HOLD] = True
-            o_mask[b, p, OPEN_LONG] = spot_on and (not holding) and may_enter
-            o_mask[b, p, CLOSE] = holding and not pending
-            if S:
-                o_mask[b, p, STAKE] = stakeable[pair[b, p]] and units > 0 and not pending
-                o_mask[b, p, UNSTAKE] = staked > 0 and o_sf[b, UNBONDING, p] <= 0 and not pending
-            if LP:
-                lp_live = o_sf[b, LP_L, p] > 0
-                o_mask[b, p, LP_OPEN] = (not lp_live) and may_enter and lp_fits
-                o_mask[b, p, LP_CLOSE] = lp_live and o_sf[b, LP_VALUE, p] + o_sf[b, LP_FEES, p] >= prm[LP_MIN_CLOSE]
-            if LE:
-                o_mask[b, p, LEND] = lendable > 0
-                o_mask[b, p, WITHDRAW] = o_sf[b, LENT, p] > 0
-            if AR:
-                book = o_sb[b, BOOK, p]
-                o_mask[b, p, ARB_CLOSE] = book and o_si[b, TR_DUE, p] == NO_TRANSFER
-                ab, ba = flags[tables.MASK_AB, row], flags[tables.MASK_BA, row]
-                stocked = ((ab and o_sf[b, QA, p] > 0 and o_sf[b, CB, p] > 0)
-                           or (ba and o_sf[b, QB, p] > 0 and o_sf[b, CA, p] > 0))
-                book_min = withdrawal_fee[pair[b, p]] * o_sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
-                fits = book_min <= cap and max(sized, book_min) * (1.0 + (fa + fb) / 4.0) <= cash
-                fund = (not book) and (ab or ba) and can_enter and open_trades + 2 <= max_trades and fits
-                o_mask[b, p, ARB] = (book and stocked) or fund
-
-        # the observation at bar u: market features, the spot state, then the strategies' state
-        daily_used = 0.0
-        if daily_loss_limit > 0:
-            daily_used = min(max((1.0 - equity / ds) / daily_loss_limit, 0.0), 1.0)
-        open_frac = open_trades / max_trades
-        log_change = math.log(equity / prm[INITIAL_EQUITY])
-        cash_frac = cash / equity
-        size_frac = size_b / prm[MAX_POSITION]
-        inv_eq = 1.0 / equity
-        for p in range(n_pairs):
-            row = u * n_cols + pair[b, p]
-            for j in range(n_feat):
-                obs[b, p, j] = features[row, j]
-            c = o_sf[b, CLOSE_PX, p]
-            units = o_sf[b, UNITS, p]
-            holding = units + o_sf[b, STAKED, p] + o_sf[b, UNBONDING, p] > 0
-            j = n_feat
-            fused.write_spot_state(obs[b, p, j:j + fused.N_SPOT_STATE], holding, c, o_sf[b, ENTRY, p],
-                                   o_sf[b, HIGHEST, p], o_sf[b, BARS, p], units, equity, open_frac, daily_used,
-                                   log_change, cash_frac, size_frac, stop_loss, take_profit, trailing_stop)
-            j += fused.N_SPOT_STATE
-            for q in range(j, obs.shape[2]):
-                obs[b, p, q] = 0.0
-            if S:
-                unbonding = o_sf[b, UNBONDING, p]
-                obs[b, p, j] = o_sf[b, STAKED, p] * c * inv_eq
-                obs[b, p, j + 1] = unbonding * c * inv_eq
-                wait = min(max((o_si[b, RELEASE, p] - u) * (1.0 / 168.0), 0.0), 4.0)
-                obs[b, p, j + 2] = wait if unbonding > 0 else 0.0
-                obs[b, p, j + 3] = stake_apy_feature[pair[b, p]]
-            if LP:
-                lp_live = o_sf[b, LP_L, p] > 0
-                spa, spb = o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
-                lower, upper = spa * spa / c, spb * spb / c
-                obs[b, p, j + 4] = o_sf[b, LP_VALUE, p] * inv_eq
-                obs[b, p, j + 5] = 1.0 if lp_live and lower <= 1.0 and upper >= 1.0 else 0.0
-                obs[b, p, j + 6] = 1.0 - lower if lp_live else 0.0
-                obs[b, p, j + 7] = upper - 1.0 if lp_live else 0.0
-                obs[b, p, j + 8] = o_sf[b, LP_FEES, p] * (inv_eq * 100.0)
-                obs[b, p, j + 9] = o_sf[b, LP_IL, p] * (inv_eq * 100.0)
-            if LE:
-                obs[b, p, j + 10] = o_sf[b, LENT, p] * inv_eq
-                obs[b, p, j + 11] = (o_sf[b, LENT, p] - o_sf[b, PRINCIPAL, p]) * (inv_eq * 100.0)
-                obs[b, p, j + 17] = bar_tab[tables.SUPPLY_APY_FEATURE, u]
-                obs[b, p, j + 18] = bar_tab[tables.UTILIZATION, u]
-            if AR:
-                obs[b, p, j + 12] = o_sf[b, ARB_VALUE, p] * inv_eq
-                obs[b, p, j + 13] = floats[tables.SPREAD_FEATURE, row]
-                obs[b, p, j + 14] = floats[tables.EDGE_FEATURE, row]
-                obs[b, p, j + 15] = floats[tables.V2_AVAILABLE, row]
-                obs[b, p, j + 16] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
+        open_trades = refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee,
+                                   prm, spot_on, S, LP, LE, AR, equity, cash, size_b, blocked_b)
+        observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stake_apy_feature, prm, S, LP, LE, AR,
+                equity, cash, ds, size_b, open_trades)
 
 
-def _state_attr(env: "BatchedTradingEnv", name: str) -> torch.Tensor:
+_compiled: dict[tuple[str, bool], Any] = {}
+PARALLEL_MIN_SLOTS = 4096  # below this many episode slots, threads cost more than they save
+
+
+def compiled(kernel: Any, name: str, parallel: bool) -> Any:
+    """`kernel` compiled on first use (5-20 s) and cached on disk where numba can write (next to this
+    file, else the user's cache directory, e.g. $XDG_CACHE_HOME/numba or $NUMBA_CACHE_DIR): later
+    processes load it in about a second. The serial build starts no thread pool: one-thread workers
+    running side by side must not have idle pool threads spinning on each other's cores."""
+    key = (name, parallel)
+    if key not in _compiled:
+        # numba's cache tells entries apart by the function's name, not by the `parallel` flag, and checks only
+        # the kernel's own file for changes, not those of the rules it inlines or the constants it compiles in
+        # (the layout, the tables' rows): each build gets a name of its own that carries a digest of the
+        # sources of the kernel's module and of every nexlify module it imports, transitively
+        flavour = "threaded" if parallel else "serial"
+        build = f"{name}_{flavour}_{_sources_digest(kernel.__module__)}"
+        function = types.FunctionType(kernel.__code__, kernel.__globals__, build)
+        function.__qualname__ = build
+        try:
+            _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=True, error_model="numpy")(function)
+        except RuntimeError:  # no writable cache location: compile in every process
+            _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=False, error_model="numpy")(function)
+    return _compiled[key]
+
+
+@functools.cache
+def _sources_digest(module: str) -> str:
+    files = sorted(kernel_sources(module))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
+def kernel_sources(module: str) -> set[Path]:
+    """The files of `module` and of every nexlify module it imports at its top level, transitively (imports
+    under `if TYPE_CHECKING:` and inside functions are not followed: a kernel cannot use them)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        spec = importlib.util.find_spec(name)
+        tree = ast.parse(Path(spec.origin).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.split(".")[0] == "nexlify"]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.split(".")[0] == "nexlify":
+                todo.append(node.module)
+                if importlib.util.find_spec(node.module).submodule_search_locations is not None:
+                    # `from package import module` names modules, `from package import name` a name
+                    todo += [f"{node.module}.{a.name}" for a in node.names
+                             if importlib.util.find_spec(f"{node.module}.{a.name}") is not None]
+    return {Path(importlib.util.find_spec(name).origin) for name in seen}
+
+
+def as_numpy(x: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor (a contiguous copy when it is not contiguous)."""
+    return x.detach().contiguous().numpy()
+
+
+def _state_attr(env: Env, name: str) -> torch.Tensor:
     if name.startswith("kelly"):
         return env.kelly_sums[int(name[-1])]
     if name.startswith("stats."):
@@ -686,7 +954,7 @@ def _state_attr(env: "BatchedTradingEnv", name: str) -> torch.Tensor:
     return getattr(env, name)
 
 
-def _set_state(env: "BatchedTradingEnv", views: list[tuple[str, torch.Tensor]]) -> None:
+def _set_state(env: Env, views: list[tuple[str, torch.Tensor]]) -> None:
     for name, view in views:
         if name.startswith("stats."):
             setattr(env.stats, name[len("stats."):], view)
@@ -696,7 +964,7 @@ def _set_state(env: "BatchedTradingEnv", views: list[tuple[str, torch.Tensor]]) 
     env.stats.equity = env.equity
 
 
-def copy_step_state(source: "BatchedTradingEnv", target: "BatchedTradingEnv") -> None:
+def copy_step_state(source: Env, target: Env) -> None:
     """Copies everything that carries from one step to the next (the names this kernel packs, the Kelly ring,
     the PnL rows, the mask and the host's flags) from source onto target, on target's device: the two then
     take their next step from the same state (tests and tools/gpu-check.py compare steps that way)."""
@@ -712,27 +980,30 @@ def copy_step_state(source: "BatchedTradingEnv", target: "BatchedTradingEnv") ->
 
 GROUPS = (("sf", SLOT_FLOATS), ("si", SLOT_INTS), ("sb", SLOT_BOOLS), ("ef", EPISODE_FLOATS), ("ei", EPISODE_INTS),
           ("e64", EPISODE_F64))
+# spot alone: the spot trade's rows only (see SLOT_FLOATS)
+SPOT_GROUPS = (("sf", SLOT_FLOATS[:N_SPOT_FLOATS]), ("si", ()), ("sb", SLOT_BOOLS[:N_SPOT_BOOLS])) + GROUPS[3:]
 
 
 class FusedPortfolioStep:
-    """Steps a BatchedTradingEnv with strategy tables on the CPU with the fused kernel; the environment's state
-    tensors become views of the packed arrays the kernel writes (see the module doc)."""
+    """Steps a BatchedTradingEnv on the CPU with the fused kernel (tb: its strategy tables, every strategy off
+    for spot alone); the environment's state tensors become views of the packed arrays the kernel writes (see
+    the module doc)."""
 
-    def __init__(self, env: "BatchedTradingEnv") -> None:
+    def __init__(self, env: Env, tb: tables.StrategyTables) -> None:
         self.threads = torch.get_num_threads()
-        parallel = self.threads > 1 and env.B * env.P >= fused.PARALLEL_MIN_SLOTS
-        self.kernel = fused.compiled(_kernel, "_portfolio_kernel", parallel)
+        parallel = self.threads > 1 and env.B * env.P >= PARALLEL_MIN_SLOTS
+        self.kernel = compiled(_kernel, "_portfolio_kernel", parallel)
         self.parallel = parallel
-        m, tb = env.market, env._tables
-        self.prices = fused.as_numpy(env._prices)
-        self.tradable = fused.as_numpy(env._tradable)
-        self.features = fused.as_numpy(env._features)
-        self.day = fused.as_numpy(m.day.to(torch.int64))
-        self.pair = fused.as_numpy(env._pair_bp.to(torch.int64))
+        m = env.market
+        self.prices = as_numpy(env._prices)
+        self.tradable = as_numpy(env._tradable)
+        self.features = as_numpy(env._features)
+        self.day = as_numpy(m.day.to(torch.int64))
+        self.pair = as_numpy(env._pair_bp.to(torch.int64))
         self.n_cols, self.n_bars = env._n_cols, m.n_bars
-        self.floats, self.flags, self.bar_tab = (fused.as_numpy(tb.floats), fused.as_numpy(tb.flags),
-                                                 fused.as_numpy(tb.bars))
-        self.column_constants = tuple(fused.as_numpy(x) for x in (
+        self.floats, self.flags, self.bar_tab = (as_numpy(tb.floats), as_numpy(tb.flags),
+                                                 as_numpy(tb.bars))
+        self.column_constants = tuple(as_numpy(x) for x in (
             tb.stake_growth, tb.stake_apy * 10.0, tb.unbond_bars.to(torch.int64), tb.stakeable,
             tb.withdrawal_fee_units, tb.transfer_bars.to(torch.int64)))
         P, B = env.P, env.B
@@ -756,23 +1027,28 @@ class FusedPortfolioStep:
             "max_idle_share": sp.aave.max_idle_share,
         }
         self.params = np.array([float(values[name]) for name in PARAMS])
+        self.groups = GROUPS if tb.any else SPOT_GROUPS
         self._views: list[tuple[str, torch.Tensor]] = []  # the tensors the last step gave the environment
         self._packed: dict[str, np.ndarray] = {}
 
-    def _pack(self, env: "BatchedTradingEnv") -> dict[str, np.ndarray]:
+    def _pack(self, env: Env) -> dict[str, np.ndarray]:
         """The packed state: last step's arrays while the environment holds their views, else stacked anew."""
         if self._views and all(_state_attr(env, name) is view for name, view in self._views):
             return self._packed
         dt = env._units.numpy().dtype
         out = {}
-        for group, names in GROUPS:
+        B, P = env.B, env.P
+        for group, names in self.groups:
             dtype = {"si": np.int64, "sb": np.bool_, "ei": np.int64, "e64": np.float64}.get(group, dt)
-            rows = np.stack([fused.as_numpy(_state_attr(env, name)).astype(dtype, copy=False) for name in names])
+            if not names:
+                out[group] = np.empty((B, 0, P), dtype=dtype)
+                continue
+            rows = np.stack([as_numpy(_state_attr(env, name)).astype(dtype, copy=False) for name in names])
             # [rows, P, B] -> [B, rows, P] and [rows, B] -> [B, rows]: an episode's numbers side by side
             out[group] = np.ascontiguousarray(np.moveaxis(rows, -1, 0))
         return out
 
-    def advance(self, env: "BatchedTradingEnv", actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance(self, env: Env, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         state = self._pack(env)
         outputs = {group: np.empty_like(array) for group, array in state.items()}
         B, P = env.B, env.P
@@ -783,15 +1059,15 @@ class FusedPortfolioStep:
         if self.parallel:
             numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
         self.kernel(
-            fused.as_numpy(actions.to(torch.int64)), fused.as_numpy(env.mask), self.pair, fused.as_numpy(env.t),
+            as_numpy(actions.to(torch.int64)), as_numpy(env.mask), self.pair, as_numpy(env.t),
             self.prices, self.tradable, self.features, self.day, self.n_cols, self.n_bars,
             self.floats, self.flags, self.bar_tab, *self.column_constants,
             state["sf"], state["si"], state["sb"], state["ef"], state["ei"], state["e64"],
-            fused.as_numpy(env.blocked), env.trade_ring.numpy(), env.trade_head.numpy(), env.stats.pnl_rows.numpy(),
+            as_numpy(env.blocked), env.trade_ring.numpy(), env.trade_head.numpy(), env.stats.pnl_rows.numpy(),
             self.params, outputs["sf"], outputs["si"], outputs["sb"], outputs["ef"], outputs["ei"], outputs["e64"],
             o_blocked, reward, obs, mask, *self.scratch)
         views = []
-        for group, names in GROUPS:
+        for group, names in self.groups:
             packed = torch.from_numpy(outputs[group])
             rows = packed.unbind(1)  # [B, P] or [B] each
             views += list(zip(names, (r.t() for r in rows) if packed.dim() == 3 else rows))

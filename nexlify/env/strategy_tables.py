@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from nexlify.env.market import MarketTensors
-from nexlify.strategies import aave, arbitrage, uniswap_v3
+from nexlify.strategies import aave, arbitrage, staking, uniswap_v3
 from nexlify.strategies.params import StrategyParams, base_of
 
 log = structlog.get_logger(__name__)
@@ -103,7 +103,7 @@ class StrategyTables:
         coins = [base_of(pair) for pair in market.pairs]
         staking_on, lp_on, lending_on = "staking" in enabled, "lp" in enabled, "lending" in enabled
 
-        stake = params.staking.pair_tensors(market.pairs, bar_hours, dtype=f64, device=dev)
+        stake = staking.pair_tensors(params.staking, market.pairs, bar_hours, dtype=f64, device=dev)
         terms = [params.staking.asset(c) for c in coins]
         apy = torch.tensor([a.apy if a else 0.0 for a in terms], dtype=f64, device=dev)
 

@@ -32,11 +32,14 @@ tensors, never loops over elements and never syncs the device to Python.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from nexlify.errors import InputError
 from nexlify.strategies._tensors import TensorLike, as_float_tensors
 from nexlify.strategies.params import ArbParams  # noqa: F401 (re-exported)
 
@@ -46,6 +49,28 @@ SPREAD_FEATURE = "spread_coinbase_usd_vs_binance_usdt_bps"  # includes USDT/USD 
 class PairArbitrage(NamedTuple):
     withdrawal_fee_units: Tensor  # [P]
     delay_bars: Tensor  # [P] int64
+
+
+def pair_tensors(params: ArbParams, pairs: Sequence[str], bar_hours: float, *,
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> PairArbitrage:
+    """Per-pair [P] withdrawal fee (coin units) and rebalancing delay in whole bars (rounded up).
+    A coin missing from the tables raises InputError: arbitrage on it would be free of transfer
+    costs, which is never true."""
+    dtype = torch.float64 if dtype is None else dtype
+    if not (math.isfinite(bar_hours) and bar_hours > 0):
+        raise InputError(f"bar_hours {bar_hours!r} is invalid; accepted: a positive number of hours")
+    coins = [pair.split("/")[0].strip().upper() for pair in pairs]
+    known = set(params.withdrawal_fee_units) & set(params.rebalance_delay_hours)
+    for coin in coins:
+        if coin not in known:
+            raise InputError(f"arbitrage has no withdrawal fee or delay for {coin!r}; accepted coins: "
+                             + ", ".join(sorted(known)))
+    fees = [params.withdrawal_fee_units[c] for c in coins]
+    bars = [math.ceil(params.rebalance_delay_hours[c] / bar_hours - 1e-9) for c in coins]
+    return PairArbitrage(
+        withdrawal_fee_units=torch.tensor(fees, dtype=dtype, device=device),
+        delay_bars=torch.tensor(bars, dtype=torch.int64, device=device),
+    )
 
 
 class ArbFill(NamedTuple):

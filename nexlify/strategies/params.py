@@ -3,24 +3,18 @@
 The dataclasses live here (not beside their arithmetic) so that `nexlify.config` can take its
 defaults from them without importing torch: a default lives in one place, and the pipeline's config
 code stays light. Each strategy module re-exports its own params class, so
-`from nexlify.strategies.staking import StakingParams` keeps working. Methods that build tensors
-(`pair_tensors`) import torch when called.
+`from nexlify.strategies.staking import StakingParams` keeps working. What builds tensors from them
+(`staking.pair_tensors`, `arbitrage.pair_tensors`) lives beside the arithmetic: this module imports
+none of the strategy modules, so the imports run one way (strategy module -> params).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from nexlify.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
-
-    from nexlify.strategies.arbitrage import PairArbitrage
-    from nexlify.strategies.staking import PairStaking
 
 HOURS_PER_YEAR = 8760.0  # 365 days; leap days are ignored (Aave's SECONDS_PER_YEAR is 365 days too)
 
@@ -108,26 +102,6 @@ class StakingParams:
 
     def asset(self, base: str) -> StakedAsset | None:
         return self.assets.get(base.upper())
-
-    def pair_tensors(self, pairs: Sequence[str], bar_hours: float, *, dtype: torch.dtype | None = None,
-                     device: torch.device | str = "cpu") -> PairStaking:
-        """Per-pair tensors [P] for the environment: smooth per-bar growth (1 where not stakeable), the
-        unbonding delay in whole bars (rounded up), and the stakeable mask. Built once, not per step."""
-        import torch
-
-        from nexlify.strategies.staking import PairStaking, per_bar_growth
-
-        dtype = torch.float64 if dtype is None else dtype
-        if not (math.isfinite(bar_hours) and bar_hours > 0):
-            raise InputError(f"bar_hours {bar_hours!r} is invalid; accepted: a positive number of hours")
-        terms = [self.asset(base_of(pair)) for pair in pairs]
-        apy = torch.tensor([t.apy if t else 0.0 for t in terms], dtype=dtype, device=device)
-        bars = [math.ceil(t.unbonding_hours / bar_hours - 1e-9) if t else 0 for t in terms]
-        return PairStaking(
-            growth=per_bar_growth(apy, bar_hours),
-            unbond_bars=torch.tensor(bars, dtype=torch.int64, device=device),
-            stakeable=torch.tensor([t is not None for t in terms], dtype=torch.bool, device=device),
-        )
 
 
 def base_of(pair: str) -> str:
@@ -315,7 +289,7 @@ class ArbParams:
       network) 0.01 SOL is an ASSUMPTION, no dated published figure found.
     - rebalance_delay_hours (ASSUMPTIONS, block times plus exchange processing and confirmation
       waits): BTC 1 h (a few 10-minute blocks), ETH 0.25 h (~64 blocks of 12 s to finality), SOL
-      0.1 h. `pair_tensors` rounds them up to whole bars.
+      0.1 h. `arbitrage.pair_tensors` rounds them up to whole bars.
     - rebalance_notional_usd 25,000 (ASSUMPTION): one coin transfer per 25,000 USD of arbitrage
       volume; e.g. BTC at 100,000: 0.0005 * 100,000 / 25,000 = 20 bps per trade.
     - min_edge_bps 5 (ASSUMPTION): safety buffer for slippage and the fills not being simultaneous.
@@ -371,32 +345,6 @@ class ArbParams:
     @property
     def min_edge(self) -> float:
         return self.min_edge_bps * 1e-4
-
-    def pair_tensors(self, pairs: Sequence[str], bar_hours: float, *, dtype: torch.dtype | None = None,
-                     device: torch.device | str = "cpu") -> PairArbitrage:
-        """Per-pair [P] withdrawal fee (coin units) and rebalancing delay in whole bars (rounded up).
-        A coin missing from the tables raises InputError: arbitrage on it would be free of transfer
-        costs, which is never true."""
-        import torch
-
-        from nexlify.strategies.arbitrage import PairArbitrage
-
-        dtype = torch.float64 if dtype is None else dtype
-        if not (math.isfinite(bar_hours) and bar_hours > 0):
-            raise InputError(f"bar_hours {bar_hours!r} is invalid; accepted: a positive number of hours")
-        coins = [pair.split("/")[0].strip().upper() for pair in pairs]
-        known = set(self.withdrawal_fee_units) & set(self.rebalance_delay_hours)
-        for coin in coins:
-            if coin not in known:
-                raise InputError(f"arbitrage has no withdrawal fee or delay for {coin!r}; accepted coins: "
-                                 + ", ".join(sorted(known)))
-        fees = [self.withdrawal_fee_units[c] for c in coins]
-        bars = [math.ceil(self.rebalance_delay_hours[c] / bar_hours - 1e-9) for c in coins]
-        return PairArbitrage(
-            withdrawal_fee_units=torch.tensor(fees, dtype=dtype, device=device),
-            delay_bars=torch.tensor(bars, dtype=torch.int64, device=device),
-        )
-
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,12 +29,14 @@ tensors, never loops over elements and never syncs the device to Python.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from nexlify.errors import InputError
 from nexlify.strategies._tensors import TensorLike, as_float_tensors
 from nexlify.strategies.params import HOURS_PER_YEAR, StakedAsset, StakingParams, base_of  # noqa: F401 (re-exported)
 
@@ -42,13 +44,30 @@ NO_LOT = -1  # release_bar of a (episode, pair) with nothing unbonding
 
 
 # ------------------------------------------------------------------------------------------------
-# Per-pair tensors (built by StakingParams.pair_tensors, in nexlify.strategies.params)
+# Per-pair tensors
 
 
 class PairStaking(NamedTuple):
     growth: Tensor  # [P] per-bar multiplicative growth of staked units
     unbond_bars: Tensor  # [P] int64 bars from an unstake request to the units being sellable
     stakeable: Tensor  # [P] bool
+
+
+def pair_tensors(params: StakingParams, pairs: Sequence[str], bar_hours: float, *,
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> PairStaking:
+    """Per-pair tensors [P] for the environment: smooth per-bar growth (1 where not stakeable), the
+    unbonding delay in whole bars (rounded up), and the stakeable mask. Built once, not per step."""
+    dtype = torch.float64 if dtype is None else dtype
+    if not (math.isfinite(bar_hours) and bar_hours > 0):
+        raise InputError(f"bar_hours {bar_hours!r} is invalid; accepted: a positive number of hours")
+    terms = [params.asset(base_of(pair)) for pair in pairs]
+    apy = torch.tensor([t.apy if t else 0.0 for t in terms], dtype=dtype, device=device)
+    bars = [math.ceil(t.unbonding_hours / bar_hours - 1e-9) if t else 0 for t in terms]
+    return PairStaking(
+        growth=per_bar_growth(apy, bar_hours),
+        unbond_bars=torch.tensor(bars, dtype=torch.int64, device=device),
+        stakeable=torch.tensor([t is not None for t in terms], dtype=torch.bool, device=device),
+    )
 
 
 
