@@ -76,8 +76,8 @@ class EnvConfig:
                              choices=("float64", "float32"))
     strategies: list[str] = setting(list(ALL_STRATEGIES), "strategies the agent may use (the others' actions are "
                                     "masked)", choices=ALL_STRATEGIES)
-    kernel: str = setting("auto", "how a CPU environment steps: auto (a fused numba kernel: one for spot alone, one "
-                          "with the other strategies) or torch (tensor ops always: the reference, and the GPU path)",
+    kernel: str = setting("auto", "how a CPU environment steps: auto (one fused numba kernel for every strategy "
+                          "set, spot alone included) or torch (tensor ops always: the reference, and the GPU path)",
                           choices=("auto", "torch"))
 
     def check(self) -> None:
