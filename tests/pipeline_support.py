@@ -79,9 +79,17 @@ def start_cli(args: list[str], log_path: Path, *, kill_at_phase: str | None = No
     log = open(log_path, "ab")
     try:
         return subprocess.Popen(argv, cwd=str(REPO), env=child_env(extra), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=own_session)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=own_session,
+                                preexec_fn=_default_sigint if own_session else None)
     finally:
         log.close()
+
+
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C raises KeyboardInterrupt, as in a command typed in a terminal. A test run
+    started in the background of a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored, and Python
+    keeps an ignored SIGINT ignored: without this the Ctrl-C stage would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(args: list[str], *, timeout: float = PIPELINE_TIMEOUT_S, env: dict | None = None,
