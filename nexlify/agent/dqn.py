@@ -175,7 +175,8 @@ class DQNAgent:
 
     def remember(self, obs: Tensor, action: Tensor, reward: Tensor, next_obs: Tensor, next_mask: Tensor,
                  episode_end: bool) -> None:
-        """Feed one step of all streams (flattened [M, ...]); stores the n-step transitions that are ready."""
+        """Feed one step of all streams (flattened [M, ...]); stores the n-step transitions that are ready, their
+        returns in the learner's units (the environment's rewards times cfg.reward_scale)."""
         self.stats.add_reward(reward)
         self.window.push(obs, action, reward * self.cfg.reward_scale)
         ready = self.window.flush() if episode_end else self.window.pop_ready()
