@@ -183,6 +183,8 @@ class LendingConfig:
     max_idle_share: float = setting(AaveParams.max_idle_share, "LEND tops the Aave supply up to this share of idle "
                                     "USDT (cash plus supply), whatever the per-trade size; the rest stays cash",
                                     lo=0.0, hi=1.0)
+    sweep: bool = setting(AaveParams.sweep, "sweep idle USDT into Aave every bar (the supply is kept at "
+                          "max_idle_share of idle USDT; LEND and WITHDRAW are masked); false: lend by hand")
 
     def params(self) -> AaveParams:
         return AaveParams(**asdict(self))

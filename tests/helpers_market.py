@@ -22,6 +22,7 @@ from nexlify.env import fused_portfolio
 from nexlify.env.batched import BatchedTradingEnv
 from nexlify.env.market import MS_PER_DAY, MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer
+from nexlify.strategies.params import AaveParams, StrategyParams
 
 MS_PER_HOUR = 3_600_000
 
@@ -112,15 +113,22 @@ def costless_env(**overrides) -> EnvConfig:
     return EnvConfig(**values)
 
 
+# The hand-computed spot tests: every strategy available, none acting unasked (the Aave sweep, which lends
+# idle cash without being asked, is off; tests of the sweep switch it on).
+NO_SWEEP = StrategyParams(aave=AaveParams(sweep=False))
+
+
 def make_env(market: MarketTensors, risk_cfg: RiskConfig, env_cfg: EnvConfig | None = None, *,
-             start: int = 0, n_steps: int | None = None, episodes: int = 1) -> BatchedTradingEnv:
+             start: int = 0, n_steps: int | None = None, episodes: int = 1,
+             params: StrategyParams = NO_SWEEP) -> BatchedTradingEnv:
     """`episodes` identical episodes trading every pair of `market` from bar `start` (the first decision is
-    at that bar's close) for n_steps steps (default: up to the last bar)."""
+    at that bar's close) for n_steps steps (default: up to the last bar); lending by hand unless `params`
+    say otherwise."""
     n_pairs = len(market.pairs)
     steps = market.n_bars - 1 - start if n_steps is None else n_steps
     pair_idx = torch.arange(n_pairs).unsqueeze(0).expand(episodes, n_pairs)
     return BatchedTradingEnv(market, pair_idx, torch.full((episodes,), start, dtype=torch.int64), steps,
-                             env_cfg or costless_env(), risk_cfg)
+                             env_cfg or costless_env(), risk_cfg, params)
 
 
 def actions(*per_pair: int, episodes: int = 1) -> torch.Tensor:

@@ -20,12 +20,13 @@ from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
 from nexlify.env import batched, fused_portfolio, layout
 from nexlify.env.batched import (
-    ACTION_NAMES, CLOSE, HOLD, N_ACTIONS, NO_TRANSFER, OPEN_LONG, PNL_SOURCES, STATE_NAMES, BatchedTradingEnv,
+    ACTION_NAMES, CLOSE, HOLD, LEND, N_ACTIONS, NO_TRANSFER, OPEN_LONG, PNL_SOURCES, STATE_NAMES, WITHDRAW,
+    BatchedTradingEnv,
 )
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.strategies import arbitrage
-from nexlify.strategies.params import ArbParams, StakedAsset, StakingParams, StrategyParams
+from nexlify.strategies.params import AaveParams, ArbParams, StakedAsset, StakingParams, StrategyParams
 from tests.helpers_market import actions, binance_with_coinbase, flat, make_market, quiet_risk
 
 STATE = ("cash", "equity", "peak", "day_start_equity", "size", "blocked", "t", "units", "entry", "highest",
@@ -247,16 +248,29 @@ def assert_same_portfolio(ref: BatchedTradingEnv, fast: BatchedTradingEnv, rtol:
                                    msg=lambda m: f"{where}: arb_inventory[{name}]: {m}")
 
 
-@pytest.mark.parametrize("risk_cfg", [BUSY_PORTFOLIO_RISK, RiskConfig()], ids=["busy", "defaults"])
-def test_fused_portfolio_step_matches_the_tensor_step_with_every_strategy(venues, risk_cfg):
+def assert_every_action_taken(counts: torch.Tensor, sweep: bool) -> None:
+    """Every action but hold was taken; with the sweep, LEND and WITHDRAW never (they are masked)."""
+    by_hand = [LEND, WITHDRAW]
+    taken = dict(zip(ACTION_NAMES, counts.tolist()))
+    rest = [a for a in range(1, len(ACTION_NAMES)) if not (sweep and a in by_hand)]
+    assert (counts[rest] > 0).all(), f"every action was taken: {taken}"
+    if sweep:
+        assert counts[by_hand].sum() == 0, f"the sweep masks LEND and WITHDRAW: {taken}"
+
+
+@pytest.mark.parametrize("risk_cfg, sweep", [(BUSY_PORTFOLIO_RISK, True), (BUSY_PORTFOLIO_RISK, False),
+                                             (RiskConfig(), True)], ids=["busy", "busy-lend-by-hand", "defaults"])
+def test_fused_portfolio_step_matches_the_tensor_step_with_every_strategy(venues, risk_cfg, sweep):
     """Every action of every strategy is taken and every PnL source moves, and the kernel agrees with the
-    tensor step on every output and every piece of state to float64 rounding."""
+    tensor step on every output and every piece of state to float64 rounding; lending by the sweep and by
+    hand."""
     starts = torch.tensor([700, 760, 900, 1000, 1010, 1200])
     env_cfg = EnvConfig(drawdown_penalty=0.5)
-    ref, fast = pair_of_envs(venues, risk_cfg, env_cfg, starts, 450, params=BUSY_PARAMS)
+    params = dataclasses.replace(BUSY_PARAMS, aave=AaveParams(sweep=sweep))
+    ref, fast = pair_of_envs(venues, risk_cfg, env_cfg, starts, 450, params=params)
     counts, seen = run_side_by_side(ref, fast, 450, seed=11, rtol=1e-12, atol=1e-9, obs_atol=1e-6,
                                     **PORTFOLIO_ACTIONS)
-    assert (counts[1:] > 0).all(), f"every action was taken: {dict(zip(ACTION_NAMES, counts.tolist()))}"
+    assert_every_action_taken(counts, sweep)
     assert min(seen.values()) > 0, f"the rarer states occurred: {seen}"
     moved = ref.stats.pnl.abs().sum(0)
     assert (moved > 0).all(), f"every PnL source moved: {dict(zip(PNL_SOURCES, moved.tolist()))}"
@@ -337,4 +351,4 @@ def test_the_threaded_portfolio_kernel_matches_the_tensor_step_on_a_large_batch(
                                      **PORTFOLIO_ACTIONS)
     finally:
         torch.set_num_threads(threads)
-    assert (counts[1:] > 0).all()
+    assert_every_action_taken(counts, sweep=True)

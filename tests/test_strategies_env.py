@@ -201,7 +201,7 @@ def test_lending_supply_rate_below_at_and_above_the_optimum(u, borrow_by_hand):
     rate = borrow_by_hand * u * 0.9
     assert rate == pytest.approx(aave_supply_rate(u), rel=1e-12)
     market = make_market([flat(100)] * 4, pairs=["ETH/USDT"])
-    env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=u)))
+    env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=u, sweep=False)))
     apy_index = market.n_features + STATE_NAMES.index("aave_supply_apy")
     obs = env.reset()
     assert obs[0, 0, apy_index].item() == pytest.approx(rate * 10, rel=1e-6)
@@ -226,7 +226,7 @@ def test_lend_uses_only_cash_left_after_the_entries():
     """Two pairs: pair 0 opens a spot trade, pair 1 lends from the cash left after the entries. With 60% sizes
     the buy takes 6,000; the lend gets max_idle_share 85% of the 4,000 left: 3,400, and 600 stay cash."""
     market = make_market([[flat(100), flat(50)]] * 3, pairs=["ETH/USDT", "SOL/USDT"])
-    env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=0.0)),
+    env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=0.0, sweep=False)),
                   risk=quiet_risk(max_position=0.6, fixed_size=0.6))
     env.step(actions(OPEN_LONG, LEND))
     assert env.units[0].tolist() == [pytest.approx(60.0), 0.0]
@@ -241,8 +241,8 @@ def test_lend_tops_the_supply_up_to_max_idle_share_whatever_the_trade_size():
     hold). Bar 2: pair 1 withdraws its 8,550. Bar 3: both slots lend: the first in pair order tops the supply up
     to 0.9 * 9,500 again, the second gets 0."""
     market = make_market([[flat(100), flat(50)]] * 5, pairs=["ETH/USDT", "SOL/USDT"])
-    env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=0.0, max_idle_share=0.9)),
-                  risk=quiet_risk(max_position=0.05, fixed_size=0.05))
+    env = env_for(market, ["spot", "lending"],
+                  StrategyParams(aave=AaveParams(utilization=0.0, max_idle_share=0.9, sweep=False)), risk=quiet_risk(max_position=0.05, fixed_size=0.05))
     env.step(actions(OPEN_LONG, LEND))
     assert env.units[0].tolist() == [pytest.approx(5.0), 0.0]
     assert env.lent[0].tolist() == [0.0, pytest.approx(8550.0)]
@@ -253,6 +253,61 @@ def test_lend_tops_the_supply_up_to_max_idle_share_whatever_the_trade_size():
     env.step(actions(LEND, LEND))
     assert env.lent[0].tolist() == [pytest.approx(8550.0), 0.0]
     assert env.equity.item() == pytest.approx(10_000.0)
+
+
+
+def test_sweep_keeps_max_idle_share_of_idle_usdt_lent_and_compounds_its_share_of_the_rate():
+    """The sweep (the default): nobody lends by hand (LEND and WITHDRAW masked); after each bar's entries the
+    supply is set to 85% of the idle USDT. Holding from 10,000 at hourly growth g = rate / 8760: bar k lends
+    0.85 * E(k-1) at its open, which earns g, so E(k) = E(k-1) * (1 + 0.85 g) = 10,000 * (1 + 0.85 g)^k, with
+    0.15 * E(k-1) as cash; every dollar of the gain is lending interest."""
+    rate = aave_supply_rate(0.80)
+    g = rate / 8760
+    market = make_market([flat(100)] * 5, pairs=["ETH/USDT"])
+    env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=0.80)))
+    env.reset()
+    assert not env.mask[0, 0, LEND] and not env.mask[0, 0, WITHDRAW]
+    before = 10_000.0
+    for k in range(1, 5):
+        env.step(actions(HOLD))
+        assert env.lent.item() == pytest.approx(0.85 * before * (1 + g), rel=1e-13)
+        assert env.cash.item() == pytest.approx(0.15 * before, rel=1e-13)
+        assert env.equity.item() == pytest.approx(10_000 * (1 + 0.85 * g) ** k, rel=1e-13)
+        assert not env.mask[0, 0, LEND] and not env.mask[0, 0, WITHDRAW]
+        before = env.equity.item()
+    pnl = env.stats.pnl_breakdown(0)
+    assert pnl["lending_interest"] == pytest.approx(before - 10_000, rel=1e-9)
+    assert pnl["total"] == pytest.approx(before - 10_000, rel=1e-9)
+
+
+def test_sweep_lets_entries_spend_the_supply_and_lends_what_they_leave():
+    """Two pairs, no interest (utilization 0), trades of 30% (3,000): more than the 1,500 of cash the sweep
+    leaves after bar 1, so the entry draws on the supply. Bar 1 (hold): 8,500 lent, 4,250 per slot. Bar 2:
+    ETH buys 30 coins at 100; 7,000 stay idle: 85% of it, 5,950, is lent (2,975 per slot), 1,050 cash.
+    Bar 3: ETH closes at 100 and the 3,000 is swept back: 4,250 per slot again. A buy of all the equity
+    (fixed size 100%) takes cash and supply alike: nothing left lent."""
+    market = make_market([[flat(100), flat(50)]] * 4, pairs=["ETH/USDT", "SOL/USDT"])
+    env = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=0.0)),
+                  risk=quiet_risk(max_position=0.3, fixed_size=0.3))
+    env.step(actions(HOLD, HOLD))
+    assert env.lent[0].tolist() == [pytest.approx(4250.0), pytest.approx(4250.0)]
+    assert env.cash.item() == pytest.approx(1500.0)
+    assert env.mask[0, 0, OPEN_LONG]
+    env.step(actions(OPEN_LONG, HOLD))
+    assert env.units[0].tolist() == [pytest.approx(30.0), 0.0]
+    assert env.lent[0].tolist() == [pytest.approx(2975.0), pytest.approx(2975.0)]
+    assert env.cash.item() == pytest.approx(1050.0)
+    env.step(actions(CLOSE, HOLD))
+    assert env.lent[0].tolist() == [pytest.approx(4250.0), pytest.approx(4250.0)]
+    assert env.cash.item() == pytest.approx(1500.0) and env.equity.item() == pytest.approx(10_000.0)
+
+    full = env_for(market, ["spot", "lending"], StrategyParams(aave=AaveParams(utilization=0.0)),
+                   risk=quiet_risk(max_position=1.0, fixed_size=1.0))
+    full.step(actions(HOLD, HOLD))
+    full.step(actions(OPEN_LONG, HOLD))
+    assert full.units[0].tolist() == [pytest.approx(100.0), 0.0]
+    assert full.lent.abs().max().item() == pytest.approx(0.0, abs=1e-9)
+    assert full.cash.item() == pytest.approx(0.0, abs=1e-9)
 
 
 # ================================================================================================= staking
@@ -600,8 +655,8 @@ def test_per_trade_cap_sizes_lp_and_arbitrage_like_a_spot_trade_but_not_lending(
     bars = [[flat(100), flat(100), flat(100)]] * 3
     market = make_market(bars, pairs=["ETH/USDT", "BTC/USDT", "SOL/USDT"], volume=[[0.0] * 3] * 3)
     with_second_venue(market, [[flat(100), flat(200), flat(100)]] * 3)
-    params = StrategyParams(lp=NO_GAS, aave=AaveParams(utilization=0.0), arbitrage=ArbParams(taker_fee_a=0.0,
-                                                                                             taker_fee_b=0.0))
+    params = StrategyParams(lp=NO_GAS, aave=AaveParams(utilization=0.0, sweep=False),
+                            arbitrage=ArbParams(taker_fee_a=0.0, taker_fee_b=0.0))
     env = env_for(market, ALL, params, risk=quiet_risk(max_position=0.05, fixed_size=0.05, max_trades=5))
     env.step(actions(LP_OPEN, ARB, LEND))
     assert env.lp_value[0, 0].item() == pytest.approx(500.0)
@@ -617,7 +672,7 @@ def test_daily_loss_limit_sees_the_whole_portfolio_and_blocks_new_lp_and_books()
             [flat(80), flat(100)]]
     market = make_market(bars, pairs=["ETH/USDT", "BTC/USDT"], start="2024-01-01T01:00:00Z")
     with_second_venue(market, [[flat(80), flat(103)]] * 5)
-    env = env_for(market, ALL, StrategyParams(arbitrage=ArbParams(**ARB_FEES)),
+    env = env_for(market, ALL, StrategyParams(aave=AaveParams(sweep=False), arbitrage=ArbParams(**ARB_FEES)),
                   risk=quiet_risk(daily_loss_limit=0.05, max_position=0.3, fixed_size=0.3))
     env.step(actions(OPEN_LONG, HOLD))
     env.step(actions(STAKE, HOLD))
@@ -642,16 +697,19 @@ def random_valid(mask: torch.Tensor, gen: torch.Generator, p_hold: float = 0.5) 
     return torch.where(torch.rand(pick.shape, generator=gen) < p_hold, HOLD, pick)
 
 
-def test_equity_identity_rewards_and_pnl_breakdown_with_every_strategy_on(real_market, step_kernel):
+@pytest.mark.parametrize("sweep", [True, False], ids=["sweep", "lend-by-hand"])
+def test_equity_identity_rewards_and_pnl_breakdown_with_every_strategy_on(real_market, step_kernel, sweep):
     """A random run with every strategy and every risk rule on (arbitrage fees lowered so that it trades):
     at every step equity = cash + coins * close + LP value + fees + supply + books, the slots' rewards add up
-    to the log-equity change, nothing goes negative, and the PnL breakdown adds up to the equity change."""
+    to the log-equity change, nothing goes negative, and the PnL breakdown adds up to the equity change;
+    lending by the sweep (LEND and WITHDRAW never valid) and by hand."""
     tensors = real_market
     params = StrategyParams(arbitrage=ArbParams(taker_fee_a=0.0, taker_fee_b=0.0002, min_edge_bps=0.0,
                                                 rebalance_notional_usd=1e7, rebalance_delay_hours={
                                                     "BTC": 2.0, "ETH": 1.0, "SOL": 3.0}),
                             staking=StakingParams(assets={"ETH": StakedAsset(0.05, 365.0, 5.0),
-                                                          "SOL": StakedAsset(0.07, 182.5, 2.0)}))
+                                                          "SOL": StakedAsset(0.07, 182.5, 2.0)}),
+                            aave=AaveParams(sweep=sweep))
     risk_cfg = RiskConfig(max_position=0.2, fixed_size=0.2, kelly_min_trades=5, kelly_window=10, stop_loss=0.01,
                           take_profit=0.02, trailing_stop=0.015, daily_loss_limit=0.03, max_trades=5)
     starts = torch.tensor([700, 760, 900, 1000])
@@ -675,7 +733,12 @@ def test_equity_identity_rewards_and_pnl_breakdown_with_every_strategy_on(real_m
         inv = env.arb_inventory
         assert all((inv[k] >= -1e-9).all() for k in ("quote_a", "coin_a", "quote_b", "coin_b"))
         prev = env.equity.clone()
-    assert (counts[1:] > 0).all(), f"every action was taken: {dict(zip(ACTION_NAMES, counts.tolist()))}"
+    taken = dict(zip(ACTION_NAMES, counts.tolist()))
+    by_hand = {ACTION_NAMES[LEND], ACTION_NAMES[WITHDRAW]}
+    assert all(n > 0 for name, n in taken.items() if name != "hold" and not (sweep and name in by_hand)), taken
+    if sweep:
+        assert all(taken[name] == 0 for name in by_hand), taken
+        assert (env.lent.sum(-1) > 0).all()  # the sweep lent
     total = env.stats.pnl.sum(-1)
     torch.testing.assert_close(total, env.equity - 10_000.0, rtol=0, atol=1e-7)
     by_source = env.stats.pnl.sum(0)
@@ -688,12 +751,14 @@ def test_equity_identity_rewards_and_pnl_breakdown_with_every_strategy_on(real_m
 
 def test_spot_actions_with_every_strategy_on_equal_the_spot_only_environment(real_market):
     """The strategies cost nothing they are not asked for: the same spot actions give the same cash, units,
-    equity and rewards to the last bit with every strategy on as with spot alone."""
+    equity and rewards to the last bit with every strategy on as with spot alone (lending by hand: the sweep
+    lends without being asked)."""
     risk_cfg = RiskConfig(max_position=0.3, fixed_size=0.3, kelly_min_trades=5, kelly_window=10, stop_loss=0.01,
                           take_profit=0.02, trailing_stop=0.015, daily_loss_limit=0.03)
     starts = torch.tensor([300, 800, 1200])
+    by_hand = StrategyParams(aave=AaveParams(sweep=False))
     envs = [BatchedTradingEnv(real_market, torch.arange(3).expand(3, 3), starts, 300,
-                              EnvConfig(strategies=s), risk_cfg) for s in (["spot"], ALL)]
+                              EnvConfig(strategies=s), risk_cfg, by_hand) for s in (["spot"], ALL)]
     gen = torch.Generator().manual_seed(2)
     for _ in range(300):
         spot_mask = envs[0].mask

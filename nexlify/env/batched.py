@@ -34,7 +34,9 @@ network's shape never depends on the config). Per pair slot:
   all); masked where nothing is left to supply; 8 withdraw: take the slot's whole supply back. Lending is
   portfolio cash: each slot keeps its own sub-account of the one Aave balance (so its interest is that
   slot's reward); the portfolio's supply is their sum. Interest accrues every bar at the supply rate of
-  the utilization path.
+  the utilization path. With AaveParams.sweep (the default) nobody lends by hand: LEND and WITHDRAW are
+  masked and after each bar's entries the supply is set to max_idle_share of the idle USDT (topped up,
+  or withdrawn down to it when the entries used the cash buffer), in equal sub-accounts per slot.
 - 9 arbitrage: buy on the cheaper venue and sell on the dearer one from inventory held on both
   (arbitrage.arb_trade, at both venues' opens). Valid only when the second venue has the candle of bar t
   and the net edge at bar t's closes beats all costs. The first arbitrage of a slot funds its book:
@@ -439,7 +441,8 @@ class BatchedTradingEnv:
         holding = self._units + self._staked + self._unbonding > 0
         pending = self._exit_pending
         open_trades = self._open_trades(holding)
-        can_enter = ~self.blocked & (self.cash > 0)
+        spendable = self._spendable()
+        can_enter = ~self.blocked & (spendable > 0)
         may_enter = self._tradable_now & can_enter & (open_trades < r.max_trades)
         off = torch.zeros_like(holding)
         can_open = ~holding & may_enter if self.spot_on else off
@@ -457,15 +460,15 @@ class BatchedTradingEnv:
             live = self._lp_L > 0
             lp_notional = torch.clamp(self.size * self.equity, min=lpp.min_notional_usd)
             lp_fits = (lpp.min_notional_usd <= cap) & (
-                lp_notional * (1.0 + self._coin_share * (self.fee + self.slip)) + lpp.gas_usd_open <= self.cash)
+                lp_notional * (1.0 + self._coin_share * (self.fee + self.slip)) + lpp.gas_usd_open <= spendable)
             lp_open = ~live & may_enter & lp_fits
             lp_close = live & (self._lp_value + self._lp_fees >= lpp.min_close_value_usd)
         else:
             lp_open = lp_close = off
-        if self.lending_on:
+        if self.lending_on and not self.strategy_params.aave.sweep:
             lend = (self._lendable(self.cash, self._lent) > 0).expand(self.P, self.B)
             withdraw = self._lent > 0
-        else:
+        else:  # off, or the sweep lends
             lend = withdraw = off
         arb = arb_close = off
         if self.arb_on:
@@ -479,11 +482,18 @@ class BatchedTradingEnv:
                 book_min = self._arb_min_book(self._close)
                 book_notional = torch.maximum(self.size * self.equity, book_min)
                 fits = (book_min <= cap) & (book_notional * (1.0 + (ap.taker_fee_a + ap.taker_fee_b) / 4.0)
-                                            <= self.cash)
+                                            <= spendable)
                 fund = ~book & (ab | ba) & can_enter & (open_trades + 2 <= r.max_trades) & fits
                 arb = (book & stocked) | fund
         return [torch.ones_like(holding), can_open, close, stake, unstake, lp_open, lp_close, lend, withdraw, arb,
                 arb_close]
+
+    def _spendable(self) -> Tensor:
+        """[B] what entries may spend at the next open: the cash, plus the Aave supply when the sweep lends
+        (it withdraws what the entries need)."""
+        if self.lending_on and self.strategy_params.aave.sweep:
+            return self.cash + self._lent.sum(0)
+        return self.cash
 
     def _lendable(self, cash: Tensor, lent: Tensor) -> Tensor:
         """[B] what a LEND may supply: the Aave supply is topped up to max_idle_share of the idle USDT (cash plus
@@ -729,6 +739,8 @@ class BatchedTradingEnv:
         else:
             open_trades = (units > 0).sum(0)
         available = self.cash + flow.sum(0)
+        if LE and self.strategy_params.aave.sweep:
+            available = available + lent.sum(0)  # the sweep withdraws what the entries need
         if LP or AR:
             notional = self.size * prev_equity
             no = self._zeros > 0
@@ -826,9 +838,20 @@ class BatchedTradingEnv:
                 rebalance, torch.minimum(qb, quote_mean), qb)
             tr_due = torch.where(rebalance, u + self._transfer_bars, tr_due)
             cost_slot = cost_slot + fee_units * o
-        if LE:
-            # 4. Lending: a LEND tops the supply up to max_idle_share of the idle USDT left after the entries (the
-            #    first LEND of the bar in pair order supplies it all).
+        if LE and self.strategy_params.aave.sweep:
+            # 4. Lending by the sweep: the supply is set to max_idle_share of the idle USDT left after the entries
+            #    (cash plus supply: the entries could spend both), in equal sub-accounts per slot; a withdrawal
+            #    takes its share of the interest.
+            target = (self.strategy_params.aave.max_idle_share / self.P) * (
+                self.cash + flow.sum(0) + lent.sum(0)).clamp(min=0.0)
+            moved = target - lent
+            kept = torch.where(moved < 0, target / lent.clamp(min=torch.finfo(dt).tiny), 1.0)
+            principal = torch.where(moved < 0, principal * kept, principal + moved)
+            flow = flow - moved
+            lent = target.expand(self.P, self.B).clone()
+        elif LE:
+            # 4. Lending by hand: a LEND tops the supply up to max_idle_share of the idle USDT left after the
+            #    entries (the first LEND of the bar in pair order supplies it all).
             lendable = self._lendable((self.cash + flow.sum(0)).clamp(min=0.0), lent)
             chunk = torch.where(act == LEND, lendable, 0.0)
             supplied = torch.minimum(chunk, (lendable - (torch.cumsum(chunk, 0) - chunk)).clamp(min=0.0))

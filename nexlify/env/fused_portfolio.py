@@ -94,12 +94,12 @@ PARAMS = ("fee", "slip", "stop_loss", "take_profit", "trailing_stop", "max_trade
           "kelly_floor", "fixed_size", "spot_on", "staking_on", "lp_on", "lending_on", "arb_on", "unstake_fraction",
           "stake_fraction", "lp_range_width", "lp_coin_share", "gas_open", "gas_close", "fee_a", "fee_b",
           "max_notional", "rebalance_below", "tiny", "lp_min_notional", "lp_min_close", "max_withdrawal_share",
-          "max_idle_share")
+          "max_idle_share", "lend_sweep")
 (FEE, SLIP, STOP_LOSS, TAKE_PROFIT, TRAILING_STOP, MAX_TRADES, DAILY_LOSS_LIMIT, DD_PENALTY, INITIAL_EQUITY,
  MAX_POSITION, KELLY_ON, KELLY_MIN_TRADES, KELLY_FRACTION, KELLY_FLOOR, FIXED_SIZE, SPOT_ON, STAKING_ON, LP_ON,
  LENDING_ON, ARB_ON, UNSTAKE_FRACTION, STAKE_FRACTION, LP_WIDTH, LP_COIN_SHARE, GAS_OPEN, GAS_CLOSE, FEE_A, FEE_B,
  MAX_NOTIONAL, REBALANCE_BELOW, TINY, LP_MIN_NOTIONAL, LP_MIN_CLOSE, MAX_WITHDRAWAL_SHARE,
- MAX_IDLE_SHARE) = range(len(PARAMS))
+ MAX_IDLE_SHARE, LEND_SWEEP) = range(len(PARAMS))
 
 # Per-slot scratch, [B, len, P] (an episode's numbers side by side in memory).
 (F_FLOW, F_COST, F_RET, F_LP_RET, F_ARB_RET, F_SPOT_PNL, F_STAKE_PNL, F_LP_FEE_PNL, F_IL_PNL, F_INTEREST, F_ARB_PNL,
@@ -309,14 +309,28 @@ def arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, t
 
 @_jit_inline
 def lend(b, ef, o_sf, f, acts, prm):
-    """4. Lending for episode b: a LEND tops the Aave supply up to max_idle_share of the idle USDT left after the
-    entries (the first LEND of the bar in pair order supplies it all)."""
+    """4. Lending for episode b. By the sweep: the supply is set to max_idle_share of the idle USDT left after the
+    entries (cash plus supply), in equal sub-accounts per slot (a withdrawal takes its share of the interest).
+    By hand: a LEND tops the Aave supply up to max_idle_share of that idle USDT (the first LEND of the bar in
+    pair order supplies it all)."""
     n_pairs = acts.shape[1]
     flow_sum = 0.0
     supply = 0.0
     for p in range(n_pairs):
         flow_sum += f[F_FLOW, p]
         supply += o_sf[b, LENT, p]
+    if prm[LEND_SWEEP] > 0:
+        target = prm[MAX_IDLE_SHARE] / n_pairs * max(ef[b, CASH] + flow_sum + supply, 0.0)
+        for p in range(n_pairs):
+            lent = o_sf[b, LENT, p]
+            moved = target - lent
+            if moved < 0:
+                o_sf[b, PRINCIPAL, p] = o_sf[b, PRINCIPAL, p] * (target / lent)
+            else:
+                o_sf[b, PRINCIPAL, p] = o_sf[b, PRINCIPAL, p] + moved
+            f[F_FLOW, p] = f[F_FLOW, p] - moved
+            o_sf[b, LENT, p] = target
+        return
     room = max(ef[b, CASH] + flow_sum, 0.0)
     lendable = max(prm[MAX_IDLE_SHARE] * (room + supply) - supply, 0.0)
     cumulative = 0.0
@@ -346,15 +360,17 @@ def refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable,
             open_trades += 1
         if AR and o_sb[b, BOOK, p]:
             open_trades += 2
-    can_enter = (not blocked_b) and cash > 0
-    cap = prm[MAX_POSITION] * equity  # the per-trade cap in quote
-    sized = size_b * equity
-    lp_fits = (prm[LP_MIN_NOTIONAL] <= cap and max(sized, prm[LP_MIN_NOTIONAL]) * (1.0 + coin_share * (fee + slip))
-               + prm[GAS_OPEN] <= cash)
     supply = 0.0
     if LE:
         for p in range(n_pairs):
             supply += o_sf[b, LENT, p]
+    sweep = LE and prm[LEND_SWEEP] > 0
+    spendable = cash + supply if sweep else cash  # the sweep withdraws what the entries need
+    can_enter = (not blocked_b) and spendable > 0
+    cap = prm[MAX_POSITION] * equity  # the per-trade cap in quote
+    sized = size_b * equity
+    lp_fits = (prm[LP_MIN_NOTIONAL] <= cap and max(sized, prm[LP_MIN_NOTIONAL]) * (1.0 + coin_share * (fee + slip))
+               + prm[GAS_OPEN] <= spendable)
     lendable = max(prm[MAX_IDLE_SHARE] * (cash + supply) - supply, 0.0)
     for p in range(n_pairs):
         row = u * n_cols + pair[b, p]
@@ -375,7 +391,7 @@ def refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable,
             lp_live = o_sf[b, LP_L, p] > 0
             o_mask[b, p, LP_OPEN] = (not lp_live) and may_enter and lp_fits
             o_mask[b, p, LP_CLOSE] = lp_live and o_sf[b, LP_VALUE, p] + o_sf[b, LP_FEES, p] >= prm[LP_MIN_CLOSE]
-        if LE:
+        if LE and not sweep:  # else the sweep lends
             o_mask[b, p, LEND] = lendable > 0
             o_mask[b, p, WITHDRAW] = o_sf[b, LENT, p] > 0
         if AR:
@@ -385,7 +401,7 @@ def refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable,
             stocked = ((ab and o_sf[b, QA, p] > 0 and o_sf[b, CB, p] > 0)
                        or (ba and o_sf[b, QB, p] > 0 and o_sf[b, CA, p] > 0))
             book_min = withdrawal_fee[pair[b, p]] * o_sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
-            fits = book_min <= cap and max(sized, book_min) * (1.0 + (fa + fb) / 4.0) <= cash
+            fits = book_min <= cap and max(sized, book_min) * (1.0 + (fa + fb) / 4.0) <= spendable
             fund = (not book) and (ab or ba) and can_enter and open_trades + 2 <= max_trades and fits
             o_mask[b, p, ARB] = (book and stocked) or fund
     return open_trades
@@ -597,6 +613,9 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             k[K_WANT, p] = want
             flow_sum += f[F_FLOW, p]
         available = ef[b, CASH] + flow_sum
+        if LE and prm[LEND_SWEEP] > 0:
+            for p in range(n_pairs):
+                available += o_sf[b, LENT, p]  # the sweep withdraws what the entries need
         scale = 1.0
         if LP or AR:
             for p in range(n_pairs):
@@ -708,8 +727,8 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
             arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
                             o_sb, f, prm)
 
-        # 4. Lending: a LEND tops the supply up to max_idle_share of the idle USDT left after the entries (the
-        #    first LEND of the bar in pair order supplies it all).
+        # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or (by
+        #    hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
         if LE:
             lend(b, ef, o_sf, f, acts, prm)
 
@@ -1024,7 +1043,7 @@ class FusedPortfolioStep:
             "max_notional": sp.arbitrage.max_notional_usd, "rebalance_below": sp.arbitrage.rebalance_below,
             "tiny": torch.finfo(env.dtype).tiny, "lp_min_notional": sp.lp.min_notional_usd,
             "lp_min_close": sp.lp.min_close_value_usd, "max_withdrawal_share": sp.arbitrage.max_withdrawal_share,
-            "max_idle_share": sp.aave.max_idle_share,
+            "max_idle_share": sp.aave.max_idle_share, "lend_sweep": sp.aave.sweep,
         }
         self.params = np.array([float(values[name]) for name in PARAMS])
         self.groups = GROUPS if tb.any else SPOT_GROUPS
