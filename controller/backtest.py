@@ -4,6 +4,12 @@
     fold_row         one fold's table row from its test evaluation (agent beside whatever baselines exist)
     aggregate        mean / median of the agent's return and Sharpe, and in how many folds it beats each
                      baseline on return and on Sharpe
+
+Sharpe here is the annualised Sharpe of hourly returns in excess of the modelled Aave USDT supply rate
+(nexlify.metrics.sharpe_vs_lending, `avg_sharpe_vs_lending`): the risk-free rate of a USDT book, so that
+cash plus lending, riskless, has 0 and "beats it on Sharpe" means earning more than lending per unit of
+risk. (With rf = 0 its near-constant returns give a Sharpe in the hundreds of thousands.) Results written
+before that metric existed fall back to `avg_sharpe`.
     render_table     the table printed by `nexlify backtest --walk-forward`
 
 Fold k of n (k = 1 is the oldest) tests on [test_start_k, test_end_k) with
@@ -97,6 +103,11 @@ def _mean_over_pairs(per_pair: dict, key: str) -> float:
     return sum(m[key] for m in per_pair.values()) / len(per_pair)
 
 
+def _sharpe(metrics: dict) -> float:
+    """The Sharpe the folds compare: in excess of the lending rate where recorded, else with rf = 0."""
+    return float(metrics.get("avg_sharpe_vs_lending", metrics["avg_sharpe"]))
+
+
 def fold_row(fold: Fold, evaluation: dict) -> dict:
     """One table row: the fold's dates, the agent's test metrics, and each baseline's return and Sharpe.
 
@@ -105,16 +116,17 @@ def fold_row(fold: Fold, evaluation: dict) -> dict:
     `buy_and_hold` (averaged over pairs, like the agent's avg_return) when present."""
     agent = evaluation["agent"]
     exposure = agent.get("avg_exposure", agent.get("exposure"))
-    baselines = {name: {"return": float(m["avg_return"]), "sharpe": float(m["avg_sharpe"])}
+    baselines = {name: {"return": float(m["avg_return"]), "sharpe": _sharpe(m)}
                  for name, m in (evaluation.get("baselines") or {}).items()}
     bnh = evaluation.get(BUY_AND_HOLD_KEY)
     if bnh and BUY_AND_HOLD_KEY not in baselines:
+        key = "sharpe_vs_lending" if all("sharpe_vs_lending" in m for m in bnh.values()) else "sharpe"
         baselines[BUY_AND_HOLD_KEY] = {"return": _mean_over_pairs(bnh, "total_return"),
-                                       "sharpe": _mean_over_pairs(bnh, "sharpe")}
+                                       "sharpe": _mean_over_pairs(bnh, key)}
     return {
         "fold": fold.index,
         **{k: v for k, v in fold.as_dict().items() if k != "index"},
-        "agent": {"return": float(agent["avg_return"]), "sharpe": float(agent["avg_sharpe"]),
+        "agent": {"return": float(agent["avg_return"]), "sharpe": _sharpe(agent),
                   "max_drawdown": float(agent["avg_drawdown"]), "trades": int(agent["total_trades"]),
                   "exposure": None if exposure is None else float(exposure)},
         "baselines": baselines,
@@ -170,7 +182,8 @@ def render_table(rows: list[dict], agg: dict) -> str:
     head = (f"{'fold':>4}  {'train':<23}  {'test':<23}  {'return %':>8} {'sharpe':>7} {'max dd %':>8} {'trades':>6} "
             f"{'exposure':>8}")
     head += "".join(f"  {name[:18]:>18}" for name in names)
-    lines = ["walk-forward: agent on each fold's test window; baselines as return % / Sharpe", head]
+    lines = ["walk-forward: agent on each fold's test window; baselines as return % / Sharpe (Sharpe: annualised, "
+             "in excess of the modelled Aave USDT supply rate)", head]
     for r in rows:
         a = r["agent"]
         line = (f"{r['fold']:>4}  {r['train_start'][:10] + ' .. ' + r['train_end'][:10]:<23}  "

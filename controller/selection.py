@@ -8,10 +8,11 @@ functions of recorded numbers (each run's result.json, through the pipeline stat
   validation book (the pairs' portfolios added up); a candidate whose validation returns never varied
   counts as a trial with Sharpe 0.
 - A plain flag, `beats_cash_plus_lending`, and a sentence: does the selected model's validation return
-  beat the cash-plus-lending baseline's on the same window, in the same environment? (On return: the
-  lending baseline's per-bar returns barely vary, so its Sharpe is huge and says little; both Sharpes are
-  reported beside.) `beats_baselines` makes the same comparison with every baseline, on return and on
-  Sharpe.
+  beat the cash-plus-lending baseline's on the same window, in the same environment? `beats_baselines`
+  makes the comparison with every baseline, on return and on Sharpe in excess of the modelled Aave supply
+  rate (`avg_sharpe_vs_lending`, nexlify.metrics.sharpe_vs_lending: cash plus lending, riskless, has 0;
+  with rf = 0 its near-constant returns make the plain Sharpe meaningless); the plain Sharpe (rf = 0), the
+  score's, is reported beside.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ CASH_PLUS_LENDING = "cash_plus_lending"  # nexlify.baselines.CASH_PLUS_LENDING (
 def candidate(source: str, seed: int, val_score: float, val_metrics: dict, *, selected: bool) -> dict:
     """One row of the summary's candidate table."""
     return {"source": source, "seed": seed, "val_score": val_score, "val_return": val_metrics.get("avg_return"),
-            "val_sharpe": val_metrics.get("avg_sharpe"), "selected": selected}
+            "val_sharpe": val_metrics.get("avg_sharpe"),
+            "val_sharpe_vs_lending": val_metrics.get("avg_sharpe_vs_lending"), "selected": selected}
 
 
 def selection_report(candidates: list[dict], moments: dict[str, dict | None], baselines: dict | None) -> dict:
@@ -38,7 +40,8 @@ def selection_report(candidates: list[dict], moments: dict[str, dict | None], ba
         raise ValueError(f"{len(chosen)} candidates are marked selected; expected exactly one")
     sel = chosen[0]
     report = {"selected": sel["source"], "val_score": sel["val_score"], "val_return": sel["val_return"],
-              "val_sharpe": sel["val_sharpe"], "models_tried": len(candidates)}
+              "val_sharpe": sel["val_sharpe"], "val_sharpe_vs_lending": sel.get("val_sharpe_vs_lending"),
+              "models_tried": len(candidates)}
 
     lending = (baselines or {}).get(CASH_PLUS_LENDING)
     if lending is None or sel["val_return"] is None:
@@ -47,17 +50,24 @@ def selection_report(candidates: list[dict], moments: dict[str, dict | None], ba
                               "so whether it beats lending idle cash is unknown.")
     else:
         beats = sel["val_return"] > lending["avg_return"]
-        report["cash_plus_lending"] = {"avg_return": lending["avg_return"], "avg_sharpe": lending["avg_sharpe"]}
+        report["cash_plus_lending"] = {"avg_return": lending["avg_return"], "avg_sharpe": lending["avg_sharpe"],
+                                       "avg_sharpe_vs_lending": lending.get("avg_sharpe_vs_lending")}
         report["beats_cash_plus_lending"] = beats
         report["verdict"] = (
             f"{sel['source']} {'beats' if beats else 'does not beat'} cash plus lending on the validation window: "
             f"return {sel['val_return']:.3f} % against {lending['avg_return']:.3f} % from lending idle cash at the "
             "modelled Aave rate" + ("." if beats else "; holding cash in Aave would have done better."))
 
-    # the same comparison against every baseline, on return and on Sharpe (strictly better)
+    # the same comparison against every baseline, on return and on Sharpe (strictly better): the Sharpe in
+    # excess of the lending rate where both recorded it, else the plain one (results of older versions)
+    def sharpes(m: dict) -> tuple[float | None, float | None]:
+        if sel.get("val_sharpe_vs_lending") is not None and m.get("avg_sharpe_vs_lending") is not None:
+            return sel["val_sharpe_vs_lending"], m["avg_sharpe_vs_lending"]
+        return sel["val_sharpe"], m.get("avg_sharpe")
+
     report["beats_baselines"] = {
-        name: {"return": sel["val_return"] > m["avg_return"], "sharpe": sel["val_sharpe"] > m["avg_sharpe"]}
-        for name, m in (baselines or {}).items() if sel["val_return"] is not None and sel["val_sharpe"] is not None}
+        name: {"return": sel["val_return"] > m["avg_return"], "sharpe": sharpes(m)[0] > sharpes(m)[1]}
+        for name, m in (baselines or {}).items() if sel["val_return"] is not None and None not in sharpes(m)}
     report["deflated_sharpe"] = _deflated(sel["source"], candidates, moments)
     return report
 
@@ -87,8 +97,10 @@ def final_lines(summary: dict) -> list[str]:
     s = summary.get("selection")
     if not s:
         return []
-    lines = [f"winner: {s['selected']}  validation return {s['val_return']:.3f} %, Sharpe {s['val_sharpe']:.3f}, "
-             f"score {s['val_score']:.3f} ({s['models_tried']} models tried)"]
+    excess = s.get("val_sharpe_vs_lending")
+    lines = [f"winner: {s['selected']}  validation return {s['val_return']:.3f} %, Sharpe {s['val_sharpe']:.3f}"
+             + ("" if excess is None else f" ({excess:.3f} in excess of the lending rate)")
+             + f", score {s['val_score']:.3f} ({s['models_tried']} models tried)"]
     cpl = s.get("cash_plus_lending")
     if cpl is not None:
         lines.append(f"cash plus lending, same window: return {cpl['avg_return']:.3f} %, "

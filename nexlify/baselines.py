@@ -5,10 +5,13 @@ portfolio's state, the closes of bars <= t) and returns one action per slot [B, 
 at a later bar, and each takes only actions the mask allows, so the environment's costs and risk rules
 apply to them exactly as they apply to the agent.
 
-- flat: always hold (cash). Its return is exactly 0 and its equity the initial equity.
-- cash_plus_lending: LEND whenever the mask allows it, hold otherwise. Nothing more specific: how much a
-  LEND supplies is the environment's rule. With the lending strategy off in the model's config, the
-  baseline runs with lending switched on (the only change; the output says so).
+- flat: always hold, with the lending strategy off (so no sweep lends its cash). Its return is exactly 0
+  and its equity the initial equity.
+- cash_plus_lending: LEND whenever the mask allows it, hold otherwise: with the sweep (AaveParams.sweep,
+  the default) LEND is masked and holding lends; by hand, how much a LEND supplies is the environment's
+  rule. With the lending strategy off in the model's config, the baseline runs with lending switched on
+  (the only change; the output says so). The other baselines run in the model's environment: where it
+  lends by the sweep, their idle cash is swept too, as the agent's is.
 - buy_and_hold_sized: OPEN_LONG whenever flat and the mask allows it, under the model's own risk config
   (the per-trade cap, Kelly, stops, targets and the daily loss limit): "buy and hold at the risk budget".
 - buy_and_hold_full: OPEN_LONG once, with all the equity: the risk config of `full_size_risk`.
@@ -86,6 +89,12 @@ def full_size_risk(risk: RiskConfig) -> RiskConfig:
     model's and unused."""
     return replace(risk, max_position=1.0, fixed_size=1.0, kelly=False, stop_loss=0.0, take_profit=0.0,
                    trailing_stop=0.0, daily_loss_limit=0.0)
+
+
+def without_strategy(env_cfg: EnvConfig, strategy: str) -> EnvConfig:
+    """env_cfg with `strategy` switched off (spot alone if nothing else was on: a strategy set is never
+    empty)."""
+    return replace(env_cfg, strategies=[s for s in env_cfg.strategies if s != strategy] or ["spot"])
 
 
 def with_strategy(env_cfg: EnvConfig, strategy: str) -> tuple[EnvConfig, bool]:

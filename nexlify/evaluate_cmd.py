@@ -73,7 +73,7 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
         "agent": evaluated["agent"],
         "baselines": evaluated["baselines"],
         "baseline_notes": evaluated["baseline_notes"],
-        "buy_and_hold": buy_and_hold(tensors, window),
+        "buy_and_hold": buy_and_hold(tensors, window, cfg.strategy_params()),
         "checkpoint": {"seed": ckpt["seed"], "episodes_trained": ckpt["episodes_trained"]},
     }
     if record:

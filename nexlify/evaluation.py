@@ -19,6 +19,9 @@ bars keeps a few tensors per episode, with no Python loop over episodes:
   counted; trades inside an arbitrage book move no cash and are not counted;
 - fees_paid: every fee, slippage, gas and withdrawal fee paid, in quote currency (the environment's costs,
   = -pnl_breakdown["fees_and_gas"]);
+- sharpe_vs_lending (per pair; avg_sharpe_vs_lending): the annualised Sharpe of the hourly returns in
+  excess of the modelled Aave USDT supply rate, the risk-free rate of a USDT book
+  (nexlify.metrics.sharpe_vs_lending). `sharpe` (rf = 0) stays the score's;
 - return_moments: n, mean, std (ddof=1), skewness and kurtosis (non-excess, population moments) of the
   per-bar returns of the policy's book (the pair portfolios' equities added up), and its per-bar Sharpe
   (mean / std): what the deflated Sharpe ratio of a selected model needs (nexlify.metrics).
@@ -40,8 +43,9 @@ from nexlify.config import EnvConfig, RiskConfig
 from nexlify.env.batched import PNL_SOURCES, BatchedTradingEnv
 from nexlify.env.market import MarketTensors
 from nexlify.features import WARMUP_BARS
-from nexlify.metrics import average_metrics, pair_metrics, return_moments, sharpe_from_sums
-from nexlify.strategies.params import StrategyParams
+from nexlify.metrics import average_metrics, pair_metrics, return_moments, sharpe_from_sums, sharpe_vs_lending
+from nexlify.strategies import aave
+from nexlify.strategies.params import HOURS_PER_YEAR, StrategyParams
 
 AGENT = "agent"
 EXPOSURE_KINDS = ("spot", "staking", "lp", "lending", "arbitrage")
@@ -115,10 +119,12 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
     plans: list[tuple[EnvConfig, RiskConfig, Group]] = []
     if model is not None:
         plans.append((env_cfg, risk_cfg, Group(AGENT, greedy_policy(model))))
-    plans.append((env_cfg, risk_cfg, Group(bl.FLAT, lambda obs, mask, env, rows: bl.flat(mask))))
-    notes[bl.FLAT] = "Always hold: all cash, no costs."
+    plans.append((bl.without_strategy(env_cfg, "lending"), risk_cfg,
+                  Group(bl.FLAT, lambda obs, mask, env, rows: bl.flat(mask))))
+    notes[bl.FLAT] = "Always hold with lending off (no sweep): all cash, no costs."
     plans.append((lend_cfg, risk_cfg, Group(bl.CASH_PLUS_LENDING, lambda obs, mask, env, rows: bl.take_lend(mask))))
-    notes[bl.CASH_PLUS_LENDING] = "LEND whenever the mask allows it (the environment decides how much)." + (
+    notes[bl.CASH_PLUS_LENDING] = ("Hold and let the sweep lend (with the sweep off: LEND whenever the mask "
+                                   "allows it; the environment decides how much).") + (
         " Lending was off in the model's config; this baseline ran with lending switched on." if lend_added else "")
     def buy(obs: Tensor, mask: Tensor, env: BatchedTradingEnv, rows: slice) -> Tensor:
         return bl.buy_when_flat(mask)
@@ -220,6 +226,8 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
         k += 1
 
     st = env.stats
+    bar_returns = (equity[1:] / equity[:-1] - 1.0).cpu().numpy()  # [n_steps, B]
+    risk_free = hourly_lending_rate(market, window, strategy_params or StrategyParams())
     exposure = held.to(torch.float64).mean(0)  # [kinds, B]
     exposure_any = held.any(1).to(torch.float64).mean(0)
     turnover = traded / equity[1:].t().contiguous().mean(-1)  # row by row: the same sum whatever the batch
@@ -233,6 +241,7 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
                 m = pair_metrics(float(st.equity[i]), st.initial_equity, float(st.ret_sum[i]), float(st.ret_sq_sum[i]),
                                  st.n_returns, float(st.max_drawdown[i]), int(st.trades[i]), int(st.wins[i]),
                                  pnl_breakdown=st.pnl_breakdown(i))
+                m["sharpe_vs_lending"] = sharpe_vs_lending(bar_returns[:, i], risk_free)
                 m["costs_paid"] = float(st.costs[i])
                 m["fees_paid"] = float(st.costs[i])
                 m["exposure"] = float(exposure[0, i])
@@ -254,6 +263,15 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
             curves[g.name] = _curves(market.pairs, equity[:, rows], held[:, 0, rows], held.any(1)[:, rows], g.copies)
     bar_ms = market.timestamps[i0 - 1:i1].tolist() if record else []
     return {"results": results, "curves": curves, "bar_ms": bar_ms}
+
+
+def hourly_lending_rate(market: MarketTensors, window: tuple[int, int], params: StrategyParams) -> np.ndarray:
+    """[n_steps] the Aave USDT supply rate earned in each bar of the window, per bar (the environment's
+    growth of a supply, 1 + rate / 8760, less 1): the risk-free rate of a USDT book, whether or not the
+    model lends (nexlify.metrics.sharpe_vs_lending)."""
+    i0, i1 = window
+    utilization = aave.utilization_path(params.aave, torch.as_tensor(np.asarray(market.timestamps[i0:i1])))
+    return (aave.supply_rate_for(utilization, params.aave) / HOURS_PER_YEAR).numpy()
 
 
 def _lent(env: BatchedTradingEnv) -> Tensor:
@@ -311,14 +329,17 @@ def _curves(pairs: list[str], equity: Tensor, spot: Tensor, any_held: Tensor, co
             "position_any": {p: an[:, j].tolist() for j, p in enumerate(pairs)}}
 
 
-def buy_and_hold(market: MarketTensors, window: tuple[int, int]) -> dict[str, dict]:
+def buy_and_hold(market: MarketTensors, window: tuple[int, int],
+                 strategy_params: StrategyParams | None = None) -> dict[str, dict]:
     """Holding each coin from the open of bar i0 to the close of bar i1-1 with no fees: the market's own
-    move, a yardstick beside the baselines that pay the environment's costs."""
+    move, a yardstick beside the baselines that pay the environment's costs (its Sharpe in excess of the
+    lending rate of `strategy_params`, the defaults where None)."""
     i0, i1 = window
     closes = market.prices[i0:i1, :, 3].cpu().numpy()
     first_open = market.prices[i0, :, 0].cpu().numpy()
     path = np.vstack([first_open[None, :], closes])
     rets = path[1:] / path[:-1] - 1.0
+    risk_free = hourly_lending_rate(market, window, strategy_params or StrategyParams())
     peak = np.maximum.accumulate(path, axis=0)
     max_dd = (1.0 - path / peak).max(axis=0)
     out = {}
@@ -326,6 +347,7 @@ def buy_and_hold(market: MarketTensors, window: tuple[int, int]) -> dict[str, di
         out[pair] = {
             "total_return": float((path[-1, i] / path[0, i] - 1.0) * 100.0),
             "sharpe": sharpe_from_sums(float(rets[:, i].sum()), float((rets[:, i] ** 2).sum()), rets.shape[0]),
+            "sharpe_vs_lending": sharpe_vs_lending(rets[:, i], risk_free),
             "max_drawdown": float(max_dd[i] * 100.0),
         }
     return out

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import statistics
 
+import numpy as np
+
 HOURS_PER_YEAR = 24 * 365
 SCORE_WEIGHTS = {"return": 0.4, "sharpe": 10 * 0.3, "win_rate": 100 * 0.2, "drawdown": 0.1}
 
@@ -34,6 +36,25 @@ def sharpe_from_sums(ret_sum: float, ret_sq_sum: float, n: int) -> float:
     if var <= 1e-18:
         return 0.0
     return mean / math.sqrt(var) * math.sqrt(HOURS_PER_YEAR)
+
+
+RISKLESS_VOL = 1e-4  # annualised volatility (0.01 % a year) below which a book is riskless: no excess Sharpe
+
+
+def sharpe_vs_lending(returns: np.ndarray, risk_free: np.ndarray) -> float:
+    """Annualised Sharpe of per-bar returns in excess of a per-bar risk-free rate, sample std (ddof=1):
+    mean(r - rf) / std(r - rf) * sqrt(24*365). For a USDT book the risk-free rate is the modelled Aave
+    supply rate (what cash plus lending earns), so this is the Sharpe a quant compares books on: with rf = 0
+    a book that only lends has a near-zero std and a Sharpe in the hundreds of thousands that no trading
+    book can match. 0 for a riskless book (the excess's annualised std below RISKLESS_VOL: cash, cash plus
+    lending, where the ratio is noise over noise) or fewer than 2 returns."""
+    excess = np.asarray(returns, dtype=np.float64) - np.asarray(risk_free, dtype=np.float64)
+    if excess.size < 2:
+        return 0.0
+    std = float(excess.std(ddof=1))
+    if std * math.sqrt(HOURS_PER_YEAR) < RISKLESS_VOL:
+        return 0.0
+    return float(excess.mean()) / std * math.sqrt(HOURS_PER_YEAR)
 
 
 def pair_metrics(final_equity: float, initial_equity: float, ret_sum: float, ret_sq_sum: float, n: int,
@@ -68,6 +89,8 @@ def average_metrics(per_pair: dict[str, dict]) -> dict:
     avg = {
         "avg_return": sum(m["total_return"] for m in per_pair.values()) / n,
         "avg_sharpe": sum(m["sharpe"] for m in per_pair.values()) / n,
+        **({"avg_sharpe_vs_lending": sum(m["sharpe_vs_lending"] for m in per_pair.values()) / n}
+           if per_pair and all("sharpe_vs_lending" in m for m in per_pair.values()) else {}),
         "avg_win_rate": sum(m["win_rate"] for m in per_pair.values()) / n,
         "avg_drawdown": sum(m["max_drawdown"] for m in per_pair.values()) / n,
         "total_trades": sum(m["trades"] for m in per_pair.values()),

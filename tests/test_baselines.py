@@ -69,18 +69,24 @@ def test_flat_keeps_exactly_the_initial_equity(report):
     assert flat["return_moments"]["n"] == WINDOW[1] - WINDOW[0] and flat["return_moments"]["sharpe"] is None
 
 
-def _lending_by_hand(n_steps: int, share: float) -> float:
-    """Cash plus lending, by hand: each bar a LEND tops the Aave supply up to `share` of the idle USDT (cash
-    plus supply; never more than the cash), and the supply grows by 1 + supply_rate(U) / 8760 per hourly bar,
-    with Aave's V2 rate strategy at the default constant utilization."""
+def _hourly_supply_rate() -> float:
     p = StrategyParams().aave
-    rate = float(aave.supply_rate(p.utilization, p.base_variable_borrow_rate, p.variable_rate_slope1,
-                                  p.variable_rate_slope2, p.optimal_usage_ratio, p.reserve_factor))
-    growth = 1.0 + rate / 8760.0
+    return float(aave.supply_rate(p.utilization, p.base_variable_borrow_rate, p.variable_rate_slope1,
+                                  p.variable_rate_slope2, p.optimal_usage_ratio, p.reserve_factor)) / 8760.0
+
+
+HOURLY_RATE, SHARE = _hourly_supply_rate(), StrategyParams().aave.max_idle_share
+
+
+def _lending_by_hand(n_steps: int, share: float) -> float:
+    """Cash plus lending, by hand: each bar the sweep sets the Aave supply to `share` of the idle USDT (cash
+    plus supply), and the supply grows by 1 + supply_rate(U) / 8760 per hourly bar, with Aave's V2 rate
+    strategy at the default constant utilization."""
+    growth = 1.0 + HOURLY_RATE
     cash, lent = E0, 0.0
     for _ in range(n_steps):
-        supplied = min(max(share * (cash + lent) - lent, 0.0), cash)
-        cash, lent = cash - supplied, (lent + supplied) * growth
+        idle = cash + lent
+        cash, lent = idle - share * idle, share * idle * growth
     return cash + lent
 
 
@@ -151,7 +157,9 @@ def test_buy_and_hold_at_the_risk_budget_buys_the_fixed_size_at_the_first_open(m
         assert lo > entry * (1 - risk.stop_loss) and h < entry * (1 + risk.take_profit)  # no exit in the first bar
         units = risk.fixed_size * E0 / entry
         curve = report["curves"][bl.BUY_AND_HOLD_SIZED]["equity"][pair]
-        assert curve[1] == pytest.approx(E0 - risk.fixed_size * E0 * (1 + env.fee) + units * c, rel=1e-12)
+        # the idle cash is swept into Aave: max_idle_share of it earns one hour of the supply rate
+        idle = E0 - risk.fixed_size * E0 * (1 + env.fee)
+        assert curve[1] == pytest.approx(idle * (1 + SHARE * HOURLY_RATE) + units * c, rel=1e-12)
         assert report["curves"][bl.BUY_AND_HOLD_SIZED]["position"][pair][0] == 1.0
         m = sized["per_pair"][pair]
         assert 0.5 < m["exposure"] <= 1.0 and m["turnover"] > 0 and m["fees_paid"] > 0

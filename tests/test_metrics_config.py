@@ -17,8 +17,8 @@ from nexlify.config import TrainConfig
 from nexlify.configtools import add_flags, flags_to_mapping, from_dict, json_schema, load_yaml, to_dict
 from nexlify.env.batched import HOLD, OPEN_LONG
 from nexlify.errors import InputError
-from nexlify.metrics import HOURS_PER_YEAR, average_metrics, pair_metrics, score, sharpe_from_sums
-from tests.helpers_market import actions, flat, make_env, make_market, quiet_risk
+from nexlify.metrics import HOURS_PER_YEAR, average_metrics, pair_metrics, score, sharpe_from_sums, sharpe_vs_lending
+from tests.helpers_market import actions, costless_env, flat, make_env, make_market, quiet_risk
 
 # ============================================================================================ score
 
@@ -86,7 +86,7 @@ def test_pair_metrics_from_the_environment_statistics():
     """A costless hand path: 50 units bought at 100, closes 110, 90, 120, 100 -> equity 10,500, 9,500,
     11,000, 10,000. Max drawdown 1 - 9500/10500; total return 0; Sharpe of the 4 returns by numpy."""
     market = make_market([flat(100), (100, 110, 100, 110), flat(90), flat(120), flat(100), flat(100)])
-    env = make_env(market, quiet_risk())
+    env = make_env(market, quiet_risk(), costless_env(strategies=["spot"]))  # no sweep: no interest on the cash
     path = [env.equity.item()]
     for a in (OPEN_LONG, HOLD, HOLD, HOLD):
         env.step(actions(a))
@@ -250,3 +250,37 @@ def test_pipeline_json_schema_inlines_the_training_sections():
         jsonschema.validate({"initial_episodes": -1}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"kubernetes": {"nmespace": "x"}}, schema)
+
+
+def _excess_sharpe_by_hand(returns: list[float], rf: list[float]) -> float:
+    xs = [r - f for r, f in zip(returns, rf)]
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    return mean / std * math.sqrt(8760)
+
+
+@pytest.mark.parametrize("returns, rf, expected", [
+    # a trading book: (mean - rf) / std, annualised, written out
+    ([0.01, -0.005, 0.002, 0.0], [1e-5] * 4, _excess_sharpe_by_hand([0.01, -0.005, 0.002, 0.0], [1e-5] * 4)),
+    # rf moves the mean, not the spread: the same returns against a higher rate score lower
+    ([0.01, -0.005, 0.002, 0.0], [1e-3] * 4, _excess_sharpe_by_hand([0.01, -0.005, 0.002, 0.0], [1e-3] * 4)),
+    # riskless books (annualised std of the excess below 0.01 %): cash, and cash plus lending at 85 %
+    ([0.0] * 5, [4.6e-6] * 5, 0.0),
+    ([0.85 * 4.6e-6] * 5, [4.6e-6] * 5, 0.0),
+    # cash against a rate that moves (a utilization path): the excess varies, and it is negative
+    ([0.0] * 4, [1e-4, 3e-4, 2e-4, 4e-4], _excess_sharpe_by_hand([0.0] * 4, [1e-4, 3e-4, 2e-4, 4e-4])),
+    ([0.01], [1e-5], 0.0),  # one return: undefined
+])
+def test_sharpe_vs_lending_is_the_excess_sharpe_and_zero_for_riskless_books(returns, rf, expected):
+    got = sharpe_vs_lending(np.array(returns), np.array(rf))
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    if expected:
+        assert math.isfinite(got) and (got < 0) == (expected < 0)
+
+
+def test_sharpe_vs_lending_lowers_a_books_sharpe_by_the_rate_over_its_volatility():
+    r = np.array([0.01, -0.005, 0.002, 0.0])
+    plain = sharpe_vs_lending(r, np.zeros(4))
+    assert plain == pytest.approx(r.mean() / r.std(ddof=1) * math.sqrt(8760), rel=1e-12)
+    assert plain - sharpe_vs_lending(r, np.full(4, 1e-3)) == pytest.approx(1e-3 / r.std(ddof=1) * math.sqrt(8760),
+                                                                           rel=1e-9)

@@ -104,6 +104,26 @@ def test_the_flag_and_its_sentence(ret, baselines, beats, words):
     assert any(line.startswith("deflated Sharpe ratio: ") for line in lines)
 
 
+@pytest.mark.parametrize("own_excess, lending_excess, beats_sharpe", [
+    (0.4, 0.0, True),     # a positive Sharpe in excess of the lending rate beats riskless lending's 0
+    (-0.3, 0.0, False),   # earning less than lending per unit of risk does not
+    (None, 0.0, False),   # results without the excess Sharpe compare the plain one: 1.0 against 1,500
+])
+def test_sharpe_is_compared_in_excess_of_the_lending_rate_where_recorded(own_excess, lending_excess, beats_sharpe):
+    metrics = {"avg_return": 1.2, "avg_sharpe": 1.0}
+    if own_excess is not None:
+        metrics["avg_sharpe_vs_lending"] = own_excess
+    cands = [selection.candidate("init-1", 42, 10.0, metrics, selected=True)]
+    baselines = {"cash_plus_lending": {"avg_return": 0.9, "avg_sharpe": 1500.0,
+                                       "avg_sharpe_vs_lending": lending_excess}}
+    report = selection.selection_report(cands, {"init-1": None}, baselines)
+    assert report["beats_baselines"]["cash_plus_lending"] == {"return": True, "sharpe": beats_sharpe}
+    assert report["val_sharpe_vs_lending"] == own_excess
+    assert report["cash_plus_lending"]["avg_sharpe_vs_lending"] == lending_excess
+    line = selection.final_lines({"selection": report})[0]
+    assert ("in excess of the lending rate" in line) == (own_excess is not None)
+
+
 def test_deflated_sharpe_in_the_report_uses_every_candidate():
     cands = _cands(("init-1", 1, 1.0, 0.1, 0.1, False), ("init-2", 2, 3.0, 0.2, 0.2, False),
                    ("retrain-1", 3, 4.0, 0.3, 0.3, True))
