@@ -51,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker_sub = worker.add_subparsers(dest="worker_command", required=True)
     wt = worker_sub.add_parser("train", help="train one run and write its checkpoint and result.json")
     wt.add_argument("--run-key", default="run", help="name of the run in logs (init-1, retrain-3)")
-    wt.add_argument("--seed", type=int, default=42)
+    # defaults as the pipeline's (PipelineConfig: one place), which always passes both
+    wt.add_argument("--seed", type=int, default=PipelineConfig.seed, help="seed of the run (default: %(default)s)")
     wt.add_argument("--episodes", type=int, required=True)
     wt.add_argument("--out", required=True, help="output folder or s3://bucket/prefix of this run")
     wt.add_argument("--config", help="TrainConfig file (JSON/YAML; local path or s3://)")
     wt.add_argument("--data-snapshot", help="folder or s3:// prefix holding the pipeline's candle snapshot")
     wt.add_argument("--init-from", help="checkpoint to continue from (weights and optimizer)")
-    wt.add_argument("--checkpoint-every", type=int, default=0, help="episodes between resume checkpoints")
+    wt.add_argument("--checkpoint-every", type=int, default=PipelineConfig.checkpoint_every,
+                    help="episodes between resume checkpoints (0 = only at the end; default: %(default)s)")
     wt.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
     add_flags(wt, TrainConfig)
     wt.set_defaults(handler=cmd_worker_train)
