@@ -126,8 +126,9 @@ def _escape_help_percent(parser: argparse.ArgumentParser) -> None:
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", dest="config_file", help="YAML file with the same keys as the flags; flags win")
-    p.add_argument("--quick-test", action="store_true",
-                   help="1 pair, 2 initial runs, at most 3 iterations, small episode counts (flags still win)")
+    preset = ", ".join(f"{key} {' '.join(value) if isinstance(value, list) else value}"
+                       for key, value in quick_test_preset().items())
+    p.add_argument("--quick-test", action="store_true", help=f"a small run: {preset} (flags still win)")
     p.add_argument("--automated", action="store_true", help="never prompt (the pipeline never prompts anyway)")
     p.add_argument("--force", action="store_true", help="start over on an output that holds another config")
     p.add_argument("--log-format", choices=("auto", "console", "json"), default=None,
