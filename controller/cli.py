@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     wt.add_argument("--init-from", help="checkpoint to continue from (weights and optimizer)")
     wt.add_argument("--checkpoint-every", type=int, default=PipelineConfig.checkpoint_every,
                     help="episodes between resume checkpoints (0 = only at the end; default: %(default)s)")
-    wt.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+    wt.add_argument("--log-format", choices=logs.FORMATS, default=None)
     add_flags(wt, TrainConfig)
     wt.set_defaults(handler=cmd_worker_train)
 
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="(re)build report.html of a finished pipeline's output")
     rep.add_argument("output", help="the pipeline's output folder or s3://bucket/prefix")
-    rep.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+    rep.add_argument("--log-format", choices=logs.FORMATS, default=None)
     rep.set_defaults(handler=cmd_report)
 
     cfg = sub.add_parser("config", help="inspect the configuration")
@@ -131,7 +131,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick-test", action="store_true", help=f"a small run: {preset} (flags still win)")
     p.add_argument("--automated", action="store_true", help="never prompt (the pipeline never prompts anyway)")
     p.add_argument("--force", action="store_true", help="start over on an output that holds another config")
-    p.add_argument("--log-format", choices=("auto", "console", "json"), default=None,
+    p.add_argument("--log-format", choices=logs.FORMATS, default=None,
                    help="auto: JSON unless stderr is a terminal")
     p.add_argument("--verbose", action="store_true", help="also print the preflight table before training")
     add_flags(p, PipelineConfig)
