@@ -120,6 +120,12 @@ def _load_market():
     return load_market
 
 
+def _split_windows():
+    from nexlify.data.candles import split_windows
+
+    return split_windows
+
+
 # (function, parameter, home dataclass, home field): keyword defaults of library functions
 SIGNATURE_DEFAULTS = [
     (_bench_env, "threads", TrainConfig, "threads"),
@@ -128,6 +134,7 @@ SIGNATURE_DEFAULTS = [
     (_bench_train, "threads", TrainConfig, "threads"),
     (_bench_train, "kernel", EnvConfig, "kernel"),
     (_load_market, "timeframe", DataConfig, "timeframe"),
+    (_split_windows, "test_days", DataConfig, "test_days"),
 ]
 
 
@@ -135,6 +142,22 @@ SIGNATURE_DEFAULTS = [
                          ids=[f"{f.__name__[1:]} {p}" for f, p, _, _ in SIGNATURE_DEFAULTS])
 def test_function_defaults_are_the_config_defaults(function, param: str, cls: type, name: str) -> None:
     assert inspect.signature(function()).parameters[param].default == default(cls, name)
+
+
+def test_evaluate_device_default_is_the_functions() -> None:
+    """`nexlify evaluate` runs on the CPU unless asked: the flag and evaluate_checkpoint say the same."""
+    from nexlify.evaluate_cmd import evaluate_checkpoint
+
+    flag = build_parser().parse_args(["evaluate", "--model", "m.pt"]).device
+    assert flag == inspect.signature(evaluate_checkpoint).parameters["device"].default == "cpu"
+
+
+def test_log_format_choices_are_the_loggers() -> None:
+    from nexlify import logs
+
+    for path in (["train"], ["worker", "train"], ["report"]):
+        action = next(a for a in _subparser(build_parser(), path)._actions if a.dest == "log_format")
+        assert tuple(action.choices) == logs.FORMATS
 
 
 # ---- checkpoint_every: PipelineConfig's setting, and no other default anywhere ------------------------
@@ -307,6 +330,16 @@ def test_quick_test_help_is_the_preset() -> None:
     for key, value in quick_test_preset().items():
         shown = " ".join(value) if isinstance(value, list) else str(value)
         assert f"{key} {shown}" in action.help
+
+
+def test_readme_tells_the_quick_test_preset() -> None:
+    line = re.search(r"nexlify train --quick-test +# (\d+) pairs?, (\d+) initial runs, <= (\d+) iterations, .*CPU",
+                     (ROOT / "README.md").read_text())
+    assert line, "README's quick-test line changed form"
+    preset = quick_test_preset()
+    told = tuple(int(x) for x in line.groups())
+    assert told == (len(preset["pairs"]), preset["initial_runs"], preset["max_iterations"])
+    assert preset["device"] == "cpu"
 
 
 # ---- the overlays' copies of what the chart renders into k8s/base ------------------------------------
