@@ -354,3 +354,27 @@ def test_overlay_kubernetes_settings_match_the_base(overlay: str) -> None:
     assert cfg["namespace"] == job["metadata"]["namespace"]
     assert cfg["image"] == job["spec"]["template"]["spec"]["containers"][0]["image"]
     assert cfg["worker_service_account"] == worker_sa["metadata"]["name"]
+
+
+# ---- the release version and the image name ---------------------------------------------------------
+
+
+def test_version_is_one_across_package_chart_and_overlays() -> None:
+    """pyproject.toml's version is the package's; nexlify.__version__, the chart's appVersion (the image tag
+    the chart deploys) and the overlays' image tag copy it."""
+    import tomllib
+
+    import nexlify
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((ROOT / "helm" / "nexlify-train" / "Chart.yaml").read_text())
+    assert nexlify.__version__ == version
+    assert chart["appVersion"] == version
+    for overlay in ("gpu", "cpu-dev"):
+        image = yaml.safe_load((K8S / "overlays" / overlay / "pipeline.yaml").read_text())["kubernetes"]["image"]
+        assert image.rsplit(":", 1)[1] == version, overlay
+
+
+def test_chart_image_repository_is_the_configs() -> None:
+    values = yaml.safe_load(VALUES.read_text())
+    assert values["image"]["repository"] == default(KubernetesConfig, "image").rsplit(":", 1)[0]
