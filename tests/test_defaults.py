@@ -21,7 +21,7 @@ import yaml
 from controller.cli import build_parser, resolve_pipeline_config
 from controller.config import RUN_AS_ID, KubernetesConfig, PipelineConfig, quick_test_preset
 from nexlify.config import ArbitrageConfig, DataConfig, EnvConfig, TrainConfig
-from nexlify.configtools import leaf_index
+from nexlify.configtools import get_path, leaf_index
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = ROOT / "helm" / "nexlify-train" / "values.yaml"
@@ -297,13 +297,11 @@ def test_every_kubernetes_setting_has_a_value_or_is_set_by_the_chart() -> None:
 # ---- the quick-test preset: controller.config.quick_test_preset --------------------------------------
 
 
-def test_cpu_dev_overlay_carries_the_quick_test_preset(tmp_path: Path) -> None:
+def test_cpu_dev_overlay_carries_the_quick_test_preset() -> None:
     path = K8S / "overlays" / "cpu-dev" / "pipeline.yaml"
     cfg = resolve_pipeline_config(build_parser().parse_args(["train", "--config", str(path)]))
     index = leaf_index(PipelineConfig)
     preset = quick_test_preset()
-    from nexlify.configtools import get_path
-
     for key, value in preset.items():
         assert get_path(cfg, index[key].path) == value, f"cpu-dev overlay {key}"
     # and nothing else of the preset's is typed again in the file: its keys sit in the generated block only
