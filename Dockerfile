@@ -56,6 +56,7 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && rm /tmp/requirements-docker.txt \
     && nexlify --help > /dev/null
 
+# uid/gid 10001: controller.config.RUN_AS_ID, which the chart's securityContexts also use (tests/test_defaults.py)
 RUN groupadd --gid 10001 nexlify \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/nexlify --shell /usr/sbin/nologin nexlify
 USER 10001:10001

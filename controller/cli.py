@@ -51,14 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker_sub = worker.add_subparsers(dest="worker_command", required=True)
     wt = worker_sub.add_parser("train", help="train one run and write its checkpoint and result.json")
     wt.add_argument("--run-key", default="run", help="name of the run in logs (init-1, retrain-3)")
-    wt.add_argument("--seed", type=int, default=42)
+    # defaults as the pipeline's (PipelineConfig: one place), which always passes both
+    wt.add_argument("--seed", type=int, default=PipelineConfig.seed, help="seed of the run (default: %(default)s)")
     wt.add_argument("--episodes", type=int, required=True)
     wt.add_argument("--out", required=True, help="output folder or s3://bucket/prefix of this run")
     wt.add_argument("--config", help="TrainConfig file (JSON/YAML; local path or s3://)")
     wt.add_argument("--data-snapshot", help="folder or s3:// prefix holding the pipeline's candle snapshot")
     wt.add_argument("--init-from", help="checkpoint to continue from (weights and optimizer)")
-    wt.add_argument("--checkpoint-every", type=int, default=0, help="episodes between resume checkpoints")
-    wt.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+    wt.add_argument("--checkpoint-every", type=int, default=PipelineConfig.checkpoint_every,
+                    help="episodes between resume checkpoints (0 = only at the end; default: %(default)s)")
+    wt.add_argument("--log-format", choices=logs.FORMATS, default=None)
     add_flags(wt, TrainConfig)
     wt.set_defaults(handler=cmd_worker_train)
 
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="(re)build report.html of a finished pipeline's output")
     rep.add_argument("output", help="the pipeline's output folder or s3://bucket/prefix")
-    rep.add_argument("--log-format", choices=("auto", "console", "json"), default=None)
+    rep.add_argument("--log-format", choices=logs.FORMATS, default=None)
     rep.set_defaults(handler=cmd_report)
 
     cfg = sub.add_parser("config", help="inspect the configuration")
@@ -124,11 +126,12 @@ def _escape_help_percent(parser: argparse.ArgumentParser) -> None:
 
 def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", dest="config_file", help="YAML file with the same keys as the flags; flags win")
-    p.add_argument("--quick-test", action="store_true",
-                   help="1 pair, 2 initial runs, at most 3 iterations, small episode counts (flags still win)")
+    preset = ", ".join(f"{key} {' '.join(value) if isinstance(value, list) else value}"
+                       for key, value in quick_test_preset().items())
+    p.add_argument("--quick-test", action="store_true", help=f"a small run: {preset} (flags still win)")
     p.add_argument("--automated", action="store_true", help="never prompt (the pipeline never prompts anyway)")
     p.add_argument("--force", action="store_true", help="start over on an output that holds another config")
-    p.add_argument("--log-format", choices=("auto", "console", "json"), default=None,
+    p.add_argument("--log-format", choices=logs.FORMATS, default=None,
                    help="auto: JSON unless stderr is a terminal")
     p.add_argument("--verbose", action="store_true", help="also print the preflight table before training")
     add_flags(p, PipelineConfig)

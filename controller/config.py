@@ -16,8 +16,11 @@ from nexlify.errors import InputError
 DEFAULT_OUTPUT = "./complete_auto_training_output"
 # Upper bounds of the pipeline's counts: far above any useful value, low enough that a typo (an extra
 # digit or ten) is refused at once instead of starting a run that never ends.
-MAX_EPISODES = 1_000_000  # episodes of one run (a default run has 300)
+MAX_EPISODES = 1_000_000  # episodes of one run
 MAX_SEED = 2**31 - 1  # seeds stay valid for every RNG (numpy takes < 2**32; run i adds 1000*i)
+# The uid and gid every container runs as: the image's `nexlify` user. Written here; the Dockerfile's
+# useradd/USER and the chart's securityContexts are copies that tests/test_defaults.py holds to this value.
+RUN_AS_ID = 10001
 
 
 @dataclass
@@ -43,7 +46,7 @@ class KubernetesConfig:
                               "ephemeral-storage, ...); merged over the cpu/memory settings and gpus ('' unsets one)",
                               cli=False)
     pod_security_context: dict = setting(
-        {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+        {"runAsNonRoot": True, "runAsUser": RUN_AS_ID, "runAsGroup": RUN_AS_ID, "fsGroup": RUN_AS_ID,
          "seccompProfile": {"type": "RuntimeDefault"}}, "securityContext of the worker pods (replaces the default)",
         cli=False)
     container_security_context: dict = setting(

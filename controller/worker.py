@@ -154,7 +154,7 @@ def fetch_snapshot(data_url: str, cfg: TrainConfig, into: str) -> str:
 
 def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_url: str | None = None,
                overrides: dict | None = None, data_url: str | None = None, init_from: str | None = None,
-               checkpoint_every: int = 0) -> int:
+               checkpoint_every: int) -> int:
     structlog.contextvars.bind_contextvars(run=run_key, seed=seed)
     cfg = load_train_config(config_url, overrides or {})
     outputs = RunOutputs(out_url)

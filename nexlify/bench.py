@@ -7,7 +7,7 @@ import time
 import torch
 
 from nexlify.agent.dqn import random_valid_actions
-from nexlify.config import TrainConfig
+from nexlify.config import EnvConfig, TrainConfig
 from nexlify.configtools import validate_tree
 from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv
 from nexlify.env.market import MarketTensors, market_features
@@ -17,7 +17,7 @@ from nexlify.training import prepare_data, resolve_device, train_run
 
 
 def _setup(pairs: list[str], device: str, threads: int, strategies: list[str] | None = None,
-           precision: str = "float64", kernel: str = "auto") -> tuple[TrainConfig, object, object]:
+           precision: str = EnvConfig.precision, kernel: str = EnvConfig.kernel) -> tuple[TrainConfig, object, object]:
     cfg = TrainConfig()
     cfg.env.kernel = kernel
     cfg.data.pairs = list(pairs)
@@ -32,9 +32,9 @@ def _setup(pairs: list[str], device: str, threads: int, strategies: list[str] | 
     return cfg, market, windows
 
 
-def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = 1,
-              strategies: list[str] | None = None, precision: str = "float64", policy: str = "valid",
-              kernel: str = "auto") -> dict:
+def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = TrainConfig.threads,
+              strategies: list[str] | None = None, precision: str = EnvConfig.precision, policy: str = "valid",
+              kernel: str = EnvConfig.kernel) -> dict:
     """Random actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps.
 
     policy "valid" draws uniformly among each slot's valid actions (agent.dqn.random_valid_actions, as
@@ -85,8 +85,8 @@ def _first_second_venue_bar(cfg: TrainConfig, market) -> int:
     return int(everywhere.argmax()) if everywhere.any() else 0
 
 
-def bench_train(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = 1,
-                strategies: list[str] | None = None, kernel: str = "auto") -> dict:
+def bench_train(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = TrainConfig.threads,
+                strategies: list[str] | None = None, kernel: str = EnvConfig.kernel) -> dict:
     """One round of `batch_size` episodes of `steps` steps, acting, storing and learning as in training."""
     cfg, market, windows = _setup(pairs, device, threads, strategies, kernel=kernel)
     cfg.env.num_envs = batch_size

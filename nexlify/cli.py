@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 
+from nexlify.config import ArbitrageConfig, DataConfig, EnvConfig, TrainConfig
 from nexlify.configtools import apply_mapping, check_bounds, validate_tree
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    # Defaults shared with training are the config dataclasses' own (one place): a fresh instance each, so a
+    # parsed list is never the dataclass's.
+    data_cfg, env_cfg, arb_cfg, train_cfg = DataConfig(), EnvConfig(), ArbitrageConfig(), TrainConfig()
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint on any window, beside baselines in the same "
                         "environment")
     ev.add_argument("--model", required=True, help="checkpoint file (.pt)")
@@ -19,7 +24,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--start", help="first day evaluated, UTC (default: the checkpoint's validation window)")
     ev.add_argument("--end", help="end of the window, UTC, exclusive (default: the end of the data with --start, "
                     "else the end of the checkpoint's validation window)")
-    ev.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    # cpu unless asked (unlike the config's `device`, auto): the choices are the config's
+    ev.add_argument("--device", default="cpu", choices=_choices(TrainConfig, "device"))
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--record", action="store_true", help="with --json: add per-bar equity curves and positions "
                     "of the agent and every baseline (\"curves\")")
@@ -30,19 +36,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="fetch and inspect candles")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="download candles with ccxt into an incremental cache")
-    fetch.add_argument("--exchange", default="binance")
-    fetch.add_argument("--pairs", nargs="+", default=["BTC/USDT", "ETH/USDT", "SOL/USDT"])
-    fetch.add_argument("--timeframe", default="1h")
+    fetch.add_argument("--exchange", default=data_cfg.exchange)
+    fetch.add_argument("--pairs", nargs="+", default=list(data_cfg.pairs))
+    fetch.add_argument("--timeframe", default=data_cfg.timeframe)
     fetch.add_argument("--since", required=True, help="first candle, UTC date")
     fetch.add_argument("--until", help="end, UTC date, exclusive (default: the last closed candle)")
     fetch.add_argument("--cache-dir", default="./data", help="folder of <exchange>_<BASE>-<QUOTE>_<tf>.csv.gz")
     fetch.add_argument("--second-exchange", help="also fetch the same coins from this venue for the arbitrage "
                        "strategy (e.g. coinbase), quoted in --second-quote")
-    fetch.add_argument("--second-quote", default="USD", help="quote currency on the second venue (default: USD)")
+    fetch.add_argument("--second-quote", default=arb_cfg.second_quote,
+                       help="quote currency on the second venue (default: %(default)s)")
     fetch.set_defaults(handler=cmd_data_fetch)
     info = data_sub.add_parser("info", help="check candle files and report ranges and gaps")
-    info.add_argument("--exchange", default="binance")
-    info.add_argument("--pairs", nargs="+", default=["BTC/USDT", "ETH/USDT", "SOL/USDT"])
+    info.add_argument("--exchange", default=data_cfg.exchange)
+    info.add_argument("--pairs", nargs="+", default=list(data_cfg.pairs))
     info.add_argument("--data-dir", help="candle folder (default: the bundled sample)")
     info.add_argument("--start")
     info.add_argument("--end")
@@ -53,25 +60,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     for name, help_text in (("env", "environment steps per second with random valid actions"),
                             ("train", "environment steps per second while learning")):
         b = bench_sub.add_parser(name, help=help_text)
-        b.add_argument("--pairs", nargs="+", default=["BTC/USDT", "ETH/USDT", "SOL/USDT"])
+        b.add_argument("--pairs", nargs="+", default=list(data_cfg.pairs))
         b.add_argument("--batch-size", type=int, default=4096 if name == "env" else 256,
                        help="episodes stepped together")
         b.add_argument("--steps", type=int, default=1000 if name == "env" else 2000)
-        b.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-        b.add_argument("--threads", type=int, default=1)
+        b.add_argument("--device", default="cpu", choices=_choices(TrainConfig, "device"))
+        b.add_argument("--threads", type=int, default=train_cfg.threads)
         b.add_argument("--strategies", nargs="+", default=None, metavar="STRATEGY",
                        help="strategies on, e.g. spot,staking,lp,lending,arbitrage (default: the config default, "
                             "all of them)")
-        b.add_argument("--kernel", default="auto", choices=("auto", "torch"),
+        b.add_argument("--kernel", default=env_cfg.kernel, choices=_choices(EnvConfig, "kernel"),
                        help="auto: a fused CPU kernel (spot alone, or with the strategies); torch: tensor ops "
                             "(the reference)")
         if name == "env":
-            b.add_argument("--precision", default="float64", choices=("float64", "float32"),
+            b.add_argument("--precision", default=env_cfg.precision, choices=_choices(EnvConfig, "precision"),
                            help="accounting precision of the environment")
             b.add_argument("--policy", default="valid", choices=("valid", "uniform"),
                            help="random valid actions, or uniform over all actions (invalid ones act as hold)")
         b.add_argument("--json", action="store_true")
         b.set_defaults(handler=cmd_bench_env if name == "env" else cmd_bench_train)
+
+
+def _choices(cls: type, name: str) -> tuple:
+    """The accepted values of a config setting, as its dataclass declares them."""
+    return next(f for f in fields(cls) if f.name == name).metadata["choices"]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -109,7 +121,7 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 def cmd_data_info(args: argparse.Namespace) -> int:
     from nexlify.data.candles import load_market
 
-    market = load_market(args.exchange, args.pairs, "1h", args.data_dir, args.start, args.end)
+    market = load_market(args.exchange, args.pairs, DataConfig().timeframe, args.data_dir, args.start, args.end)
     print(f"{market.exchange} {market.timeframe}: {market.start_iso} .. {market.end_iso}, {market.n_bars} bars")
     for pair in market.pairs:
         gaps = market.gaps[pair]

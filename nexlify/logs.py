@@ -60,6 +60,10 @@ class _Tee:
 _tee = _Tee(sys.stderr)
 
 
+# The accepted `fmt` of configure (and --log-format): auto = JSON unless stderr is a terminal.
+FORMATS = ("auto", "console", "json")
+
+
 def use_json(fmt: str, stream: IO[str] | None = None) -> bool:
     stream = stream or sys.stderr
     return fmt == "json" or (fmt == "auto" and not stream.isatty())

@@ -101,14 +101,20 @@ def train_run(
     episodes: int,
     init: dict | None = None,
     resume: dict | None = None,
-    checkpoint_every: int = 0,
+    checkpoint_every: int | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
     on_round: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RunOutput:
     """Train for `episodes` episodes from scratch, from `init` (a checkpoint to continue from), or from
-    `resume` (this run's own resume state), then validate greedily on windows.val."""
+    `resume` (this run's own resume state), then validate greedily on windows.val.
+
+    `on_checkpoint` gets the resume state every `checkpoint_every` episodes (0: never before the end); the
+    caller says how often (the pipeline's setting is PipelineConfig.checkpoint_every), so it is needed with
+    `on_checkpoint` and means nothing without it."""
+    if on_checkpoint is not None and checkpoint_every is None:
+        raise TypeError("train_run: on_checkpoint needs checkpoint_every")
     # --- seeding and threads: everything random flows from `seed`
     random.seed(seed)
     np.random.seed(seed)
@@ -200,7 +206,8 @@ def train_run(
             on_round({"round": rnd + 1, "rounds": n_rounds, "episodes_done": episodes_done,
                       "epsilon": eps, "mean_return": float(np.mean(round_returns)), "grad_steps": agent.grad_steps,
                       "returns": round_returns, **agent.stats.take()})
-        boundary = checkpoint_every > 0 and (episodes_done // checkpoint_every) > ((episodes_done - n_env) // checkpoint_every)
+        boundary = checkpoint_every is not None and checkpoint_every > 0 and (
+            (episodes_done // checkpoint_every) > ((episodes_done - n_env) // checkpoint_every))
         if on_checkpoint is not None and boundary and rnd + 1 < n_rounds:
             on_checkpoint(last_state)
     train_seconds = time.perf_counter() - t_train

@@ -442,7 +442,7 @@ def test_any_resource_names_and_worker_pod_settings_reach_the_run_jobs(render, t
     from controller.executors.base import RunSpec
 
     spec = RunSpec(run_key="init-1", phase="initial", seed=42, episodes=8, config_url="s3://b/p/c.json",
-                   data_url="s3://b/p/data", output_url="s3://b/p/initial_runs/run_1")
+                   data_url="s3://b/p/data", output_url="s3://b/p/initial_runs/run_1", checkpoint_every=0)
     job = job_manifest(spec, k, "3f2a9c1e")
     assert kubernetes_validate.validate(job, KUBE_MINORS[-1], strict=True)
     template = job["spec"]["template"]

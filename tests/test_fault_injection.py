@@ -274,7 +274,8 @@ def test_a_hostile_init_from_fails_the_run_naming_the_file(tmp_path):
     shutil.copy(bundled_dir() / "binance_BTC-USDT_1h.csv.gz", data)
     executor = LocalExecutor(2, progress=False)
     specs = [RunSpec(run_key=f"retrain-{i}", phase="retrain", seed=7, episodes=2, config_url=str(config),
-                     data_url=str(data), output_url=str(tmp_path / f"run{i}"), init_from=str(path))
+                     data_url=str(data), output_url=str(tmp_path / f"run{i}"), init_from=str(path),
+                     checkpoint_every=0)
              for i, path in enumerate((init, missing), start=1)]
     outcomes = executor.wait([executor.start(spec) for spec in specs])
     assert [o.succeeded for o in outcomes] == [False, False]
@@ -322,7 +323,7 @@ def test_worker_failures_carry_their_cause_not_just_the_exit_code(monkeypatch, t
     monkeypatch.setattr(local, "worker_command", lambda: [sys.executable, "-c", FAILING_WORKER, next(kinds)])
     executor = LocalExecutor(1, progress=False)
     specs = [RunSpec(run_key=f"init-{i}", phase="initial", seed=i, episodes=1, config_url="c", data_url="d",
-                     output_url=str(tmp_path / f"run{i}")) for i in (1, 2)]
+                     output_url=str(tmp_path / f"run{i}"), checkpoint_every=0) for i in (1, 2)]
     disk, crash = executor.wait([executor.start(spec) for spec in specs])
     assert disk.reason == ("worker failed: cannot write /data/out/initial_runs/run_1/resume.pt: No space left on "
                            "device (exit code 1)")

@@ -860,7 +860,7 @@ def test_bad_config_fails_the_job_at_once_with_one_pod(s3, run_inputs, make_clus
     cluster = make_cluster(s3_server=s3)
     missing = store.url("no-such-config.json")
     spec = RunSpec(run_key="init-1", phase="initial", seed=42, episodes=4, config_url=missing,
-                   data_url=run_inputs["data_url"], output_url=store.url("badconfig/run_1"))
+                   data_url=run_inputs["data_url"], output_url=store.url("badconfig/run_1"), checkpoint_every=0)
     executor = KubernetesExecutor(k8s_settings(s3_secret=SECRET, s3_endpoint=s3.endpoint_url),
                                   pipeline_id="bad0c0f1", backoff=FAST_BACKOFF)
     handle = executor.start(spec)

@@ -36,7 +36,8 @@ def run(tmp_path_factory):
 
     worker._Progress.round = record
     try:
-        assert worker.run_worker(run_key="init-1", seed=7, episodes=4, out_url=str(out), overrides=dict(TINY)) == 0
+        assert worker.run_worker(run_key="init-1", seed=7, episodes=4, out_url=str(out), overrides=dict(TINY),
+                                 checkpoint_every=0) == 0
     finally:
         worker._Progress.round = original
     files = sorted(glob.glob(str(out / "*tfevents*")))

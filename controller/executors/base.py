@@ -21,7 +21,9 @@ class RunSpec:
     data_url: str  # URL of the pipeline's data snapshot folder (data/<exchange>_<pair>_<tf>.csv.gz)
     output_url: str  # URL of the run's folder: checkpoints and result.json land here
     init_from: str | None = None  # URL of a checkpoint to continue from (weights and optimizer)
-    checkpoint_every: int = 0  # episodes between resume checkpoints (0 = none before the end)
+    # episodes between resume checkpoints (0 = none before the end); no default here: the pipeline passes
+    # PipelineConfig.checkpoint_every, the setting's one home
+    checkpoint_every: int = field(kw_only=True)
 
     def worker_args(self) -> list[str]:
         """Arguments after the `nexlify` executable: identical for a local process and a pod."""

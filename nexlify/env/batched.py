@@ -175,7 +175,7 @@ class BatchedTradingEnv:
                  env_cfg: EnvConfig, risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None) -> None:
         self.market = market
         self.device = market.prices.device
-        self.dtype = DTYPES[getattr(env_cfg, "precision", "float64")]
+        self.dtype = DTYPES[env_cfg.precision]
         self.B, self.P = pair_idx.shape
         self.start = start.to(self.device)
         self._start_host = start.cpu().numpy().astype("int64")  # bar of each episode, known without a sync
@@ -194,7 +194,7 @@ class BatchedTradingEnv:
         self._tradable = market.tradable.reshape(-1)
         self._features = market.features.reshape(-1, market.n_features)
         self._n_cols = n
-        strategies = list(getattr(env_cfg, "strategies", ["spot"]))
+        strategies = list(env_cfg.strategies)
         self.spot_on = "spot" in strategies
         self.strategy_params = strategy_params or StrategyParams()
         tb = StrategyTables.for_market(market, strategies, self.strategy_params, self.dtype)
@@ -218,7 +218,7 @@ class BatchedTradingEnv:
         # On the CPU one fused kernel computes the same step in a pass per episode, for spot alone and with the
         # strategy tables.
         self._fused = None
-        cpu_kernel = self.device.type == "cpu" and getattr(env_cfg, "kernel", "auto") == "auto"
+        cpu_kernel = self.device.type == "cpu" and env_cfg.kernel == "auto"
         if cpu_kernel and fused_portfolio.available() and (self._tables is not None or self.spot_on):
             self._fused = fused_portfolio.FusedPortfolioStep(self, tb)
 
