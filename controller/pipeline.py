@@ -489,7 +489,7 @@ def _honesty_fields(result: dict) -> dict:
 
 def _avg_metrics(val: dict) -> dict:
     out = {k: val[k] for k in ("avg_return", "avg_sharpe", "avg_win_rate", "avg_drawdown", "total_trades", "score")}
-    for key in ("exposure", "exposure_any", "turnover", "fees_paid"):  # absent from an older result.json
+    for key in ("avg_sharpe_vs_lending", "exposure", "exposure_any", "turnover", "fees_paid"):  # absent from older results
         if key in val:
             out[key] = val[key]
     if val.get("pnl_breakdown") is not None:  # PnL by source, averaged over pairs (quote currency)

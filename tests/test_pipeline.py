@@ -128,6 +128,7 @@ def test_every_run_reports_the_baselines_and_the_summary_is_honest_about_the_sel
     for c, e in zip(cands, entries):
         metrics = e.get("val_metrics") or e["metrics"]
         assert (c["val_return"], c["val_sharpe"]) == (metrics["avg_return"], metrics["avg_sharpe"])
+        assert c["val_sharpe_vs_lending"] == metrics["avg_sharpe_vs_lending"] is not None
         assert c["val_score"] == e.get("val_score", e.get("score"))
         assert c["selected"] == (e["model_path"] == summary["final_model_key"])
     assert sum(c["selected"] for c in cands) == 1
