@@ -5,9 +5,9 @@
     aggregate        mean / median of the agent's return and Sharpe, and in how many folds it beats each
                      baseline on return and on Sharpe
 
-Sharpe here is the annualised Sharpe of hourly returns in excess of the modelled Aave USDT supply rate
-(nexlify.metrics.sharpe_vs_lending, `avg_sharpe_vs_lending`): the risk-free rate of a USDT book, so that
-cash plus lending, riskless, has 0 and "beats it on Sharpe" means earning more than lending per unit of
+Sharpe here is the annualised Sharpe of hourly returns in excess of what cash plus lending earns
+(max_idle_share of the cash at the modelled Aave USDT supply rate; nexlify.metrics.sharpe_vs_lending,
+`avg_sharpe_vs_lending`): the risk-free rate of a USDT book here, so that cash plus lending, riskless, has 0 and "beats it on Sharpe" means earning more than lending per unit of
 risk. (With rf = 0 its near-constant returns give a Sharpe in the hundreds of thousands.) Results written
 before that metric existed fall back to `avg_sharpe`.
     render_table     the table printed by `nexlify backtest --walk-forward`
@@ -183,7 +183,7 @@ def render_table(rows: list[dict], agg: dict) -> str:
             f"{'exposure':>8}")
     head += "".join(f"  {name[:18]:>18}" for name in names)
     lines = ["walk-forward: agent on each fold's test window; baselines as return % / Sharpe (Sharpe: annualised, "
-             "in excess of the modelled Aave USDT supply rate)", head]
+             "in excess of cash plus lending's return)", head]
     for r in rows:
         a = r["agent"]
         line = (f"{r['fold']:>4}  {r['train_start'][:10] + ' .. ' + r['train_end'][:10]:<23}  "

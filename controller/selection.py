@@ -9,8 +9,8 @@ functions of recorded numbers (each run's result.json, through the pipeline stat
   counts as a trial with Sharpe 0.
 - A plain flag, `beats_cash_plus_lending`, and a sentence: does the selected model's validation return
   beat the cash-plus-lending baseline's on the same window, in the same environment? `beats_baselines`
-  makes the comparison with every baseline, on return and on Sharpe in excess of the modelled Aave supply
-  rate (`avg_sharpe_vs_lending`, nexlify.metrics.sharpe_vs_lending: cash plus lending, riskless, has 0;
+  makes the comparison with every baseline, on return and on Sharpe in excess of what cash plus lending
+  earns (`avg_sharpe_vs_lending`, nexlify.metrics.sharpe_vs_lending: cash plus lending, riskless, has 0;
   with rf = 0 its near-constant returns make the plain Sharpe meaningless); the plain Sharpe (rf = 0), the
   score's, is reported beside.
 """

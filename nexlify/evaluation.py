@@ -20,8 +20,8 @@ bars keeps a few tensors per episode, with no Python loop over episodes:
 - fees_paid: every fee, slippage, gas and withdrawal fee paid, in quote currency (the environment's costs,
   = -pnl_breakdown["fees_and_gas"]);
 - sharpe_vs_lending (per pair; avg_sharpe_vs_lending): the annualised Sharpe of the hourly returns in
-  excess of the modelled Aave USDT supply rate, the risk-free rate of a USDT book
-  (nexlify.metrics.sharpe_vs_lending). `sharpe` (rf = 0) stays the score's;
+  excess of what cash plus lending earns (max_idle_share of the cash at the modelled Aave USDT supply
+  rate), the riskless return of a USDT book here (riskless_return, nexlify.metrics.sharpe_vs_lending). `sharpe` (rf = 0) stays the score's;
 - return_moments: n, mean, std (ddof=1), skewness and kurtosis (non-excess, population moments) of the
   per-bar returns of the policy's book (the pair portfolios' equities added up), and its per-bar Sharpe
   (mean / std): what the deflated Sharpe ratio of a selected model needs (nexlify.metrics).
@@ -227,7 +227,7 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
 
     st = env.stats
     bar_returns = (equity[1:] / equity[:-1] - 1.0).cpu().numpy()  # [n_steps, B]
-    risk_free = hourly_lending_rate(market, window, strategy_params or StrategyParams())
+    risk_free = riskless_return(market, window, strategy_params or StrategyParams())
     exposure = held.to(torch.float64).mean(0)  # [kinds, B]
     exposure_any = held.any(1).to(torch.float64).mean(0)
     turnover = traded / equity[1:].t().contiguous().mean(-1)  # row by row: the same sum whatever the batch
@@ -265,13 +265,15 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
     return {"results": results, "curves": curves, "bar_ms": bar_ms}
 
 
-def hourly_lending_rate(market: MarketTensors, window: tuple[int, int], params: StrategyParams) -> np.ndarray:
-    """[n_steps] the Aave USDT supply rate earned in each bar of the window, per bar (the environment's
-    growth of a supply, 1 + rate / 8760, less 1): the risk-free rate of a USDT book, whether or not the
-    model lends (nexlify.metrics.sharpe_vs_lending)."""
+def riskless_return(market: MarketTensors, window: tuple[int, int], params: StrategyParams) -> np.ndarray:
+    """[n_steps] what cash plus lending earns in each bar of the window: max_idle_share of the idle USDT in
+    Aave, growing by the supply rate / 8760 (the environment's growth of a supply, less 1). The riskless
+    return a USDT book has on offer here, whether or not the model lends: the risk-free rate of
+    nexlify.metrics.sharpe_vs_lending. (With the sweep it is cash plus lending's return to the last bit.)"""
     i0, i1 = window
     utilization = aave.utilization_path(params.aave, torch.as_tensor(np.asarray(market.timestamps[i0:i1])))
-    return (aave.supply_rate_for(utilization, params.aave) / HOURS_PER_YEAR).numpy()
+    rate = aave.supply_rate_for(utilization, params.aave) / HOURS_PER_YEAR
+    return (params.aave.max_idle_share * rate).numpy()
 
 
 def _lent(env: BatchedTradingEnv) -> Tensor:
@@ -339,7 +341,7 @@ def buy_and_hold(market: MarketTensors, window: tuple[int, int],
     first_open = market.prices[i0, :, 0].cpu().numpy()
     path = np.vstack([first_open[None, :], closes])
     rets = path[1:] / path[:-1] - 1.0
-    risk_free = hourly_lending_rate(market, window, strategy_params or StrategyParams())
+    risk_free = riskless_return(market, window, strategy_params or StrategyParams())
     peak = np.maximum.accumulate(path, axis=0)
     max_dd = (1.0 - path / peak).max(axis=0)
     out = {}

@@ -43,8 +43,8 @@ RISKLESS_VOL = 1e-4  # annualised volatility (0.01 % a year) below which a book 
 
 def sharpe_vs_lending(returns: np.ndarray, risk_free: np.ndarray) -> float:
     """Annualised Sharpe of per-bar returns in excess of a per-bar risk-free rate, sample std (ddof=1):
-    mean(r - rf) / std(r - rf) * sqrt(24*365). For a USDT book the risk-free rate is the modelled Aave
-    supply rate (what cash plus lending earns), so this is the Sharpe a quant compares books on: with rf = 0
+    mean(r - rf) / std(r - rf) * sqrt(24*365). For a USDT book the risk-free rate is what cash plus lending
+    earns (nexlify.evaluation.riskless_return), so this is the Sharpe a quant compares books on: with rf = 0
     a book that only lends has a near-zero std and a Sharpe in the hundreds of thousands that no trading
     book can match. 0 for a riskless book (the excess's annualised std below RISKLESS_VOL: cash, cash plus
     lending, where the ratio is noise over noise) or fewer than 2 returns."""

@@ -228,3 +228,18 @@ def test_the_accounting_is_the_same_on_the_fused_kernel_and_the_tensor_step(mark
             assert a[key] == pytest.approx(b[key], rel=1e-9, abs=1e-12), (name, key)
         assert a["exposure_by_strategy"] == pytest.approx(b["exposure_by_strategy"]), name
     assert fused["baselines"][bl.RANDOM_VALID]["exposure_any"] > fused["baselines"][bl.RANDOM_VALID]["exposure"]
+
+
+def test_sharpe_vs_lending_is_in_excess_of_what_cash_plus_lending_earns(report):
+    """Each bar cash plus lending earns max_idle_share * rate / 8760 (the risk-free rate here): its own
+    excess Sharpe is 0 (riskless), and buy-and-hold's is its equity curve's hourly returns less that, mean
+    over std, annualised, written out."""
+    rf = SHARE * HOURLY_RATE
+    assert report["baselines"][bl.CASH_PLUS_LENDING]["avg_sharpe_vs_lending"] == 0.0
+    for pair, m in report["baselines"][bl.BUY_AND_HOLD_FULL]["per_pair"].items():
+        curve = report["curves"][bl.BUY_AND_HOLD_FULL]["equity"][pair]
+        excess = [b / a - 1.0 - rf for a, b in zip(curve[:-1], curve[1:])]
+        mean = sum(excess) / len(excess)
+        std = math.sqrt(sum((x - mean) ** 2 for x in excess) / (len(excess) - 1))
+        assert m["sharpe_vs_lending"] == pytest.approx(mean / std * math.sqrt(8760), rel=1e-9), pair
+        assert m["sharpe_vs_lending"] < m["sharpe"]  # the same spread, a lower mean
