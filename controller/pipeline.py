@@ -31,7 +31,7 @@ from nexlify.configtools import to_dict
 from nexlify.data.candles import candle_filename, read_candles, write_candles
 from nexlify.data.timeframes import iso_utc
 from nexlify.errors import InputError, PermanentError
-from nexlify.training import prepare_data
+from nexlify.data.prepare import prepare_data
 
 log = structlog.get_logger("nexlify.pipeline")
 

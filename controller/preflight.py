@@ -35,7 +35,7 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
         return "cpu" + (" (no CUDA device found)" if cfg.train.device == "auto" else "")
 
     def data() -> str:
-        from nexlify.training import prepare_data
+        from nexlify.data.prepare import prepare_data
 
         market, windows = prepare_data(cfg.train)
         src = cfg.train.data.data_dir or "bundled sample"

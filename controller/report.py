@@ -105,7 +105,7 @@ def final_model_evaluation(store: Store, summary: dict) -> dict:
     from nexlify.env.market import MarketTensors
     from nexlify.features import Normalizer
     from nexlify.report import evaluation
-    from nexlify.training import prepare_data
+    from nexlify.data.prepare import prepare_data
 
     with tempfile.TemporaryDirectory(prefix="nexlify-report-") as tmp:
         for f in summary["data"]["files"]:
