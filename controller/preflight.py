@@ -7,10 +7,9 @@ import shutil
 import sys
 from collections.abc import Callable
 
-import torch
-
 from controller.config import PipelineConfig
 from nexlify.errors import NexlifyError
+from nexlify.probe import probe
 
 MIN_FREE_BYTES = 1 << 30  # 1 GiB for checkpoints and logs of a local output
 
@@ -23,16 +22,18 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
             raise NexlifyError(f"Python {sys.version.split()[0]}; accepted: 3.11 or newer")
         return sys.version.split()[0]
 
+    # torch and the device are asked of a child process (nexlify.probe): the controller imports no torch
     def torch_version() -> str:
-        return f"{torch.__version__}, {torch.get_num_threads()} threads"
+        found = probe(cfg.train.device)
+        if "torch_error" in found:
+            raise NexlifyError(found["torch_error"])
+        return found["torch"]
 
     def device() -> str:
-        from nexlify.training import resolve_device
-
-        dev = resolve_device(cfg.train.device)
-        if dev.type == "cuda":
-            return f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-        return "cpu" + (" (no CUDA device found)" if cfg.train.device == "auto" else "")
+        found = probe(cfg.train.device)
+        if "torch_error" in found or "device_error" in found:
+            raise NexlifyError(found.get("device_error") or found["torch_error"])
+        return found["device"]
 
     def data() -> str:
         from nexlify.data.prepare import prepare_data
