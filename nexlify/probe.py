@@ -48,13 +48,20 @@ def describe(name: str) -> dict:
 def probe(name: str) -> dict:
     """describe(name), computed in a child process (this one stays free of torch); NexlifyError with the
     child's last line when it fails."""
-    child = subprocess.run([sys.executable, "-m", "nexlify.probe", name], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    try:
+        child = subprocess.run([sys.executable, "-m", "nexlify.probe", name], stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise NexlifyError(f"the torch probe did not answer within {PROBE_TIMEOUT_S} s") from None
     lines = child.stdout.strip().splitlines()
-    if child.returncode != 0 or not lines:
+    try:
+        found = json.loads(lines[-1]) if child.returncode == 0 and lines else None
+    except ValueError:
+        found = None
+    if not isinstance(found, dict):
         tail = child.stderr.strip().splitlines()
         raise NexlifyError(f"the torch probe failed ({tail[-1] if tail else f'exit code {child.returncode}'})")
-    return json.loads(lines[-1])
+    return found
 
 
 if __name__ == "__main__":
