@@ -8,7 +8,7 @@ import numpy as np
 from nexlify import checkpoint
 from nexlify.config import TrainConfig
 from nexlify.configtools import apply_mapping
-from nexlify.data.candles import load_market, split_windows
+from nexlify.data.candles import load_market
 from nexlify.data.prepare import attach_second_venue
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.env.batched import N_ACTIONS, observation_size
