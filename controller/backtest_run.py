@@ -190,7 +190,7 @@ def resolve_walk_forward(args) -> WalkForwardConfig:
 def check_inputs(cfg: PipelineConfig, wf: WalkForwardConfig) -> list[Fold]:
     """Before any fold runs: the fold dates fit the data window, the candles reach the last test window's
     end, and the first fold has enough training data for its validation split (InputError, one line)."""
-    from nexlify.training import prepare_data
+    from nexlify.data.prepare import prepare_data
 
     d = cfg.train.data
     folds = plan_folds(d.start, d.end, wf, val_days=d.val_days)

@@ -2,7 +2,7 @@
 
     PLANNED -> INITIAL_RUNNING -> SELECTED -> RETRAINING(k) -> DONE(stop_reason)
 
-After every transition `pipeline_state.json` is written (atomically). On start the state is read back:
+After every transition `pipeline_state.json` is written (atomically); its records are controller.state's. On start the state is read back:
 finished runs are taken from their result.json, missing ones are (re)started (a worker continues from
 its own resume checkpoint), and every decision is a pure function of recorded scores (controller.rules),
 so a pipeline killed at any moment and started again ends with the summary an uninterrupted one writes.
@@ -25,13 +25,14 @@ import nexlify
 from controller import rules, selection
 from controller.config import PipelineConfig, pipeline_hash, pipeline_id
 from controller.executors.base import Executor, RunSpec
+from controller.state import Best, DataSnapshot, Failure, InitialRun, Iteration, PipelineState
 from controller.stores import StoreKeyMissing
 from controller.stores.base import Store
 from nexlify.configtools import to_dict
 from nexlify.data.candles import candle_filename, read_candles, write_candles
 from nexlify.data.timeframes import iso_utc
 from nexlify.errors import InputError, PermanentError
-from nexlify.training import prepare_data
+from nexlify.data.prepare import prepare_data
 
 log = structlog.get_logger("nexlify.pipeline")
 
@@ -41,7 +42,6 @@ REPORT_KEY = "report.html"  # written after the summary (controller.report)
 CONFIG_KEY = "pipeline_config.json"
 DATA_PREFIX = "data"
 LAYOUT_PREFIXES = (f"{DATA_PREFIX}/", "initial_runs/", "retraining/")  # what a pipeline writes besides its files
-STATE_VERSION = 1
 
 
 class Pipeline:
@@ -53,7 +53,7 @@ class Pipeline:
         self.hash = pipeline_hash(cfg)
         self.pipeline_id = pipeline_id(cfg, store.root_url)
         self.lease = None  # controller.lease: checked at every transition (a lost S3 lease stops the pipeline)
-        self.state: dict = {}
+        self.state = PipelineState()
         self._outputs: dict[str, str] = {}  # run key -> store key of its folder
         self.on_transition = None  # called after every state transition (publishes training.log)
 
@@ -83,13 +83,20 @@ class Pipeline:
         except DamagedFile as damaged:
             return None, damaged
 
+    def _write_state(self) -> None:
+        self._write_json(STATE_KEY, self.state.to_dict())
+
     def _transition(self, phase: str, **fields) -> None:
+        """Enter `phase`, setting the given PipelineState fields, and write the state."""
         if self.lease is not None:
             self.lease.check()
-        self.state["phase"] = phase
-        self.state.update(fields)
-        self.state["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self._write_json(STATE_KEY, self.state)
+        self.state.phase = phase
+        for name, value in fields.items():
+            if not hasattr(self.state, name):
+                raise AttributeError(f"PipelineState has no field {name!r}")
+            setattr(self.state, name, value)
+        self.state.updated_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._write_state()
         log.info("phase_changed", pipeline=self.pipeline_id, phase=phase,
                  **{k: v for k, v in fields.items() if isinstance(v, (int, float, str)) or v is None})
         if self.on_transition is not None:
@@ -133,15 +140,12 @@ class Pipeline:
         if self.check_output():
             self._discard_previous(existing.get("config_hash") if existing else "unreadable state")
         elif existing is not None:
-            self.state = existing
+            self.state = PipelineState.from_dict(existing)
             self._publish_config()
-            log.info("pipeline_resumed", pipeline=self.pipeline_id, phase=existing.get("phase"))
+            log.info("pipeline_resumed", pipeline=self.pipeline_id, phase=self.state.phase)
             return
-        self.state = {
-            "state_version": STATE_VERSION, "pipeline_id": self.pipeline_id, "config_hash": self.hash,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "initial_runs": {}, "retraining": [], "timings": {},
-        }
+        self.state = PipelineState(pipeline_id=self.pipeline_id, config_hash=self.hash,
+                                   started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self._publish_config()
         self._transition("PLANNED")
 
@@ -161,8 +165,8 @@ class Pipeline:
 
     def snapshot_data(self) -> None:
         """Resolve the candles once, write them into the output, record their sha256."""
-        if "data" in self.state:
-            for entry in self.state["data"]["files"]:
+        if self.state.data is not None:
+            for entry in self.state.data.files:
                 blob = self.store.read_bytes(entry["key"])
                 if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
                     raise PermanentError(f"data snapshot {self.store.url(entry['key'])} changed since the pipeline "
@@ -184,16 +188,16 @@ class Pipeline:
                           "source": source, "gaps": market.gaps[pair].as_dict()})
         files += self._snapshot_second_venue(market)
         ts = market.timestamps
-        self.state["data"] = {
-            "exchange": d.exchange, "pairs": list(market.pairs), "timeframe": d.timeframe,
-            "start": market.start_iso, "end": market.end_iso, "bars": market.n_bars,
-            "train": _window(ts, windows.train, market.timeframe_ms),
-            "validation": _window(ts, windows.val, market.timeframe_ms),
-            "test": _window(ts, windows.test, market.timeframe_ms) if windows.test else None, "files": files,
-        }
-        self._write_json(STATE_KEY, self.state)
+        self.state.data = DataSnapshot(
+            exchange=d.exchange, pairs=list(market.pairs), timeframe=d.timeframe,
+            start=market.start_iso, end=market.end_iso, bars=market.n_bars,
+            train=_window(ts, windows.train, market.timeframe_ms),
+            validation=_window(ts, windows.val, market.timeframe_ms),
+            test=_window(ts, windows.test, market.timeframe_ms) if windows.test else None, files=files,
+        )
+        self._write_state()
         log.info("data_snapshot_written", pipeline=self.pipeline_id, bars=market.n_bars, pairs=market.pairs,
-                 train=self.state["data"]["train"], validation=self.state["data"]["validation"])
+                 train=self.state.data.train, validation=self.state.data.validation)
 
     def _snapshot_second_venue(self, market) -> list[dict]:
         """With arbitrage on, the second venue's candles over the same bars (data/coinbase_BTC-USD_1h.csv.gz);
@@ -253,14 +257,15 @@ class Pipeline:
                     elif recorded is not None and recorded.get("status") == "succeeded":
                         reason = f"non-finite val_score {recorded.get('val_score')!r} in result.json: not selectable"
                     failed.append(f"{spec.run_key}: {reason}")
-                    self.state.setdefault("failures", []).append(
-                        {"run": spec.run_key, "reason": reason, "details": outcome.details})
+                    if self.state.failures is None:
+                        self.state.failures = []
+                    self.state.failures.append(Failure(run=spec.run_key, reason=reason, details=outcome.details))
                     log.error("run_failed", pipeline=self.pipeline_id, run=spec.run_key, reason=reason,
                               **{k: v for k, v in outcome.details.items() if k != "log_tail"})
                     continue
                 results[spec.run_key] = result
             if failed:
-                self._write_json(STATE_KEY, self.state)
+                self._write_state()
                 raise PermanentError("runs failed: " + "; ".join(failed))
         return results
 
@@ -276,7 +281,7 @@ class Pipeline:
     def run(self) -> dict:
         t0 = time.perf_counter()
         self.load_or_plan()
-        if self.state.get("phase") == "DONE":
+        if self.state.phase == "DONE":
             try:
                 done = self._read_json(SUMMARY_KEY)
             except DamagedFile as damaged:
@@ -298,10 +303,10 @@ class Pipeline:
         self._initial_phase()
         self._retraining_phase()
         summary = self._summary()
-        self._transition("DONE", stop_reason=self.state["stop_reason"])
+        self._transition("DONE", stop_reason=self.state.stop_reason)
         self._write_json(SUMMARY_KEY, summary)
         self._write_report()
-        log.info("pipeline_complete", pipeline=self.pipeline_id, stop_reason=self.state["stop_reason"],
+        log.info("pipeline_complete", pipeline=self.pipeline_id, stop_reason=self.state.stop_reason,
                  best_initial_score=summary["best_initial_score"], final_best_score=summary["final_best_score"],
                  total_improvement_pct=summary["total_improvement_pct"], final_model=summary["final_model_path"],
                  winner=summary["selection"]["selected"], val_return=summary["selection"]["val_return"],
@@ -332,108 +337,108 @@ class Pipeline:
 
     def _initial_phase(self) -> None:
         cfg = self.cfg
-        if self.state["phase"] not in ("PLANNED", "INITIAL_RUNNING"):
+        if self.state.phase not in ("PLANNED", "INITIAL_RUNNING"):
             return
         self._transition("INITIAL_RUNNING", runs=cfg.initial_runs)
         t0 = time.perf_counter()
         specs = [self._spec(f"init-{i}", "initial", rules.initial_seed(cfg.seed, i), cfg.initial_episodes,
                             f"initial_runs/run_{i}", None) for i in range(1, cfg.initial_runs + 1)]
         results = self._run_all(specs)
+        runs = self.state.initial_runs
         for i, spec in enumerate(specs, start=1):
-            self.state["initial_runs"][str(i)] = _run_entry(i, spec, results[spec.run_key], f"initial_runs/run_{i}")
-        best_id = rules.select_best([(int(k), v["val_score"]) for k, v in self.state["initial_runs"].items()])
+            runs[str(i)] = _run_entry(i, spec, results[spec.run_key], f"initial_runs/run_{i}")
+        best_id = rules.select_best([(int(k), v.val_score) for k, v in runs.items()])
         for i, spec in enumerate(specs, start=1):
-            e = self.state["initial_runs"][str(i)]
-            m = e["val_metrics"]
+            e = runs[str(i)]
+            m = e.val_metrics
             log.info("run_finished", pipeline=self.pipeline_id, phase="initial", run=spec.run_key, seed=spec.seed,
                      val_return=round(m["avg_return"], 3), val_sharpe=round(m["avg_sharpe"], 3),
-                     val_score=round(e["val_score"], 4), train_return=round(e["train_return"], 3),
+                     val_score=round(e.val_score, 4), train_return=round(e.train_return, 3),
                      decision="selected" if i == best_id else "not selected")
-        best = self.state["initial_runs"][str(best_id)]
-        self.state["timings"]["initial_s"] = self.state["timings"].get("initial_s", 0.0) + round(time.perf_counter() - t0, 3)
-        self._transition("SELECTED", best={"score": best["val_score"], "model_key": best["model_key"],
-                                           "source": f"init-{best_id}"},
-                         best_initial_run=best_id, best_initial_score=best["val_score"], patience_count=0)
+        best = runs[str(best_id)]
+        timings = self.state.timings
+        timings["initial_s"] = timings.get("initial_s", 0.0) + round(time.perf_counter() - t0, 3)
+        self._transition("SELECTED", best=Best(score=best.val_score, model_key=best.model_key, source=f"init-{best_id}"),
+                         best_initial_run=best_id, best_initial_score=best.val_score, patience_count=0)
 
     def _retraining_phase(self) -> None:
         cfg = self.cfg
-        if self.state["phase"] == "SELECTED" and cfg.max_iterations == 0:
-            self.state["stop_reason"] = rules.MAX_ITERATIONS
+        st = self.state
+        if st.phase == "SELECTED" and cfg.max_iterations == 0:
+            st.stop_reason = rules.MAX_ITERATIONS
             return
-        if self.state["phase"] not in ("SELECTED", "RETRAINING"):
+        if st.phase not in ("SELECTED", "RETRAINING"):
             return
         t0 = time.perf_counter()
-        while self.state.get("stop_reason") is None:
-            k = len(self.state["retraining"]) + 1
-            best = self.state["best"]
+        while st.stop_reason is None:
+            k = len(st.retraining) + 1
+            best = st.best
             seed = rules.retrain_seed(cfg.seed, cfg.initial_runs, k)
             output = f"retraining/iteration_{k}"
             spec = self._spec(f"retrain-{k}", "retrain", seed, cfg.retrain_episodes, output,
-                              self.store.url(best["model_key"]))
+                              self.store.url(best.model_key))
             self._transition("RETRAINING", iteration=k)
             result = self._run_all([spec])[spec.run_key]
             score = result["val_score"]
-            decision = rules.decide(score, best["score"], self.state["patience_count"], k,
+            decision = rules.decide(score, best.score, st.patience_count, k,
                                     threshold=cfg.improvement_threshold, patience=cfg.patience,
                                     max_iterations=cfg.max_iterations)
-            entry = {
-                "iteration": k, "seed": seed, "score": score, "improvement_pct": decision.improvement_pct,
-                "metrics": _avg_metrics(result["val_metrics"]), "per_pair": result["val_metrics"].get("per_pair"),
-                "model_path": f"{output}/{result['model_file']}", "train_return": result["train_return"],
-                "new_best": decision.new_best, "patience_count": decision.patience_count,
-                "continued_from": best["model_key"], "test_metrics": result.get("test_metrics"),
-                "timings": result.get("timings"), "device": result.get("device"), "versions": result.get("versions"),
+            entry = Iteration(
+                iteration=k, seed=seed, score=score, improvement_pct=decision.improvement_pct,
+                metrics=_avg_metrics(result["val_metrics"]), per_pair=result["val_metrics"].get("per_pair"),
+                model_path=f"{output}/{result['model_file']}", train_return=result["train_return"],
+                new_best=decision.new_best, patience_count=decision.patience_count,
+                continued_from=best.model_key, test_metrics=result.get("test_metrics"),
+                timings=result.get("timings"), device=result.get("device"), versions=result.get("versions"),
                 **_honesty_fields(result),
-            }
-            self.state["retraining"].append(entry)
+            )
+            st.retraining.append(entry)
             if decision.new_best:
-                self.state["best"] = {"score": score, "model_key": entry["model_path"], "source": spec.run_key}
-            self.state["patience_count"] = decision.patience_count
-            self.state["stop_reason"] = decision.stop_reason
-            self._write_json(STATE_KEY, self.state)
-            m = entry["metrics"]
+                st.best = Best(score=score, model_key=entry.model_path, source=spec.run_key)
+            st.patience_count = decision.patience_count
+            st.stop_reason = decision.stop_reason
+            self._write_state()
+            m = entry.metrics
             log.info("iteration_finished", pipeline=self.pipeline_id, iteration=k, seed=seed,
                      val_return=round(m["avg_return"], 3), val_sharpe=round(m["avg_sharpe"], 3), score=round(score, 4),
                      improvement_pct=round(decision.improvement_pct, 3), new_best=decision.new_best,
                      patience=decision.patience_count, decision=rules.describe(decision, cfg.patience),
                      stop_reason=decision.stop_reason)
-        self.state["timings"]["retraining_s"] = self.state["timings"].get("retraining_s", 0.0) + round(time.perf_counter() - t0, 3)
+        st.timings["retraining_s"] = st.timings.get("retraining_s", 0.0) + round(time.perf_counter() - t0, 3)
 
     # --------------------------------------------------------------------------------------- summary
 
     def _summary(self) -> dict:
         st = self.state
-        initial = [st["initial_runs"][k] for k in sorted(st["initial_runs"], key=int)]
-        best_initial = st["best_initial_score"]
-        final = st["best"]["score"]
-        final_key = st["best"]["model_key"]
-        final_entry = next((e for e in initial if e["model_key"] == final_key), None) or \
-            next(e for e in st["retraining"] if e["model_path"] == final_key)
-        entries = initial + st["retraining"]
-        devices = sorted({e["device"] for e in entries if e.get("device")})
-        run_versions = final_entry.get("versions") or {}
+        initial = [st.initial_runs[k] for k in sorted(st.initial_runs, key=int)]
+        best_initial = st.best_initial_score
+        final = st.best.score
+        final_key = st.best.model_key
+        final_entry: InitialRun | Iteration = next((e for e in initial if e.model_key == final_key), None) or \
+            next(e for e in st.retraining if e.model_path == final_key)
+        entries: list[InitialRun | Iteration] = [*initial, *st.retraining]
+        devices = sorted({e.device for e in entries if e.device})
+        run_versions = final_entry.versions or {}
         # every candidate's validation return and Sharpe beside its score; the selected one's honesty report
-        sources = [(f"init-{e['run_id']}", e["seed"], e["val_score"], e["val_metrics"], e["model_key"])
-                   for e in initial]
-        sources += [(f"retrain-{e['iteration']}", e["seed"], e["score"], e["metrics"], e["model_path"])
-                    for e in st["retraining"]]
+        sources = [(f"init-{e.run_id}", e.seed, e.val_score, e.val_metrics, e.model_key) for e in initial]
+        sources += [(f"retrain-{e.iteration}", e.seed, e.score, e.metrics, e.model_path) for e in st.retraining]
         candidates = [selection.candidate(src, seed, score, metrics, selected=key == final_key)
                       for src, seed, score, metrics, key in sources]
-        moments = {src: e.get("return_moments") for (src, *_), e in zip(sources, entries)}
-        report = selection.selection_report(candidates, moments, final_entry.get("val_baselines"))
+        moments = {src: e.return_moments for (src, *_), e in zip(sources, entries)}
+        report = selection.selection_report(candidates, moments, final_entry.val_baselines)
 
         return {
             "pipeline_complete": True,
             "pipeline_id": self.pipeline_id,
-            "stop_reason": st["stop_reason"],
-            "initial_runs": [{k: e[k] for k in ("run_id", "seed", "val_score", "train_return", "val_metrics",
-                                                 "model_path", "per_pair", "test_metrics", "timings")}
+            "stop_reason": st.stop_reason,
+            "initial_runs": [{k: getattr(e, k) for k in ("run_id", "seed", "val_score", "train_return", "val_metrics",
+                                                         "model_path", "per_pair", "test_metrics", "timings")}
                              for e in initial],
-            "best_initial_run": st["best_initial_run"],
-            "retraining_iterations": [{k: e[k] for k in ("iteration", "seed", "score", "improvement_pct", "metrics",
-                                                         "model_path", "new_best", "train_return", "per_pair",
-                                                         "test_metrics", "timings")}
-                                      for e in st["retraining"]],
+            "best_initial_run": st.best_initial_run,
+            "retraining_iterations": [{k: getattr(e, k) for k in ("iteration", "seed", "score", "improvement_pct",
+                                                                  "metrics", "model_path", "new_best", "train_return",
+                                                                  "per_pair", "test_metrics", "timings")}
+                                      for e in st.retraining],
             "best_initial_score": best_initial,
             "final_best_score": final,
             "total_improvement_pct": rules.improvement_pct(final, best_initial),
@@ -441,21 +446,21 @@ class Pipeline:
             "final_model_path": self.store.url(final_key),
             "final_model_key": final_key,  # the same file relative to the output
             "final_model_url": self.store.url(final_key),
-            "final_test_metrics": final_entry.get("test_metrics"),
+            "final_test_metrics": final_entry.test_metrics,
             "candidates": candidates,
             "selection": report,
-            "final_val_baselines": final_entry.get("val_baselines"),
+            "final_val_baselines": final_entry.val_baselines,
             "config": to_dict(self.cfg),
             "config_hash": self.hash,
-            "data": st["data"],
+            "data": st.data.to_dict(),
             # the trainer's versions as the final model's run recorded them (the controller needs no torch)
             "versions": {"nexlify": nexlify.__version__, "python": platform.python_version(),
                          "torch": run_versions.get("torch"), "worker_nexlify": run_versions.get("nexlify"),
                          "worker_python": run_versions.get("python")},
             "device": ", ".join(devices) or None,  # what the runs used ("cpu", "cuda:0")
             "device_requested": self.cfg.train.device,
-            "timings": st["timings"],
-            "failures": st.get("failures", []),
+            "timings": st.timings,
+            "failures": [f.to_dict() for f in st.failures or []],
         }
 
 
@@ -467,15 +472,15 @@ class DamagedFile(PermanentError):
         self.url = url
 
 
-def _run_entry(run_id: int, spec: RunSpec, result: dict, output: str) -> dict:
-    return {
-        "run_id": run_id, "seed": spec.seed, "val_score": result["val_score"],
-        "train_return": result["train_return"], "val_metrics": _avg_metrics(result["val_metrics"]),
-        "per_pair": result["val_metrics"].get("per_pair"), "model_key": f"{output}/{result['model_file']}",
-        "model_path": f"{output}/{result['model_file']}", "test_metrics": result.get("test_metrics"),
-        "timings": result.get("timings"), "device": result.get("device"), "versions": result.get("versions"),
+def _run_entry(run_id: int, spec: RunSpec, result: dict, output: str) -> InitialRun:
+    return InitialRun(
+        run_id=run_id, seed=spec.seed, val_score=result["val_score"],
+        train_return=result["train_return"], val_metrics=_avg_metrics(result["val_metrics"]),
+        per_pair=result["val_metrics"].get("per_pair"), model_key=f"{output}/{result['model_file']}",
+        model_path=f"{output}/{result['model_file']}", test_metrics=result.get("test_metrics"),
+        timings=result.get("timings"), device=result.get("device"), versions=result.get("versions"),
         **_honesty_fields(result),
-    }
+    )
 
 
 def _honesty_fields(result: dict) -> dict:

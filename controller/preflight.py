@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
 from collections.abc import Callable
 
-import torch
-
 from controller.config import PipelineConfig
 from nexlify.errors import NexlifyError
+from nexlify.probe import probe
 
 MIN_FREE_BYTES = 1 << 30  # 1 GiB for checkpoints and logs of a local output
 
@@ -23,19 +23,21 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
             raise NexlifyError(f"Python {sys.version.split()[0]}; accepted: 3.11 or newer")
         return sys.version.split()[0]
 
+    # torch and the device are asked of a child process (nexlify.probe): the controller imports no torch
     def torch_version() -> str:
-        return f"{torch.__version__}, {torch.get_num_threads()} threads"
+        found = probe(cfg.train.device)
+        if "torch_error" in found:
+            raise NexlifyError(found["torch_error"])
+        return found["torch"]
 
     def device() -> str:
-        from nexlify.training import resolve_device
-
-        dev = resolve_device(cfg.train.device)
-        if dev.type == "cuda":
-            return f"cuda: {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-        return "cpu" + (" (no CUDA device found)" if cfg.train.device == "auto" else "")
+        found = probe(cfg.train.device)
+        if "torch_error" in found or "device_error" in found:
+            raise NexlifyError(found.get("device_error") or found["torch_error"])
+        return found["device"]
 
     def data() -> str:
-        from nexlify.training import prepare_data
+        from nexlify.data.prepare import prepare_data
 
         market, windows = prepare_data(cfg.train)
         src = cfg.train.data.data_dir or "bundled sample"
@@ -43,28 +45,8 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
                 f"{market.end_iso}, {market.n_bars} bars (train {windows.train[1] - windows.train[0]}, "
                 f"validation {windows.val[1] - windows.val[0]})")
 
-    def output() -> str:
-        from controller.stores import is_s3_url, open_store
-
-        store = open_store(cfg.output)
-        if not is_s3_url(cfg.output) and not os.path.isdir(store.root_url):
-            return _creatable_folder(store.root_url)
-        store.check_writable()  # writes a probe and deletes it again
-        return f"{store.root_url} writable"
-
-    def disk() -> str:
-        if cfg.output.startswith("s3://"):
-            return "bucket output: local disk holds temporary files only"
-        path = os.path.abspath(cfg.output)
-        while not os.path.exists(path):
-            path = os.path.dirname(path)
-        free = shutil.disk_usage(path).free
-        if free < MIN_FREE_BYTES:
-            raise NexlifyError(f"{free / 2**30:.2f} GiB free at {path}; accepted: at least 1 GiB")
-        return f"{free / 2**30:.1f} GiB free"
-
     items = [("python", python), ("torch", torch_version), ("device", device), ("data", data),
-             ("output", output), ("disk", disk)]
+             ("output", functools.partial(_output, cfg.output)), ("disk", functools.partial(_disk, cfg.output))]
     if cfg.executor == "kubernetes":
         def kubernetes() -> str:
             from controller.executors.kubernetes import check_cluster
@@ -73,6 +55,30 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
 
         items.append(("kubernetes", kubernetes))
     return items
+
+
+def _output(output: str) -> str:
+    """The output can be written: a probe file written and deleted, or a missing folder creatable."""
+    from controller.stores import is_s3_url, open_store
+
+    store = open_store(output)
+    if not is_s3_url(output) and not os.path.isdir(store.root_url):
+        return _creatable_folder(store.root_url)
+    store.check_writable()  # writes a probe and deletes it again
+    return f"{store.root_url} writable"
+
+
+def _disk(output: str) -> str:
+    """At least MIN_FREE_BYTES free on the disk of a local output."""
+    if output.startswith("s3://"):
+        return "bucket output: local disk holds temporary files only"
+    path = os.path.abspath(output)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        raise NexlifyError(f"{free / 2**30:.2f} GiB free at {path}; accepted: at least 1 GiB")
+    return f"{free / 2**30:.1f} GiB free"
 
 
 def _creatable_folder(folder: str) -> str:

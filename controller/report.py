@@ -4,20 +4,23 @@
 Everything comes from the output itself, through its store: the summary and the state (runs, scores,
 decisions), each run's TensorBoard event file (training curves), and the final model and the data
 snapshot, with which the final model is stepped through the validation (and test) window again
-(nexlify.report.evaluation: the same greedy evaluation the run's validation was, bar by bar).
+(nexlify.report.evaluation: the same greedy evaluation the run's validation was, bar by bar). That
+stepping needs torch and runs in a child process (nexlify.report.final_model): the controller stays torch-free.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import structlog
 
 from controller.stores import StoreKeyMissing
 from controller.stores.base import Store
-from nexlify.errors import InputError
+from nexlify.errors import InputError, PermanentError
 
 log = structlog.get_logger("nexlify.report")
 
@@ -94,35 +97,50 @@ def training_curves(store: Store, runs: list[dict]) -> dict:
 
 def final_model_evaluation(store: Store, summary: dict) -> dict:
     """The final model stepped through the pipeline's validation and test windows, on the output's own data
-    snapshot and with the model's own config and normaliser."""
-    import torch
-
-    from nexlify import checkpoint
-    from nexlify.agent.dqn import DuelingQNet
-    from nexlify.config import TrainConfig
-    from nexlify.configtools import apply_mapping
-    from nexlify.env.batched import N_ACTIONS, observation_size
-    from nexlify.env.market import MarketTensors
-    from nexlify.features import Normalizer
-    from nexlify.report import evaluation
-    from nexlify.training import prepare_data
-
+    snapshot and with the model's own config and normaliser. The stepping needs torch, so it runs in a
+    process of its own (nexlify.report.final_model); the controller reads its JSON and relays its events."""
     with tempfile.TemporaryDirectory(prefix="nexlify-report-") as tmp:
+        data_dir = os.path.join(tmp, "data")
+        os.mkdir(data_dir)
         for f in summary["data"]["files"]:
-            store.download_file(f["key"], os.path.join(tmp, os.path.basename(f["key"])))
+            store.download_file(f["key"], os.path.join(data_dir, os.path.basename(f["key"])))
         model_path = os.path.join(tmp, "model.pt")
         store.download_file(model_key(summary), model_path)
-        ckpt = checkpoint.load(model_path, map_location=torch.device("cpu"))
-        cfg = TrainConfig()
-        apply_mapping(cfg, ckpt["config"], f"checkpoint {summary['final_model_path']}")
-        market, windows = prepare_data(cfg, tmp)
-    tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), "cpu")
-    model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden)
-    model.load_state_dict(ckpt["model_state_dict"])
-    named = {"validation": windows.val}
-    if windows.test:
-        named["test"] = windows.test
-    return evaluation(model, tensors, named, cfg, title="The final model on the validation and test windows")
+        out_path = os.path.join(tmp, "evaluation.json")
+        child = subprocess.run([sys.executable, "-m", "nexlify.report.final_model", model_path, data_dir, out_path,
+                                "--name", store.url(model_key(summary))],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cause = _relay_events(child.stderr)
+        if child.returncode != 0:
+            error = InputError if child.returncode == 2 else PermanentError
+            raise error(cause or f"the final model's evaluation failed (exit code {child.returncode})")
+        with open(out_path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+
+def _relay_events(stderr: str) -> str | None:
+    """Log the evaluation process's JSON events as ours; return its error: the `failed` event's, or the
+    last line of a traceback."""
+    cause = None
+    for line in stderr.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if line.strip():
+                log.info("report_output", line=line)
+                cause = line.strip()
+            continue
+        if not isinstance(event, dict):
+            continue
+        name = event.pop("event", "report_event")
+        if name == "failed" and event.get("error"):
+            cause = str(event["error"])  # raised by the caller: one error line, not two
+            continue
+        level = event.pop("level", "info")
+        event.pop("timestamp", None)
+        event.setdefault("process", "nexlify.report.final_model")
+        getattr(log, level if level in ("debug", "info", "warning", "error") else "info")(name, **event)
+    return cause
 
 
 def build(store: Store) -> dict:

@@ -21,7 +21,7 @@ import math
 import types
 import typing
 from collections.abc import Iterator
-from dataclasses import MISSING, Field, field, fields, is_dataclass
+from dataclasses import MISSING, Field, field, fields
 from typing import Any
 
 from nexlify.errors import InputError

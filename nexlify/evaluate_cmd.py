@@ -8,7 +8,8 @@ import numpy as np
 from nexlify import checkpoint
 from nexlify.config import TrainConfig
 from nexlify.configtools import apply_mapping
-from nexlify.data.candles import load_market, split_windows
+from nexlify.data.candles import load_market
+from nexlify.data.prepare import attach_second_venue
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.env.batched import N_ACTIONS, observation_size
 from nexlify.env.market import MarketTensors
@@ -16,7 +17,7 @@ from nexlify.agent.dqn import DuelingQNet
 from nexlify.errors import InputError
 from nexlify.evaluation import buy_and_hold, evaluate_with_baselines
 from nexlify.features import WARMUP_BARS, Normalizer
-from nexlify.training import attach_second_venue, resolve_device
+from nexlify.training import resolve_device
 
 WARMUP_DAYS = WARMUP_BARS // 24 + 2
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import os
 import struct
+import sys
 import time
 
 EVENT_GLOB = "events.out.tfevents.*"
@@ -84,10 +85,26 @@ class RunBoard:
             self.closed = True
 
 
+def _load_tensorboardx_without_torch() -> None:
+    """Import tensorboardX in a process that has not imported torch, without importing it. tensorboardX's
+    package imports torch whenever it can (its SummaryWriter accepts tensors) and falls back to numpy when
+    it cannot; the controller reads event files for report.html and stays free of torch, so while the
+    package loads, `import torch` is refused (a None in sys.modules makes it raise ImportError). A process
+    that has torch (a worker) loads tensorboardX as usual."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
 def read_records(blob: bytes) -> list[bytes]:
     """The records of a TFRecord file (the event file's framing): u64 length, masked crc32c of the length,
     the data, masked crc32c of the data. A record whose checksum is wrong raises ValueError; a torn last
     record (a file still being written) ends the list."""
+    _load_tensorboardx_without_torch()
     from tensorboardX.crc32c import crc32c
 
     def masked(data: bytes) -> int:
@@ -114,6 +131,7 @@ def read_records(blob: bytes) -> list[bytes]:
 
 def read_scalars(blobs: list[bytes]) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...]} from the bytes of one or more event files, in file order."""
+    _load_tensorboardx_without_torch()
     from tensorboardX.proto.event_pb2 import Event
 
     scalars: dict[str, list[tuple[int, float]]] = {}

@@ -22,8 +22,9 @@ from nexlify import finite
 from nexlify.agent.dqn import DQNAgent
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
-from nexlify.data.candles import MarketData, Windows, load_market, split_windows
-from nexlify.data.second_venue import load_second_venue
+from nexlify.data.candles import MarketData, Windows
+# the data preparation lives in nexlify.data.prepare (torch-free, shared with the controller)
+from nexlify.data.prepare import attach_second_venue, prepare_data  # noqa: F401 (re-exported)
 from nexlify.env.batched import N_ACTIONS, STATE_NAMES, BatchedTradingEnv, observation_size
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.evaluation import evaluate_with_baselines
@@ -65,24 +66,6 @@ class RunOutput:
     val_baselines: dict | None = None
     test_baselines: dict | None = None
     baseline_notes: dict | None = None
-
-
-def prepare_data(cfg: TrainConfig, data_dir: str | None = None) -> tuple[MarketData, Windows]:
-    """The candles of the configured window and its train / validation / test split; with arbitrage on,
-    the second venue's candles ride along on the same bars (`market.second_venue`)."""
-    d = cfg.data
-    folder = data_dir if data_dir is not None else d.data_dir
-    market = load_market(d.exchange, d.pairs, d.timeframe, folder, d.start, d.end)
-    attach_second_venue(cfg, market, folder)
-    return market, split_windows(market, d.val_days, d.test_days)
-
-
-def attach_second_venue(cfg: TrainConfig, market: MarketData, data_dir: str | None) -> MarketData:
-    """Load the arbitrage strategy's second venue onto `market` when arbitrage is on (else leave it)."""
-    if "arbitrage" in cfg.env.strategies:
-        a = cfg.arbitrage
-        market.second_venue = load_second_venue(market, a.second_exchange, a.second_quote, data_dir)
-    return market
 
 
 def epsilon_at(step: int, total_steps: int, start: float, end: float, decay_fraction: float) -> float:

@@ -369,7 +369,7 @@ def test_a_resume_with_other_runtime_settings_hands_them_to_the_workers(out, tmp
     cfg = resolve_pipeline_config(args)
     pipeline = Pipeline(cfg, open_store(str(copy)), executor=None)  # type: ignore[arg-type] - no runs here
     pipeline.load_or_plan()
-    assert pipeline.state["config_hash"] == read_json(out / "pipeline_state.json")["config_hash"]  # same pipeline
+    assert pipeline.state.config_hash == read_json(out / "pipeline_state.json")["config_hash"]  # same pipeline
     now = read_json(copy / "pipeline_config.json")
     assert (now["device"], now["threads"]) == ("cpu", 2)
     first.update(device="cpu", threads=2, output=str(copy))

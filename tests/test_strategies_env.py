@@ -855,14 +855,16 @@ def test_worker_reads_the_strategy_sections_of_a_pipeline_config(tmp_path):
 def test_pipeline_snapshot_and_worker_carry_the_second_venue(tmp_path):
     """With arbitrage on, the pipeline's data snapshot holds Coinbase's candles over the same bars (with their
     sha256 in the state), the worker copies them, and the runs see the same second venue."""
+    from controller.state import PipelineState
+
     cfg = PipelineConfig()
     apply_mapping(cfg, {"pairs": ["BTC/USDT", "ETH/USDT"], "start": "2024-05-01", "end": "2024-06-01",
                         "val_days": 5}, "test")
     store = LocalStore(str(tmp_path / "out"))
     pipeline = Pipeline(cfg, store, executor=None)
-    pipeline.state = {}
+    pipeline.state = PipelineState()
     pipeline.snapshot_data()
-    files = pipeline.state["data"]["files"]
+    files = pipeline.state.data.files
     keys = [f["key"] for f in files]
     assert keys == ["data/binance_BTC-USDT_1h.csv.gz", "data/binance_ETH-USDT_1h.csv.gz",
                     "data/coinbase_BTC-USD_1h.csv.gz", "data/coinbase_ETH-USD_1h.csv.gz"]
@@ -882,9 +884,9 @@ def test_pipeline_snapshot_and_worker_carry_the_second_venue(tmp_path):
     apply_mapping(spot, {"pairs": ["BTC/USDT"], "start": "2024-05-01", "end": "2024-06-01", "val_days": 5,
                          "strategies": ["spot"]}, "test")
     other = Pipeline(spot, LocalStore(str(tmp_path / "spot")), executor=None)
-    other.state = {}
+    other.state = PipelineState()
     other.snapshot_data()
-    assert [f["key"] for f in other.state["data"]["files"]] == ["data/binance_BTC-USDT_1h.csv.gz"]
+    assert [f["key"] for f in other.state.data.files] == ["data/binance_BTC-USDT_1h.csv.gz"]
     # a run with arbitrage on, from a snapshot without the second venue: arbitrage masked, no error
     bare = tmp_path / "bare"
     bare.mkdir()

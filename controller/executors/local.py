@@ -53,13 +53,17 @@ def worker_command() -> list[str]:
 
 
 def default_parallel() -> int:
-    try:
-        import torch
+    """One run per CUDA device where there are any, else one per core. The devices are counted by a child
+    process (nexlify.probe): the controller imports no torch."""
+    from nexlify.errors import NexlifyError
+    from nexlify.probe import probe
 
-        if torch.cuda.is_available():
-            return max(1, torch.cuda.device_count())
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    try:
+        gpus = int(probe("auto").get("cuda_devices") or 0)
+    except NexlifyError:  # torch unusable here: the workers will say so; size by the cores meanwhile
+        gpus = 0
+    if gpus > 0:
+        return gpus
     return max(1, len(os.sched_getaffinity(0)))
 
 

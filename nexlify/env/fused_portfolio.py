@@ -475,7 +475,6 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
     [B, P, O] and o_mask [B, P, A]; stake_growth .. transfer_bars are constants per market column; fs
     [B, N_SCRATCH, P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch."""
     n_episodes, n_pairs = sf.shape[0], sf.shape[2]
-    n_feat = features.shape[1]
     fee, slip = prm[FEE], prm[SLIP]
     stop_loss, take_profit, trailing_stop = prm[STOP_LOSS], prm[TAKE_PROFIT], prm[TRAILING_STOP]
     max_trades = int(prm[MAX_TRADES])

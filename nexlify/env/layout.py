@@ -4,14 +4,14 @@ and their offsets, and the rows of the PnL by source.
 Every implementation of the step (the tensor step nexlify.env.batched and the CPU kernel
 nexlify.env.fused_portfolio) and every reader (agents, baselines, evaluation, reports) takes these names
 from here; an offset is derived from its name's place in a tuple, never typed as a number. This module
-holds no rules and imports nothing heavier than two constants of the strategies, so the kernels can
-import it without importing the environment.
+holds no rules and imports nothing heavier than two constants of the strategies (from their torch-free
+params module), so the kernels can import it without importing the environment, and the report page
+without importing torch.
 """
 
 from __future__ import annotations
 
-from nexlify.strategies.arbitrage import SPREAD_FEATURE
-from nexlify.strategies.staking import NO_LOT
+from nexlify.strategies.params import NO_LOT, SPREAD_FEATURE
 
 # ------------------------------------------------------------------------------------------------ actions
 

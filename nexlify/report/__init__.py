@@ -11,11 +11,14 @@ recorded curves, and buy-and-hold without fees drawn from the trace's own prices
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from nexlify.config import TrainConfig
-from nexlify.env.market import MarketTensors
-from nexlify.report.trace import buy_and_hold_curves, trace_policy
+
+if TYPE_CHECKING:  # this package stays torch-free: the controller draws pages (render) without torch
+    import torch
+
+    from nexlify.env.market import MarketTensors
 
 
 def evaluation(model: torch.nn.Module, tensors: MarketTensors, windows: dict[str, tuple[int, int]], cfg: TrainConfig,
@@ -25,6 +28,7 @@ def evaluation(model: torch.nn.Module, tensors: MarketTensors, windows: dict[str
     (nexlify.evaluation.evaluate_with_baselines: the agent's, and every baseline's with its per-bar curve).
     `evaluated`: that evaluation's result per window when the caller already has it (with its curves)."""
     from nexlify.evaluation import evaluate_with_baselines
+    from nexlify.report.trace import buy_and_hold_curves, trace_policy
 
     out = {}
     for name, window in windows.items():

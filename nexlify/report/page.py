@@ -18,8 +18,8 @@ import math
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from nexlify.env.batched import PNL_SOURCES
-from nexlify.report.trace import EXPOSURES
+from nexlify.config import ALL_STRATEGIES as EXPOSURES  # one exposure per strategy's book
+from nexlify.env.layout import PNL_SOURCES
 
 CHART_HEIGHT = 320
 COLORS = {"agent": "#1f77b4", "flat": "#7f7f7f", "cash_plus_lending": "#17becf", "buy_and_hold_full": "#ff7f0e",

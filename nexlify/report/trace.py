@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from nexlify.agent.dqn import NEG_INF
-from nexlify.config import EnvConfig, RiskConfig
+from nexlify.config import ALL_STRATEGIES, EnvConfig, RiskConfig
 from nexlify.data.timeframes import iso_utc
 from nexlify.env import risk
 from nexlify.env.batched import CLOSE, OPEN_LONG, PNL_SOURCES, BatchedTradingEnv
@@ -28,7 +28,7 @@ from nexlify.metrics import average_metrics, pair_metrics, sharpe_from_sums
 from nexlify.report.metrics import max_drawdown, tear_sheet
 from nexlify.strategies.params import StrategyParams
 
-EXPOSURES = ("spot", "staking", "lp", "lending", "arbitrage")
+EXPOSURES = ALL_STRATEGIES  # one exposure per strategy's book, in the config's order
 
 
 @torch.no_grad()

@@ -41,9 +41,7 @@ from torch import Tensor
 
 from nexlify.errors import InputError
 from nexlify.strategies._tensors import TensorLike, as_float_tensors
-from nexlify.strategies.params import ArbParams  # noqa: F401 (re-exported)
-
-SPREAD_FEATURE = "spread_coinbase_usd_vs_binance_usdt_bps"  # includes USDT/USD drift, see module doc
+from nexlify.strategies.params import SPREAD_FEATURE, ArbParams  # noqa: F401 (re-exported)
 
 
 class PairArbitrage(NamedTuple):

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from nexlify.errors import InputError
 
 HOURS_PER_YEAR = 8760.0  # 365 days; leap days are ignored (Aave's SECONDS_PER_YEAR is 365 days too)
+# Names the environment's layout (nexlify.env.layout) shares with the strategy modules, kept here so the
+# layout can be read without importing torch (the report page reads it in the controller process):
+NO_LOT = -1  # staking: release_bar of a (episode, pair) with nothing unbonding
+SPREAD_FEATURE = "spread_coinbase_usd_vs_binance_usdt_bps"  # arbitrage: includes USDT/USD drift (its module doc)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -38,9 +38,8 @@ from torch import Tensor
 
 from nexlify.errors import InputError
 from nexlify.strategies._tensors import TensorLike, as_float_tensors
-from nexlify.strategies.params import HOURS_PER_YEAR, StakedAsset, StakingParams, base_of  # noqa: F401 (re-exported)
-
-NO_LOT = -1  # release_bar of a (episode, pair) with nothing unbonding
+from nexlify.strategies.params import (  # noqa: F401 (re-exported)
+    HOURS_PER_YEAR, NO_LOT, StakedAsset, StakingParams, base_of)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -276,12 +276,13 @@ class Kubelet:
         try:
             env = self._environment(pod, container, tmpdir)
         except ContainerConfigError as error:
+            message = str(error)  # `error` is unbound after the except block; the closure keeps the text
             if runtime is None:
                 shutil.rmtree(tmpdir, ignore_errors=True)
 
             def waiting(p: dict[str, Any]) -> None:
                 p["status"]["containerStatuses"][0]["state"] = {
-                    "waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
+                    "waiting": {"reason": "CreateContainerConfigError", "message": message}}
             self.store.update(PODS, namespace, name, waiting)
             return False
         if runtime is None:
