@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from nexlify import finite
+from nexlify.config import TrainConfig
+from nexlify.configtools import apply_mapping
 from nexlify.errors import InputError
 
 FORMAT_VERSION = 1
@@ -100,3 +102,16 @@ def load(source: str | Path | bytes, map_location: str | torch.device = "cpu", *
         raise InputError(f"checkpoint {name} has format_version {ckpt['format_version']}; "
                          f"this nexlify reads up to {FORMAT_VERSION}")
     return ckpt
+
+
+def train_config(ckpt: dict, name: str) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with: its stored `config` over today's defaults, with the
+    environment rules it was trained under kept. A config stored before `lending.sweep` existed lent by
+    hand (LEND / WITHDRAW), so it reads as sweep false, not today's default."""
+    stored = dict(ckpt["config"])
+    lending = stored.get("lending")
+    if isinstance(lending, dict) and "sweep" not in lending:
+        stored["lending"] = {**lending, "sweep": False}
+    cfg = TrainConfig()
+    apply_mapping(cfg, stored, f"checkpoint {name}")
+    return cfg

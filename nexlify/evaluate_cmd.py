@@ -6,8 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from nexlify import checkpoint
-from nexlify.config import TrainConfig
-from nexlify.configtools import apply_mapping
 from nexlify.data.candles import load_market
 from nexlify.data.prepare import attach_second_venue
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
@@ -34,8 +32,7 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     called with what was evaluated (the report draws it)."""
     dev = resolve_device(device)
     ckpt = checkpoint.load(model_path, map_location=dev)
-    cfg = TrainConfig()
-    apply_mapping(cfg, ckpt["config"], f"checkpoint {model_path}")
+    cfg = checkpoint.train_config(ckpt, model_path)
     d = cfg.data
     pairs = pairs or d.pairs
     exchange = exchange or d.exchange

@@ -196,3 +196,18 @@ def test_a_non_checkpoint_pt_is_refused_without_the_advice_to_drop_weights_only(
 def test_a_folder_given_as_checkpoint_is_one_line(tmp_path):
     with pytest.raises(InputError, match=f"checkpoint {tmp_path} is a folder; expected a .pt file"):
         checkpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize("lending, sweep", [
+    ({"max_idle_share": 0.7}, False),                  # written before the sweep existed: it lent by hand
+    ({"max_idle_share": 0.7, "sweep": True}, True),    # recorded: kept
+    ({"max_idle_share": 0.7, "sweep": False}, False),
+    (None, True),                                      # no lending section at all: today's defaults
+])
+def test_train_config_keeps_the_lending_rule_a_checkpoint_was_trained_under(lending, sweep):
+    stored = {"risk": {"stop_loss": 0.03}}
+    if lending is not None:
+        stored["lending"] = lending
+    cfg = checkpoint.train_config({"config": stored}, "old.pt")
+    assert cfg.lending.sweep is sweep and cfg.risk.stop_loss == 0.03
+    assert cfg.lending.max_idle_share == (0.7 if lending is not None else 0.85)

@@ -24,8 +24,6 @@ def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
 
     from nexlify import checkpoint
     from nexlify.agent.dqn import DuelingQNet
-    from nexlify.config import TrainConfig
-    from nexlify.configtools import apply_mapping
     from nexlify.data.prepare import prepare_data
     from nexlify.env.batched import N_ACTIONS, observation_size
     from nexlify.env.market import MarketTensors
@@ -33,8 +31,7 @@ def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
     from nexlify.report import evaluation
 
     ckpt = checkpoint.load(model_path, map_location=torch.device("cpu"), name=name)
-    cfg = TrainConfig()
-    apply_mapping(cfg, ckpt["config"], f"checkpoint {name}")
+    cfg = checkpoint.train_config(ckpt, name)
     market, windows = prepare_data(cfg, data_dir)
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), "cpu")
     model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden)
