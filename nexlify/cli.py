@@ -62,9 +62,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--strategies", nargs="+", default=None, metavar="STRATEGY",
                        help="strategies on, e.g. spot,staking,lp,lending,arbitrage (default: the config default, "
                             "all of them)")
-        b.add_argument("--kernel", default="auto", choices=("auto", "torch"),
-                       help="auto: a fused CPU kernel (spot alone, or with the strategies); torch: tensor ops "
-                            "(the reference)")
+        b.add_argument("--kernel", default="auto", choices=("auto", "torch", "cuda"),
+                       help="auto: a fused CPU kernel (spot alone, or with the strategies; tensor ops on a GPU); "
+                            "torch: tensor ops (the reference); cuda: the fused kernel compiled by numba-cuda "
+                            "(--device cuda)")
         if name == "env":
             b.add_argument("--precision", default="float64", choices=("float64", "float32"),
                            help="accounting precision of the environment")
