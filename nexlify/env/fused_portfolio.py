@@ -946,10 +946,13 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
         build = f"{name}_{flavour}_{_sources_digest(kernel.__module__)}"
         function = types.FunctionType(kernel.__code__, kernel.__globals__, build)
         function.__qualname__ = build
+        # _nrt=False: no reference counting. The kernel allocates nothing (its body is CUDA device code too), and
+        # the counts numba keeps on the arrays grouped into episode_step's tuples, per episode, halved its speed
+        options = {"parallel": parallel, "nogil": True, "error_model": "numpy", "_nrt": False}
         try:
-            _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=True, error_model="numpy")(function)
+            _compiled[key] = numba.njit(cache=True, **options)(function)
         except RuntimeError:  # no writable cache location: compile in every process
-            _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=False, error_model="numpy")(function)
+            _compiled[key] = numba.njit(cache=False, **options)(function)
     return _compiled[key]
 
 
