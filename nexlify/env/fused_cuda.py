@@ -82,13 +82,13 @@ def ptx(arguments: tuple, cc: tuple[int, int] = (9, 0)) -> str:
     return text
 
 
-def _device_array(x: Any) -> Any:
+def device_array(x: Any) -> Any:
     """A tensor as the kernel takes it: a view of device memory (no copy), or under the simulator the CPU
-    tensor's numpy view; numbers pass as they are."""
+    tensor's numpy view; anything else (numbers, views made before) passes as it is."""
     if not isinstance(x, torch.Tensor):
         return x
-    if x.is_cuda:
-        return cuda.as_cuda_array(x.detach())
+    if x.is_cuda:  # sync=False: no wait for the stream torch names; launch() runs on torch's stream, in order
+        return cuda.as_cuda_array(x.detach(), sync=False)
     return x.detach().numpy()
 
 
@@ -97,7 +97,7 @@ def launch(arguments: tuple, n_episodes: int, device: torch.device) -> None:
     current stream of that device."""
     threads = min(THREADS_PER_BLOCK, n_episodes)
     blocks = (n_episodes + threads - 1) // threads
-    args = tuple(_device_array(a) for a in arguments)
+    args = tuple(device_array(a) for a in arguments)
     if device.type == "cuda":
         stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
         kernel()[blocks, threads, stream](*args)

@@ -1043,8 +1043,15 @@ class FusedPortfolioStep:
         self.kernel = compiled(_kernel, "_portfolio_kernel", parallel) if target == "cpu" else None
         self.parallel = parallel
         m = env.market
-        # the kernel's constants: numpy views for the CPU kernel, contiguous tensors on the device for CUDA's
-        array = as_numpy if target == "cpu" else (lambda x: x.detach().contiguous())
+        # the kernel's constants: numpy views for the CPU kernel; for CUDA's, views of the tensors on the device,
+        # made once (a view costs microseconds of Python at each launch)
+        if target == "cpu":
+            array = as_numpy
+        else:
+            from nexlify.env import fused_cuda  # numba-cuda: the optional extra `gpu`
+
+            def array(x: torch.Tensor) -> Any:
+                return fused_cuda.device_array(x.detach().contiguous())
         self.prices = array(env._prices)
         self.tradable = array(env._tradable)
         self.features = array(env._features)
