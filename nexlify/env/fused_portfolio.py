@@ -9,6 +9,10 @@ serially; the loop over an episode's pairs is the short inner loop, in pair orde
 (entries are served in pair order under the concurrent-trade cap). In float32 the kernel computes in float64
 and stores float32, so the two agree to float32 rounding.
 
+The body for one episode is `episode_step`, written once: `_kernel` (the CPU's) calls it in its loop over the
+episodes, and nexlify.env.fused_cuda compiles the same function with numba-cuda into a CUDA kernel with one
+thread per episode. It allocates nothing, and the CPU kernel is compiled without reference counting.
+
 The tensor step (nexlify.env.batched) is the reference and this kernel is a transcription of it, block by
 block and operation by operation in the same order, one episode at a time: the open's releases and
 transfers, exits, entries under the caps, arbitrage fills and rebalancing, lending, stops and targets, what
