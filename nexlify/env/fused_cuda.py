@@ -8,7 +8,7 @@ work before and after it is ordered with it.
 
 Under numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, no GPU needed) the kernel runs as Python, one Python
 thread per CUDA thread, on CPU tensors: tests/test_env_fused_cuda.py checks there that it computes what the CPU
-kernel computes. `ptx()` compiles it for a GPU without needing one (tools/gpu-check.py and that test use it).
+kernel computes. `ptx()` compiles it for a GPU without needing one (that test uses it too).
 """
 
 from __future__ import annotations
