@@ -34,8 +34,11 @@ def _setup(pairs: list[str], device: str, threads: int, strategies: list[str] | 
 
 def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = TrainConfig.threads,
               strategies: list[str] | None = None, precision: str = EnvConfig.precision, policy: str = "valid",
-              kernel: str = EnvConfig.kernel) -> dict:
+              kernel: str = EnvConfig.kernel, compile_step: bool = False) -> dict:
     """Random actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps.
+
+    compile_step: the tensor step (kernel "torch") compiled with torch.compile (Inductor: C++ on the CPU,
+    Triton on a GPU), candidate (b) of issue 14 beside the fused kernel; warmup_s then holds the compile time.
 
     policy "valid" draws uniformly among each slot's valid actions (agent.dqn.random_valid_actions, as
     an exploring agent does; with the fused kernels the draw costs a large part of the step); "uniform"
@@ -56,6 +59,10 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
     start = torch.full((batch_size,), first, dtype=torch.int64)
     env = BatchedTradingEnv(tensors, torch.arange(n_pairs).expand(batch_size, n_pairs), start, steps, cfg.env, cfg.risk,
                             cfg.strategy_params())
+    if compile_step:
+        if env._fused is not None:
+            raise ValueError("compile_step compiles the tensor step: pass kernel='torch'")
+        env._advance = torch.compile(env._advance, dynamic=False)
 
     def run(n: int) -> None:
         env.reset()
@@ -65,16 +72,25 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
             else:
                 env.step(random_valid_actions(env.mask, gen))
 
-    run(min(20, steps))  # warm-up: allocator, caches
-    _sync(dev)
     t0 = time.perf_counter()
+    run(min(20, steps))  # warm-up: allocator, caches (and torch.compile's compilation)
+    _sync(dev)
+    warmup = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
     run(steps)
     _sync(dev)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {"bench": "env", "pairs": n_pairs, "batch_size": batch_size, "steps": steps, "device": str(dev),
             "threads": threads, "strategies": ",".join(cfg.env.strategies), "precision": precision,
-            "policy": policy, "kernel": "fused" if env._fused is not None else "torch", "seconds": round(seconds, 3),
+            "policy": policy, "kernel": _kernel_name(env, compile_step), "warmup_s": round(warmup, 1),
+            "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
             "env_steps_per_s": round(batch_size * steps / seconds)}
+
+
+def _kernel_name(env: BatchedTradingEnv, compile_step: bool) -> str:
+    if env._fused is not None:
+        return "fused-cuda" if env._fused.target == "cuda" else "fused"
+    return "torch.compile" if compile_step else "torch"
 
 
 def _first_second_venue_bar(cfg: TrainConfig, market) -> int:

@@ -70,8 +70,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="strategies on, e.g. spot,staking,lp,lending,arbitrage (default: the config default, "
                             "all of them)")
         b.add_argument("--kernel", default=env_cfg.kernel, choices=_choices(EnvConfig, "kernel"),
-                       help="auto: a fused CPU kernel (spot alone, or with the strategies); torch: tensor ops "
-                            "(the reference)")
+                       help="auto: a fused CPU kernel (spot alone, or with the strategies; tensor ops on a GPU); "
+                            "torch: tensor ops (the reference); cuda: the fused kernel compiled by numba-cuda "
+                            "(--device cuda)")
         if name == "env":
             b.add_argument("--precision", default=env_cfg.precision, choices=_choices(EnvConfig, "precision"),
                            help="accounting precision of the environment")

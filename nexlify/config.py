@@ -76,9 +76,11 @@ class EnvConfig:
                              choices=("float64", "float32"))
     strategies: list[str] = setting(list(ALL_STRATEGIES), "strategies the agent may use (the others' actions are "
                                     "masked)", choices=ALL_STRATEGIES)
-    kernel: str = setting("auto", "how a CPU environment steps: auto (one fused numba kernel for every strategy "
-                          "set, spot alone included) or torch (tensor ops always: the reference, and the GPU path)",
-                          choices=("auto", "torch"))
+    kernel: str = setting("auto", "how the environment steps: auto (on the CPU one fused numba kernel for every "
+                          "strategy set, spot alone included; on a GPU tensor ops), torch (tensor ops always: the "
+                          "reference) or cuda (the fused kernel's source compiled by numba-cuda, one GPU thread per "
+                          "episode; needs --device cuda and the extra nexlify-train[gpu]; its speed is not yet "
+                          "measured)", choices=("auto", "torch", "cuda"))
 
     def check(self) -> None:
         if not self.strategies:

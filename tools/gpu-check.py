@@ -1,13 +1,18 @@
 """Checks for a machine with a CUDA GPU (CI has none; run this where one is lent).
 
-1. The tensor step on the GPU against the fused CPU kernel, side by side on real candles (3 pairs with the
-   Coinbase venue, every strategy on, float64, busy risk settings): the same actions, then the largest
-   differences in equity, reward and observation, and the first step where the masks part, if any; once
-   on free paths, once starting every step from the CPU's state (one step's differences).
-2. `nexlify bench env` and `bench train` on the GPU, spot alone and every strategy.
+1. The GPU paths against the fused CPU kernel, side by side on real candles (3 pairs with the Coinbase venue,
+   every strategy on, float64, busy risk settings): the tensor step (kernel torch) and the CUDA kernel (kernel
+   cuda: the CPU kernel's source compiled by numba-cuda; pip install '.[gpu]'). The same actions, then the
+   largest differences in equity, reward and observation, and the first step where the masks part, if any;
+   once on free paths, once starting every step from the CPU's state (one step's differences).
+2. `nexlify bench env` on the GPU, spot alone and every strategy: the tensor step and the CUDA kernel at
+   16,384 and 65,536 episodes; `bench train` with each (the CUDA kernel at 2,048 episodes only).
 3. The quick pipeline with --device cuda, end to end.
 
-Prints one JSON object per line. Usage: python tools/gpu-check.py [--skip-benches] [--skip-pipeline]
+Prints one JSON object per line. Usage (from the repository root):
+PYTHONPATH=. python tools/gpu-check.py [--cuda-only] [--skip-benches] [--skip-pipeline]
+NEXLIFY_CHECK_DEVICE=cpu runs it without a GPU (a dry run: the CUDA kernel's lines then say it was skipped; with
+NUMBA_ENABLE_CUDASIM=1 and NEXLIFY_CHECK_STEPS=3 numba's simulator runs them, slowly).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from nexlify.bench import bench_env, bench_train
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.data.candles import load_market
 from nexlify.data.second_venue import load_second_venue
+from nexlify.errors import InputError
 from nexlify.env import fused_portfolio
 from nexlify.env.batched import BatchedTradingEnv
 from nexlify.env.market import MarketTensors, market_features
@@ -32,14 +38,26 @@ from nexlify.strategies.params import ArbParams, StakedAsset, StakingParams, Str
 
 PAIRS = ["BTC/USDT", "ETH/USDT", "SOL/USDT"]
 DEVICE = os.environ.get("NEXLIFY_CHECK_DEVICE", "cuda")  # cpu: a dry run of this script without a GPU
+STEPS = int(os.environ.get("NEXLIFY_CHECK_STEPS", "300"))  # of the side-by-side checks (fewer: a quicker dry run)
 
 
 def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def side_by_side(n_steps: int = 300, resync: bool = False) -> None:
-    """resync: every step starts the device's environment from the CPU's state, so that the figures are one
+def cuda_kernel_here() -> bool:
+    """The CUDA kernel can run: a CUDA device (or numba's CUDA simulator) and numba-cuda."""
+    try:
+        fused_portfolio.check_cuda_kernel(torch.device(DEVICE))
+    except InputError as e:
+        emit(check="cuda_kernel", skipped=str(e))
+        return False
+    return True
+
+
+def side_by_side(kernel: str, n_steps: int = STEPS, resync: bool = False) -> None:
+    """kernel: the device's path, torch (the tensor step) or cuda (the CUDA kernel).
+    resync: every step starts the device's environment from the CPU's state, so that the figures are one
     step's differences (float64 on a GPU rounds exp, log1p and friends differently in the last bit, and a
     decision on a number at dust level can then part the two paths)."""
     market = load_market("binance", PAIRS, start="2024-03-20", end="2024-06-01")
@@ -55,12 +73,12 @@ def side_by_side(n_steps: int = 300, resync: bool = False) -> None:
                       take_profit=0.02, trailing_stop=0.015, daily_loss_limit=0.03, max_trades=5)
     starts = torch.arange(64) * 7 + 700
     envs = {}
-    for name, device, kernel in (("fused", "cpu", "auto"), ("tensor", DEVICE, "torch")):
+    for name, device, path in (("fused", "cpu", "auto"), ("device", DEVICE, kernel)):
         tensors = MarketTensors.build(market, normalizer, device, raw)
         envs[name] = BatchedTradingEnv(tensors, torch.arange(3).expand(len(starts), 3), starts, n_steps,
-                                       EnvConfig(kernel=kernel), risk, params)
-    cpu, gpu = envs["fused"], envs["tensor"]
-    assert cpu._fused is not None and gpu._fused is None
+                                       EnvConfig(kernel=path), risk, params)
+    cpu, gpu = envs["fused"], envs["device"]
+    assert cpu._fused is not None and (gpu._fused is None) == (kernel == "torch")
     cpu.reset()
     gpu.reset()
     gen = torch.Generator().manual_seed(1)
@@ -79,19 +97,20 @@ def side_by_side(n_steps: int = 300, resync: bool = False) -> None:
         worst["obs"] = max(worst["obs"], float((obs_g.cpu() - obs_c).abs().max()))
         if mask_parted_at is None and not torch.equal(gpu.mask.cpu(), cpu.mask):
             mask_parted_at = k + 1
-    emit(check="tensor_step_on_device_vs_cpu_fused_kernel", device=DEVICE, resync_every_step=resync,
+    emit(check=f"{kernel}_kernel_on_device_vs_cpu_fused_kernel", device=DEVICE, resync_every_step=resync,
          episodes=len(starts), steps=n_steps,
          max_diff=worst, masks_parted_at_step=mask_parted_at, trades=int(cpu.stats.trades.sum()),
          pnl_by_source_cpu=cpu.stats.pnl.sum(0).tolist(), pnl_by_source_gpu=gpu.stats.pnl.sum(0).cpu().tolist())
 
 
-def benches() -> None:
+def benches(kernels: tuple[str, ...]) -> None:
     for strategies in (["spot"], None):
-        for batch in (16384, 65536):
-            emit(**bench_env(PAIRS, batch, 300, device=DEVICE, strategies=strategies))
-        for batch in (256, 2048):
-            emit(**bench_train(PAIRS, batch, 2000 if batch == 256 else 500, device=DEVICE,
-                                  strategies=strategies))
+        for kernel in kernels:
+            for batch in (16384, 65536):
+                emit(**bench_env(PAIRS, batch, 300, device=DEVICE, strategies=strategies, kernel=kernel))
+            for batch in (256, 2048) if kernel == "torch" else (2048,):
+                emit(**bench_train(PAIRS, batch, 2000 if batch == 256 else 500, device=DEVICE,
+                                   strategies=strategies, kernel=kernel))
 
 
 def pipeline() -> None:
@@ -112,9 +131,13 @@ def pipeline() -> None:
 if __name__ == "__main__":
     emit(check="devices", torch=torch.__version__, cuda=torch.cuda.is_available(),
          gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-    side_by_side()
-    side_by_side(resync=True)
+    kernels = ("torch", "cuda") if cuda_kernel_here() else ("torch",)
+    if "--cuda-only" in sys.argv:  # the CUDA kernel's checks alone (the tensor step's were measured before)
+        kernels = tuple(k for k in kernels if k == "cuda")
+    for kernel in kernels:
+        side_by_side(kernel)
+        side_by_side(kernel, resync=True)
     if "--skip-benches" not in sys.argv:
-        benches()
+        benches(kernels)
     if "--skip-pipeline" not in sys.argv:
         pipeline()

@@ -216,10 +216,14 @@ class BatchedTradingEnv:
                                      device=self.device)
         self.reset()
         # On the CPU one fused kernel computes the same step in a pass per episode, for spot alone and with the
-        # strategy tables.
+        # strategy tables; kernel "cuda" runs the same source compiled by numba-cuda, one GPU thread per episode.
         self._fused = None
-        cpu_kernel = self.device.type == "cpu" and env_cfg.kernel == "auto"
-        if cpu_kernel and fused_portfolio.available() and (self._tables is not None or self.spot_on):
+        kernel = env_cfg.kernel
+        cpu_kernel = self.device.type == "cpu" and kernel == "auto"
+        if kernel == "cuda":
+            fused_portfolio.check_cuda_kernel(self.device)
+            self._fused = fused_portfolio.FusedPortfolioStep(self, tb, target="cuda")
+        elif cpu_kernel and fused_portfolio.available() and (self._tables is not None or self.spot_on):
             self._fused = fused_portfolio.FusedPortfolioStep(self, tb)
 
     # ----------------------------------------------------------------------------------------- state

@@ -9,6 +9,10 @@ serially; the loop over an episode's pairs is the short inner loop, in pair orde
 (entries are served in pair order under the concurrent-trade cap). In float32 the kernel computes in float64
 and stores float32, so the two agree to float32 rounding.
 
+The body for one episode is `episode_step`, written once: `_kernel` (the CPU's) calls it in its loop over the
+episodes, and nexlify.env.fused_cuda compiles the same function with numba-cuda into a CUDA kernel with one
+thread per episode. It allocates nothing, and the CPU kernel is compiled without reference counting.
+
 The tensor step (nexlify.env.batched) is the reference and this kernel is a transcription of it, block by
 block and operation by operation in the same order, one episode at a time: the open's releases and
 transfers, exits, entries under the caps, arbitrage fills and rebalancing, lending, stops and targets, what
@@ -43,6 +47,7 @@ import numpy as np
 import torch
 
 from nexlify.env import strategy_tables as tables
+from nexlify.errors import InputError
 from nexlify.env.layout import (
     ARB, ARB_CLOSE, CLOSE, HOLD, LEND, LP_CLOSE, LP_OPEN, N_SPOT_STATE, NO_LOT, NO_TRANSFER, OPEN_LONG,
     PNL_ARBITRAGE, PNL_FEES_AND_GAS, PNL_IMPERMANENT_LOSS, PNL_LENDING_INTEREST, PNL_LP_FEES, PNL_SPOT,
@@ -118,8 +123,27 @@ def available() -> bool:
     return numba is not None
 
 
+def check_cuda_kernel(device: torch.device) -> None:
+    """The CUDA kernel (kernel "cuda") can serve an environment on `device`, else an InputError naming what is
+    missing: numba-cuda (the optional extra `gpu`), or a CUDA device (numba's CUDA simulator, for tests, steps
+    CPU tensors)."""
+    try:
+        from nexlify.env import fused_cuda
+    except ImportError as e:
+        raise InputError(f"kernel 'cuda' needs numba-cuda ({e}); accepted: pip install 'nexlify-train[gpu]', "
+                         "or kernel auto or torch") from None
+    if device.type != "cuda" and not fused_cuda.simulated():
+        raise InputError(f"kernel 'cuda' steps on a CUDA device, not on device {device}; accepted: device cuda, "
+                         "or kernel auto or torch")
+
+
 def _jit_inline(function: Any) -> Any:
-    """A rule of the kernel in a function of its own, compiled into the kernel (inlined) when numba is there."""
+    """A rule of the kernel in a function of its own, compiled into the kernel (inlined) when numba is there.
+    numba-cuda compiles the same functions into CUDA device code when the CUDA kernel calls them (it compiles a
+    numba.njit function's Python source for the device; tests/test_env_fused_cuda.py checks that the whole step
+    compiles to PTX). numba.extending.register_jitable, made to share a rule between targets, was tried: with
+    inline="always" numba-cuda 0.30 fails to type the inlined calls, and without it the CPU kernel calls the
+    rules instead of inlining them."""
     return numba.njit(inline="always", error_model="numpy")(function) if numba is not None else function
 
 
@@ -466,15 +490,21 @@ def observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stak
             obs[b, p, j + S_TRANSFER_PENDING] = 1.0 if o_si[b, TR_DUE, p] != NO_TRANSFER else 0.0
 
 
-def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
-            floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
-            transfer_bars, sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows, prm,
-            o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask, fs, ks, acts):
-    """One step for every episode b (see BatchedTradingEnv._advance). sf/si/sb are the
-    slot state [B, rows, P], ef/ei/e64 the episode state [B, rows]; o_* are written whole, and so are obs
-    [B, P, O] and o_mask [B, P, A]; stake_growth .. transfer_bars are constants per market column; fs
-    [B, N_SCRATCH, P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch."""
-    n_episodes, n_pairs = sf.shape[0], sf.shape[2]
+@_jit_inline
+def episode_step(b, step_in, market, columns, state, prm, out, scratch):
+    """One step of episode b (see BatchedTradingEnv._advance): the body of both kernels, the CPU's (_kernel,
+    a loop over the episodes on numba's threads) and the GPU's (nexlify.env.fused_cuda, one CUDA thread per
+    episode), compiled from this one source. It allocates nothing (CUDA device code cannot): everything it
+    writes goes into the arrays it is given. The arguments are _kernel's, in its order, grouped in tuples (a
+    call with over 30 arguments compiles to a *args call, which numba cannot inline)."""
+    actions, mask, pair, t = step_in
+    prices, tradable_tab, features, day, n_cols, n_bars = market
+    (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
+     transfer_bars) = columns
+    sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows = state
+    o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask = out
+    fs, ks, acts = scratch
+    n_pairs = sf.shape[2]
     fee, slip = prm[FEE], prm[SLIP]
     stop_loss, take_profit, trailing_stop = prm[STOP_LOSS], prm[TAKE_PROFIT], prm[TRAILING_STOP]
     max_trades = int(prm[MAX_TRADES])
@@ -486,421 +516,437 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
     width = prm[LP_WIDTH]
     up, down = math.sqrt(1.0 + width), math.sqrt(1.0 - width)
     k_lp = 2.0 - 1.0 / up - down
-    for b in numba.prange(n_episodes):
-        f, k = fs[b], ks[b]
-        tb = t[b]
-        u = tb + 1
-        prev_eq = ef[b, EQUITY]
-        ds = prev_eq if day[u] != day[tb] else ef[b, DAY_START]
-        blk = blocked[b]
-        size_now = ef[b, SIZE]
-        notional = size_now * prev_eq
-        lp_notional = max(notional, prm[LP_MIN_NOTIONAL])  # an LP position is sized up to its minimum
-        # copy the slot state into the outputs, where the blocks below update it. (The scratch is not cleared:
-        # it starts at zero, and each step writes every entry of a strategy that is on before reading it.)
-        o_sf[b] = sf[b]
-        if not spot_alone:
-            for p in range(n_pairs):
-                o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
-                o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
-
-        # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
-        open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR)
-
-        # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
-        #    positions, arbitrage books and Aave supply; staking moves.
+    f, k = fs[b], ks[b]
+    tb = t[b]
+    u = tb + 1
+    prev_eq = ef[b, EQUITY]
+    ds = prev_eq if day[u] != day[tb] else ef[b, DAY_START]
+    blk = blocked[b]
+    size_now = ef[b, SIZE]
+    notional = size_now * prev_eq
+    lp_notional = max(notional, prm[LP_MIN_NOTIONAL])  # an LP position is sized up to its minimum
+    # copy the slot state into the outputs, where the blocks below update it. (The scratch is not cleared:
+    # it starts at zero, and each step writes every entry of a strategy that is on before reading it.)
+    for r in range(sf.shape[1]):  # (element by element: CUDA device code has no array assignment)
         for p in range(n_pairs):
-            a = acts[b, p]
-            row = u * n_cols + pair[b, p]
-            o = prices[row, 0]
-            trad = o_sb[b, TRADABLE, p]
-            units = o_sf[b, UNITS, p]
-            pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
-            want_close = a == CLOSE
-            if S:
-                want_close = want_close or pending
-            sell = want_close and units > 0 and trad
-            gross = units * (o * (1.0 - slip))
-            proceeds = gross * (1.0 - fee) if sell else 0.0
-            f[F_COST, p] = units * o * slip + gross * fee if sell else 0.0
-            if sell:
-                units = 0.0
-            f[F_FLOW, p] = proceeds
-            entry_cost = o_sf[b, ENTRY_COST, p]
-            if S:
-                staked, unbonding = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p]
-                if want_close:
-                    request = staked
-                elif a == UNSTAKE:
-                    request = staked * prm[UNSTAKE_FRACTION]
-                else:
-                    request = 0.0
-                amount = 0.0 if unbonding > 0 else min(max(request, 0.0), max(staked, 0.0))
-                if amount > 0:
-                    o_si[b, RELEASE, p] = u + unbond_bars[pair[b, p]]
-                staked, unbonding = staked - amount, unbonding + amount
-                moved = units * prm[STAKE_FRACTION] if a == STAKE else 0.0
-                units, staked = units - moved, staked + moved
-                o_sf[b, STAKED, p], o_sf[b, UNBONDING, p] = staked, unbonding
-                locked = staked + unbonding
-                f[F_LOCKED, p] = locked
-                exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + proceeds
-                o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds
-                closed = sell and locked <= 0
-                f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0 if closed else 0.0
-                o_sb[b, PENDING, p] = want_close and locked > 0
+            o_sf[b, r, p] = sf[b, r, p]
+    if not spot_alone:
+        for p in range(n_pairs):
+            o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
+            o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
+
+    # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
+    open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR)
+
+    # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
+    #    positions, arbitrage books and Aave supply; staking moves.
+    for p in range(n_pairs):
+        a = acts[b, p]
+        row = u * n_cols + pair[b, p]
+        o = prices[row, 0]
+        trad = o_sb[b, TRADABLE, p]
+        units = o_sf[b, UNITS, p]
+        pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
+        want_close = a == CLOSE
+        if S:
+            want_close = want_close or pending
+        sell = want_close and units > 0 and trad
+        gross = units * (o * (1.0 - slip))
+        proceeds = gross * (1.0 - fee) if sell else 0.0
+        f[F_COST, p] = units * o * slip + gross * fee if sell else 0.0
+        if sell:
+            units = 0.0
+        f[F_FLOW, p] = proceeds
+        entry_cost = o_sf[b, ENTRY_COST, p]
+        if S:
+            staked, unbonding = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p]
+            if want_close:
+                request = staked
+            elif a == UNSTAKE:
+                request = staked * prm[UNSTAKE_FRACTION]
             else:
-                closed = sell
-                f[F_RET, p] = proceeds / max(entry_cost, 1e-30) - 1.0 if sell else 0.0
-            k[K_CLOSED, p] = closed
-            o_sf[b, UNITS, p] = units
-            if LP:
-                L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
-                x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
-                f[F_X0_BEFORE, p] = x0
-                lp_closed = a == LP_CLOSE and trad
-                k[K_LP_CLOSED, p] = lp_closed
-                closing = 1.0 if lp_closed else 0.0
-                sp = min(max(floats[tables.SQRT_OPEN, row], spa), spb)
-                x_open, y_open = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
-                coin_open = x_open * o
-                swap_out = coin_open * (fee + slip)
-                lp_cash = coin_open + y_open + o_sf[b, LP_FEES, p] - swap_out - prm[GAS_CLOSE]
-                f[F_FLOW, p] = f[F_FLOW, p] + lp_cash * closing
-                f[F_COST, p] = f[F_COST, p] + (swap_out + prm[GAS_CLOSE]) * closing
-                f[F_IL_PNL, p] = (coin_open + y_open - (x0 * o + y0)) * closing
-                f[F_LP_RET, p] = lp_cash / max(o_sf[b, LP_COST, p], 1e-30) - 1.0
-                keep = 1.0 - closing
-                o_sf[b, LP_L, p], o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p] = L * keep, x0 * keep, y0 * keep
-                o_sf[b, LP_FEES, p] = o_sf[b, LP_FEES, p] * keep
-            if AR:
-                o2 = floats[tables.V2_OPEN, row]
-                arb_closed = a == ARB_CLOSE and flags[tables.QUOTED, row]
-                k[K_ARB_CLOSED, p] = arb_closed
-                closing = 1.0 if arb_closed else 0.0
-                qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
-                coin_a_value, coin_b_value = ca * o, cb * o2
-                book_cash = qa + qb + coin_a_value * (1.0 - fa) + coin_b_value * (1.0 - fb)
-                f[F_FLOW, p] = f[F_FLOW, p] + book_cash * closing
-                f[F_COST, p] = f[F_COST, p] + (coin_a_value * fa + coin_b_value * fb) * closing
-                f[F_ARB_PNL, p] = (coin_b_value - cb * o) * closing
-                f[F_ARB_RET, p] = book_cash / max(o_sf[b, ARB_COST, p], 1e-30) - 1.0
-                keep = 1.0 - closing
-                o_sf[b, QA, p], o_sf[b, CA, p] = qa * keep, ca * keep
-                o_sf[b, QB, p], o_sf[b, CB, p] = qb * keep, cb * keep
-                o_sf[b, ARB_COST, p] = o_sf[b, ARB_COST, p] * keep
-                o_sb[b, BOOK, p] = o_sb[b, BOOK, p] and not arb_closed
-            if LE:
-                withdrawing = 1.0 if a == WITHDRAW else 0.0
-                f[F_FLOW, p] = f[F_FLOW, p] + o_sf[b, LENT, p] * withdrawing
-                keep = 1.0 - withdrawing
-                o_sf[b, LENT, p], o_sf[b, PRINCIPAL, p] = o_sf[b, LENT, p] * keep, o_sf[b, PRINCIPAL, p] * keep
-
-        # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
-        #    LP positions and new arbitrage books, scaled down together when cash runs short.
-        open_trades = 0
-        flow_sum = 0.0
-        for p in range(n_pairs):
-            units = o_sf[b, UNITS, p]
-            want = acts[b, p] == OPEN_LONG and units == 0 and o_sb[b, TRADABLE, p] and not blk
-            if S:
-                want = want and f[F_LOCKED, p] <= 0
-                if units + f[F_LOCKED, p] > 0:
-                    open_trades += 1
-            elif units > 0:
-                open_trades += 1
-            k[K_WANT, p] = want
-            flow_sum += f[F_FLOW, p]
-        available = ef[b, CASH] + flow_sum
-        if LE and prm[LEND_SWEEP] > 0:
-            for p in range(n_pairs):
-                available += o_sf[b, LENT, p]  # the sweep withdraws what the entries need
-        scale = 1.0
-        if LP or AR:
-            for p in range(n_pairs):
-                if LP:
-                    if o_sf[b, LP_L, p] > 0:
-                        open_trades += 1
-                    k[K_WANT_LP, p] = acts[b, p] == LP_OPEN and o_sb[b, TRADABLE, p] and not blk
-            if AR:
-                for p in range(n_pairs):
-                    if o_sb[b, BOOK, p]:
-                        open_trades += 2
-                for p in range(n_pairs):
-                    row = u * n_cols + pair[b, p]
-                    k[K_WANT_ARB, p] = (acts[b, p] == ARB and not o_sb[b, BOOK, p] and flags[tables.QUOTED, row]
-                                        and not blk)
-            # single trades in pair order (spot then LP for each pair), then arbitrage books (2 legs each)
-            capacity = max(max_trades - open_trades, 0)
-            rank = 0
-            for p in range(n_pairs):
-                rank += 1 if k[K_WANT, p] else 0
-                k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
-                rank += 1 if k[K_WANT_LP, p] else 0
-                k[K_ACCEPTED_LP, p] = k[K_WANT_LP, p] and rank <= capacity
-            used = min(rank, capacity)
-            book_rank = 0
-            for p in range(n_pairs):
-                book_rank += 2 if k[K_WANT_ARB, p] else 0
-                k[K_ACCEPTED_ARB, p] = k[K_WANT_ARB, p] and book_rank <= capacity - used
-            variable = 0.0
-            n_lp = 0
-            arb_sum = 0.0
-            for p in range(n_pairs):
-                f[F_SPEND, p] = notional * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
-                variable += f[F_SPEND, p]
-                n_lp += 1 if k[K_ACCEPTED_LP, p] else 0
-                if AR and k[K_ACCEPTED_ARB, p]:  # a book sized up to its minimum (the mask checked the cap)
-                    book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
-                    arb_sum += max(notional, book_min) * (1.0 + (fa + fb) / 4.0)
-            gas = 0.0
-            if LP:
-                variable = variable + n_lp * lp_notional * (1.0 + coin_share * (fee + slip))
-                gas = n_lp * prm[GAS_OPEN]
-            if AR:
-                variable = variable + arb_sum
-            if variable + gas > available:
-                scale = max(available - gas, 0.0) / max(variable, 1e-30)
-            for p in range(n_pairs):
-                f[F_SPEND, p] = f[F_SPEND, p] * scale
+                request = 0.0
+            amount = 0.0 if unbonding > 0 else min(max(request, 0.0), max(staked, 0.0))
+            if amount > 0:
+                o_si[b, RELEASE, p] = u + unbond_bars[pair[b, p]]
+            staked, unbonding = staked - amount, unbonding + amount
+            moved = units * prm[STAKE_FRACTION] if a == STAKE else 0.0
+            units, staked = units - moved, staked + moved
+            o_sf[b, STAKED, p], o_sf[b, UNBONDING, p] = staked, unbonding
+            locked = staked + unbonding
+            f[F_LOCKED, p] = locked
+            exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + proceeds
+            o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds
+            closed = sell and locked <= 0
+            f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0 if closed else 0.0
+            o_sb[b, PENDING, p] = want_close and locked > 0
         else:
-            capacity = max(max_trades - open_trades, 0)
-            rank = 0
+            closed = sell
+            f[F_RET, p] = proceeds / max(entry_cost, 1e-30) - 1.0 if sell else 0.0
+        k[K_CLOSED, p] = closed
+        o_sf[b, UNITS, p] = units
+        if LP:
+            L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+            x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
+            f[F_X0_BEFORE, p] = x0
+            lp_closed = a == LP_CLOSE and trad
+            k[K_LP_CLOSED, p] = lp_closed
+            closing = 1.0 if lp_closed else 0.0
+            sp = min(max(floats[tables.SQRT_OPEN, row], spa), spb)
+            x_open, y_open = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
+            coin_open = x_open * o
+            swap_out = coin_open * (fee + slip)
+            lp_cash = coin_open + y_open + o_sf[b, LP_FEES, p] - swap_out - prm[GAS_CLOSE]
+            f[F_FLOW, p] = f[F_FLOW, p] + lp_cash * closing
+            f[F_COST, p] = f[F_COST, p] + (swap_out + prm[GAS_CLOSE]) * closing
+            f[F_IL_PNL, p] = (coin_open + y_open - (x0 * o + y0)) * closing
+            f[F_LP_RET, p] = lp_cash / max(o_sf[b, LP_COST, p], 1e-30) - 1.0
+            keep = 1.0 - closing
+            o_sf[b, LP_L, p], o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p] = L * keep, x0 * keep, y0 * keep
+            o_sf[b, LP_FEES, p] = o_sf[b, LP_FEES, p] * keep
+        if AR:
+            o2 = floats[tables.V2_OPEN, row]
+            arb_closed = a == ARB_CLOSE and flags[tables.QUOTED, row]
+            k[K_ARB_CLOSED, p] = arb_closed
+            closing = 1.0 if arb_closed else 0.0
+            qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
+            coin_a_value, coin_b_value = ca * o, cb * o2
+            book_cash = qa + qb + coin_a_value * (1.0 - fa) + coin_b_value * (1.0 - fb)
+            f[F_FLOW, p] = f[F_FLOW, p] + book_cash * closing
+            f[F_COST, p] = f[F_COST, p] + (coin_a_value * fa + coin_b_value * fb) * closing
+            f[F_ARB_PNL, p] = (coin_b_value - cb * o) * closing
+            f[F_ARB_RET, p] = book_cash / max(o_sf[b, ARB_COST, p], 1e-30) - 1.0
+            keep = 1.0 - closing
+            o_sf[b, QA, p], o_sf[b, CA, p] = qa * keep, ca * keep
+            o_sf[b, QB, p], o_sf[b, CB, p] = qb * keep, cb * keep
+            o_sf[b, ARB_COST, p] = o_sf[b, ARB_COST, p] * keep
+            o_sb[b, BOOK, p] = o_sb[b, BOOK, p] and not arb_closed
+        if LE:
+            withdrawing = 1.0 if a == WITHDRAW else 0.0
+            f[F_FLOW, p] = f[F_FLOW, p] + o_sf[b, LENT, p] * withdrawing
+            keep = 1.0 - withdrawing
+            o_sf[b, LENT, p], o_sf[b, PRINCIPAL, p] = o_sf[b, LENT, p] * keep, o_sf[b, PRINCIPAL, p] * keep
+
+    # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
+    #    LP positions and new arbitrage books, scaled down together when cash runs short.
+    open_trades = 0
+    flow_sum = 0.0
+    for p in range(n_pairs):
+        units = o_sf[b, UNITS, p]
+        want = acts[b, p] == OPEN_LONG and units == 0 and o_sb[b, TRADABLE, p] and not blk
+        if S:
+            want = want and f[F_LOCKED, p] <= 0
+            if units + f[F_LOCKED, p] > 0:
+                open_trades += 1
+        elif units > 0:
+            open_trades += 1
+        k[K_WANT, p] = want
+        flow_sum += f[F_FLOW, p]
+    available = ef[b, CASH] + flow_sum
+    if LE and prm[LEND_SWEEP] > 0:
+        for p in range(n_pairs):
+            available += o_sf[b, LENT, p]  # the sweep withdraws what the entries need
+    scale = 1.0
+    if LP or AR:
+        for p in range(n_pairs):
+            if LP:
+                if o_sf[b, LP_L, p] > 0:
+                    open_trades += 1
+                k[K_WANT_LP, p] = acts[b, p] == LP_OPEN and o_sb[b, TRADABLE, p] and not blk
+        if AR:
+            for p in range(n_pairs):
+                if o_sb[b, BOOK, p]:
+                    open_trades += 2
+            for p in range(n_pairs):
+                row = u * n_cols + pair[b, p]
+                k[K_WANT_ARB, p] = (acts[b, p] == ARB and not o_sb[b, BOOK, p] and flags[tables.QUOTED, row]
+                                    and not blk)
+        # single trades in pair order (spot then LP for each pair), then arbitrage books (2 legs each)
+        capacity = max(max_trades - open_trades, 0)
+        rank = 0
+        for p in range(n_pairs):
+            rank += 1 if k[K_WANT, p] else 0
+            k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
+            rank += 1 if k[K_WANT_LP, p] else 0
+            k[K_ACCEPTED_LP, p] = k[K_WANT_LP, p] and rank <= capacity
+        used = min(rank, capacity)
+        book_rank = 0
+        for p in range(n_pairs):
+            book_rank += 2 if k[K_WANT_ARB, p] else 0
+            k[K_ACCEPTED_ARB, p] = k[K_WANT_ARB, p] and book_rank <= capacity - used
+        variable = 0.0
+        n_lp = 0
+        arb_sum = 0.0
+        for p in range(n_pairs):
+            f[F_SPEND, p] = notional * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
+            variable += f[F_SPEND, p]
+            n_lp += 1 if k[K_ACCEPTED_LP, p] else 0
+            if AR and k[K_ACCEPTED_ARB, p]:  # a book sized up to its minimum (the mask checked the cap)
+                book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+                arb_sum += max(notional, book_min) * (1.0 + (fa + fb) / 4.0)
+        gas = 0.0
+        if LP:
+            variable = variable + n_lp * lp_notional * (1.0 + coin_share * (fee + slip))
+            gas = n_lp * prm[GAS_OPEN]
+        if AR:
+            variable = variable + arb_sum
+        if variable + gas > available:
+            scale = max(available - gas, 0.0) / max(variable, 1e-30)
+        for p in range(n_pairs):
+            f[F_SPEND, p] = f[F_SPEND, p] * scale
+    else:
+        capacity = max(max_trades - open_trades, 0)
+        rank = 0
+        total = 0.0
+        for p in range(n_pairs):
+            rank += 1 if k[K_WANT, p] else 0
+            k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
+            f[F_SPEND, p] = (size_now * prev_eq) * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
+            total += f[F_SPEND, p]
+        shrink = available / max(total, 1e-30) if total > available else 1.0
+        for p in range(n_pairs):
+            f[F_SPEND, p] = f[F_SPEND, p] * shrink
+    for p in range(n_pairs):
+        row = u * n_cols + pair[b, p]
+        o = prices[row, 0]
+        spend = f[F_SPEND, p]
+        buy_px = o * (1.0 + slip)
+        bought = spend / (1.0 + fee) / buy_px
+        if k[K_ACCEPTED, p]:
+            f[F_COST, p] = f[F_COST, p] + (bought * o * slip + spend * (fee / (1.0 + fee)))
+        f[F_FLOW, p] = f[F_FLOW, p] - spend
+        if k[K_ACCEPTED, p]:
+            o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = bought, buy_px, spend
+            o_sf[b, HIGHEST, p], o_sf[b, BARS, p] = buy_px, 0.0
+        if LP:
+            budget = lp_notional * scale
+            accepted_lp = k[K_ACCEPTED_LP, p] and scale > 0 and budget >= prm[LP_MIN_NOTIONAL]
+            s = floats[tables.SQRT_OPEN, row]
+            swap_in = budget * (coin_share * (fee + slip))
+            lp_out = budget + swap_in + prm[GAS_OPEN]
+            opening = 1.0 if accepted_lp else 0.0
+            f[F_FLOW, p] = f[F_FLOW, p] - lp_out * opening
+            f[F_COST, p] = f[F_COST, p] + (swap_in + prm[GAS_OPEN]) * opening
+            if accepted_lp:  # uniswap_v3.open_symmetric
+                o_sf[b, LP_L, p] = budget / (s * k_lp)
+                o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p] = s * down, s * up
+                o_sf[b, LP_X0, p] = budget * ((1.0 - 1.0 / up) / k_lp) / o
+                o_sf[b, LP_Y0, p] = budget * ((1.0 - down) / k_lp)
+                o_sf[b, LP_COST, p] = lp_out
+        if AR:
+            o2 = floats[tables.V2_OPEN, row]
+            book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+            book_notional = max(notional, book_min)
+            k[K_ACCEPTED_ARB, p] = k[K_ACCEPTED_ARB, p] and scale > 0 and book_notional * scale >= book_min
+            quarter = book_notional * scale * 0.25
+            funding_fees = quarter * (fa + fb)
+            book_out = 4.0 * quarter + funding_fees
+            funding = 1.0 if k[K_ACCEPTED_ARB, p] else 0.0
+            f[F_FLOW, p] = f[F_FLOW, p] - book_out * funding
+            f[F_COST, p] = f[F_COST, p] + funding_fees * funding
+            coin_b = quarter / o2
+            f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + (coin_b * o - quarter) * funding
+            if k[K_ACCEPTED_ARB, p]:
+                o_sf[b, QA, p], o_sf[b, QB, p] = quarter, quarter
+                o_sf[b, CA, p], o_sf[b, CB, p] = quarter / o, coin_b
+                o_sb[b, BOOK, p] = True
+                o_sf[b, ARB_COST, p] = book_out
+
+    # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
+    if AR:
+        arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
+                        o_sb, f, prm)
+
+    # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or (by
+    #    hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
+    if LE:
+        lend(b, ef, o_sf, f, acts, prm)
+
+    # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close.
+    for p in range(n_pairs):
+        row = u * n_cols + pair[b, p]
+        o, h, lo, c = prices[row, 0], prices[row, 1], prices[row, 2], prices[row, 3]
+        trad = o_sb[b, TRADABLE, p]
+        units, entry, highest = o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p]
+        locked = f[F_LOCKED, p]
+        pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
+        if S:
+            holding = units + locked > 0 and trad and not pending
+        else:
+            holding = units > 0 and trad
+        stop, target = stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
+        stop_hit, target_hit, exit_px = exit_in_bar(o, h, lo, stop, target)
+        forced = holding and (stop_hit or target_hit)
+        forced_gross = units * exit_px * (1.0 - slip)
+        forced_proceeds = forced_gross * (1.0 - fee) if forced else 0.0
+        if forced:
+            f[F_COST, p] = f[F_COST, p] + (units * exit_px * slip + forced_gross * fee)
+        stopped_units = units if forced else 0.0
+        entry_cost = o_sf[b, ENTRY_COST, p]
+        exit_proceeds = 0.0
+        if S:
+            exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + forced_proceeds
+            forced_closed = forced and locked <= 0
+            if forced_closed:
+                f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0
+                k[K_CLOSED, p] = True
+            if forced and locked > 0:
+                pending = True
+        else:
+            if forced:
+                f[F_RET, p] = forced_proceeds / max(entry_cost, 1e-30) - 1.0
+                k[K_CLOSED, p] = True
+        f[F_FLOW, p] = f[F_FLOW, p] + forced_proceeds
+        if forced:
+            units = 0.0
+        still = units > 0
+        if S:
+            still = still or locked > 0
+            o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds if still else 0.0
+            o_sb[b, PENDING, p] = pending and still
+        if still and trad:
+            o_sf[b, HIGHEST, p] = max(highest, h)
+        o_sf[b, BARS, p] = o_sf[b, BARS, p] + 1.0 if still else 0.0
+        if not still:
+            o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = 0.0, 0.0
+        o_sf[b, UNITS, p] = units
+        coins_after = units + locked if S else units
+        spot_pnl = (f[F_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + stopped_units * (exit_px - o)
+                    + coins_after * (c - o))
+        value = coins_after * c
+        if S:
+            staked = o_sf[b, STAKED, p]
+            grown = staked * stake_growth[pair[b, p]]
+            stake_pnl = (grown - staked) * c
+            f[F_STAKE_PNL, p] = stake_pnl
+            o_sf[b, STAKED, p] = grown
+            value = value + stake_pnl
+        if LP:
+            L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+            pa, pb = spa * spa, spb * spb
+            span = h - lo
+            if span <= 0:  # uniswap_v3.in_range_fraction
+                fraction = 1.0 if lo >= pa and lo <= pb else 0.0
+            else:
+                fraction = min(max(min(h, pb) - max(lo, pa), 0.0) / max(span, prm[TINY]), 1.0)
+            share = L / max(L + floats[tables.POOL_LIQUIDITY, row], prm[TINY])
+            lp_fee_pnl = fraction * share * floats[tables.POOL_FEE_VOLUME, row]
+            f[F_LP_FEE_PNL, p] = lp_fee_pnl
+            lp_fees = o_sf[b, LP_FEES, p] + lp_fee_pnl
+            o_sf[b, LP_FEES, p] = lp_fees
+            sp = min(max(floats[tables.SQRT_CLOSE, row], spa), spb)
+            x_close, y_close = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
+            lp_value = x_close * c + y_close
+            x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
+            lp_il = lp_value - (x0 * c + y0)
+            f[F_IL_PNL, p] = f[F_IL_PNL, p] + lp_il - sf[b, LP_IL, p]
+            o_sf[b, LP_VALUE, p], o_sf[b, LP_IL, p] = lp_value, lp_il
+            spot_pnl = spot_pnl + f[F_X0_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + x0 * (c - o)
+            value = value + lp_value + lp_fees
+        if LE:
+            lent = o_sf[b, LENT, p]
+            grown = lent * bar_tab[tables.SUPPLY_GROWTH, u]
+            f[F_INTEREST, p] = grown - lent
+            o_sf[b, LENT, p] = grown
+            value = value + grown
+        if AR:
+            arb_coins_after = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(o_sf[b, TR_COIN, p])
+            spot_pnl = spot_pnl + f[F_ARB_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p])
+            spot_pnl = spot_pnl + arb_coins_after * (c - o)
+            arb_value = o_sf[b, QA, p] + o_sf[b, QB, p] + abs(o_sf[b, TR_QUOTE, p]) + arb_coins_after * c
+            o_sf[b, ARB_VALUE, p] = arb_value
+            value = value + arb_value
+        f[F_SPOT_PNL, p] = spot_pnl
+        f[F_VALUE, p] = value
+        o_sf[b, CLOSE_PX, p] = c
+    flow_sum = 0.0
+    for p in range(n_pairs):
+        flow_sum += f[F_FLOW, p]
+    cash = ef[b, CASH] + flow_sum
+    value_sum = 0.0
+    for p in range(n_pairs):
+        value_sum += f[F_VALUE, p]
+    equity = cash + value_sum
+    x = equity / prev_eq - 1.0
+    scale_log = 1.0 - x / 2.0 if abs(x) <= 1e-6 else math.log1p(x) / x
+    peak = max(ef[b, PEAK], equity)
+    drawdown = 1.0 - equity / peak
+    penalty = 0.0
+    if prm[DD_PENALTY] > 0:
+        prev_dd = 1.0 - prev_eq / ef[b, PEAK]
+        penalty = prm[DD_PENALTY] * max(drawdown - prev_dd, 0.0) / n_pairs
+    for p in range(n_pairs):
+        # spot alone: a slot's value at the last close is its coins at that close, whatever the packed state
+        # says (the tensor step keeps no slot values for spot alone)
+        last_value = sf[b, UNITS, p] * sf[b, CLOSE_PX, p] if spot_alone else sf[b, SLOT_VALUE, p]
+        slot_change = f[F_VALUE, p] - last_value + f[F_FLOW, p]
+        reward[b, p] = slot_change * (scale_log / prev_eq) - penalty
+        if not spot_alone:
+            o_sf[b, SLOT_VALUE, p] = f[F_VALUE, p]
+
+    # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
+    new_head, n_win, n_loss, sum_win, sum_loss = record_closed_trades(
+        ring[b], head[b], k[K_CLOSED], f[F_RET], ef[b, N_WIN], ef[b, N_LOSS], ef[b, SUM_WIN], ef[b, SUM_LOSS])
+    head[b] = new_head
+    o_ef[b, N_WIN], o_ef[b, N_LOSS], o_ef[b, SUM_WIN], o_ef[b, SUM_LOSS] = n_win, n_loss, sum_win, sum_loss
+    done = 0
+    won = 0
+    cost_b = 0.0
+    for p in range(n_pairs):
+        if k[K_CLOSED, p]:
+            done += 1
+            won += 1 if f[F_RET, p] > 0 else 0
+        if k[K_LP_CLOSED, p]:
+            done += 1
+            won += 1 if f[F_LP_RET, p] > 0 else 0
+        if k[K_ARB_CLOSED, p]:
+            done += 1
+            won += 1 if f[F_ARB_RET, p] > 0 else 0
+        cost_b += f[F_COST, p]
+    if spot_alone:  # every change of equity that is not a cost is the coins' price move (as the tensor step)
+        pnl_rows[PNL_SPOT, b] += (equity - prev_eq) + cost_b
+    else:
+        for source, scratch_row in PNL_FROM_SCRATCH:
             total = 0.0
             for p in range(n_pairs):
-                rank += 1 if k[K_WANT, p] else 0
-                k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
-                f[F_SPEND, p] = (size_now * prev_eq) * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
-                total += f[F_SPEND, p]
-            shrink = available / max(total, 1e-30) if total > available else 1.0
-            for p in range(n_pairs):
-                f[F_SPEND, p] = f[F_SPEND, p] * shrink
-        for p in range(n_pairs):
-            row = u * n_cols + pair[b, p]
-            o = prices[row, 0]
-            spend = f[F_SPEND, p]
-            buy_px = o * (1.0 + slip)
-            bought = spend / (1.0 + fee) / buy_px
-            if k[K_ACCEPTED, p]:
-                f[F_COST, p] = f[F_COST, p] + (bought * o * slip + spend * (fee / (1.0 + fee)))
-            f[F_FLOW, p] = f[F_FLOW, p] - spend
-            if k[K_ACCEPTED, p]:
-                o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = bought, buy_px, spend
-                o_sf[b, HIGHEST, p], o_sf[b, BARS, p] = buy_px, 0.0
-            if LP:
-                budget = lp_notional * scale
-                accepted_lp = k[K_ACCEPTED_LP, p] and scale > 0 and budget >= prm[LP_MIN_NOTIONAL]
-                s = floats[tables.SQRT_OPEN, row]
-                swap_in = budget * (coin_share * (fee + slip))
-                lp_out = budget + swap_in + prm[GAS_OPEN]
-                opening = 1.0 if accepted_lp else 0.0
-                f[F_FLOW, p] = f[F_FLOW, p] - lp_out * opening
-                f[F_COST, p] = f[F_COST, p] + (swap_in + prm[GAS_OPEN]) * opening
-                if accepted_lp:  # uniswap_v3.open_symmetric
-                    o_sf[b, LP_L, p] = budget / (s * k_lp)
-                    o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p] = s * down, s * up
-                    o_sf[b, LP_X0, p] = budget * ((1.0 - 1.0 / up) / k_lp) / o
-                    o_sf[b, LP_Y0, p] = budget * ((1.0 - down) / k_lp)
-                    o_sf[b, LP_COST, p] = lp_out
-            if AR:
-                o2 = floats[tables.V2_OPEN, row]
-                book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
-                book_notional = max(notional, book_min)
-                k[K_ACCEPTED_ARB, p] = k[K_ACCEPTED_ARB, p] and scale > 0 and book_notional * scale >= book_min
-                quarter = book_notional * scale * 0.25
-                funding_fees = quarter * (fa + fb)
-                book_out = 4.0 * quarter + funding_fees
-                funding = 1.0 if k[K_ACCEPTED_ARB, p] else 0.0
-                f[F_FLOW, p] = f[F_FLOW, p] - book_out * funding
-                f[F_COST, p] = f[F_COST, p] + funding_fees * funding
-                coin_b = quarter / o2
-                f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + (coin_b * o - quarter) * funding
-                if k[K_ACCEPTED_ARB, p]:
-                    o_sf[b, QA, p], o_sf[b, QB, p] = quarter, quarter
-                    o_sf[b, CA, p], o_sf[b, CB, p] = quarter / o, coin_b
-                    o_sb[b, BOOK, p] = True
-                    o_sf[b, ARB_COST, p] = book_out
+                total += f[scratch_row, p]
+            pnl_rows[source, b] += total
+    pnl_rows[PNL_FEES_AND_GAS, b] += -cost_b
+    o_e64[b, RET_SUM] = e64[b, RET_SUM] + x
+    o_e64[b, RET_SQ_SUM] = e64[b, RET_SQ_SUM] + x * x
+    o_ef[b, MAX_DD] = max(ef[b, MAX_DD], drawdown)
+    o_ei[b, TRADES] = ei[b, TRADES] + done
+    o_ei[b, WINS] = ei[b, WINS] + won
+    o_ef[b, COSTS] = ef[b, COSTS] + cost_b
+    o_ef[b, CASH], o_ef[b, EQUITY], o_ef[b, PEAK], o_ef[b, DAY_START] = cash, equity, peak, ds
+    o_ei[b, T_BAR] = u
 
-        # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
-        if AR:
-            arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
-                            o_sb, f, prm)
+    # 8. The next bar's derived state (_refresh): Kelly size, daily-loss block, mask; then the observation.
+    size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, prm[KELLY_ON] > 0,
+                           prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
+                           prm[MAX_POSITION])
+    o_ef[b, SIZE] = size_b
+    blocked_b = entries_blocked(equity, ds, daily_loss_limit, day[min(u + 1, n_bars - 1)], day[u])
+    o_blocked[b] = blocked_b
+    open_trades = refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee,
+                               prm, spot_on, S, LP, LE, AR, equity, cash, size_b, blocked_b)
+    observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stake_apy_feature, prm, S, LP, LE, AR,
+            equity, cash, ds, size_b, open_trades)
 
-        # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or (by
-        #    hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
-        if LE:
-            lend(b, ef, o_sf, f, acts, prm)
 
-        # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close.
-        for p in range(n_pairs):
-            row = u * n_cols + pair[b, p]
-            o, h, lo, c = prices[row, 0], prices[row, 1], prices[row, 2], prices[row, 3]
-            trad = o_sb[b, TRADABLE, p]
-            units, entry, highest = o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p]
-            locked = f[F_LOCKED, p]
-            pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
-            if S:
-                holding = units + locked > 0 and trad and not pending
-            else:
-                holding = units > 0 and trad
-            stop, target = stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
-            stop_hit, target_hit, exit_px = exit_in_bar(o, h, lo, stop, target)
-            forced = holding and (stop_hit or target_hit)
-            forced_gross = units * exit_px * (1.0 - slip)
-            forced_proceeds = forced_gross * (1.0 - fee) if forced else 0.0
-            if forced:
-                f[F_COST, p] = f[F_COST, p] + (units * exit_px * slip + forced_gross * fee)
-            stopped_units = units if forced else 0.0
-            entry_cost = o_sf[b, ENTRY_COST, p]
-            exit_proceeds = 0.0
-            if S:
-                exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + forced_proceeds
-                forced_closed = forced and locked <= 0
-                if forced_closed:
-                    f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0
-                    k[K_CLOSED, p] = True
-                if forced and locked > 0:
-                    pending = True
-            else:
-                if forced:
-                    f[F_RET, p] = forced_proceeds / max(entry_cost, 1e-30) - 1.0
-                    k[K_CLOSED, p] = True
-            f[F_FLOW, p] = f[F_FLOW, p] + forced_proceeds
-            if forced:
-                units = 0.0
-            still = units > 0
-            if S:
-                still = still or locked > 0
-                o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds if still else 0.0
-                o_sb[b, PENDING, p] = pending and still
-            if still and trad:
-                o_sf[b, HIGHEST, p] = max(highest, h)
-            o_sf[b, BARS, p] = o_sf[b, BARS, p] + 1.0 if still else 0.0
-            if not still:
-                o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = 0.0, 0.0
-            o_sf[b, UNITS, p] = units
-            coins_after = units + locked if S else units
-            spot_pnl = (f[F_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + stopped_units * (exit_px - o)
-                        + coins_after * (c - o))
-            value = coins_after * c
-            if S:
-                staked = o_sf[b, STAKED, p]
-                grown = staked * stake_growth[pair[b, p]]
-                stake_pnl = (grown - staked) * c
-                f[F_STAKE_PNL, p] = stake_pnl
-                o_sf[b, STAKED, p] = grown
-                value = value + stake_pnl
-            if LP:
-                L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
-                pa, pb = spa * spa, spb * spb
-                span = h - lo
-                if span <= 0:  # uniswap_v3.in_range_fraction
-                    fraction = 1.0 if lo >= pa and lo <= pb else 0.0
-                else:
-                    fraction = min(max(min(h, pb) - max(lo, pa), 0.0) / max(span, prm[TINY]), 1.0)
-                share = L / max(L + floats[tables.POOL_LIQUIDITY, row], prm[TINY])
-                lp_fee_pnl = fraction * share * floats[tables.POOL_FEE_VOLUME, row]
-                f[F_LP_FEE_PNL, p] = lp_fee_pnl
-                lp_fees = o_sf[b, LP_FEES, p] + lp_fee_pnl
-                o_sf[b, LP_FEES, p] = lp_fees
-                sp = min(max(floats[tables.SQRT_CLOSE, row], spa), spb)
-                x_close, y_close = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
-                lp_value = x_close * c + y_close
-                x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
-                lp_il = lp_value - (x0 * c + y0)
-                f[F_IL_PNL, p] = f[F_IL_PNL, p] + lp_il - sf[b, LP_IL, p]
-                o_sf[b, LP_VALUE, p], o_sf[b, LP_IL, p] = lp_value, lp_il
-                spot_pnl = spot_pnl + f[F_X0_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + x0 * (c - o)
-                value = value + lp_value + lp_fees
-            if LE:
-                lent = o_sf[b, LENT, p]
-                grown = lent * bar_tab[tables.SUPPLY_GROWTH, u]
-                f[F_INTEREST, p] = grown - lent
-                o_sf[b, LENT, p] = grown
-                value = value + grown
-            if AR:
-                arb_coins_after = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(o_sf[b, TR_COIN, p])
-                spot_pnl = spot_pnl + f[F_ARB_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p])
-                spot_pnl = spot_pnl + arb_coins_after * (c - o)
-                arb_value = o_sf[b, QA, p] + o_sf[b, QB, p] + abs(o_sf[b, TR_QUOTE, p]) + arb_coins_after * c
-                o_sf[b, ARB_VALUE, p] = arb_value
-                value = value + arb_value
-            f[F_SPOT_PNL, p] = spot_pnl
-            f[F_VALUE, p] = value
-            o_sf[b, CLOSE_PX, p] = c
-        flow_sum = 0.0
-        for p in range(n_pairs):
-            flow_sum += f[F_FLOW, p]
-        cash = ef[b, CASH] + flow_sum
-        value_sum = 0.0
-        for p in range(n_pairs):
-            value_sum += f[F_VALUE, p]
-        equity = cash + value_sum
-        x = equity / prev_eq - 1.0
-        scale_log = 1.0 - x / 2.0 if abs(x) <= 1e-6 else math.log1p(x) / x
-        peak = max(ef[b, PEAK], equity)
-        drawdown = 1.0 - equity / peak
-        penalty = 0.0
-        if prm[DD_PENALTY] > 0:
-            prev_dd = 1.0 - prev_eq / ef[b, PEAK]
-            penalty = prm[DD_PENALTY] * max(drawdown - prev_dd, 0.0) / n_pairs
-        for p in range(n_pairs):
-            # spot alone: a slot's value at the last close is its coins at that close, whatever the packed state
-            # says (the tensor step keeps no slot values for spot alone)
-            last_value = sf[b, UNITS, p] * sf[b, CLOSE_PX, p] if spot_alone else sf[b, SLOT_VALUE, p]
-            slot_change = f[F_VALUE, p] - last_value + f[F_FLOW, p]
-            reward[b, p] = slot_change * (scale_log / prev_eq) - penalty
-            if not spot_alone:
-                o_sf[b, SLOT_VALUE, p] = f[F_VALUE, p]
-
-        # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
-        new_head, n_win, n_loss, sum_win, sum_loss = record_closed_trades(
-            ring[b], head[b], k[K_CLOSED], f[F_RET], ef[b, N_WIN], ef[b, N_LOSS], ef[b, SUM_WIN], ef[b, SUM_LOSS])
-        head[b] = new_head
-        o_ef[b, N_WIN], o_ef[b, N_LOSS], o_ef[b, SUM_WIN], o_ef[b, SUM_LOSS] = n_win, n_loss, sum_win, sum_loss
-        done = 0
-        won = 0
-        cost_b = 0.0
-        for p in range(n_pairs):
-            if k[K_CLOSED, p]:
-                done += 1
-                won += 1 if f[F_RET, p] > 0 else 0
-            if k[K_LP_CLOSED, p]:
-                done += 1
-                won += 1 if f[F_LP_RET, p] > 0 else 0
-            if k[K_ARB_CLOSED, p]:
-                done += 1
-                won += 1 if f[F_ARB_RET, p] > 0 else 0
-            cost_b += f[F_COST, p]
-        if spot_alone:  # every change of equity that is not a cost is the coins' price move (as the tensor step)
-            pnl_rows[PNL_SPOT, b] += (equity - prev_eq) + cost_b
-        else:
-            for source, scratch_row in PNL_FROM_SCRATCH:
-                total = 0.0
-                for p in range(n_pairs):
-                    total += f[scratch_row, p]
-                pnl_rows[source, b] += total
-        pnl_rows[PNL_FEES_AND_GAS, b] += -cost_b
-        o_e64[b, RET_SUM] = e64[b, RET_SUM] + x
-        o_e64[b, RET_SQ_SUM] = e64[b, RET_SQ_SUM] + x * x
-        o_ef[b, MAX_DD] = max(ef[b, MAX_DD], drawdown)
-        o_ei[b, TRADES] = ei[b, TRADES] + done
-        o_ei[b, WINS] = ei[b, WINS] + won
-        o_ef[b, COSTS] = ef[b, COSTS] + cost_b
-        o_ef[b, CASH], o_ef[b, EQUITY], o_ef[b, PEAK], o_ef[b, DAY_START] = cash, equity, peak, ds
-        o_ei[b, T_BAR] = u
-
-        # 8. The next bar's derived state (_refresh): Kelly size, daily-loss block, mask; then the observation.
-        size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, prm[KELLY_ON] > 0,
-                               prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
-                               prm[MAX_POSITION])
-        o_ef[b, SIZE] = size_b
-        blocked_b = entries_blocked(equity, ds, daily_loss_limit, day[min(u + 1, n_bars - 1)], day[u])
-        o_blocked[b] = blocked_b
-        open_trades = refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee,
-                                   prm, spot_on, S, LP, LE, AR, equity, cash, size_b, blocked_b)
-        observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stake_apy_feature, prm, S, LP, LE, AR,
-                equity, cash, ds, size_b, open_trades)
+def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
+            floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
+            transfer_bars, sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows, prm,
+            o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask, fs, ks, acts):
+    """One step for every episode b (see BatchedTradingEnv._advance). sf/si/sb are the
+    slot state [B, rows, P], ef/ei/e64 the episode state [B, rows]; o_* are written whole, and so are obs
+    [B, P, O] and o_mask [B, P, A]; stake_growth .. transfer_bars are constants per market column; fs
+    [B, N_SCRATCH, P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch."""
+    for b in numba.prange(sf.shape[0]):
+        episode_step(b, (actions, mask, pair, t), (prices, tradable_tab, features, day, n_cols, n_bars),
+                     (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
+                      transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm,
+                     (o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask), (fs, ks, acts))
 
 
 _compiled: dict[tuple[str, bool], Any] = {}
@@ -922,10 +968,13 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
         build = f"{name}_{flavour}_{_sources_digest(kernel.__module__)}"
         function = types.FunctionType(kernel.__code__, kernel.__globals__, build)
         function.__qualname__ = build
+        # _nrt=False: no reference counting. The kernel allocates nothing (its body is CUDA device code too), and
+        # the counts numba keeps on the arrays grouped into episode_step's tuples, per episode, halved its speed
+        options = {"parallel": parallel, "nogil": True, "error_model": "numpy", "_nrt": False}
         try:
-            _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=True, error_model="numpy")(function)
+            _compiled[key] = numba.njit(cache=True, **options)(function)
         except RuntimeError:  # no writable cache location: compile in every process
-            _compiled[key] = numba.njit(parallel=parallel, nogil=True, cache=False, error_model="numpy")(function)
+            _compiled[key] = numba.njit(cache=False, **options)(function)
     return _compiled[key]
 
 
@@ -1003,30 +1052,41 @@ SPOT_GROUPS = (("sf", SLOT_FLOATS[:N_SPOT_FLOATS]), ("si", ()), ("sb", SLOT_BOOL
 
 
 class FusedPortfolioStep:
-    """Steps a BatchedTradingEnv on the CPU with the fused kernel (tb: its strategy tables, every strategy off
-    for spot alone); the environment's state tensors become views of the packed arrays the kernel writes (see
-    the module doc)."""
+    """Steps a BatchedTradingEnv with the fused kernel (tb: its strategy tables, every strategy off for spot
+    alone); the environment's state tensors become views of the packed arrays the kernel writes (see the module
+    doc). target "cpu": the numba CPU kernel on numpy views of CPU tensors; "cuda": the same episode_step
+    compiled by numba-cuda (nexlify.env.fused_cuda), on the tensors where they lie (a CUDA device, or CPU
+    tensors under numba's CUDA simulator)."""
 
-    def __init__(self, env: Env, tb: tables.StrategyTables) -> None:
+    def __init__(self, env: Env, tb: tables.StrategyTables, target: str = "cpu") -> None:
+        self.target = target
         self.threads = torch.get_num_threads()
-        parallel = self.threads > 1 and env.B * env.P >= PARALLEL_MIN_SLOTS
-        self.kernel = compiled(_kernel, "_portfolio_kernel", parallel)
+        parallel = target == "cpu" and self.threads > 1 and env.B * env.P >= PARALLEL_MIN_SLOTS
+        self.kernel = compiled(_kernel, "_portfolio_kernel", parallel) if target == "cpu" else None
         self.parallel = parallel
         m = env.market
-        self.prices = as_numpy(env._prices)
-        self.tradable = as_numpy(env._tradable)
-        self.features = as_numpy(env._features)
-        self.day = as_numpy(m.day.to(torch.int64))
-        self.pair = as_numpy(env._pair_bp.to(torch.int64))
+        # the kernel's constants: numpy views for the CPU kernel; for CUDA's, views of the tensors on the device,
+        # made once (a view costs microseconds of Python at each launch)
+        if target == "cpu":
+            array = as_numpy
+        else:
+            from nexlify.env import fused_cuda  # numba-cuda: the optional extra `gpu`
+
+            def array(x: torch.Tensor) -> Any:
+                return fused_cuda.device_array(x.detach().contiguous())
+        self.prices = array(env._prices)
+        self.tradable = array(env._tradable)
+        self.features = array(env._features)
+        self.day = array(m.day.to(torch.int64))
+        self.pair = array(env._pair_bp.to(torch.int64))
         self.n_cols, self.n_bars = env._n_cols, m.n_bars
-        self.floats, self.flags, self.bar_tab = (as_numpy(tb.floats), as_numpy(tb.flags),
-                                                 as_numpy(tb.bars))
-        self.column_constants = tuple(as_numpy(x) for x in (
+        self.floats, self.flags, self.bar_tab = array(tb.floats), array(tb.flags), array(tb.bars)
+        self.column_constants = tuple(array(x) for x in (
             tb.stake_growth, tb.stake_apy * 10.0, tb.unbond_bars.to(torch.int64), tb.stakeable,
             tb.withdrawal_fee_units, tb.transfer_bars.to(torch.int64)))
         P, B = env.P, env.B
-        self.scratch = (np.zeros((B, N_SCRATCH, P)), np.zeros((B, N_FLAGS, P), dtype=np.bool_),
-                        np.zeros((B, P), dtype=np.int64))
+        self.scratch = tuple(array(torch.zeros(shape, dtype=dtype, device=env.device)) for shape, dtype in (
+            ((B, N_SCRATCH, P), torch.float64), ((B, N_FLAGS, P), torch.bool), ((B, P), torch.int64)))
         r, e, sp = env.risk_cfg, env.env_cfg, env.strategy_params
         values = {
             "fee": env.fee, "slip": env.slip, "stop_loss": r.stop_loss, "take_profit": r.take_profit,
@@ -1044,15 +1104,18 @@ class FusedPortfolioStep:
             "lp_min_close": sp.lp.min_close_value_usd, "max_withdrawal_share": sp.arbitrage.max_withdrawal_share,
             "max_idle_share": sp.aave.max_idle_share, "lend_sweep": sp.aave.sweep,
         }
-        self.params = np.array([float(values[name]) for name in PARAMS])
+        self.params = array(torch.tensor([float(values[name]) for name in PARAMS], dtype=torch.float64,
+                                         device=env.device))
         self.groups = GROUPS if tb.any else SPOT_GROUPS
         self._views: list[tuple[str, torch.Tensor]] = []  # the tensors the last step gave the environment
-        self._packed: dict[str, np.ndarray] = {}
+        self._packed: dict[str, Any] = {}
 
-    def _pack(self, env: Env) -> dict[str, np.ndarray]:
+    def _pack(self, env: Env) -> dict[str, Any]:
         """The packed state: last step's arrays while the environment holds their views, else stacked anew."""
         if self._views and all(_state_attr(env, name) is view for name, view in self._views):
             return self._packed
+        if self.target == "cuda":
+            return self._pack_tensors(env)
         dt = env._units.numpy().dtype
         out = {}
         B, P = env.B, env.P
@@ -1066,32 +1129,72 @@ class FusedPortfolioStep:
             out[group] = np.ascontiguousarray(np.moveaxis(rows, -1, 0))
         return out
 
-    def advance(self, env: Env, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pack_tensors(self, env: Env) -> dict[str, torch.Tensor]:
+        """_pack for the CUDA kernel: the same layout, stacked by torch on the environment's device (a group
+        with no rows gets one unused row: the kernel never reads it, and a CUDA view needs memory behind it)."""
+        dt, B, P = env._units.dtype, env.B, env.P
+        out = {}
+        for group, names in self.groups:
+            dtype = {"si": torch.int64, "sb": torch.bool, "ei": torch.int64, "e64": torch.float64}.get(group, dt)
+            if not names:
+                out[group] = torch.zeros((B, 1, P), dtype=dtype, device=env.device)
+                continue
+            rows = torch.stack([_state_attr(env, name).to(dtype) for name in names])
+            out[group] = rows.movedim(-1, 0).contiguous()  # [B, rows, P] and [B, rows], as _pack
+        return out
+
+    def arguments(self, env: Env, actions: torch.Tensor) -> tuple[tuple, dict[str, Any], tuple]:
+        """The kernel's arguments for env's next step (_kernel's, in its order: the state packed, the outputs
+        allocated), the packed outputs by group, and (blocked, mask, observation, reward) as written: numpy
+        arrays for the CPU kernel, tensors on the environment's device for the CUDA kernel."""
         state = self._pack(env)
-        outputs = {group: np.empty_like(array) for group, array in state.items()}
         B, P = env.B, env.P
-        o_blocked = np.empty(B, dtype=np.bool_)
-        reward = np.empty((B, P), dtype=np.float32)
-        obs = np.empty((B, P, env.obs_size), dtype=np.float32)
-        mask = np.empty(tuple(env.mask.shape), dtype=np.bool_)
+        shapes = {"o_blocked": ((B,), torch.bool), "mask": (tuple(env.mask.shape), torch.bool),
+                  "obs": ((B, P, env.obs_size), torch.float32), "reward": ((B, P), torch.float32)}
+        if self.target == "cpu":
+            outputs = {group: np.empty_like(array) for group, array in state.items()}
+            written = {name: np.empty(shape, dtype=np.bool_ if dtype == torch.bool else np.float32)
+                       for name, (shape, dtype) in shapes.items()}
+            step_in = (as_numpy(actions.to(torch.int64)), as_numpy(env.mask), self.pair, as_numpy(env.t))
+            carried = (as_numpy(env.blocked), env.trade_ring.numpy(), env.trade_head.numpy(),
+                       env.stats.pnl_rows.numpy())
+        else:
+            outputs = {group: torch.empty_like(array) for group, array in state.items()}
+            written = {name: torch.empty(shape, dtype=dtype, device=env.device)
+                       for name, (shape, dtype) in shapes.items()}
+            step_in = (actions.to(torch.int64).contiguous(), env.mask.contiguous(), self.pair, env.t.contiguous())
+            carried = (env.blocked.contiguous(), env.trade_ring, env.trade_head, env.stats.pnl_rows)
+        arguments = (
+            *step_in, self.prices, self.tradable, self.features, self.day, self.n_cols, self.n_bars,
+            self.floats, self.flags, self.bar_tab, *self.column_constants,
+            state["sf"], state["si"], state["sb"], state["ef"], state["ei"], state["e64"], *carried,
+            self.params, outputs["sf"], outputs["si"], outputs["sb"], outputs["ef"], outputs["ei"], outputs["e64"],
+            written["o_blocked"], written["reward"], written["obs"], written["mask"], *self.scratch)
+        return arguments, outputs, (written["o_blocked"], written["mask"], written["obs"], written["reward"])
+
+    def advance(self, env: Env, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        arguments, outputs, written = self.arguments(env, actions)
+        if self.target == "cuda":  # every array a tensor on the device: nothing is copied to or from the host
+            from nexlify.env import fused_cuda  # numba-cuda: the optional extra `gpu`
+
+            fused_cuda.launch(arguments, env.B, env.device)
+            return self._unpack(env, outputs, *written)
         if self.parallel:
             numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
-        self.kernel(
-            as_numpy(actions.to(torch.int64)), as_numpy(env.mask), self.pair, as_numpy(env.t),
-            self.prices, self.tradable, self.features, self.day, self.n_cols, self.n_bars,
-            self.floats, self.flags, self.bar_tab, *self.column_constants,
-            state["sf"], state["si"], state["sb"], state["ef"], state["ei"], state["e64"],
-            as_numpy(env.blocked), env.trade_ring.numpy(), env.trade_head.numpy(), env.stats.pnl_rows.numpy(),
-            self.params, outputs["sf"], outputs["si"], outputs["sb"], outputs["ef"], outputs["ei"], outputs["e64"],
-            o_blocked, reward, obs, mask, *self.scratch)
+        self.kernel(*arguments)
+        return self._unpack(env, outputs, *(torch.from_numpy(x) for x in written))
+
+    def _unpack(self, env: Env, outputs: dict[str, Any], o_blocked: torch.Tensor, mask: torch.Tensor,
+                obs: torch.Tensor, reward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The environment's state tensors become views of the arrays the kernel wrote."""
         views = []
         for group, names in self.groups:
-            packed = torch.from_numpy(outputs[group])
+            packed = outputs[group] if isinstance(outputs[group], torch.Tensor) else torch.from_numpy(outputs[group])
             rows = packed.unbind(1)  # [B, P] or [B] each
             views += list(zip(names, (r.t() for r in rows) if packed.dim() == 3 else rows))
         _set_state(env, views)
-        env.blocked = torch.from_numpy(o_blocked)
-        env.mask = torch.from_numpy(mask)
+        env.blocked = o_blocked
+        env.mask = mask
         env._strategy_rows_stale = True  # the tables' rows at the new bar are gathered only if asked for
         self._views, self._packed = views, outputs
-        return torch.from_numpy(obs), torch.from_numpy(reward)
+        return obs, reward
