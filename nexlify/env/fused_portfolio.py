@@ -491,144 +491,137 @@ def observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stak
 
 
 @_jit_inline
-def episode_step(b, step_in, market, columns, state, prm, out, scratch):
-    """One step of episode b (see BatchedTradingEnv._advance): the body of both kernels, the CPU's (_kernel,
-    a loop over the episodes on numba's threads) and the GPU's (nexlify.env.fused_cuda, one CUDA thread per
-    episode), compiled from this one source. It allocates nothing (CUDA device code cannot): everything it
-    writes goes into the arrays it is given. The arguments are _kernel's, in its order, grouped in tuples (a
-    call with over 30 arguments compiles to a *args call, which numba cannot inline)."""
-    actions, mask, pair, t = step_in
-    prices, tradable_tab, features, day, n_cols, n_bars = market
-    (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
-     transfer_bars) = columns
-    sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows = state
-    o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask = out
-    fs, ks, acts = scratch
-    n_pairs = sf.shape[2]
+def sell_coins(b, p, u, a, o, trad, unbond_bars, pair, o_sf, o_si, o_sb, f, k, prm, S):
+    """1a. The spot exit of slot p at the open o: a CLOSE (or an exit waiting on unbonding) sells the free coins;
+    with staking, a close or an UNSTAKE starts unbonding staked coins and a STAKE stakes free ones. The trade
+    counts as closed (k[K_CLOSED], its return in f[F_RET]) once no coins are left locked."""
     fee, slip = prm[FEE], prm[SLIP]
-    stop_loss, take_profit, trailing_stop = prm[STOP_LOSS], prm[TAKE_PROFIT], prm[TRAILING_STOP]
-    max_trades = int(prm[MAX_TRADES])
-    daily_loss_limit = prm[DAILY_LOSS_LIMIT]
-    spot_on, S, LP, LE, AR = prm[SPOT_ON] > 0, prm[STAKING_ON] > 0, prm[LP_ON] > 0, prm[LENDING_ON] > 0, prm[ARB_ON] > 0
-    spot_alone = not (S or LP or LE or AR)
+    units = o_sf[b, UNITS, p]
+    pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
+    want_close = a == CLOSE
+    if S:
+        want_close = want_close or pending
+    sell = want_close and units > 0 and trad
+    gross = units * (o * (1.0 - slip))
+    proceeds = gross * (1.0 - fee) if sell else 0.0
+    f[F_COST, p] = units * o * slip + gross * fee if sell else 0.0
+    if sell:
+        units = 0.0
+    f[F_FLOW, p] = proceeds
+    entry_cost = o_sf[b, ENTRY_COST, p]
+    if S:
+        staked, unbonding = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p]
+        if want_close:
+            request = staked
+        elif a == UNSTAKE:
+            request = staked * prm[UNSTAKE_FRACTION]
+        else:
+            request = 0.0
+        amount = 0.0 if unbonding > 0 else min(max(request, 0.0), max(staked, 0.0))
+        if amount > 0:
+            o_si[b, RELEASE, p] = u + unbond_bars[pair[b, p]]
+        staked, unbonding = staked - amount, unbonding + amount
+        moved = units * prm[STAKE_FRACTION] if a == STAKE else 0.0
+        units, staked = units - moved, staked + moved
+        o_sf[b, STAKED, p], o_sf[b, UNBONDING, p] = staked, unbonding
+        locked = staked + unbonding
+        f[F_LOCKED, p] = locked
+        exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + proceeds
+        o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds
+        closed = sell and locked <= 0
+        f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0 if closed else 0.0
+        o_sb[b, PENDING, p] = want_close and locked > 0
+    else:
+        closed = sell
+        f[F_RET, p] = proceeds / max(entry_cost, 1e-30) - 1.0 if sell else 0.0
+    k[K_CLOSED, p] = closed
+    o_sf[b, UNITS, p] = units
+
+
+@_jit_inline
+def close_lp(b, p, a, o, row, trad, floats, o_sf, f, k, prm):
+    """1b. An LP_CLOSE of slot p's Uniswap V3 position at the open o: its coins and quote at the open's price
+    (the coins swapped to quote), plus the fees it earned, less gas; the impermanent loss realised."""
+    fee, slip = prm[FEE], prm[SLIP]
+    L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+    x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
+    f[F_X0_BEFORE, p] = x0
+    lp_closed = a == LP_CLOSE and trad
+    k[K_LP_CLOSED, p] = lp_closed
+    closing = 1.0 if lp_closed else 0.0
+    sp = min(max(floats[tables.SQRT_OPEN, row], spa), spb)
+    x_open, y_open = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
+    coin_open = x_open * o
+    swap_out = coin_open * (fee + slip)
+    lp_cash = coin_open + y_open + o_sf[b, LP_FEES, p] - swap_out - prm[GAS_CLOSE]
+    f[F_FLOW, p] = f[F_FLOW, p] + lp_cash * closing
+    f[F_COST, p] = f[F_COST, p] + (swap_out + prm[GAS_CLOSE]) * closing
+    f[F_IL_PNL, p] = (coin_open + y_open - (x0 * o + y0)) * closing
+    f[F_LP_RET, p] = lp_cash / max(o_sf[b, LP_COST, p], 1e-30) - 1.0
+    keep = 1.0 - closing
+    o_sf[b, LP_L, p], o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p] = L * keep, x0 * keep, y0 * keep
+    o_sf[b, LP_FEES, p] = o_sf[b, LP_FEES, p] * keep
+
+
+@_jit_inline
+def close_book(b, p, a, o, row, floats, flags, o_sf, o_sb, f, k, prm):
+    """1c. An ARB_CLOSE of slot p's arbitrage book, where both venues quote: each venue's coins sold at its
+    open, taker fees paid; the venues' price gap on venue B's coins goes to the arbitrage PnL."""
     fa, fb = prm[FEE_A], prm[FEE_B]
-    coin_share = prm[LP_COIN_SHARE]
-    width = prm[LP_WIDTH]
-    up, down = math.sqrt(1.0 + width), math.sqrt(1.0 - width)
-    k_lp = 2.0 - 1.0 / up - down
-    f, k = fs[b], ks[b]
-    tb = t[b]
-    u = tb + 1
-    prev_eq = ef[b, EQUITY]
-    ds = prev_eq if day[u] != day[tb] else ef[b, DAY_START]
-    blk = blocked[b]
-    size_now = ef[b, SIZE]
-    notional = size_now * prev_eq
-    lp_notional = max(notional, prm[LP_MIN_NOTIONAL])  # an LP position is sized up to its minimum
-    # copy the slot state into the outputs, where the blocks below update it. (The scratch is not cleared:
-    # it starts at zero, and each step writes every entry of a strategy that is on before reading it.)
-    for r in range(sf.shape[1]):  # (element by element: CUDA device code has no array assignment)
-        for p in range(n_pairs):
-            o_sf[b, r, p] = sf[b, r, p]
-    if not spot_alone:
-        for p in range(n_pairs):
-            o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
-            o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
+    o2 = floats[tables.V2_OPEN, row]
+    arb_closed = a == ARB_CLOSE and flags[tables.QUOTED, row]
+    k[K_ARB_CLOSED, p] = arb_closed
+    closing = 1.0 if arb_closed else 0.0
+    qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
+    coin_a_value, coin_b_value = ca * o, cb * o2
+    book_cash = qa + qb + coin_a_value * (1.0 - fa) + coin_b_value * (1.0 - fb)
+    f[F_FLOW, p] = f[F_FLOW, p] + book_cash * closing
+    f[F_COST, p] = f[F_COST, p] + (coin_a_value * fa + coin_b_value * fb) * closing
+    f[F_ARB_PNL, p] = (coin_b_value - cb * o) * closing
+    f[F_ARB_RET, p] = book_cash / max(o_sf[b, ARB_COST, p], 1e-30) - 1.0
+    keep = 1.0 - closing
+    o_sf[b, QA, p], o_sf[b, CA, p] = qa * keep, ca * keep
+    o_sf[b, QB, p], o_sf[b, CB, p] = qb * keep, cb * keep
+    o_sf[b, ARB_COST, p] = o_sf[b, ARB_COST, p] * keep
+    o_sb[b, BOOK, p] = o_sb[b, BOOK, p] and not arb_closed
 
-    # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
-    open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR)
 
-    # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
-    #    positions, arbitrage books and Aave supply; staking moves.
-    for p in range(n_pairs):
+@_jit_inline
+def withdraw(b, p, a, o_sf, f):
+    """1d. A WITHDRAW takes slot p's whole Aave supply (interest included) back to cash."""
+    withdrawing = 1.0 if a == WITHDRAW else 0.0
+    f[F_FLOW, p] = f[F_FLOW, p] + o_sf[b, LENT, p] * withdrawing
+    keep = 1.0 - withdrawing
+    o_sf[b, LENT, p], o_sf[b, PRINCIPAL, p] = o_sf[b, LENT, p] * keep, o_sf[b, PRINCIPAL, p] * keep
+
+
+@_jit_inline
+def exits_at_open(b, u, n_cols, pair, prices, floats, flags, unbond_bars, acts, o_sf, o_si, o_sb, f, k, prm, S, LP,
+                  LE, AR):
+    """1. Exits at the open of bar u for episode b, slot by slot in pair order: spot coins (a close unbonds
+    staked coins, sold once free) and staking moves, then LP positions, arbitrage books and Aave supply. The
+    cash each slot receives goes to f[F_FLOW], its costs to f[F_COST]."""
+    for p in range(acts.shape[1]):
         a = acts[b, p]
         row = u * n_cols + pair[b, p]
         o = prices[row, 0]
         trad = o_sb[b, TRADABLE, p]
-        units = o_sf[b, UNITS, p]
-        pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
-        want_close = a == CLOSE
-        if S:
-            want_close = want_close or pending
-        sell = want_close and units > 0 and trad
-        gross = units * (o * (1.0 - slip))
-        proceeds = gross * (1.0 - fee) if sell else 0.0
-        f[F_COST, p] = units * o * slip + gross * fee if sell else 0.0
-        if sell:
-            units = 0.0
-        f[F_FLOW, p] = proceeds
-        entry_cost = o_sf[b, ENTRY_COST, p]
-        if S:
-            staked, unbonding = o_sf[b, STAKED, p], o_sf[b, UNBONDING, p]
-            if want_close:
-                request = staked
-            elif a == UNSTAKE:
-                request = staked * prm[UNSTAKE_FRACTION]
-            else:
-                request = 0.0
-            amount = 0.0 if unbonding > 0 else min(max(request, 0.0), max(staked, 0.0))
-            if amount > 0:
-                o_si[b, RELEASE, p] = u + unbond_bars[pair[b, p]]
-            staked, unbonding = staked - amount, unbonding + amount
-            moved = units * prm[STAKE_FRACTION] if a == STAKE else 0.0
-            units, staked = units - moved, staked + moved
-            o_sf[b, STAKED, p], o_sf[b, UNBONDING, p] = staked, unbonding
-            locked = staked + unbonding
-            f[F_LOCKED, p] = locked
-            exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + proceeds
-            o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds
-            closed = sell and locked <= 0
-            f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0 if closed else 0.0
-            o_sb[b, PENDING, p] = want_close and locked > 0
-        else:
-            closed = sell
-            f[F_RET, p] = proceeds / max(entry_cost, 1e-30) - 1.0 if sell else 0.0
-        k[K_CLOSED, p] = closed
-        o_sf[b, UNITS, p] = units
+        sell_coins(b, p, u, a, o, trad, unbond_bars, pair, o_sf, o_si, o_sb, f, k, prm, S)
         if LP:
-            L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
-            x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
-            f[F_X0_BEFORE, p] = x0
-            lp_closed = a == LP_CLOSE and trad
-            k[K_LP_CLOSED, p] = lp_closed
-            closing = 1.0 if lp_closed else 0.0
-            sp = min(max(floats[tables.SQRT_OPEN, row], spa), spb)
-            x_open, y_open = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
-            coin_open = x_open * o
-            swap_out = coin_open * (fee + slip)
-            lp_cash = coin_open + y_open + o_sf[b, LP_FEES, p] - swap_out - prm[GAS_CLOSE]
-            f[F_FLOW, p] = f[F_FLOW, p] + lp_cash * closing
-            f[F_COST, p] = f[F_COST, p] + (swap_out + prm[GAS_CLOSE]) * closing
-            f[F_IL_PNL, p] = (coin_open + y_open - (x0 * o + y0)) * closing
-            f[F_LP_RET, p] = lp_cash / max(o_sf[b, LP_COST, p], 1e-30) - 1.0
-            keep = 1.0 - closing
-            o_sf[b, LP_L, p], o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p] = L * keep, x0 * keep, y0 * keep
-            o_sf[b, LP_FEES, p] = o_sf[b, LP_FEES, p] * keep
+            close_lp(b, p, a, o, row, trad, floats, o_sf, f, k, prm)
         if AR:
-            o2 = floats[tables.V2_OPEN, row]
-            arb_closed = a == ARB_CLOSE and flags[tables.QUOTED, row]
-            k[K_ARB_CLOSED, p] = arb_closed
-            closing = 1.0 if arb_closed else 0.0
-            qa, ca, qb, cb = o_sf[b, QA, p], o_sf[b, CA, p], o_sf[b, QB, p], o_sf[b, CB, p]
-            coin_a_value, coin_b_value = ca * o, cb * o2
-            book_cash = qa + qb + coin_a_value * (1.0 - fa) + coin_b_value * (1.0 - fb)
-            f[F_FLOW, p] = f[F_FLOW, p] + book_cash * closing
-            f[F_COST, p] = f[F_COST, p] + (coin_a_value * fa + coin_b_value * fb) * closing
-            f[F_ARB_PNL, p] = (coin_b_value - cb * o) * closing
-            f[F_ARB_RET, p] = book_cash / max(o_sf[b, ARB_COST, p], 1e-30) - 1.0
-            keep = 1.0 - closing
-            o_sf[b, QA, p], o_sf[b, CA, p] = qa * keep, ca * keep
-            o_sf[b, QB, p], o_sf[b, CB, p] = qb * keep, cb * keep
-            o_sf[b, ARB_COST, p] = o_sf[b, ARB_COST, p] * keep
-            o_sb[b, BOOK, p] = o_sb[b, BOOK, p] and not arb_closed
+            close_book(b, p, a, o, row, floats, flags, o_sf, o_sb, f, k, prm)
         if LE:
-            withdrawing = 1.0 if a == WITHDRAW else 0.0
-            f[F_FLOW, p] = f[F_FLOW, p] + o_sf[b, LENT, p] * withdrawing
-            keep = 1.0 - withdrawing
-            o_sf[b, LENT, p], o_sf[b, PRINCIPAL, p] = o_sf[b, LENT, p] * keep, o_sf[b, PRINCIPAL, p] * keep
+            withdraw(b, p, a, o_sf, f)
 
-    # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
-    #    LP positions and new arbitrage books, scaled down together when cash runs short.
+
+@_jit_inline
+def entry_room(b, u, n_cols, pair, flags, ef, acts, o_sf, o_sb, f, k, prm, S, LP, LE, AR, blk):
+    """2a. What episode b may enter at the open of bar u: the wishes (k[K_WANT], k[K_WANT_LP], k[K_WANT_ARB]),
+    the trades open toward the concurrent cap (spot trades, LP positions, 2 legs per arbitrage book) and the
+    cash available (the cash after the exits, plus the Aave supply under the sweep). Returns (open trades,
+    available)."""
+    n_pairs = acts.shape[1]
     open_trades = 0
     flow_sum = 0.0
     for p in range(n_pairs):
@@ -646,67 +639,130 @@ def episode_step(b, step_in, market, columns, state, prm, out, scratch):
     if LE and prm[LEND_SWEEP] > 0:
         for p in range(n_pairs):
             available += o_sf[b, LENT, p]  # the sweep withdraws what the entries need
-    scale = 1.0
-    if LP or AR:
+    if LP:
         for p in range(n_pairs):
-            if LP:
-                if o_sf[b, LP_L, p] > 0:
-                    open_trades += 1
-                k[K_WANT_LP, p] = acts[b, p] == LP_OPEN and o_sb[b, TRADABLE, p] and not blk
-        if AR:
-            for p in range(n_pairs):
-                if o_sb[b, BOOK, p]:
-                    open_trades += 2
-            for p in range(n_pairs):
-                row = u * n_cols + pair[b, p]
-                k[K_WANT_ARB, p] = (acts[b, p] == ARB and not o_sb[b, BOOK, p] and flags[tables.QUOTED, row]
-                                    and not blk)
-        # single trades in pair order (spot then LP for each pair), then arbitrage books (2 legs each)
-        capacity = max(max_trades - open_trades, 0)
-        rank = 0
+            if o_sf[b, LP_L, p] > 0:
+                open_trades += 1
+            k[K_WANT_LP, p] = acts[b, p] == LP_OPEN and o_sb[b, TRADABLE, p] and not blk
+    if AR:
         for p in range(n_pairs):
-            rank += 1 if k[K_WANT, p] else 0
-            k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
-            rank += 1 if k[K_WANT_LP, p] else 0
-            k[K_ACCEPTED_LP, p] = k[K_WANT_LP, p] and rank <= capacity
-        used = min(rank, capacity)
-        book_rank = 0
+            if o_sb[b, BOOK, p]:
+                open_trades += 2
         for p in range(n_pairs):
-            book_rank += 2 if k[K_WANT_ARB, p] else 0
-            k[K_ACCEPTED_ARB, p] = k[K_WANT_ARB, p] and book_rank <= capacity - used
-        variable = 0.0
-        n_lp = 0
-        arb_sum = 0.0
-        for p in range(n_pairs):
-            f[F_SPEND, p] = notional * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
-            variable += f[F_SPEND, p]
-            n_lp += 1 if k[K_ACCEPTED_LP, p] else 0
-            if AR and k[K_ACCEPTED_ARB, p]:  # a book sized up to its minimum (the mask checked the cap)
-                book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
-                arb_sum += max(notional, book_min) * (1.0 + (fa + fb) / 4.0)
-        gas = 0.0
-        if LP:
-            variable = variable + n_lp * lp_notional * (1.0 + coin_share * (fee + slip))
-            gas = n_lp * prm[GAS_OPEN]
-        if AR:
-            variable = variable + arb_sum
-        if variable + gas > available:
-            scale = max(available - gas, 0.0) / max(variable, 1e-30)
-        for p in range(n_pairs):
-            f[F_SPEND, p] = f[F_SPEND, p] * scale
-    else:
-        capacity = max(max_trades - open_trades, 0)
+            row = u * n_cols + pair[b, p]
+            k[K_WANT_ARB, p] = acts[b, p] == ARB and not o_sb[b, BOOK, p] and flags[tables.QUOTED, row] and not blk
+    return open_trades, available
+
+
+@_jit_inline
+def admit_entries(b, pair, withdrawal_fee, sf, f, k, prm, LP, AR, open_trades, available, notional, lp_notional):
+    """2b. The entries of episode b admitted under the concurrent-trade cap: single trades in pair order (spot
+    then LP for each pair), then arbitrage books (2 legs each); each one's spend in f[F_SPEND], scaled down
+    together when the cash available runs short. Returns the scale (1 when the cash suffices)."""
+    n_pairs = f.shape[1]
+    fee, slip, fa, fb = prm[FEE], prm[SLIP], prm[FEE_A], prm[FEE_B]
+    capacity = max(int(prm[MAX_TRADES]) - open_trades, 0)
+    if not (LP or AR):
         rank = 0
         total = 0.0
         for p in range(n_pairs):
             rank += 1 if k[K_WANT, p] else 0
             k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
-            f[F_SPEND, p] = (size_now * prev_eq) * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
+            f[F_SPEND, p] = notional * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
             total += f[F_SPEND, p]
         shrink = available / max(total, 1e-30) if total > available else 1.0
         for p in range(n_pairs):
             f[F_SPEND, p] = f[F_SPEND, p] * shrink
+        return 1.0
+    rank = 0
     for p in range(n_pairs):
+        rank += 1 if k[K_WANT, p] else 0
+        k[K_ACCEPTED, p] = k[K_WANT, p] and rank <= capacity
+        rank += 1 if k[K_WANT_LP, p] else 0
+        k[K_ACCEPTED_LP, p] = k[K_WANT_LP, p] and rank <= capacity
+    used = min(rank, capacity)
+    book_rank = 0
+    for p in range(n_pairs):
+        book_rank += 2 if k[K_WANT_ARB, p] else 0
+        k[K_ACCEPTED_ARB, p] = k[K_WANT_ARB, p] and book_rank <= capacity - used
+    variable = 0.0
+    n_lp = 0
+    arb_sum = 0.0
+    for p in range(n_pairs):
+        f[F_SPEND, p] = notional * (1.0 + fee) if k[K_ACCEPTED, p] else 0.0
+        variable += f[F_SPEND, p]
+        n_lp += 1 if k[K_ACCEPTED_LP, p] else 0
+        if AR and k[K_ACCEPTED_ARB, p]:  # a book sized up to its minimum (the mask checked the cap)
+            book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+            arb_sum += max(notional, book_min) * (1.0 + (fa + fb) / 4.0)
+    gas = 0.0
+    if LP:
+        variable = variable + n_lp * lp_notional * (1.0 + prm[LP_COIN_SHARE] * (fee + slip))
+        gas = n_lp * prm[GAS_OPEN]
+    if AR:
+        variable = variable + arb_sum
+    scale = 1.0
+    if variable + gas > available:
+        scale = max(available - gas, 0.0) / max(variable, 1e-30)
+    for p in range(n_pairs):
+        f[F_SPEND, p] = f[F_SPEND, p] * scale
+    return scale
+
+
+@_jit_inline
+def open_lp(b, p, o, row, floats, o_sf, f, k, prm, budget, scale, up, down, k_lp):
+    """2d. An admitted LP_OPEN of slot p: a symmetric Uniswap V3 position of `budget` quote around the open
+    (uniswap_v3.open_symmetric), the coin share swapped in at fee and slippage, gas paid."""
+    fee, slip = prm[FEE], prm[SLIP]
+    accepted_lp = k[K_ACCEPTED_LP, p] and scale > 0 and budget >= prm[LP_MIN_NOTIONAL]
+    s = floats[tables.SQRT_OPEN, row]
+    swap_in = budget * (prm[LP_COIN_SHARE] * (fee + slip))
+    lp_out = budget + swap_in + prm[GAS_OPEN]
+    opening = 1.0 if accepted_lp else 0.0
+    f[F_FLOW, p] = f[F_FLOW, p] - lp_out * opening
+    f[F_COST, p] = f[F_COST, p] + (swap_in + prm[GAS_OPEN]) * opening
+    if accepted_lp:  # uniswap_v3.open_symmetric
+        o_sf[b, LP_L, p] = budget / (s * k_lp)
+        o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p] = s * down, s * up
+        o_sf[b, LP_X0, p] = budget * ((1.0 - 1.0 / up) / k_lp) / o
+        o_sf[b, LP_Y0, p] = budget * ((1.0 - down) / k_lp)
+        o_sf[b, LP_COST, p] = lp_out
+
+
+@_jit_inline
+def fund_book(b, p, o, row, floats, withdrawal_fee, pair, sf, o_sf, o_sb, f, k, prm, notional, scale):
+    """2e. An admitted new arbitrage book of slot p: a quarter of its notional (sized up to the book's minimum)
+    in quote and a quarter in coins at each venue, bought at the venues' opens with taker fees."""
+    fa, fb = prm[FEE_A], prm[FEE_B]
+    o2 = floats[tables.V2_OPEN, row]
+    book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
+    book_notional = max(notional, book_min)
+    k[K_ACCEPTED_ARB, p] = k[K_ACCEPTED_ARB, p] and scale > 0 and book_notional * scale >= book_min
+    quarter = book_notional * scale * 0.25
+    funding_fees = quarter * (fa + fb)
+    book_out = 4.0 * quarter + funding_fees
+    funding = 1.0 if k[K_ACCEPTED_ARB, p] else 0.0
+    f[F_FLOW, p] = f[F_FLOW, p] - book_out * funding
+    f[F_COST, p] = f[F_COST, p] + funding_fees * funding
+    coin_b = quarter / o2
+    f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + (coin_b * o - quarter) * funding
+    if k[K_ACCEPTED_ARB, p]:
+        o_sf[b, QA, p], o_sf[b, QB, p] = quarter, quarter
+        o_sf[b, CA, p], o_sf[b, CB, p] = quarter / o, coin_b
+        o_sb[b, BOOK, p] = True
+        o_sf[b, ARB_COST, p] = book_out
+
+
+@_jit_inline
+def fill_entries(b, u, n_cols, pair, prices, floats, withdrawal_fee, sf, o_sf, o_sb, f, k, prm, LP, AR, notional,
+                 lp_notional, scale):
+    """2c. The admitted entries of episode b filled at the open of bar u, slot by slot: spot coins bought at the
+    open plus slippage with f[F_SPEND], then LP positions and arbitrage books."""
+    slip, fee = prm[SLIP], prm[FEE]
+    width = prm[LP_WIDTH]
+    up, down = math.sqrt(1.0 + width), math.sqrt(1.0 - width)
+    k_lp = 2.0 - 1.0 / up - down
+    for p in range(f.shape[1]):
         row = u * n_cols + pair[b, p]
         o = prices[row, 0]
         spend = f[F_SPEND, p]
@@ -719,146 +775,151 @@ def episode_step(b, step_in, market, columns, state, prm, out, scratch):
             o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = bought, buy_px, spend
             o_sf[b, HIGHEST, p], o_sf[b, BARS, p] = buy_px, 0.0
         if LP:
-            budget = lp_notional * scale
-            accepted_lp = k[K_ACCEPTED_LP, p] and scale > 0 and budget >= prm[LP_MIN_NOTIONAL]
-            s = floats[tables.SQRT_OPEN, row]
-            swap_in = budget * (coin_share * (fee + slip))
-            lp_out = budget + swap_in + prm[GAS_OPEN]
-            opening = 1.0 if accepted_lp else 0.0
-            f[F_FLOW, p] = f[F_FLOW, p] - lp_out * opening
-            f[F_COST, p] = f[F_COST, p] + (swap_in + prm[GAS_OPEN]) * opening
-            if accepted_lp:  # uniswap_v3.open_symmetric
-                o_sf[b, LP_L, p] = budget / (s * k_lp)
-                o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p] = s * down, s * up
-                o_sf[b, LP_X0, p] = budget * ((1.0 - 1.0 / up) / k_lp) / o
-                o_sf[b, LP_Y0, p] = budget * ((1.0 - down) / k_lp)
-                o_sf[b, LP_COST, p] = lp_out
+            open_lp(b, p, o, row, floats, o_sf, f, k, prm, lp_notional * scale, scale, up, down, k_lp)
         if AR:
-            o2 = floats[tables.V2_OPEN, row]
-            book_min = withdrawal_fee[pair[b, p]] * sf[b, CLOSE_PX, p] / prm[MAX_WITHDRAWAL_SHARE]
-            book_notional = max(notional, book_min)
-            k[K_ACCEPTED_ARB, p] = k[K_ACCEPTED_ARB, p] and scale > 0 and book_notional * scale >= book_min
-            quarter = book_notional * scale * 0.25
-            funding_fees = quarter * (fa + fb)
-            book_out = 4.0 * quarter + funding_fees
-            funding = 1.0 if k[K_ACCEPTED_ARB, p] else 0.0
-            f[F_FLOW, p] = f[F_FLOW, p] - book_out * funding
-            f[F_COST, p] = f[F_COST, p] + funding_fees * funding
-            coin_b = quarter / o2
-            f[F_ARB_PNL, p] = f[F_ARB_PNL, p] + (coin_b * o - quarter) * funding
-            if k[K_ACCEPTED_ARB, p]:
-                o_sf[b, QA, p], o_sf[b, QB, p] = quarter, quarter
-                o_sf[b, CA, p], o_sf[b, CB, p] = quarter / o, coin_b
-                o_sb[b, BOOK, p] = True
-                o_sf[b, ARB_COST, p] = book_out
+            fund_book(b, p, o, row, floats, withdrawal_fee, pair, sf, o_sf, o_sb, f, k, prm, notional, scale)
 
-    # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
-    if AR:
-        arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
-                        o_sb, f, prm)
 
-    # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or (by
-    #    hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
+@_jit_inline
+def stop_or_target(b, p, o, h, lo, trad, o_sf, o_sb, f, k, prm, S):
+    """5. Stops and targets of slot p inside the bar (open o, high h, low lo): a spot trade that touches its stop
+    or target is sold there (risk.exits_in_bar); a stop with coins still unbonding leaves the exit pending.
+    Updates the trade's highest price and bars held. Returns (coins left, coins stopped out, exit price)."""
+    fee, slip = prm[FEE], prm[SLIP]
+    units, entry, highest = o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p]
+    locked = f[F_LOCKED, p]
+    pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
+    if S:
+        holding = units + locked > 0 and trad and not pending
+    else:
+        holding = units > 0 and trad
+    stop, target = stop_and_target(entry, highest, prm[STOP_LOSS], prm[TAKE_PROFIT], prm[TRAILING_STOP])
+    stop_hit, target_hit, exit_px = exit_in_bar(o, h, lo, stop, target)
+    forced = holding and (stop_hit or target_hit)
+    forced_gross = units * exit_px * (1.0 - slip)
+    forced_proceeds = forced_gross * (1.0 - fee) if forced else 0.0
+    if forced:
+        f[F_COST, p] = f[F_COST, p] + (units * exit_px * slip + forced_gross * fee)
+    stopped_units = units if forced else 0.0
+    entry_cost = o_sf[b, ENTRY_COST, p]
+    exit_proceeds = 0.0
+    if S:
+        exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + forced_proceeds
+        forced_closed = forced and locked <= 0
+        if forced_closed:
+            f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0
+            k[K_CLOSED, p] = True
+        if forced and locked > 0:
+            pending = True
+    else:
+        if forced:
+            f[F_RET, p] = forced_proceeds / max(entry_cost, 1e-30) - 1.0
+            k[K_CLOSED, p] = True
+    f[F_FLOW, p] = f[F_FLOW, p] + forced_proceeds
+    if forced:
+        units = 0.0
+    still = units > 0
+    if S:
+        still = still or locked > 0
+        o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds if still else 0.0
+        o_sb[b, PENDING, p] = pending and still
+    if still and trad:
+        o_sf[b, HIGHEST, p] = max(highest, h)
+    o_sf[b, BARS, p] = o_sf[b, BARS, p] + 1.0 if still else 0.0
+    if not still:
+        o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = 0.0, 0.0
+    o_sf[b, UNITS, p] = units
+    return units, stopped_units, exit_px
+
+
+@_jit_inline
+def mark_lp(b, p, row, o, h, lo, c, floats, sf, o_sf, f, prm, spot_pnl, value):
+    """6b. What slot p's Uniswap V3 position earns in the bar: its share of the pool's fees for the part of the
+    bar's range inside its own (uniswap_v3.in_range_fraction), its value and impermanent loss at the close, its
+    coins' price move. Returns (spot_pnl, value) with the position's added."""
+    L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
+    pa, pb = spa * spa, spb * spb
+    span = h - lo
+    if span <= 0:  # uniswap_v3.in_range_fraction
+        fraction = 1.0 if lo >= pa and lo <= pb else 0.0
+    else:
+        fraction = min(max(min(h, pb) - max(lo, pa), 0.0) / max(span, prm[TINY]), 1.0)
+    share = L / max(L + floats[tables.POOL_LIQUIDITY, row], prm[TINY])
+    lp_fee_pnl = fraction * share * floats[tables.POOL_FEE_VOLUME, row]
+    f[F_LP_FEE_PNL, p] = lp_fee_pnl
+    lp_fees = o_sf[b, LP_FEES, p] + lp_fee_pnl
+    o_sf[b, LP_FEES, p] = lp_fees
+    sp = min(max(floats[tables.SQRT_CLOSE, row], spa), spb)
+    x_close, y_close = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
+    lp_value = x_close * c + y_close
+    x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
+    lp_il = lp_value - (x0 * c + y0)
+    f[F_IL_PNL, p] = f[F_IL_PNL, p] + lp_il - sf[b, LP_IL, p]
+    o_sf[b, LP_VALUE, p], o_sf[b, LP_IL, p] = lp_value, lp_il
+    spot_pnl = spot_pnl + f[F_X0_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + x0 * (c - o)
+    value = value + lp_value + lp_fees
+    return spot_pnl, value
+
+
+@_jit_inline
+def mark_slot(b, p, u, row, o, h, lo, c, units, stopped_units, exit_px, pair, floats, bar_tab, stake_growth, sf,
+              o_sf, f, prm, S, LP, LE, AR):
+    """6. What slot p earns in the bar, everything marked at the close c: the coins' price move (from the last
+    close to the open, the stopped coins' exit, the rest to the close), staking rewards, LP fees and impermanent
+    loss, Aave interest, the arbitrage books' coins. The PnL by source goes to the scratch rows, the slot's
+    value at the close to f[F_VALUE]."""
+    locked = f[F_LOCKED, p]
+    coins_after = units + locked if S else units
+    spot_pnl = (f[F_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + stopped_units * (exit_px - o)
+                + coins_after * (c - o))
+    value = coins_after * c
+    if S:
+        staked = o_sf[b, STAKED, p]
+        grown = staked * stake_growth[pair[b, p]]
+        stake_pnl = (grown - staked) * c
+        f[F_STAKE_PNL, p] = stake_pnl
+        o_sf[b, STAKED, p] = grown
+        value = value + stake_pnl
+    if LP:
+        spot_pnl, value = mark_lp(b, p, row, o, h, lo, c, floats, sf, o_sf, f, prm, spot_pnl, value)
     if LE:
-        lend(b, ef, o_sf, f, acts, prm)
+        lent = o_sf[b, LENT, p]
+        grown = lent * bar_tab[tables.SUPPLY_GROWTH, u]
+        f[F_INTEREST, p] = grown - lent
+        o_sf[b, LENT, p] = grown
+        value = value + grown
+    if AR:
+        arb_coins_after = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(o_sf[b, TR_COIN, p])
+        spot_pnl = spot_pnl + f[F_ARB_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p])
+        spot_pnl = spot_pnl + arb_coins_after * (c - o)
+        arb_value = o_sf[b, QA, p] + o_sf[b, QB, p] + abs(o_sf[b, TR_QUOTE, p]) + arb_coins_after * c
+        o_sf[b, ARB_VALUE, p] = arb_value
+        value = value + arb_value
+    f[F_SPOT_PNL, p] = spot_pnl
+    f[F_VALUE, p] = value
+    o_sf[b, CLOSE_PX, p] = c
 
-    # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close.
-    for p in range(n_pairs):
+
+@_jit_inline
+def stops_and_marks(b, u, n_cols, pair, prices, floats, bar_tab, stake_growth, sf, o_sf, o_sb, f, k, prm, S, LP, LE,
+                    AR):
+    """5 and 6, slot by slot in one pass over episode b's pairs: the stops and targets inside bar u, then what
+    the bar earns, marked at its close."""
+    for p in range(f.shape[1]):
         row = u * n_cols + pair[b, p]
         o, h, lo, c = prices[row, 0], prices[row, 1], prices[row, 2], prices[row, 3]
         trad = o_sb[b, TRADABLE, p]
-        units, entry, highest = o_sf[b, UNITS, p], o_sf[b, ENTRY, p], o_sf[b, HIGHEST, p]
-        locked = f[F_LOCKED, p]
-        pending = S and o_sb[b, PENDING, p]  # no exit waits without staking
-        if S:
-            holding = units + locked > 0 and trad and not pending
-        else:
-            holding = units > 0 and trad
-        stop, target = stop_and_target(entry, highest, stop_loss, take_profit, trailing_stop)
-        stop_hit, target_hit, exit_px = exit_in_bar(o, h, lo, stop, target)
-        forced = holding and (stop_hit or target_hit)
-        forced_gross = units * exit_px * (1.0 - slip)
-        forced_proceeds = forced_gross * (1.0 - fee) if forced else 0.0
-        if forced:
-            f[F_COST, p] = f[F_COST, p] + (units * exit_px * slip + forced_gross * fee)
-        stopped_units = units if forced else 0.0
-        entry_cost = o_sf[b, ENTRY_COST, p]
-        exit_proceeds = 0.0
-        if S:
-            exit_proceeds = o_sf[b, EXIT_PROCEEDS, p] + forced_proceeds
-            forced_closed = forced and locked <= 0
-            if forced_closed:
-                f[F_RET, p] = exit_proceeds / max(entry_cost, 1e-30) - 1.0
-                k[K_CLOSED, p] = True
-            if forced and locked > 0:
-                pending = True
-        else:
-            if forced:
-                f[F_RET, p] = forced_proceeds / max(entry_cost, 1e-30) - 1.0
-                k[K_CLOSED, p] = True
-        f[F_FLOW, p] = f[F_FLOW, p] + forced_proceeds
-        if forced:
-            units = 0.0
-        still = units > 0
-        if S:
-            still = still or locked > 0
-            o_sf[b, EXIT_PROCEEDS, p] = exit_proceeds if still else 0.0
-            o_sb[b, PENDING, p] = pending and still
-        if still and trad:
-            o_sf[b, HIGHEST, p] = max(highest, h)
-        o_sf[b, BARS, p] = o_sf[b, BARS, p] + 1.0 if still else 0.0
-        if not still:
-            o_sf[b, ENTRY, p], o_sf[b, ENTRY_COST, p] = 0.0, 0.0
-        o_sf[b, UNITS, p] = units
-        coins_after = units + locked if S else units
-        spot_pnl = (f[F_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + stopped_units * (exit_px - o)
-                    + coins_after * (c - o))
-        value = coins_after * c
-        if S:
-            staked = o_sf[b, STAKED, p]
-            grown = staked * stake_growth[pair[b, p]]
-            stake_pnl = (grown - staked) * c
-            f[F_STAKE_PNL, p] = stake_pnl
-            o_sf[b, STAKED, p] = grown
-            value = value + stake_pnl
-        if LP:
-            L, spa, spb = o_sf[b, LP_L, p], o_sf[b, LP_SPA, p], o_sf[b, LP_SPB, p]
-            pa, pb = spa * spa, spb * spb
-            span = h - lo
-            if span <= 0:  # uniswap_v3.in_range_fraction
-                fraction = 1.0 if lo >= pa and lo <= pb else 0.0
-            else:
-                fraction = min(max(min(h, pb) - max(lo, pa), 0.0) / max(span, prm[TINY]), 1.0)
-            share = L / max(L + floats[tables.POOL_LIQUIDITY, row], prm[TINY])
-            lp_fee_pnl = fraction * share * floats[tables.POOL_FEE_VOLUME, row]
-            f[F_LP_FEE_PNL, p] = lp_fee_pnl
-            lp_fees = o_sf[b, LP_FEES, p] + lp_fee_pnl
-            o_sf[b, LP_FEES, p] = lp_fees
-            sp = min(max(floats[tables.SQRT_CLOSE, row], spa), spb)
-            x_close, y_close = L * (1.0 / sp - 1.0 / spb), L * (sp - spa)
-            lp_value = x_close * c + y_close
-            x0, y0 = o_sf[b, LP_X0, p], o_sf[b, LP_Y0, p]
-            lp_il = lp_value - (x0 * c + y0)
-            f[F_IL_PNL, p] = f[F_IL_PNL, p] + lp_il - sf[b, LP_IL, p]
-            o_sf[b, LP_VALUE, p], o_sf[b, LP_IL, p] = lp_value, lp_il
-            spot_pnl = spot_pnl + f[F_X0_BEFORE, p] * (o - sf[b, CLOSE_PX, p]) + x0 * (c - o)
-            value = value + lp_value + lp_fees
-        if LE:
-            lent = o_sf[b, LENT, p]
-            grown = lent * bar_tab[tables.SUPPLY_GROWTH, u]
-            f[F_INTEREST, p] = grown - lent
-            o_sf[b, LENT, p] = grown
-            value = value + grown
-        if AR:
-            arb_coins_after = o_sf[b, CA, p] + o_sf[b, CB, p] + abs(o_sf[b, TR_COIN, p])
-            spot_pnl = spot_pnl + f[F_ARB_COINS_BEFORE, p] * (o - sf[b, CLOSE_PX, p])
-            spot_pnl = spot_pnl + arb_coins_after * (c - o)
-            arb_value = o_sf[b, QA, p] + o_sf[b, QB, p] + abs(o_sf[b, TR_QUOTE, p]) + arb_coins_after * c
-            o_sf[b, ARB_VALUE, p] = arb_value
-            value = value + arb_value
-        f[F_SPOT_PNL, p] = spot_pnl
-        f[F_VALUE, p] = value
-        o_sf[b, CLOSE_PX, p] = c
+        units, stopped_units, exit_px = stop_or_target(b, p, o, h, lo, trad, o_sf, o_sb, f, k, prm, S)
+        mark_slot(b, p, u, row, o, h, lo, c, units, stopped_units, exit_px, pair, floats, bar_tab, stake_growth, sf,
+                  o_sf, f, prm, S, LP, LE, AR)
+
+
+@_jit_inline
+def settle(b, sf, ef, o_sf, f, reward, prm, prev_eq, spot_alone):
+    """6c. Episode b's cash and equity at the close, its peak and drawdown, and each slot's reward: its change of
+    value plus its cash flows, on the log scale of the equity change, less the drawdown penalty. Returns (cash,
+    equity, peak, drawdown, x: the equity's relative change)."""
+    n_pairs = f.shape[1]
     flow_sum = 0.0
     for p in range(n_pairs):
         flow_sum += f[F_FLOW, p]
@@ -883,8 +944,15 @@ def episode_step(b, step_in, market, columns, state, prm, out, scratch):
         reward[b, p] = slot_change * (scale_log / prev_eq) - penalty
         if not spot_alone:
             o_sf[b, SLOT_VALUE, p] = f[F_VALUE, p]
+    return cash, equity, peak, drawdown, x
 
-    # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
+
+@_jit_inline
+def bookkeeping(b, u, ring, head, ef, ei, e64, o_ef, o_ei, o_e64, pnl_rows, f, k, spot_alone, prev_eq, cash, equity,
+                peak, drawdown, x, ds):
+    """7. Episode b's bookkeeping: the Kelly history (spot trades' returns into the ring), the statistics (trades,
+    wins, costs, returns, drawdown), the PnL by source, the episode's new numbers. Returns the Kelly window's
+    (head, wins, losses, sum of wins, sum of losses), in float64 for the next size."""
     new_head, n_win, n_loss, sum_win, sum_loss = record_closed_trades(
         ring[b], head[b], k[K_CLOSED], f[F_RET], ef[b, N_WIN], ef[b, N_LOSS], ef[b, SUM_WIN], ef[b, SUM_LOSS])
     head[b] = new_head
@@ -892,7 +960,7 @@ def episode_step(b, step_in, market, columns, state, prm, out, scratch):
     done = 0
     won = 0
     cost_b = 0.0
-    for p in range(n_pairs):
+    for p in range(f.shape[1]):
         if k[K_CLOSED, p]:
             done += 1
             won += 1 if f[F_RET, p] > 0 else 0
@@ -908,7 +976,7 @@ def episode_step(b, step_in, market, columns, state, prm, out, scratch):
     else:
         for source, scratch_row in PNL_FROM_SCRATCH:
             total = 0.0
-            for p in range(n_pairs):
+            for p in range(f.shape[1]):
                 total += f[scratch_row, p]
             pnl_rows[source, b] += total
     pnl_rows[PNL_FEES_AND_GAS, b] += -cost_b
@@ -920,13 +988,94 @@ def episode_step(b, step_in, market, columns, state, prm, out, scratch):
     o_ef[b, COSTS] = ef[b, COSTS] + cost_b
     o_ef[b, CASH], o_ef[b, EQUITY], o_ef[b, PEAK], o_ef[b, DAY_START] = cash, equity, peak, ds
     o_ei[b, T_BAR] = u
+    return new_head, n_win, n_loss, sum_win, sum_loss
+
+
+@_jit_inline
+def carry_state(b, sf, si, sb, o_sf, o_si, o_sb, spot_alone):
+    """The slot state of episode b copied into the outputs, where the phases update it (element by element: CUDA
+    device code has no array assignment). The scratch is not cleared: it starts at zero, and each step writes
+    every entry of a strategy that is on before reading it."""
+    n_pairs = sf.shape[2]
+    for r in range(sf.shape[1]):
+        for p in range(n_pairs):
+            o_sf[b, r, p] = sf[b, r, p]
+    if not spot_alone:
+        for p in range(n_pairs):
+            o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
+            o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
+
+
+@_jit_inline
+def episode_step(b, step_in, market, columns, state, prm, out, scratch):
+    """One step of episode b (see BatchedTradingEnv._advance): the body of both kernels, the CPU's (_kernel,
+    a loop over the episodes on numba's threads) and the GPU's (nexlify.env.fused_cuda, one CUDA thread per
+    episode), compiled from this one source. It allocates nothing (CUDA device code cannot): everything it
+    writes goes into the arrays it is given. The arguments are _kernel's, in its order, grouped in tuples (a
+    call with over 30 arguments compiles to a *args call, which numba cannot inline). The body is the list of
+    the bar's phases, each a function of its own, inlined."""
+    actions, mask, pair, t = step_in
+    prices, tradable_tab, features, day, n_cols, n_bars = market
+    (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
+     transfer_bars) = columns
+    sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows = state
+    o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask = out
+    fs, ks, acts = scratch
+    spot_on, S, LP, LE, AR = prm[SPOT_ON] > 0, prm[STAKING_ON] > 0, prm[LP_ON] > 0, prm[LENDING_ON] > 0, prm[ARB_ON] > 0
+    spot_alone = not (S or LP or LE or AR)
+    f, k = fs[b], ks[b]
+    tb = t[b]
+    u = tb + 1
+    prev_eq = ef[b, EQUITY]
+    ds = prev_eq if day[u] != day[tb] else ef[b, DAY_START]
+    blk = blocked[b]
+    notional = ef[b, SIZE] * prev_eq
+    lp_notional = max(notional, prm[LP_MIN_NOTIONAL])  # an LP position is sized up to its minimum
+    carry_state(b, sf, si, sb, o_sf, o_si, o_sb, spot_alone)
+
+    # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
+    open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR)
+
+    # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
+    #    positions, arbitrage books and Aave supply; staking moves.
+    exits_at_open(b, u, n_cols, pair, prices, floats, flags, unbond_bars, acts, o_sf, o_si, o_sb, f, k, prm, S, LP,
+                  LE, AR)
+
+    # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
+    #    LP positions and new arbitrage books, scaled down together when cash runs short.
+    open_trades, available = entry_room(b, u, n_cols, pair, flags, ef, acts, o_sf, o_sb, f, k, prm, S, LP, LE, AR,
+                                        blk)
+    scale = admit_entries(b, pair, withdrawal_fee, sf, f, k, prm, LP, AR, open_trades, available, notional,
+                          lp_notional)
+    fill_entries(b, u, n_cols, pair, prices, floats, withdrawal_fee, sf, o_sf, o_sb, f, k, prm, LP, AR, notional,
+                 lp_notional, scale)
+
+    # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
+    if AR:
+        arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
+                        o_sb, f, prm)
+
+    # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or (by
+    #    hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
+    if LE:
+        lend(b, ef, o_sf, f, acts, prm)
+
+    # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close; the rewards.
+    stops_and_marks(b, u, n_cols, pair, prices, floats, bar_tab, stake_growth, sf, o_sf, o_sb, f, k, prm, S, LP, LE,
+                    AR)
+    cash, equity, peak, drawdown, x = settle(b, sf, ef, o_sf, f, reward, prm, prev_eq, spot_alone)
+
+    # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
+    new_head, n_win, n_loss, sum_win, sum_loss = bookkeeping(
+        b, u, ring, head, ef, ei, e64, o_ef, o_ei, o_e64, pnl_rows, f, k, spot_alone, prev_eq, cash, equity, peak,
+        drawdown, x, ds)
 
     # 8. The next bar's derived state (_refresh): Kelly size, daily-loss block, mask; then the observation.
     size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, prm[KELLY_ON] > 0,
                            prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
                            prm[MAX_POSITION])
     o_ef[b, SIZE] = size_b
-    blocked_b = entries_blocked(equity, ds, daily_loss_limit, day[min(u + 1, n_bars - 1)], day[u])
+    blocked_b = entries_blocked(equity, ds, prm[DAILY_LOSS_LIMIT], day[min(u + 1, n_bars - 1)], day[u])
     o_blocked[b] = blocked_b
     open_trades = refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee,
                                prm, spot_on, S, LP, LE, AR, equity, cash, size_b, blocked_b)
