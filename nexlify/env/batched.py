@@ -666,12 +666,8 @@ class BatchedTradingEnv:
             if books_before:
                 arb_coins_before = ca + cb + tr_coin.abs()
         if AR and flags.transfers:
-            lands = tr_due <= u
-            landing_coin, landing_quote = torch.where(lands, tr_coin, 0.0), torch.where(lands, tr_quote, 0.0)
-            ca, cb = ca + landing_coin.clamp(min=0.0), cb - landing_coin.clamp(max=0.0)
-            qa, qb = qa + landing_quote.clamp(min=0.0), qb - landing_quote.clamp(max=0.0)
-            tr_coin, tr_quote = tr_coin - landing_coin, tr_quote - landing_quote
-            tr_due = torch.where(lands, NO_TRANSFER, tr_due)
+            (qa, ca, qb, cb), (tr_coin, tr_quote, tr_due) = self._land_transfers(u, (qa, ca, qb, cb),
+                                                                                 (tr_coin, tr_quote, tr_due))
 
         # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
         #    positions, arbitrage books and Aave supply; staking moves.
@@ -701,32 +697,16 @@ class BatchedTradingEnv:
             closed = sell
         if LP:
             lpp = self.strategy_params.lp
-            L, spa, spb, x0, y0 = self._lp_L, self._lp_spa, self._lp_spb, self._lp_x0, self._lp_y0
-            lp_fees, lp_cost = self._lp_fees, self._lp_cost
-            x0_before = x0
-            lp_closed = (act == LP_CLOSE) & tradable
-            closing = lp_closed.to(dt)
-            x_open, y_open = uniswap_v3.amounts_sqrt(L, fx[tables.SQRT_OPEN], spa, spb)
-            coin_open = x_open * o
-            swap_out = coin_open * (fee + slip)  # selling the coin share back to quote
-            lp_cash = coin_open + y_open + lp_fees - swap_out - lpp.gas_usd_close
-            flow = flow + lp_cash * closing
-            cost_slot = cost_slot + (swap_out + lpp.gas_usd_close) * closing
-            il_pnl = (coin_open + y_open - (x0 * o + y0)) * closing  # the loss vs holding, at the open
-            lp_ret = lp_cash / lp_cost.clamp(min=1e-30) - 1.0
-            keep = 1.0 - closing
-            L, x0, y0, lp_fees = L * keep, x0 * keep, y0 * keep, lp_fees * keep
+            spa, spb, lp_cost = self._lp_spa, self._lp_spb, self._lp_cost
+            x0_before = self._lp_x0
+            lp_closed, lp_ret, lp_cash, lp_costs, il_pnl, (L, x0, y0, lp_fees) = self._close_lp(act, tradable, o)
+            flow = flow + lp_cash
+            cost_slot = cost_slot + lp_costs
         if AR and books_before:
-            arb_closed = (act == ARB_CLOSE) & quoted
-            closing = arb_closed.to(dt)
-            coin_a_value, coin_b_value = ca * o, cb * o2
-            book_cash = qa + qb + coin_a_value * (1.0 - fa) + coin_b_value * (1.0 - fb)
-            flow = flow + book_cash * closing
-            cost_slot = cost_slot + (coin_a_value * fa + coin_b_value * fb) * closing
-            arb_pnl = (coin_b_value - cb * o) * closing  # B's coins sold at B's price, not A's
-            arb_ret = book_cash / self._arb_cost.clamp(min=1e-30) - 1.0
-            keep = 1.0 - closing
-            qa, ca, qb, cb, arb_cost = qa * keep, ca * keep, qb * keep, cb * keep, arb_cost * keep
+            arb_closed, arb_ret, book_cash, book_costs, arb_pnl, (qa, ca, qb, cb, arb_cost) = self._close_books(
+                act, quoted, o, o2, (qa, ca, qb, cb, arb_cost))
+            flow = flow + book_cash
+            cost_slot = cost_slot + book_costs
             book = book & ~arb_closed
         if LE:
             withdrawing = (act == WITHDRAW).to(dt)
@@ -821,46 +801,12 @@ class BatchedTradingEnv:
             # 3. Arbitrage from the books at both venues' opens (arbitrage.arb_trade's rule: the direction
             #    whose net edge at the opens beats min_edge); then a book that ran low is rebalanced. Skipped
             #    on a step where no episode's bar has an edge for any pair (known on the host: no sync).
-            trade = (act == ARB) & book
-            units_arb = arbitrage.directed_units(qa, ca, qb, cb, o, o2, trade & bx[tables.FILL_AB],
-                                                 trade & bx[tables.FILL_BA], fa, fb, ap.max_notional_usd)
-            legs = arbitrage.settle(qa, ca, qb, cb, units_arb, o, o2, fa, fb)
-            qa, ca, qb, cb = legs.quote_a, legs.coin_a, legs.quote_b, legs.coin_b
-            cost_slot = cost_slot + legs.fees
-            arb_pnl = arb_pnl + units_arb * (o2 - o)  # sold on B above A's price (or bought on B below it)
-            coins_mean, quote_mean = (ca + cb) * 0.5, (qa + qb) * 0.5
-            low = ((torch.minimum(ca, cb) <= (2.0 * ap.rebalance_below) * coins_mean)
-                   | (torch.minimum(qa, qb) <= (2.0 * ap.rebalance_below) * quote_mean))
-            rebalance = (units_arb != 0) & (tr_due == NO_TRANSFER) & low
-            to_a = coins_mean - ca  # coins the rich venue sends towards A (negative: towards B)
-            fee_units = torch.where(rebalance, torch.minimum(to_a.abs(), self._withdrawal_fee), 0.0)
-            tr_coin = torch.where(rebalance, to_a - torch.sign(to_a) * fee_units, tr_coin)
-            tr_quote = torch.where(rebalance, quote_mean - qa, tr_quote)
-            ca, cb = torch.where(rebalance, torch.minimum(ca, coins_mean), ca), torch.where(
-                rebalance, torch.minimum(cb, coins_mean), cb)
-            qa, qb = torch.where(rebalance, torch.minimum(qa, quote_mean), qa), torch.where(
-                rebalance, torch.minimum(qb, quote_mean), qb)
-            tr_due = torch.where(rebalance, u + self._transfer_bars, tr_due)
-            cost_slot = cost_slot + fee_units * o
-        if LE and self.strategy_params.aave.sweep:
-            # 4. Lending by the sweep: the supply is set to max_idle_share of the idle USDT left after the entries
-            #    (cash plus supply: the entries could spend both), in equal sub-accounts per slot; a withdrawal
-            #    takes its share of the interest.
-            target = (self.strategy_params.aave.max_idle_share / self.P) * (
-                self.cash + flow.sum(0) + lent.sum(0)).clamp(min=0.0)
-            moved = target - lent
-            kept = torch.where(moved < 0, target / lent.clamp(min=torch.finfo(dt).tiny), 1.0)
-            principal = torch.where(moved < 0, principal * kept, principal + moved)
-            flow = flow - moved
-            lent = target.expand(self.P, self.B).clone()
-        elif LE:
-            # 4. Lending by hand: a LEND tops the supply up to max_idle_share of the idle USDT left after the
-            #    entries (the first LEND of the bar in pair order supplies it all).
-            lendable = self._lendable((self.cash + flow.sum(0)).clamp(min=0.0), lent)
-            chunk = torch.where(act == LEND, lendable, 0.0)
-            supplied = torch.minimum(chunk, (lendable - (torch.cumsum(chunk, 0) - chunk)).clamp(min=0.0))
-            flow = flow - supplied
-            lent, principal = lent + supplied, principal + supplied
+            (qa, ca, qb, cb), (tr_coin, tr_quote, tr_due), cost_slot, arb_pnl = self._arbitrage_fills(
+                act, book, u, o, o2, (qa, ca, qb, cb), (tr_coin, tr_quote, tr_due), cost_slot, arb_pnl)
+        if LE:
+            # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or
+            #    (by hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
+            flow, lent, principal = self._lend(act, flow, lent, principal)
 
         # 5. Stops and targets inside bar t+1 (including positions just opened at its open). Staked and
         #    unbonding coins count: the stop sells the free coins and leaves an exit pending for the rest.
@@ -939,42 +885,12 @@ class BatchedTradingEnv:
                 value = value + arb_value
             equity = cash + value.sum(0)
             slot_change = value - self._slot_value + flow
-        x = equity / prev_equity - 1.0
-        small = x.abs() <= 1e-6
-        scale_log = torch.where(small, 1.0 - x / 2.0, torch.log1p(x) / torch.where(small, 1.0, x))
-        reward = slot_change * (scale_log / prev_equity)
-        peak = torch.maximum(self.peak, equity)
-        drawdown = 1.0 - equity / peak
-        if self.env_cfg.drawdown_penalty > 0:
-            prev_dd = 1.0 - prev_equity / self.peak
-            reward = reward - self.env_cfg.drawdown_penalty * (drawdown - prev_dd).clamp(min=0.0) / self.P
+        reward, x, peak, drawdown = self._reward(slot_change, equity, prev_equity)
 
         # 7. Bookkeeping: Kelly history (spot trades), episode statistics, cursor.
-        closed_bp, ret_bp = closed.t(), closed_ret.t()
-        self.trade_head, evicted, evicted_valid = risk.record_trades_(self.trade_ring, self.trade_head, closed_bp,
-                                                                      ret_bp)
-        self.kelly_sums = _update_window_sums(self.kelly_sums, closed_bp, ret_bp, evicted_valid, evicted)
-        st = self.stats
-        x64 = x.to(torch.float64)
-        st.ret_sum = st.ret_sum + x64
-        st.ret_sq_sum = st.ret_sq_sum + x64 * x64
-        st.max_drawdown = torch.maximum(st.max_drawdown, drawdown)
-        done, won = [closed], [closed & (closed_ret > 0)]
-        for done_now, ret_now in ((lp_closed, lp_ret), (arb_closed, arb_ret)):
-            if done_now is not None:
-                done.append(done_now)
-                won.append(done_now & (ret_now > 0))
-        st.trades = st.trades + (torch.stack(done).sum((0, 1)) if len(done) > 1 else closed.sum(0))
-        st.wins = st.wins + (torch.stack(won).sum((0, 1)) if len(won) > 1 else won[0].sum(0))
-        costs = cost_slot.sum(0)
-        st.costs = st.costs + costs
-        if tb is None:  # spot alone: every change of equity that is not a cost is the coins' price move
-            st.pnl_rows[0] += (equity - prev_equity) + costs
-            st.pnl_rows[-1] -= costs
-        else:
-            sources = [spot_pnl, stake_pnl, lp_fee_pnl, il_pnl, interest, arb_pnl]
-            st.pnl_rows += torch.stack([x.sum(0) for x in sources] + [-costs])
-        st.equity = equity
+        sources = None if tb is None else [spot_pnl, stake_pnl, lp_fee_pnl, il_pnl, interest, arb_pnl]
+        self._bookkeeping((closed, closed_ret), ((lp_closed, lp_ret), (arb_closed, arb_ret)), x, drawdown, cost_slot,
+                          equity, prev_equity, sources)
 
         self.cash, self._units, self._entry, self._entry_cost = cash, units, entry, entry_cost
         self._highest, self._bars_in_trade = highest, bars_in_trade
@@ -999,6 +915,150 @@ class BatchedTradingEnv:
         self.t = u
         self._refresh(flags.edge_next)
         return self.observe(), reward.t().to(torch.float32)
+
+    def _land_transfers(self, u: Tensor, book: tuple[Tensor, ...],
+                        transfers: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """0. Transfers between the venues that land at the open of bar u join the receiving venue's book.
+        Returns the book (qa, ca, qb, cb) and the transfers (coin, quote, due bar) after."""
+        qa, ca, qb, cb = book
+        tr_coin, tr_quote, tr_due = transfers
+        lands = tr_due <= u
+        landing_coin, landing_quote = torch.where(lands, tr_coin, 0.0), torch.where(lands, tr_quote, 0.0)
+        ca, cb = ca + landing_coin.clamp(min=0.0), cb - landing_coin.clamp(max=0.0)
+        qa, qb = qa + landing_quote.clamp(min=0.0), qb - landing_quote.clamp(max=0.0)
+        tr_coin, tr_quote = tr_coin - landing_coin, tr_quote - landing_quote
+        tr_due = torch.where(lands, NO_TRANSFER, tr_due)
+        return (qa, ca, qb, cb), (tr_coin, tr_quote, tr_due)
+
+    def _close_lp(self, act: Tensor, tradable: Tensor, o: Tensor) -> tuple:
+        """1b. An LP_CLOSE at the open o: the position's coins (swapped back to quote at fee and slippage) and
+        quote plus the fees it earned, less gas. Returns (closed, its return, cash in, costs, impermanent loss
+        realised at the open, the position after: (L, x0, y0, fees))."""
+        fee, slip, lpp, fx = self.fee, self.slip, self.strategy_params.lp, self._fx
+        L, spa, spb, x0, y0 = self._lp_L, self._lp_spa, self._lp_spb, self._lp_x0, self._lp_y0
+        lp_fees = self._lp_fees
+        lp_closed = (act == LP_CLOSE) & tradable
+        closing = lp_closed.to(self.dtype)
+        x_open, y_open = uniswap_v3.amounts_sqrt(L, fx[tables.SQRT_OPEN], spa, spb)
+        coin_open = x_open * o
+        swap_out = coin_open * (fee + slip)  # selling the coin share back to quote
+        lp_cash = coin_open + y_open + lp_fees - swap_out - lpp.gas_usd_close
+        il_pnl = (coin_open + y_open - (x0 * o + y0)) * closing  # the loss vs holding, at the open
+        lp_ret = lp_cash / self._lp_cost.clamp(min=1e-30) - 1.0
+        keep = 1.0 - closing
+        return (lp_closed, lp_ret, lp_cash * closing, (swap_out + lpp.gas_usd_close) * closing, il_pnl,
+                (L * keep, x0 * keep, y0 * keep, lp_fees * keep))
+
+    def _close_books(self, act: Tensor, quoted: Tensor, o: Tensor, o2: Tensor, book: tuple[Tensor, ...]) -> tuple:
+        """1c. An ARB_CLOSE where both venues quote: each venue's coins sold at its open, taker fees paid. Returns
+        (closed, its return, cash in, costs, arbitrage PnL, the book after: (qa, ca, qb, cb, cost))."""
+        ap = self.strategy_params.arbitrage
+        fa, fb = ap.taker_fee_a, ap.taker_fee_b
+        qa, ca, qb, cb, arb_cost = book
+        arb_closed = (act == ARB_CLOSE) & quoted
+        closing = arb_closed.to(self.dtype)
+        coin_a_value, coin_b_value = ca * o, cb * o2
+        book_cash = qa + qb + coin_a_value * (1.0 - fa) + coin_b_value * (1.0 - fb)
+        arb_pnl = (coin_b_value - cb * o) * closing  # B's coins sold at B's price, not A's
+        arb_ret = book_cash / self._arb_cost.clamp(min=1e-30) - 1.0
+        keep = 1.0 - closing
+        return (arb_closed, arb_ret, book_cash * closing, (coin_a_value * fa + coin_b_value * fb) * closing, arb_pnl,
+                (qa * keep, ca * keep, qb * keep, cb * keep, arb_cost * keep))
+
+    def _arbitrage_fills(self, act: Tensor, book: Tensor, u: Tensor, o: Tensor, o2: Tensor,
+                         inventory: tuple[Tensor, ...], transfers: tuple[Tensor, ...], cost_slot: Tensor,
+                         arb_pnl: Tensor) -> tuple:
+        """3. Arbitrage from the books at both venues' opens (arbitrage.arb_trade's rule: the direction whose net
+        edge at the opens beats min_edge); then a book that ran low is rebalanced by a transfer. Returns the
+        inventory (qa, ca, qb, cb), the transfers (coin, quote, due bar), the costs and the arbitrage PnL."""
+        ap, bx = self.strategy_params.arbitrage, self._bx
+        fa, fb = ap.taker_fee_a, ap.taker_fee_b
+        qa, ca, qb, cb = inventory
+        tr_coin, tr_quote, tr_due = transfers
+        trade = (act == ARB) & book
+        units_arb = arbitrage.directed_units(qa, ca, qb, cb, o, o2, trade & bx[tables.FILL_AB],
+                                             trade & bx[tables.FILL_BA], fa, fb, ap.max_notional_usd)
+        legs = arbitrage.settle(qa, ca, qb, cb, units_arb, o, o2, fa, fb)
+        qa, ca, qb, cb = legs.quote_a, legs.coin_a, legs.quote_b, legs.coin_b
+        cost_slot = cost_slot + legs.fees
+        arb_pnl = arb_pnl + units_arb * (o2 - o)  # sold on B above A's price (or bought on B below it)
+        coins_mean, quote_mean = (ca + cb) * 0.5, (qa + qb) * 0.5
+        low = ((torch.minimum(ca, cb) <= (2.0 * ap.rebalance_below) * coins_mean)
+               | (torch.minimum(qa, qb) <= (2.0 * ap.rebalance_below) * quote_mean))
+        rebalance = (units_arb != 0) & (tr_due == NO_TRANSFER) & low
+        to_a = coins_mean - ca  # coins the rich venue sends towards A (negative: towards B)
+        fee_units = torch.where(rebalance, torch.minimum(to_a.abs(), self._withdrawal_fee), 0.0)
+        tr_coin = torch.where(rebalance, to_a - torch.sign(to_a) * fee_units, tr_coin)
+        tr_quote = torch.where(rebalance, quote_mean - qa, tr_quote)
+        ca, cb = torch.where(rebalance, torch.minimum(ca, coins_mean), ca), torch.where(
+            rebalance, torch.minimum(cb, coins_mean), cb)
+        qa, qb = torch.where(rebalance, torch.minimum(qa, quote_mean), qa), torch.where(
+            rebalance, torch.minimum(qb, quote_mean), qb)
+        tr_due = torch.where(rebalance, u + self._transfer_bars, tr_due)
+        cost_slot = cost_slot + fee_units * o
+        return (qa, ca, qb, cb), (tr_coin, tr_quote, tr_due), cost_slot, arb_pnl
+
+    def _lend(self, act: Tensor, flow: Tensor, lent: Tensor, principal: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """4. Lending. By the sweep: the supply is set to max_idle_share of the idle USDT left after the entries
+        (cash plus supply: the entries could spend both), in equal sub-accounts per slot; a withdrawal takes its
+        share of the interest. By hand: a LEND tops the supply up to max_idle_share of that idle USDT (the first
+        LEND of the bar in pair order supplies it all). Returns (flow, lent, principal)."""
+        aave = self.strategy_params.aave
+        if aave.sweep:
+            target = (aave.max_idle_share / self.P) * (self.cash + flow.sum(0) + lent.sum(0)).clamp(min=0.0)
+            moved = target - lent
+            kept = torch.where(moved < 0, target / lent.clamp(min=torch.finfo(self.dtype).tiny), 1.0)
+            principal = torch.where(moved < 0, principal * kept, principal + moved)
+            return flow - moved, target.expand(self.P, self.B).clone(), principal
+        lendable = self._lendable((self.cash + flow.sum(0)).clamp(min=0.0), lent)
+        chunk = torch.where(act == LEND, lendable, 0.0)
+        supplied = torch.minimum(chunk, (lendable - (torch.cumsum(chunk, 0) - chunk)).clamp(min=0.0))
+        return flow - supplied, lent + supplied, principal + supplied
+
+    def _reward(self, slot_change: Tensor, equity: Tensor, prev_equity: Tensor) -> tuple[Tensor, ...]:
+        """6c. Each slot's reward: its change of value plus its cash flows, on the log scale of the equity change,
+        less the drawdown penalty. Returns (reward [P, B], x: the equity's relative change, peak, drawdown)."""
+        x = equity / prev_equity - 1.0
+        small = x.abs() <= 1e-6
+        scale_log = torch.where(small, 1.0 - x / 2.0, torch.log1p(x) / torch.where(small, 1.0, x))
+        reward = slot_change * (scale_log / prev_equity)
+        peak = torch.maximum(self.peak, equity)
+        drawdown = 1.0 - equity / peak
+        if self.env_cfg.drawdown_penalty > 0:
+            prev_dd = 1.0 - prev_equity / self.peak
+            reward = reward - self.env_cfg.drawdown_penalty * (drawdown - prev_dd).clamp(min=0.0) / self.P
+        return reward, x, peak, drawdown
+
+    def _bookkeeping(self, spot: tuple[Tensor, Tensor], others: tuple, x: Tensor, drawdown: Tensor,
+                     cost_slot: Tensor, equity: Tensor, prev_equity: Tensor, sources: list[Tensor] | None) -> None:
+        """7. Bookkeeping: the Kelly history (spot trades: (closed, returns)), the episode statistics (others: the
+        (closed, returns) of LP positions and arbitrage books, None where off), the PnL by source (sources: the
+        scratch rows of layout.PNL_SOURCES before fees; None for spot alone)."""
+        closed, closed_ret = spot
+        closed_bp, ret_bp = closed.t(), closed_ret.t()
+        self.trade_head, evicted, evicted_valid = risk.record_trades_(self.trade_ring, self.trade_head, closed_bp,
+                                                                      ret_bp)
+        self.kelly_sums = _update_window_sums(self.kelly_sums, closed_bp, ret_bp, evicted_valid, evicted)
+        st = self.stats
+        x64 = x.to(torch.float64)
+        st.ret_sum = st.ret_sum + x64
+        st.ret_sq_sum = st.ret_sq_sum + x64 * x64
+        st.max_drawdown = torch.maximum(st.max_drawdown, drawdown)
+        done, won = [closed], [closed & (closed_ret > 0)]
+        for done_now, ret_now in others:
+            if done_now is not None:
+                done.append(done_now)
+                won.append(done_now & (ret_now > 0))
+        st.trades = st.trades + (torch.stack(done).sum((0, 1)) if len(done) > 1 else closed.sum(0))
+        st.wins = st.wins + (torch.stack(won).sum((0, 1)) if len(won) > 1 else won[0].sum(0))
+        costs = cost_slot.sum(0)
+        st.costs = st.costs + costs
+        if sources is None:  # spot alone: every change of equity that is not a cost is the coins' price move
+            st.pnl_rows[0] += (equity - prev_equity) + costs
+            st.pnl_rows[-1] -= costs
+        else:
+            st.pnl_rows += torch.stack([s.sum(0) for s in sources] + [-costs])
+        st.equity = equity
 
 
 def _update_window_sums(sums: tuple[Tensor, ...], added: Tensor, added_ret: Tensor, removed: Tensor,
