@@ -656,8 +656,7 @@ class BatchedTradingEnv:
             # What the host knows without a device sync: whether some episode may fund a book this step (the
             # mask allowed ARB at bar t somewhere), whether a book may exist, whether a transfer may land.
             # The blocks that would be exact no-ops otherwise are skipped.
-            ap = self.strategy_params.arbitrage
-            fa, fb, o2, quoted = ap.taker_fee_a, ap.taker_fee_b, fx[tables.V2_OPEN], bx[tables.QUOTED]
+            o2, quoted = fx[tables.V2_OPEN], bx[tables.QUOTED]
             qa, ca, qb, cb = self._qa, self._ca, self._qb, self._cb
             tr_coin, tr_quote, tr_due, book = self._tr_coin, self._tr_quote, self._tr_due, self._book
             arb_cost, arb_value = self._arb_cost, self._arb_value
@@ -696,7 +695,6 @@ class BatchedTradingEnv:
             closed_ret = torch.where(sell, proceeds / entry_cost.clamp(min=1e-30) - 1.0, 0.0)
             closed = sell
         if LP:
-            lpp = self.strategy_params.lp
             spa, spb, lp_cost = self._lp_spa, self._lp_spb, self._lp_cost
             x0_before = self._lp_x0
             lp_closed, lp_ret, lp_cash, lp_costs, il_pnl, (L, x0, y0, lp_fees) = self._close_lp(act, tradable, o)
@@ -726,35 +724,10 @@ class BatchedTradingEnv:
         if LE and self.strategy_params.aave.sweep:
             available = available + lent.sum(0)  # the sweep withdraws what the entries need
         if LP or AR:
-            notional = self.size * prev_equity
-            no = self._zeros > 0
-            want_lp, want_arb = no, no
-            if LP:
-                open_trades = open_trades + (L > 0).sum(0)
-                want_lp = (act == LP_OPEN) & tradable & ~self.blocked
-            if AR and books_before:
-                open_trades = open_trades + 2 * book.sum(0)
-            if AR and may_fund:
-                want_arb = (act == ARB) & ~book & quoted & ~self.blocked
-            # single trades in pair order (spot then LP for each pair), then arbitrage books (2 legs each)
-            singles = torch.stack([want, want_lp], dim=1).view(2 * self.P, self.B)
-            granted, accepted_arb = risk.accept_trades_then_books(singles, want_arb, open_trades, r.max_trades)
-            pairs_granted = granted.view(self.P, 2, self.B)
-            accepted, accepted_lp = pairs_granted[:, 0], pairs_granted[:, 1]
-            spend = torch.where(accepted, notional * (1.0 + fee), 0.0)
-            variable, gas = spend.sum(0), 0.0
-            if LP:  # an LP position and an arbitrage book are sized up to their minimum (the mask checked the cap)
-                n_lp = accepted_lp.sum(0)
-                lp_notional = notional.clamp(min=lpp.min_notional_usd)
-                variable = variable + n_lp * lp_notional * (1.0 + self._coin_share * (fee + slip))
-                gas = n_lp.to(dt) * lpp.gas_usd_open
-            if AR and may_fund:
-                book_min = self._arb_min_book(prev_close)
-                book_notional = torch.maximum(notional, book_min)
-                variable = variable + torch.where(accepted_arb, book_notional * (1.0 + (fa + fb) / 4.0), 0.0).sum(0)
-            scale = torch.where(variable + gas > available,
-                                (available - gas).clamp(min=0.0) / variable.clamp(min=1e-30), 1.0)
-            spend = spend * scale
+            arb_books = (book, quoted, books_before, may_fund) if AR else None
+            accepted, accepted_lp, accepted_arb, spend, scale, lp_notional, book_notional, book_min = (
+                self._admit_portfolio_entries(act, tradable, want, open_trades, available, prev_equity, prev_close,
+                                              L if LP else None, arb_books))
         else:
             accepted = risk.accept_entries(want.t(), open_trades, r.max_trades).t()
             spend = torch.where(accepted, (self.size * prev_equity) * (1.0 + fee), 0.0)
@@ -770,32 +743,15 @@ class BatchedTradingEnv:
         highest = torch.where(accepted, buy_px, highest)
         bars_in_trade = torch.where(accepted, 0.0, bars_in_trade)
         if LP:
-            budget = lp_notional * scale
-            accepted_lp = accepted_lp & (scale > 0) & (budget >= lpp.min_notional_usd)  # never below the minimum
-            position = uniswap_v3.open_symmetric(budget, o, lpp.range_width, sqrt_p=fx[tables.SQRT_OPEN])
-            swap_in = budget * (self._coin_share * (fee + slip))  # buying the coin share
-            lp_out = budget + swap_in + lpp.gas_usd_open
-            opening = accepted_lp.to(dt)
-            flow = flow - lp_out * opening
-            cost_slot = cost_slot + (swap_in + lpp.gas_usd_open) * opening
-            L = torch.where(accepted_lp, position.L, L)
-            spa, spb = torch.where(accepted_lp, position.sqrt_pa, spa), torch.where(accepted_lp, position.sqrt_pb, spb)
-            x0, y0 = torch.where(accepted_lp, position.x, x0), torch.where(accepted_lp, position.y, y0)
-            lp_cost = torch.where(accepted_lp, lp_out, lp_cost)
+            lp_out, lp_costs, (L, spa, spb, x0, y0, lp_cost) = self._open_lp(
+                accepted_lp, lp_notional * scale, scale, o, (L, spa, spb, x0, y0, lp_cost))
+            flow = flow - lp_out
+            cost_slot = cost_slot + lp_costs
         if AR and may_fund:
-            accepted_arb = accepted_arb & (scale > 0) & (book_notional * scale >= book_min)
-            quarter = book_notional * scale * 0.25
-            funding_fees = quarter * (fa + fb)
-            book_out = 4.0 * quarter + funding_fees
-            funding = accepted_arb.to(dt)
-            flow = flow - book_out * funding
-            cost_slot = cost_slot + funding_fees * funding
-            coin_b = quarter / o2
-            arb_pnl = arb_pnl + (coin_b * o - quarter) * funding  # B's coins bought at B's price
-            qa, qb = torch.where(accepted_arb, quarter, qa), torch.where(accepted_arb, quarter, qb)
-            ca, cb = torch.where(accepted_arb, quarter / o, ca), torch.where(accepted_arb, coin_b, cb)
-            book = book | accepted_arb
-            arb_cost = torch.where(accepted_arb, book_out, arb_cost)
+            book_out, funding_fees, arb_pnl, (qa, ca, qb, cb, book, arb_cost) = self._fund_books(
+                accepted_arb, book_notional, book_min, scale, o, o2, (qa, ca, qb, cb, book, arb_cost), arb_pnl)
+            flow = flow - book_out
+            cost_slot = cost_slot + funding_fees
 
         if AR and books and flags.may_fill:
             # 3. Arbitrage from the books at both venues' opens (arbitrage.arb_trade's rule: the direction
@@ -810,37 +766,12 @@ class BatchedTradingEnv:
 
         # 5. Stops and targets inside bar t+1 (including positions just opened at its open). Staked and
         #    unbonding coins count: the stop sells the free coins and leaves an exit pending for the rest.
+        (units, entry, entry_cost, highest, bars_in_trade), staking_state, still, (closed, closed_ret), \
+            cost_slot, flow, (stopped_units, exit_px) = self._stops(
+                (units, entry, entry_cost, highest, bars_in_trade), (locked, pending, exit_proceeds) if S else None,
+                tradable, o, h, lo, (closed, closed_ret), cost_slot, flow)
         if S:
-            holding = (units + locked > 0) & tradable & ~pending
-        else:
-            holding = (units > 0) & tradable
-        stop = risk.stop_level(entry, highest, r.stop_loss, r.trailing_stop)
-        target = risk.take_profit_level(entry, r.take_profit)
-        stop_hit, target_hit, exit_px = risk.exits_in_bar(o, h, lo, stop, target)
-        forced = holding & (stop_hit | target_hit)
-        forced_gross = units * exit_px * (1.0 - slip)
-        forced_proceeds = torch.where(forced, forced_gross * (1.0 - fee), 0.0)
-        cost_slot = cost_slot + torch.where(forced, units * exit_px * slip + forced_gross * fee, 0.0)
-        stopped_units = torch.where(forced, units, 0.0) if tb is not None else None
-        if S:
-            exit_proceeds = exit_proceeds + forced_proceeds
-            forced_closed = forced & (locked <= 0)
-            closed_ret = torch.where(forced_closed, exit_proceeds / entry_cost.clamp(min=1e-30) - 1.0, closed_ret)
-            closed = closed | forced_closed
-            pending = pending | (forced & (locked > 0))
-        else:
-            closed_ret = torch.where(forced, forced_proceeds / entry_cost.clamp(min=1e-30) - 1.0, closed_ret)
-            closed = closed | forced
-        flow = flow + forced_proceeds
-        units = torch.where(forced, 0.0, units)
-        still = units > 0
-        if S:
-            still = still | (locked > 0)
-            exit_proceeds = torch.where(still, exit_proceeds, 0.0)
-        highest = torch.where(still & tradable, torch.maximum(highest, h), highest)
-        bars_in_trade = torch.where(still, bars_in_trade + 1.0, 0.0)
-        entry = torch.where(still, entry, 0.0)
-        entry_cost = torch.where(still, entry_cost, 0.0)
+            locked, pending, exit_proceeds = staking_state
         coins_after = units + locked if S else units
         if tb is not None:
             # price PnL of the coins: held from the last close to the open, sold at the stop, held to the close
@@ -915,6 +846,138 @@ class BatchedTradingEnv:
         self.t = u
         self._refresh(flags.edge_next)
         return self.observe(), reward.t().to(torch.float32)
+
+    def _admit_portfolio_entries(self, act: Tensor, tradable: Tensor, want: Tensor, open_trades: Tensor,
+                                 available: Tensor, prev_equity: Tensor, prev_close: Tensor, lp_L: Tensor | None,
+                                 arb: tuple | None) -> tuple:
+        """2a. The entries admitted under the concurrent-trade cap with LP or arbitrage on: single trades in pair
+        order (spot then LP for each pair), then arbitrage books (2 legs each), their spend scaled down together
+        when the cash available runs short. lp_L: the LP positions' liquidity (None: LP off); arb: (books,
+        quoted, a book may exist, a book may be funded) (None: arbitrage off). Returns (accepted spot, LP and
+        book entries, spend, scale, LP notional, book notional, book minimum; None where off)."""
+        r, fee, slip = self.risk_cfg, self.fee, self.slip
+        notional = self.size * prev_equity
+        no = self._zeros > 0
+        want_lp, want_arb = no, no
+        if lp_L is not None:
+            open_trades = open_trades + (lp_L > 0).sum(0)
+            want_lp = (act == LP_OPEN) & tradable & ~self.blocked
+        may_fund = arb is not None and arb[3]
+        if arb is not None:
+            book, quoted, books_before, _ = arb
+            if books_before:
+                open_trades = open_trades + 2 * book.sum(0)
+            if may_fund:
+                want_arb = (act == ARB) & ~book & quoted & ~self.blocked
+        singles = torch.stack([want, want_lp], dim=1).view(2 * self.P, self.B)
+        granted, accepted_arb = risk.accept_trades_then_books(singles, want_arb, open_trades, r.max_trades)
+        pairs_granted = granted.view(self.P, 2, self.B)
+        accepted, accepted_lp = pairs_granted[:, 0], pairs_granted[:, 1]
+        spend = torch.where(accepted, notional * (1.0 + fee), 0.0)
+        variable, gas = spend.sum(0), 0.0
+        lp_notional = book_notional = book_min = None
+        # an LP position and an arbitrage book are sized up to their minimum (the mask checked the cap)
+        if lp_L is not None:
+            lpp = self.strategy_params.lp
+            n_lp = accepted_lp.sum(0)
+            lp_notional = notional.clamp(min=lpp.min_notional_usd)
+            variable = variable + n_lp * lp_notional * (1.0 + self._coin_share * (fee + slip))
+            gas = n_lp.to(self.dtype) * lpp.gas_usd_open
+        if may_fund:
+            ap = self.strategy_params.arbitrage
+            fa, fb = ap.taker_fee_a, ap.taker_fee_b
+            book_min = self._arb_min_book(prev_close)
+            book_notional = torch.maximum(notional, book_min)
+            variable = variable + torch.where(accepted_arb, book_notional * (1.0 + (fa + fb) / 4.0), 0.0).sum(0)
+        scale = torch.where(variable + gas > available,
+                            (available - gas).clamp(min=0.0) / variable.clamp(min=1e-30), 1.0)
+        return accepted, accepted_lp, accepted_arb, spend * scale, scale, lp_notional, book_notional, book_min
+
+    def _open_lp(self, accepted_lp: Tensor, budget: Tensor, scale: Tensor, o: Tensor,
+                 position: tuple[Tensor, ...]) -> tuple:
+        """2b. The admitted LP_OPENs: a symmetric Uniswap V3 position of `budget` quote around the open (never below
+        the minimum), the coin share swapped in at fee and slippage, gas paid. position: (L, sqrt pa, sqrt pb, x0,
+        y0, cost). Returns (cash out, costs, the position after)."""
+        lpp, fee, slip = self.strategy_params.lp, self.fee, self.slip
+        L, spa, spb, x0, y0, lp_cost = position
+        accepted_lp = accepted_lp & (scale > 0) & (budget >= lpp.min_notional_usd)  # never below the minimum
+        opened = uniswap_v3.open_symmetric(budget, o, lpp.range_width, sqrt_p=self._fx[tables.SQRT_OPEN])
+        swap_in = budget * (self._coin_share * (fee + slip))  # buying the coin share
+        lp_out = budget + swap_in + lpp.gas_usd_open
+        opening = accepted_lp.to(self.dtype)
+        L = torch.where(accepted_lp, opened.L, L)
+        spa, spb = torch.where(accepted_lp, opened.sqrt_pa, spa), torch.where(accepted_lp, opened.sqrt_pb, spb)
+        x0, y0 = torch.where(accepted_lp, opened.x, x0), torch.where(accepted_lp, opened.y, y0)
+        lp_cost = torch.where(accepted_lp, lp_out, lp_cost)
+        return lp_out * opening, (swap_in + lpp.gas_usd_open) * opening, (L, spa, spb, x0, y0, lp_cost)
+
+    def _fund_books(self, accepted_arb: Tensor, book_notional: Tensor, book_min: Tensor, scale: Tensor, o: Tensor,
+                    o2: Tensor, books: tuple[Tensor, ...], arb_pnl: Tensor) -> tuple:
+        """2c. The admitted new arbitrage books: a quarter of the notional (sized up to the book's minimum) in quote
+        and a quarter in coins at each venue, bought at the venues' opens with taker fees. books: (qa, ca, qb, cb,
+        book, cost). Returns (cash out, fees, the arbitrage PnL, the books after)."""
+        ap = self.strategy_params.arbitrage
+        fa, fb = ap.taker_fee_a, ap.taker_fee_b
+        qa, ca, qb, cb, book, arb_cost = books
+        accepted_arb = accepted_arb & (scale > 0) & (book_notional * scale >= book_min)
+        quarter = book_notional * scale * 0.25
+        funding_fees = quarter * (fa + fb)
+        book_out = 4.0 * quarter + funding_fees
+        funding = accepted_arb.to(self.dtype)
+        coin_b = quarter / o2
+        arb_pnl = arb_pnl + (coin_b * o - quarter) * funding  # B's coins bought at B's price
+        qa, qb = torch.where(accepted_arb, quarter, qa), torch.where(accepted_arb, quarter, qb)
+        ca, cb = torch.where(accepted_arb, quarter / o, ca), torch.where(accepted_arb, coin_b, cb)
+        book = book | accepted_arb
+        arb_cost = torch.where(accepted_arb, book_out, arb_cost)
+        return book_out * funding, funding_fees * funding, arb_pnl, (qa, ca, qb, cb, book, arb_cost)
+
+    def _stops(self, trade: tuple[Tensor, ...], staking_state: tuple[Tensor, ...] | None, tradable: Tensor,
+               o: Tensor, h: Tensor, lo: Tensor, closed: tuple[Tensor, Tensor], cost_slot: Tensor,
+               flow: Tensor) -> tuple:
+        """5. Stops and targets inside the bar (open o, high h, low lo), positions just opened included: a spot
+        trade that touches its stop or target is sold there (risk.exits_in_bar). With staking (staking_state:
+        locked coins, exit pending, exit proceeds), staked and unbonding coins count: the stop sells the free
+        coins and leaves an exit pending for the rest. trade: (units, entry, entry cost, highest, bars held).
+        Returns (the trade after, the staking state after, still open, (closed, returns), costs, flow, (stopped
+        units, exit price))."""
+        r, fee, slip = self.risk_cfg, self.fee, self.slip
+        units, entry, entry_cost, highest, bars_in_trade = trade
+        closed, closed_ret = closed
+        if staking_state is not None:
+            locked, pending, exit_proceeds = staking_state
+            holding = (units + locked > 0) & tradable & ~pending
+        else:
+            holding = (units > 0) & tradable
+        stop = risk.stop_level(entry, highest, r.stop_loss, r.trailing_stop)
+        target = risk.take_profit_level(entry, r.take_profit)
+        stop_hit, target_hit, exit_px = risk.exits_in_bar(o, h, lo, stop, target)
+        forced = holding & (stop_hit | target_hit)
+        forced_gross = units * exit_px * (1.0 - slip)
+        forced_proceeds = torch.where(forced, forced_gross * (1.0 - fee), 0.0)
+        cost_slot = cost_slot + torch.where(forced, units * exit_px * slip + forced_gross * fee, 0.0)
+        stopped_units = torch.where(forced, units, 0.0) if self._tables is not None else None
+        if staking_state is not None:
+            exit_proceeds = exit_proceeds + forced_proceeds
+            forced_closed = forced & (locked <= 0)
+            closed_ret = torch.where(forced_closed, exit_proceeds / entry_cost.clamp(min=1e-30) - 1.0, closed_ret)
+            closed = closed | forced_closed
+            pending = pending | (forced & (locked > 0))
+        else:
+            closed_ret = torch.where(forced, forced_proceeds / entry_cost.clamp(min=1e-30) - 1.0, closed_ret)
+            closed = closed | forced
+        flow = flow + forced_proceeds
+        units = torch.where(forced, 0.0, units)
+        still = units > 0
+        if staking_state is not None:
+            still = still | (locked > 0)
+            staking_state = (locked, pending, torch.where(still, exit_proceeds, 0.0))
+        highest = torch.where(still & tradable, torch.maximum(highest, h), highest)
+        bars_in_trade = torch.where(still, bars_in_trade + 1.0, 0.0)
+        entry = torch.where(still, entry, 0.0)
+        entry_cost = torch.where(still, entry_cost, 0.0)
+        return ((units, entry, entry_cost, highest, bars_in_trade), staking_state, still, (closed, closed_ret),
+                cost_slot, flow, (stopped_units, exit_px))
 
     def _land_transfers(self, u: Tensor, book: tuple[Tensor, ...],
                         transfers: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
