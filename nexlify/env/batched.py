@@ -680,17 +680,9 @@ class BatchedTradingEnv:
         units = torch.where(sell, 0.0, units)
         flow = proceeds  # cash into (+) or out of (-) each slot this bar
         if S:
-            sp = self.strategy_params.staking
-            request = torch.where(want_close, staked, torch.where(act == UNSTAKE, staked * sp.unstake_fraction, 0.0))
-            staked, unbonding, release = staking.start_unbond(staked, unbonding, release, request, u,
-                                                              self._unbond_bars)
-            moved = torch.where(act == STAKE, units * sp.stake_fraction, 0.0)
-            units, staked = units - moved, staked + moved
-            locked = staked + unbonding
-            exit_proceeds = self._exit_proceeds + proceeds
-            closed = sell & (locked <= 0)
-            closed_ret = torch.where(closed, exit_proceeds / entry_cost.clamp(min=1e-30) - 1.0, 0.0)
-            pending = want_close & (locked > 0)
+            units, (staked, unbonding, release), (locked, pending, exit_proceeds), (closed, closed_ret) = (
+                self._staking_exits(act, u, want_close, sell, proceeds, units, entry_cost,
+                                    (staked, unbonding, release)))
         else:
             closed_ret = torch.where(sell, proceeds / entry_cost.clamp(min=1e-30) - 1.0, 0.0)
             closed = sell
@@ -791,14 +783,7 @@ class BatchedTradingEnv:
                 staked = grown
                 value = value + stake_pnl
             if LP:
-                pa, pb = spa * spa, spb * spb
-                # uniswap_v3.fee_income with fee_tier * pool volume read from the table
-                lp_fee_pnl = (uniswap_v3.in_range_fraction(lo, h, pa, pb) * uniswap_v3.liquidity_share(
-                    L, fx[tables.POOL_LIQUIDITY]) * fx[tables.POOL_FEE_VOLUME])
-                lp_fees = lp_fees + lp_fee_pnl
-                x_close, y_close = uniswap_v3.amounts_sqrt(L, fx[tables.SQRT_CLOSE], spa, spb)
-                lp_value = x_close * c + y_close
-                lp_il = lp_value - (x0 * c + y0)
+                lp_fee_pnl, lp_fees, lp_value, lp_il = self._mark_lp(h, lo, c, (L, spa, spb, x0, y0, lp_fees))
                 il_pnl = il_pnl + lp_il - self._lp_il
                 spot_pnl = spot_pnl + x0_before * (o - prev_close) + x0 * (c - o)
                 value = value + lp_value + lp_fees
@@ -808,11 +793,8 @@ class BatchedTradingEnv:
                 lent = grown
                 value = value + lent
             if AR and books:
-                arb_coins_after = ca + cb + tr_coin.abs()
-                if books_before:
-                    spot_pnl = spot_pnl + arb_coins_before * (o - prev_close)
-                spot_pnl = spot_pnl + arb_coins_after * (c - o)
-                arb_value = qa + qb + tr_quote.abs() + arb_coins_after * c
+                spot_pnl, arb_value = self._mark_books(o, c, prev_close, (qa, ca, qb, cb, tr_coin, tr_quote),
+                                                       arb_coins_before if books_before else None, spot_pnl)
                 value = value + arb_value
             equity = cash + value.sum(0)
             slot_change = value - self._slot_value + flow
@@ -846,6 +828,53 @@ class BatchedTradingEnv:
         self.t = u
         self._refresh(flags.edge_next)
         return self.observe(), reward.t().to(torch.float32)
+
+    def _staking_exits(self, act: Tensor, u: Tensor, want_close: Tensor, sell: Tensor, proceeds: Tensor,
+                       units: Tensor, entry_cost: Tensor, stake: tuple[Tensor, Tensor, Tensor]) -> tuple:
+        """1a. Staking at the open of bar u: a close (want_close) or an UNSTAKE starts unbonding staked coins
+        (staking.start_unbond), a STAKE stakes a share of the free ones; a spot trade counts as closed once no coins
+        are left locked, else its exit waits. stake: (staked, unbonding, release bar). Returns (free units, stake
+        after, (locked, exit pending, exit proceeds), (closed, returns))."""
+        sp = self.strategy_params.staking
+        staked, unbonding, release = stake
+        request = torch.where(want_close, staked, torch.where(act == UNSTAKE, staked * sp.unstake_fraction, 0.0))
+        staked, unbonding, release = staking.start_unbond(staked, unbonding, release, request, u, self._unbond_bars)
+        moved = torch.where(act == STAKE, units * sp.stake_fraction, 0.0)
+        units, staked = units - moved, staked + moved
+        locked = staked + unbonding
+        exit_proceeds = self._exit_proceeds + proceeds
+        closed = sell & (locked <= 0)
+        closed_ret = torch.where(closed, exit_proceeds / entry_cost.clamp(min=1e-30) - 1.0, 0.0)
+        pending = want_close & (locked > 0)
+        return units, (staked, unbonding, release), (locked, pending, exit_proceeds), (closed, closed_ret)
+
+    def _mark_lp(self, h: Tensor, lo: Tensor, c: Tensor, position: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """6b. What the Uniswap V3 positions earn in the bar (high h, low lo, close c): their share of the pool's
+        fees for the part of the bar's range inside their own (uniswap_v3.fee_income with fee_tier * pool volume
+        read from the table), their value and impermanent loss at the close. position: (L, sqrt pa, sqrt pb, x0,
+        y0, fees). Returns (fee PnL, fees accrued, value, impermanent loss)."""
+        fx = self._fx
+        L, spa, spb, x0, y0, lp_fees = position
+        pa, pb = spa * spa, spb * spb
+        lp_fee_pnl = (uniswap_v3.in_range_fraction(lo, h, pa, pb) * uniswap_v3.liquidity_share(
+            L, fx[tables.POOL_LIQUIDITY]) * fx[tables.POOL_FEE_VOLUME])
+        lp_fees = lp_fees + lp_fee_pnl
+        x_close, y_close = uniswap_v3.amounts_sqrt(L, fx[tables.SQRT_CLOSE], spa, spb)
+        lp_value = x_close * c + y_close
+        return lp_fee_pnl, lp_fees, lp_value, lp_value - (x0 * c + y0)
+
+    def _mark_books(self, o: Tensor, c: Tensor, prev_close: Tensor, books: tuple[Tensor, ...],
+                    coins_before: Tensor | None, spot_pnl: Tensor) -> tuple[Tensor, Tensor]:
+        """6d. The arbitrage books marked at the close c: their coins' price move (those held at the last close,
+        coins_before, None where no book was open, from that close to the open; those after the open's trades to
+        the close) goes to the spot PnL. books: (qa, ca, qb, cb, coin in transit, quote in transit). Returns
+        (spot_pnl, the books' value)."""
+        qa, ca, qb, cb, tr_coin, tr_quote = books
+        arb_coins_after = ca + cb + tr_coin.abs()
+        if coins_before is not None:
+            spot_pnl = spot_pnl + coins_before * (o - prev_close)
+        spot_pnl = spot_pnl + arb_coins_after * (c - o)
+        return spot_pnl, qa + qb + tr_quote.abs() + arb_coins_after * c
 
     def _admit_portfolio_entries(self, act: Tensor, tradable: Tensor, want: Tensor, open_trades: Tensor,
                                  available: Tensor, prev_equity: Tensor, prev_close: Tensor, lp_L: Tensor | None,
