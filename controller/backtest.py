@@ -4,13 +4,14 @@
     fold_row         one fold's table row from its test evaluation (agent beside whatever baselines exist)
     aggregate        mean / median of the agent's return and Sharpe, and in how many folds it beats each
                      baseline on return and on Sharpe
+    render_table     the table printed by `nexlify backtest --walk-forward`
 
 Sharpe here is the annualised Sharpe of hourly returns in excess of what cash plus lending earns
 (max_idle_share of the cash at the modelled Aave USDT supply rate; nexlify.metrics.sharpe_vs_lending,
-`avg_sharpe_vs_lending`): the risk-free rate of a USDT book here, so that cash plus lending, riskless, has 0 and "beats it on Sharpe" means earning more than lending per unit of
-risk. (With rf = 0 its near-constant returns give a Sharpe in the hundreds of thousands.) Results written
-before that metric existed fall back to `avg_sharpe`.
-    render_table     the table printed by `nexlify backtest --walk-forward`
+`avg_sharpe_vs_lending`): the risk-free rate of a USDT book here, so that cash plus lending, riskless, has
+0 and "beats it on Sharpe" means earning more than lending per unit of risk. (With rf = 0 its
+near-constant returns give a Sharpe in the hundreds of thousands.) Results written before that metric
+existed fall back to `avg_sharpe`.
 
 Fold k of n (k = 1 is the oldest) tests on [test_start_k, test_end_k) with
     test_end_k   = data.end - (n - k) * step_days

@@ -65,9 +65,11 @@ def selection_report(candidates: list[dict], moments: dict[str, dict | None], ba
             return sel["val_sharpe_vs_lending"], m["avg_sharpe_vs_lending"]
         return sel["val_sharpe"], m.get("avg_sharpe")
 
-    report["beats_baselines"] = {
-        name: {"return": sel["val_return"] > m["avg_return"], "sharpe": sharpes(m)[0] > sharpes(m)[1]}
-        for name, m in (baselines or {}).items() if sel["val_return"] is not None and None not in sharpes(m)}
+    report["beats_baselines"] = {}
+    for name, m in (baselines or {}).items():
+        own, theirs = sharpes(m)
+        if sel["val_return"] is not None and own is not None and theirs is not None:
+            report["beats_baselines"][name] = {"return": sel["val_return"] > m["avg_return"], "sharpe": own > theirs}
     report["deflated_sharpe"] = _deflated(sel["source"], candidates, moments)
     return report
 

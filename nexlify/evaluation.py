@@ -21,7 +21,8 @@ bars keeps a few tensors per episode, with no Python loop over episodes:
   = -pnl_breakdown["fees_and_gas"]);
 - sharpe_vs_lending (per pair; avg_sharpe_vs_lending): the annualised Sharpe of the hourly returns in
   excess of what cash plus lending earns (max_idle_share of the cash at the modelled Aave USDT supply
-  rate), the riskless return of a USDT book here (riskless_return, nexlify.metrics.sharpe_vs_lending). `sharpe` (rf = 0) stays the score's;
+  rate), the riskless return of a USDT book here (riskless_return, nexlify.metrics.sharpe_vs_lending);
+  `sharpe` (rf = 0) stays the score's;
 - return_moments: n, mean, std (ddof=1), skewness and kurtosis (non-excess, population moments) of the
   per-bar returns of the policy's book (the pair portfolios' equities added up), and its per-bar Sharpe
   (mean / std): what the deflated Sharpe ratio of a selected model needs (nexlify.metrics).
