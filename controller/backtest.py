@@ -4,6 +4,9 @@
     fold_row         one fold's table row from its test evaluation (agent beside whatever baselines exist)
     aggregate        mean / median of the agent's return and Sharpe, and in how many folds it beats each
                      baseline on return and on Sharpe
+    candidates_on_test  every model a fold's pipeline tried, on the fold's test window: does the selection
+                     on validation carry over (the selected model's rank, the rank correlation of validation
+                     score and test return, how many beat cash plus lending)?
     render_table     the table printed by `nexlify backtest --walk-forward`
 
 Sharpe here is the annualised Sharpe of hourly returns in excess of what cash plus lending earns
@@ -28,13 +31,13 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 
+from controller.selection import CASH_PLUS_LENDING
 from nexlify.configtools import setting
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.errors import InputError
 
 # `evaluate_checkpoint`'s older yardstick (per pair, no fees), shown beside the baselines when present.
 BUY_AND_HOLD_KEY = "buy_and_hold"
-CASH_LENDING = "cash_lending"
 
 
 @dataclass
@@ -109,12 +112,14 @@ def _sharpe(metrics: dict) -> float:
     return float(metrics.get("avg_sharpe_vs_lending", metrics["avg_sharpe"]))
 
 
-def fold_row(fold: Fold, evaluation: dict) -> dict:
+def fold_row(fold: Fold, evaluation: dict, candidates: list[dict] | None = None) -> dict:
     """One table row: the fold's dates, the agent's test metrics, and each baseline's return and Sharpe.
 
     `evaluation` is `nexlify.evaluate_cmd.evaluate_checkpoint`'s result. Every entry of its `baselines`
     (name -> metrics with avg_return, avg_sharpe) becomes a comparison, and so does its per-pair
-    `buy_and_hold` (averaged over pairs, like the agent's avg_return) when present."""
+    `buy_and_hold` (averaged over pairs, like the agent's avg_return) when present. With `candidates` (every
+    model the fold's pipeline tried, with its test return; see candidates_on_test) the row carries their
+    summary under "candidates"."""
     agent = evaluation["agent"]
     exposure = agent.get("avg_exposure", agent.get("exposure"))
     baselines = {name: {"return": float(m["avg_return"]), "sharpe": _sharpe(m)}
@@ -131,15 +136,55 @@ def fold_row(fold: Fold, evaluation: dict) -> dict:
                   "max_drawdown": float(agent["avg_drawdown"]), "trades": int(agent["total_trades"]),
                   "exposure": None if exposure is None else float(exposure)},
         "baselines": baselines,
+        **({"candidates": candidates_on_test(candidates, baselines.get(CASH_PLUS_LENDING, {}).get("return"))}
+           if candidates else {}),
     }
 
+
+
+def candidates_on_test(candidates: list[dict], lending_return: float | None) -> dict:
+    """Every model the fold's pipeline tried (its initial runs and retraining iterations), on the fold's test
+    window. candidates: [{"source", "val_score", "test_return", "selected"}], exactly one selected.
+
+    Returns the count, the median / mean / best test return, how many beat cash plus lending's return
+    (strictly; None without it), the selected model's rank on test (1 = best; ties share the better rank)
+    and the Spearman rank correlation between the validation score that selects and the test return (ties
+    averaged; None with fewer than 3 candidates or when either side is constant). Near 0, choosing the best
+    of them on validation picks no better than chance on the window after it."""
+    returns = [float(c["test_return"]) for c in candidates]
+    chosen = [c for c in candidates if c["selected"]]
+    if len(chosen) != 1:
+        raise ValueError(f"{len(chosen)} candidates are marked selected; expected exactly one")
+    selected = float(chosen[0]["test_return"])
+    return {
+        "models": len(returns),
+        "median_return": statistics.median(returns),
+        "mean_return": statistics.fmean(returns),
+        "best_return": max(returns),
+        "beat_cash_plus_lending": None if lending_return is None else sum(r > lending_return for r in returns),
+        "selected_source": chosen[0]["source"],
+        "selected_rank": 1 + sum(r > selected for r in returns),
+        "rank_correlation": _spearman([float(c["val_score"]) for c in candidates], returns),
+    }
+
+
+def _spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rho: Pearson's correlation of the average ranks (pandas ranks, ties averaged)."""
+    import pandas as pd
+
+    if len(x) < 3:
+        return None
+    rx, ry = pd.Series(x).rank().tolist(), pd.Series(y).rank().tolist()
+    if len(set(rx)) == 1 or len(set(ry)) == 1:
+        return None
+    return statistics.correlation(rx, ry)
 
 def comparators(rows: list[dict]) -> list[str]:
     """Baseline names in order of first appearance, cash + lending first, buy-and-hold last."""
     names: list[str] = []
     for row in rows:
         names += [n for n in row["baselines"] if n not in names]
-    first = [n for n in (CASH_LENDING,) if n in names]
+    first = [n for n in (CASH_PLUS_LENDING,) if n in names]
     last = [n for n in (BUY_AND_HOLD_KEY,) if n in names]
     return first + [n for n in names if n not in first + last] + last
 
@@ -159,6 +204,18 @@ def aggregate(rows: list[dict]) -> dict:
         },
         "versus": {},
     }
+    tested = [r["candidates"] for r in rows if r.get("candidates")]
+    if tested:
+        rhos = [c["rank_correlation"] for c in tested if c["rank_correlation"] is not None]
+        beat = [c["beat_cash_plus_lending"] for c in tested if c["beat_cash_plus_lending"] is not None]
+        out["candidates"] = {
+            "folds": len(tested), "models": sum(c["models"] for c in tested),
+            "mean_return": statistics.fmean(c["mean_return"] for c in tested),  # mean of the folds' means
+            "beat_cash_plus_lending": sum(beat) if beat else None,
+            "models_with_lending": sum(c["models"] for c in tested if c["beat_cash_plus_lending"] is not None),
+            "mean_rank_correlation": statistics.fmean(rhos) if rhos else None,
+            "selected_best_on_test": sum(c["selected_rank"] == 1 for c in tested),
+        }
     for name in comparators(rows):
         pairs = [(r["agent"], r["baselines"][name]) for r in rows if name in r["baselines"]]
         out["versus"][name] = {
@@ -207,4 +264,29 @@ def render_table(rows: list[dict], agg: dict) -> str:
                      f"Sharpe {_num(v['mean_sharpe'], '.2f')})")
     if not agg["versus"]:
         lines.append("no baselines in the evaluation: nothing to compare against")
+    lines += _candidate_lines(rows, agg.get("candidates"))
     return "\n".join(lines)
+
+
+def _candidate_lines(rows: list[dict], total: dict | None) -> list[str]:
+    """Every model each fold's pipeline tried, on that fold's test window (candidates_on_test)."""
+    if total is None:
+        return []
+    lines = ["every model each fold's pipeline tried, on the fold's test window (does choosing on validation carry "
+             "over?):"]
+    for r in rows:
+        c = r.get("candidates")
+        if not c:
+            continue
+        beat = "-" if c["beat_cash_plus_lending"] is None else f"{c['beat_cash_plus_lending']}/{c['models']}"
+        lines.append(f"  fold {r['fold']}: {c['models']} models, test return median {_num(c['median_return'], '.2f')} "
+                     f"%, best {_num(c['best_return'], '.2f')} %; {beat} beat cash plus lending; the selected "
+                     f"{c['selected_source']} ranks {c['selected_rank']}/{c['models']}; rank correlation of "
+                     f"validation score with test return {_num(c['rank_correlation'], '.2f')}")
+    beat = ("-" if total["beat_cash_plus_lending"] is None
+            else f"{total['beat_cash_plus_lending']}/{total['models_with_lending']}")
+    lines.append(f"  all folds: {total['models']} models, mean test return {_num(total['mean_return'], '.2f')} %; {beat} "
+                 f"beat cash plus lending; the selected model was the best on test in "
+                 f"{total['selected_best_on_test']}/{total['folds']} folds; mean rank correlation "
+                 f"{_num(total['mean_rank_correlation'], '.2f')}")
+    return lines

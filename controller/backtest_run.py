@@ -19,11 +19,13 @@ import os
 import signal
 import tempfile
 import time
+from contextlib import contextmanager
 
 import structlog
 
 from controller.backtest import Fold, WalkForwardConfig, aggregate, fold_row, plan_folds
 from controller.config import PipelineConfig, pipeline_hash
+from controller.pipeline import SUMMARY_KEY
 from nexlify.configtools import add_flags, config_hash, flags_to_mapping, to_dict
 from nexlify.data.timeframes import parse_utc_ms
 from nexlify.errors import InputError, NexlifyError, PermanentError
@@ -96,6 +98,12 @@ def _run_fold(cfg: PipelineConfig, fold: Fold, store, *, force: bool) -> dict:
     done = _read_json(store, key)
     if done is not None and done.get("config_hash") == fhash and done.get("window") == fold.as_dict():
         log.info("fold_adopted", fold=k, test_start=fold.test_start, test_end=fold.test_end)
+        if "candidates" not in done["row"]:  # tested before the candidates were: test them now, once
+            summary = _read_json(store, f"{fold_prefix(k)}/{SUMMARY_KEY}")
+            if summary is not None and summary.get("candidates"):
+                done["candidates"] = evaluate_candidates(summary, fcfg, fold, store, fold_prefix(k))
+                done["row"] = fold_row(fold, done["evaluation"], done["candidates"])
+                _write_json(store, key, done)
         return done["row"]
     what = f"fold {k} (train {fold.train_start} .. {fold.train_end}, test {fold.test_start} .. {fold.test_end})"
     log.info("fold_started", fold=k, train_start=fold.train_start, train_end=fold.train_end,
@@ -114,13 +122,14 @@ def _run_fold(cfg: PipelineConfig, fold: Fold, store, *, force: bool) -> dict:
         evaluation = evaluate_final_model(summary["final_model_url"], fcfg, fold)
     except NexlifyError as exc:
         raise PermanentError(f"{what}: testing its final model {summary['final_model_url']} failed: {exc}") from exc
-    row = fold_row(fold, evaluation)
+    candidates = evaluate_candidates(summary, fcfg, fold, store, fold_prefix(k))
+    row = fold_row(fold, evaluation, candidates)
     _write_json(store, key, {
         "fold": k, "config_hash": fhash, "window": fold.as_dict(),
         "pipeline": {k2: summary.get(k2) for k2 in ("pipeline_id", "stop_reason", "final_best_score",
                                                     "final_model_path", "final_model_url")}
         | {"train": summary["data"]["train"], "validation": summary["data"]["validation"]},
-        "evaluation": evaluation, "row": row,
+        "evaluation": evaluation, "candidates": candidates, "row": row,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     log.info("fold_finished", fold=k, agent_return=round(row["agent"]["return"], 3),
@@ -129,29 +138,56 @@ def _run_fold(cfg: PipelineConfig, fold: Fold, store, *, force: bool) -> dict:
 
 
 def evaluate_final_model(model_url: str, cfg: PipelineConfig, fold: Fold) -> dict:
-    """The fold's final model, greedy on its test window (downloaded first when it lives in a bucket)."""
-    from controller.stores import download_url, is_s3_url
+    """The fold's final model, greedy on its test window, beside the baselines."""
     from nexlify.evaluate_cmd import evaluate_checkpoint
 
     d = cfg.train.data
-
-    def evaluate(path: str) -> dict:
+    with _local_copies([model_url]) as (path,):
         result = evaluate_checkpoint(path, pairs=d.pairs, exchange=d.exchange, data_dir=d.data_dir,
                                      start=fold.test_start, end=fold.test_end, device=cfg.train.device)
-        window = result["window"]
-        if parse_utc_ms(window["start"]) != parse_utc_ms(fold.test_start) or \
-                parse_utc_ms(window["end"]) != parse_utc_ms(fold.test_end):
-            raise PermanentError(f"the candles cover {window['start']} .. {window['end']} of the test window "
-                                 f"{fold.test_start} .. {fold.test_end}; accepted: data up to --end {d.end}")
-        result["model"] = model_url
-        return result
+    window = result["window"]
+    if parse_utc_ms(window["start"]) != parse_utc_ms(fold.test_start) or \
+            parse_utc_ms(window["end"]) != parse_utc_ms(fold.test_end):
+        raise PermanentError(f"the candles cover {window['start']} .. {window['end']} of the test window "
+                             f"{fold.test_start} .. {fold.test_end}; accepted: data up to --end {d.end}")
+    result["model"] = model_url
+    return result
 
-    if not is_s3_url(model_url):
-        return evaluate(model_url)
+
+def evaluate_candidates(summary: dict, cfg: PipelineConfig, fold: Fold, store, prefix: str) -> list[dict]:
+    """Every model the fold's pipeline tried (the summary's candidates: initial runs, then iterations), greedy
+    alone on the fold's test window, in the summary's order: {"source", "val_score", "selected", "model",
+    "test_return", "test_sharpe" (in excess of lending), "trades"}. The same numbers `nexlify evaluate`
+    gives each model on that window."""
+    from nexlify.evaluate_cmd import evaluate_models
+
+    keys = {f"init-{e['run_id']}": e["model_path"] for e in summary["initial_runs"]}
+    keys |= {f"retrain-{e['iteration']}": e["model_path"] for e in summary["retraining_iterations"]}
+    urls = [store.url(f"{prefix}/{keys[c['source']]}") for c in summary["candidates"]]
+    with _local_copies(urls) as paths:
+        tested = evaluate_models(list(paths), start=fold.test_start, end=fold.test_end,
+                                 data_dir=cfg.train.data.data_dir, device=cfg.train.device)
+    return [{"source": c["source"], "val_score": c["val_score"], "selected": c["selected"], "model": url,
+             "test_return": t["agent"]["avg_return"],
+             "test_sharpe": t["agent"].get("avg_sharpe_vs_lending", t["agent"]["avg_sharpe"]),
+             "trades": t["agent"]["total_trades"]}
+            for c, url, t in zip(summary["candidates"], urls, tested)]
+
+
+@contextmanager
+def _local_copies(urls: list[str]):
+    """Local paths of the models at `urls`: folders as they are, s3:// objects downloaded for the block."""
+    from controller.stores import download_url, is_s3_url
+
     with tempfile.TemporaryDirectory(prefix="nexlify-fold-") as tmp:
-        local = os.path.join(tmp, os.path.basename(model_url))
-        download_url(model_url, local)
-        return evaluate(local)
+        paths = []
+        for i, url in enumerate(urls):
+            if is_s3_url(url):
+                local = os.path.join(tmp, f"{i}-{os.path.basename(url)}")
+                download_url(url, local)
+                url = local
+            paths.append(url)
+        yield tuple(paths)
 
 
 def _read_json(store, key: str) -> dict | None:

@@ -13,7 +13,7 @@ from nexlify.env.batched import N_ACTIONS, observation_size
 from nexlify.env.market import MarketTensors
 from nexlify.agent.dqn import DuelingQNet
 from nexlify.errors import InputError
-from nexlify.evaluation import buy_and_hold, evaluate_with_baselines
+from nexlify.evaluation import buy_and_hold, evaluate_policy, evaluate_with_baselines
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.training import resolve_device
 
@@ -33,9 +33,60 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     dev = resolve_device(device)
     ckpt = checkpoint.load(model_path, map_location=dev)
     cfg = checkpoint.train_config(ckpt, model_path)
+    exchange = exchange or cfg.data.exchange
+    market, window = _market_window(cfg, pairs, exchange, data_dir, start, end)
+    i0 = window[0]
+    tensors, model = _greedy_model(ckpt, cfg, market, dev)
+    evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), record=record)
+    if inspect is not None:
+        inspect(model, tensors, window, cfg)
+    report = {
+        "model": model_path,
+        "window": {"start": iso_utc(int(market.timestamps[i0])), "end": market.end_iso, "bars": window[1] - window[0]},
+        "exchange": exchange,
+        "agent": evaluated["agent"],
+        "baselines": evaluated["baselines"],
+        "baseline_notes": evaluated["baseline_notes"],
+        "buy_and_hold": buy_and_hold(tensors, window, cfg.strategy_params()),
+        "checkpoint": {"seed": ckpt["seed"], "episodes_trained": ckpt["episodes_trained"]},
+    }
+    if record:
+        report["curves"] = evaluated["curves"]
+    return report
+
+
+def evaluate_models(model_paths: list[str], *, start: str, end: str, data_dir: str | None = None,
+                    device: str = "cpu") -> list[dict]:
+    """Each checkpoint's greedy policy alone (no baselines) on [start, end), in the environment it was
+    trained in: {"model": path, "agent": metrics as evaluate_checkpoint's}. The candles are read once, with
+    the first checkpoint's data settings; every checkpoint must trade the same pairs on the same exchange
+    and timeframe (one pipeline's models do), else InputError."""
+    dev = resolve_device(device)
+    out: list[dict] = []
+    market = window = first = None
+    for path in model_paths:
+        ckpt = checkpoint.load(path, map_location=dev)
+        cfg = checkpoint.train_config(ckpt, path)
+        d = cfg.data
+        what = (d.exchange, tuple(d.pairs), d.timeframe)
+        if market is None:
+            first = what
+            market, window = _market_window(cfg, None, d.exchange, data_dir, start, end)
+        elif what != first:
+            raise InputError(f"{path} trades {what}, not {first} like {model_paths[0]}; accepted: checkpoints "
+                             "of one pipeline")
+        tensors, model = _greedy_model(ckpt, cfg, market, dev)
+        out.append({"model": path, "agent": evaluate_policy(model, tensors, window, cfg.env, cfg.risk,
+                                                            cfg.strategy_params())})
+    return out
+
+
+def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | None, start: str | None,
+                   end: str | None):
+    """The candles (with the warm-up before the window) and the window [i0, n_bars) as evaluate_checkpoint's
+    docstring says: --start and --end; --start alone to the end of the data; neither: the validation window."""
     d = cfg.data
     pairs = pairs or d.pairs
-    exchange = exchange or d.exchange
     data_dir = data_dir if data_dir is not None else d.data_dir
     end_ms: int | None
     if end is not None:
@@ -57,27 +108,15 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     if i0 - 1 < WARMUP_BARS:
         raise InputError(f"not enough candles before --start {iso_utc(start_ms)} for the {WARMUP_BARS}-bar "
                          f"feature warm-up; the data starts at {market.start_iso}")
-    window = (i0, market.n_bars)
+    return market, (i0, market.n_bars)
+
+
+def _greedy_model(ckpt: dict, cfg, market, dev):
+    """The market's tensors under the checkpoint's normaliser, and its Q-network with its weights."""
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), dev)
     model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden).to(dev)
     model.load_state_dict(ckpt["model_state_dict"])
-    evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), record=record)
-    if inspect is not None:
-        inspect(model, tensors, window, cfg)
-    report = {
-        "model": model_path,
-        "window": {"start": iso_utc(int(market.timestamps[i0])), "end": market.end_iso, "bars": window[1] - window[0]},
-        "exchange": exchange,
-        "agent": evaluated["agent"],
-        "baselines": evaluated["baselines"],
-        "baseline_notes": evaluated["baseline_notes"],
-        "buy_and_hold": buy_and_hold(tensors, window, cfg.strategy_params()),
-        "checkpoint": {"seed": ckpt["seed"], "episodes_trained": ckpt["episodes_trained"]},
-    }
-    if record:
-        report["curves"] = evaluated["curves"]
-    return report
-
+    return tensors, model
 
 def render_table(report: dict) -> str:
     lines = [f"{report['model']}  {report['exchange']}  {report['window']['start']} .. {report['window']['end']} "

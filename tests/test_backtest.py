@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.backtest import Fold, WalkForwardConfig, aggregate, comparators, fold_row, plan_folds, render_table
+from controller.backtest import (Fold, WalkForwardConfig, aggregate, candidates_on_test, comparators, fold_row,
+                                 plan_folds, render_table)
 from controller.backtest_run import fold_config, resolve_walk_forward, run_walk_forward
 from controller.cli import build_parser, resolve_pipeline_config
 from controller.config import pipeline_id
@@ -112,14 +113,14 @@ FOLD = Fold(1, "2024-11-01", "2025-05-22", "2025-05-22", "2025-05-27")
 
 
 def test_fold_row_takes_every_baseline_and_averages_buy_and_hold_over_pairs():
-    row = fold_row(FOLD, evaluation(2.0, 1.25, {"flat": (0.0, 0.0), "cash_lending": (0.4, 9.0)},
+    row = fold_row(FOLD, evaluation(2.0, 1.25, {"flat": (0.0, 0.0), "cash_plus_lending": (0.4, 9.0)},
                                     {"BTC/USDT": (3.0, 1.0), "ETH/USDT": (-1.0, -0.5)}, avg_exposure=0.25))
     assert row == {
         "fold": 1, "train_start": "2024-11-01", "train_end": "2025-05-22", "test_start": "2025-05-22",
         "test_end": "2025-05-27",
         "agent": {"return": 2.0, "sharpe": 1.25, "max_drawdown": 1.5, "trades": 7, "exposure": 0.25},
         # buy-and-hold: (3 + -1) / 2 = 1.0 %, (1 + -0.5) / 2 = 0.25
-        "baselines": {"flat": {"return": 0.0, "sharpe": 0.0}, "cash_lending": {"return": 0.4, "sharpe": 9.0},
+        "baselines": {"flat": {"return": 0.0, "sharpe": 0.0}, "cash_plus_lending": {"return": 0.4, "sharpe": 9.0},
                       "buy_and_hold": {"return": 1.0, "sharpe": 0.25}},
     }
     # without baselines (today's evaluate) only buy-and-hold; without either, nothing; no exposure: None
@@ -130,9 +131,9 @@ def test_fold_row_takes_every_baseline_and_averages_buy_and_hold_over_pairs():
 
 # Three folds; agent (return, sharpe) and baselines (return, sharpe). Hand-computed below.
 AGG_FOLDS = [
-    evaluation(2.0, 1.0, {"random_valid": (1.0, 2.0), "cash_lending": (0.3, 5.0)}, {"BTC/USDT": (5.0, 2.0)}),
-    evaluation(-1.0, -0.5, {"random_valid": (-2.0, -1.0), "cash_lending": (0.3, 5.0)}, {"BTC/USDT": (-3.0, -1.5)}),
-    evaluation(0.5, 0.5, {"random_valid": (0.5, 0.4)}, {"BTC/USDT": (0.1, 0.6)}),  # cash_lending absent here
+    evaluation(2.0, 1.0, {"random_valid": (1.0, 2.0), "cash_plus_lending": (0.3, 5.0)}, {"BTC/USDT": (5.0, 2.0)}),
+    evaluation(-1.0, -0.5, {"random_valid": (-2.0, -1.0), "cash_plus_lending": (0.3, 5.0)}, {"BTC/USDT": (-3.0, -1.5)}),
+    evaluation(0.5, 0.5, {"random_valid": (0.5, 0.4)}, {"BTC/USDT": (0.1, 0.6)}),  # cash_plus_lending absent here
 ]
 
 
@@ -143,10 +144,10 @@ def test_aggregate_by_hand():
     # returns 2, -1, 0.5: mean 0.5, median 0.5; Sharpes 1, -0.5, 0.5: mean 1/3, median 0.5
     assert agg["agent"] == pytest.approx({"mean_return": 0.5, "median_return": 0.5, "mean_sharpe": 1 / 3,
                                           "median_sharpe": 0.5})
-    assert comparators(rows) == ["cash_lending", "random_valid", "buy_and_hold"]
+    assert comparators(rows) == ["cash_plus_lending", "random_valid", "buy_and_hold"]
     v = agg["versus"]
-    # cash_lending (folds 1, 2): return 2 > 0.3 yes, -1 > 0.3 no; Sharpe 1 > 5 no, -0.5 > 5 no
-    assert v["cash_lending"] == pytest.approx({"folds": 2, "beats_return": 1, "beats_sharpe": 0, "mean_return": 0.3,
+    # cash_plus_lending (folds 1, 2): return 2 > 0.3 yes, -1 > 0.3 no; Sharpe 1 > 5 no, -0.5 > 5 no
+    assert v["cash_plus_lending"] == pytest.approx({"folds": 2, "beats_return": 1, "beats_sharpe": 0, "mean_return": 0.3,
                                                "mean_sharpe": 5.0})
     # random_valid: return 2 > 1, -1 > -2, 0.5 > 0.5 is a tie (no); Sharpe 1 > 2 no, -0.5 > -1 yes, 0.5 > 0.4 yes
     assert v["random_valid"] == pytest.approx({"folds": 3, "beats_return": 2, "beats_sharpe": 2,
@@ -156,12 +157,77 @@ def test_aggregate_by_hand():
                                                "mean_return": 2.1 / 3, "mean_sharpe": 1.1 / 3})
     text = render_table(rows, agg)
     assert "aggregate over 3 fold(s): return mean 0.50 %, median 0.50 %; Sharpe mean 0.33, median 0.50" in text
-    assert "agent beats cash_lending: on return in 1/2 folds, on Sharpe in 0/2 folds" in text
+    assert "agent beats cash_plus_lending: on return in 1/2 folds, on Sharpe in 0/2 folds" in text
     assert "agent beats random_valid: on return in 2/3 folds, on Sharpe in 2/3 folds" in text
     assert "agent beats buy_and_hold: on return in 2/3 folds, on Sharpe in 1/3 folds" in text
     third = next(line for line in text.splitlines() if line.startswith("   3"))
-    assert third.endswith(f"{'-':>18}  {'0.50 / 0.40':>18}  {'0.10 / 0.60':>18}")  # no cash_lending in fold 3
+    assert third.endswith(f"{'-':>18}  {'0.50 / 0.40':>18}  {'0.10 / 0.60':>18}")  # no cash_plus_lending in fold 3
 
+
+
+def cands(*rows) -> list[dict]:
+    """(source, val_score, test_return, selected) -> candidate dicts."""
+    return [{"source": s, "val_score": v, "test_return": t, "selected": sel} for s, v, t, sel in rows]
+
+
+# candidates, lending return -> expected summary. By hand:
+#  1: val 3, 1, 2 -> ranks 3, 1, 2; test 1.0, 2.0, 0.5 -> ranks 2, 3, 1; centred (1, -1, 0) and (0, 1, -1):
+#     rho = (0 - 1 + 0) / sqrt(2 * 2) = -0.5; the selected (1.0) has one better (2.0): rank 2; 2 of 3 beat 0.86
+#  2: scores and returns in the same order: rho 1; the selected is the best on test: rank 1; mean 7/3
+#  3: a tie on test (1.0, 1.0) averages its ranks (1.5, 1.5); val ranks 1, 2, 3 -> rho = cov / sd:
+#     centred (-1, 0, 1) and (-0.5, -0.5, 1): cov 1.5, sds sqrt(2), sqrt(1.5) -> 1.5 / sqrt(3) = 0.8660;
+#     the selected (1.0, tied with another) ranks 2: ties share the better rank
+#  4: two models: no correlation; no lending baseline: None
+#  5: every validation score equal: no correlation
+CANDIDATE_TABLE = [
+    (cands(("init-1", 3.0, 1.0, True), ("init-2", 1.0, 2.0, False), ("retrain-1", 2.0, 0.5, False)), 0.86,
+     {"models": 3, "median_return": 1.0, "mean_return": 3.5 / 3, "best_return": 2.0, "beat_cash_plus_lending": 2,
+      "selected_source": "init-1", "selected_rank": 2, "rank_correlation": -0.5}),
+    (cands(("init-1", 1.0, 1.0, False), ("init-2", 2.0, 2.0, False), ("retrain-1", 3.0, 4.0, True)), 0.86,
+     {"models": 3, "median_return": 2.0, "mean_return": 7 / 3, "best_return": 4.0, "beat_cash_plus_lending": 3,
+      "selected_source": "retrain-1", "selected_rank": 1, "rank_correlation": 1.0}),
+    (cands(("init-1", 1.0, 1.0, False), ("init-2", 2.0, 1.0, True), ("retrain-1", 3.0, 3.0, False)), 1.0,
+     {"models": 3, "median_return": 1.0, "mean_return": 5 / 3, "best_return": 3.0, "beat_cash_plus_lending": 1,
+      "selected_source": "init-2", "selected_rank": 2, "rank_correlation": 1.5 / 3 ** 0.5}),
+    (cands(("init-1", 1.0, -1.0, True), ("retrain-1", 2.0, 0.5, False)), None,
+     {"models": 2, "median_return": -0.25, "mean_return": -0.25, "best_return": 0.5, "beat_cash_plus_lending": None,
+      "selected_source": "init-1", "selected_rank": 2, "rank_correlation": None}),
+    (cands(("init-1", 5.0, 0.1, True), ("init-2", 5.0, 0.2, False), ("init-3", 5.0, 0.3, False)), 0.0,
+     {"models": 3, "median_return": 0.2, "mean_return": 0.2, "best_return": 0.3, "beat_cash_plus_lending": 3,
+      "selected_source": "init-1", "selected_rank": 3, "rank_correlation": None}),
+]
+
+
+@pytest.mark.parametrize("candidates, lending, expected", CANDIDATE_TABLE)
+def test_candidates_on_test_by_hand(candidates, lending, expected):
+    assert candidates_on_test(candidates, lending) == pytest.approx(expected)
+
+
+def test_candidates_need_exactly_one_selected():
+    with pytest.raises(ValueError, match="2 candidates are marked selected"):
+        candidates_on_test(cands(("a", 1.0, 1.0, True), ("b", 2.0, 2.0, True)), 0.0)
+
+
+def test_candidates_in_the_rows_the_aggregate_and_the_table():
+    lending = {"cash_plus_lending": (0.86, 0.0)}
+    rows = [fold_row(Fold(1, "a", "b", "b", "c"), evaluation(1.0, 0.5, lending, None), CANDIDATE_TABLE[0][0]),
+            fold_row(Fold(2, "a", "b", "b", "c"), evaluation(4.0, 0.5, lending, None), CANDIDATE_TABLE[1][0]),
+            fold_row(Fold(3, "a", "b", "b", "c"), evaluation(1.0, 0.5, lending, None))]  # tested before candidates
+    # the row's summary compares with the fold's own cash-plus-lending return
+    assert rows[0]["candidates"] == pytest.approx(CANDIDATE_TABLE[0][2]) and "candidates" not in rows[2]
+    agg = aggregate(rows)
+    # 6 models in 2 folds; mean of the folds' means (3.5/3 + 7/3) / 2 = 1.75; 2 + 3 beat 0.86; the selected was
+    # the best on test in fold 2 only; correlations -0.5 and 1: mean 0.25
+    assert agg["candidates"] == pytest.approx({"folds": 2, "models": 6, "mean_return": 1.75,
+                                               "beat_cash_plus_lending": 5, "models_with_lending": 6,
+                                               "mean_rank_correlation": 0.25, "selected_best_on_test": 1})
+    text = render_table(rows, agg).splitlines()
+    assert ("  fold 1: 3 models, test return median 1.00 %, best 2.00 %; 2/3 beat cash plus lending; the selected "
+            "init-1 ranks 2/3; rank correlation of validation score with test return -0.50") in text
+    assert not any(line.startswith("  fold 3:") for line in text)
+    assert text[-1] == ("  all folds: 6 models, mean test return 1.75 %; 5/6 beat cash plus lending; the selected "
+                        "model was the best on test in 1/2 folds; mean rank correlation 0.25")
+    assert "candidates" not in aggregate(rows[2:])
 
 # ------------------------------------------------------------------------ a real backtest, end to end
 
@@ -254,6 +320,49 @@ def test_fold_result_is_what_nexlify_evaluate_reports_for_the_model(wf_out):
                     "--end", WINDOWS[1][1], "--json"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["agent"] == r["evaluation"]["agent"]
+
+
+def test_every_candidate_is_tested_as_nexlify_evaluate_reports_it(wf_out):
+    out, stdout = wf_out
+    r = read_json(out / "fold_1" / "test_result.json")
+    summary = read_json(out / "fold_1" / "complete_training_summary.json")
+    tested = r["candidates"]
+    # the summary's candidates in its order (init-1, retrain-1), each model file of the fold's pipeline
+    assert [c["source"] for c in tested] == [c["source"] for c in summary["candidates"]] == ["init-1", "retrain-1"]
+    assert [c["model"] for c in tested] == [str(out / "fold_1" / e["model_path"]) for e in
+                                            summary["initial_runs"] + summary["retraining_iterations"]]
+    for c in tested:
+        proc = run_cli(["evaluate", "--model", c["model"], "--start", WINDOWS[0][0], "--end", WINDOWS[0][1], "--json"])
+        assert proc.returncode == 0, proc.stderr
+        agent = json.loads(proc.stdout)["agent"]
+        assert (c["test_return"], c["test_sharpe"], c["trades"]) == (
+            agent["avg_return"], agent["avg_sharpe_vs_lending"], agent["total_trades"])
+    chosen = next(c for c in tested if c["selected"])
+    assert chosen["test_return"] == r["row"]["agent"]["return"]  # the final model, tested alone: the same
+    lending = r["row"]["baselines"]["cash_plus_lending"]["return"]
+    assert r["row"]["candidates"] == candidates_on_test(tested, lending)
+    assert f"  fold 1: 2 models, test return median {statistics.median(c['test_return'] for c in tested):.2f} %" \
+        in stdout
+
+
+def test_a_fold_tested_before_candidates_existed_gets_them_on_rerun(wf_out, tmp_path):
+    out = _copy(wf_out, tmp_path)
+    path = out / "fold_2" / "test_result.json"
+    full = read_json(path)
+    older = {k: v for k, v in full.items() if k != "candidates"}
+    older["row"] = {k: v for k, v in full["row"].items() if k != "candidates"}
+    path.write_text(json.dumps(older))
+    stamps = _stamps(out)
+    proc = backtest(str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [e["event"] for e in log_events_text(proc.stderr) if e.get("event", "").startswith("fold_")] == \
+        ["fold_adopted", "fold_adopted"]  # nothing trained again
+    again = read_json(path)
+    for c, before in zip(again["candidates"], full["candidates"]):  # the copy's own model files, tested alike
+        assert c.pop("model") == before.pop("model").replace(str(wf_out[0]), str(out))
+    assert again == full  # the same candidates, the rest as it was
+    changed = {k for k, v in _stamps(out).items() if stamps.get(k) != v}
+    assert changed == {"fold_2/test_result.json", "walk_forward.json"}
 
 
 def _copy(wf_out, tmp_path: Path) -> Path:
