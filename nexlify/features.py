@@ -4,8 +4,15 @@ Every feature at bar t uses only bars <= t (rolling windows look backwards; EWMs
 observation at the close of bar t never sees the future. Features do not depend on the episode, so the
 environment computes them once and indexes them by each episode's cursor.
 
+Besides each pair's own history, four features describe the market around it and are the same for every pair
+at a bar: the mean over the pairs of the 24 h and 168 h log returns (mkt_ret_*) and the first pair's 1 h and
+24 h log returns (lead_ret_*; BTC/USDT in the default pair order). Added by evidence (issue 11's walk-forward,
+README "Does it learn?"): with them the models each fold tried beat cash plus lending 16 times in 36 against
+8 in 28 without.
+
 Normalisation statistics (mean and standard deviation per feature, pooled over pairs so that one
-network serves any pair) are fitted on training bars only and travel inside every checkpoint.
+network serves any pair) are fitted on training bars only and travel inside every checkpoint with the
+features' names, so a checkpoint fitted before a feature was added keeps seeing its own columns.
 """
 
 from __future__ import annotations
@@ -15,13 +22,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from nexlify.errors import InputError
+
 RETURN_HORIZONS = (1, 4, 12, 24, 72, 168)
 WARMUP_BARS = 200  # longest lookback (168) plus the slow EWMs' settling time
 
 FEATURE_NAMES = (
     [f"ret_{h}h" for h in RETURN_HORIZONS]
     + ["vol_24h", "vol_168h", "volume_z_168h", "rsi_14", "macd", "macd_hist", "bar_range", "close_in_bar",
-       "dist_high_168h", "dist_low_168h", "hour_sin", "hour_cos", "tradable"]
+       "dist_high_168h", "dist_low_168h", "hour_sin", "hour_cos", "tradable",
+       "mkt_ret_24h", "mkt_ret_168h", "lead_ret_1h", "lead_ret_24h"]
 )
 
 
@@ -70,16 +80,31 @@ def compute_features(
     out.append(pd.DataFrame(np.repeat(np.sin(angle)[:, None], n_pairs, axis=1)))
     out.append(pd.DataFrame(np.repeat(np.cos(angle)[:, None], n_pairs, axis=1)))
     out.append(pd.DataFrame(tradable.astype(np.float64)))
+    # the market around the pair: the mean over the pairs of the 24 h and 168 h log returns, and the first
+    # pair's (BTC's) 1 h and 24 h returns, the same for every pair at a bar (bars <= t only)
+    for hz in (24, 168):
+        mean = (logc - logc.shift(hz)).mean(axis=1).to_numpy()
+        out.append(pd.DataFrame(np.repeat(mean[:, None], n_pairs, axis=1)))
+    for hz in (1, 24):
+        lead = (logc[0] - logc[0].shift(hz)).to_numpy()
+        out.append(pd.DataFrame(np.repeat(lead[:, None], n_pairs, axis=1)))
     stacked = np.stack([f.to_numpy(dtype=np.float64) for f in out], axis=-1)
     return np.nan_to_num(stacked, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 
 
 @dataclass
 class Normalizer:
-    """Feature-wise affine map fitted on training bars; stored in checkpoints as plain lists."""
+    """Feature-wise affine map fitted on training bars; stored in checkpoints as plain lists with the names of
+    the features it was fitted on. `apply` takes the full feature array (FEATURE_NAMES) and returns the named
+    columns only, so a checkpoint fitted before features were added still sees exactly its own."""
 
     mean: list[float]
     std: list[float]
+    features: list[str] | None = None  # None: the first len(mean) of FEATURE_NAMES
+
+    def __post_init__(self) -> None:
+        if self.features is None:
+            self.features = list(FEATURE_NAMES[:len(self.mean)])
 
     @classmethod
     def fit(cls, features: np.ndarray, train_start: int, train_end: int) -> "Normalizer":
@@ -92,11 +117,20 @@ class Normalizer:
     def apply(self, features: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
+        if list(self.features) != list(FEATURE_NAMES):
+            features = features[..., [FEATURE_NAMES.index(name) for name in self.features]]
         return np.clip((features - mean) / std, -10.0, 10.0).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"mean": list(self.mean), "std": list(self.std), "features": list(FEATURE_NAMES)}
+        return {"mean": list(self.mean), "std": list(self.std), "features": list(self.features)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Normalizer":
-        return cls(mean=[float(x) for x in data["mean"]], std=[float(x) for x in data["std"]])
+        """A stored normaliser; one without names (the oldest) was fitted on the first len(mean) features, and
+        a name this version does not compute is refused (InputError naming it)."""
+        names = list(data.get("features") or FEATURE_NAMES[:len(data["mean"])])
+        unknown = [n for n in names if n not in FEATURE_NAMES]
+        if unknown or len(names) != len(data["mean"]):
+            raise InputError(f"checkpoint normaliser features {unknown or names} are not among this version's "
+                             f"{list(FEATURE_NAMES)}; accepted: a checkpoint of this or an earlier version")
+        return cls(mean=[float(x) for x in data["mean"]], std=[float(x) for x in data["std"]], features=names)
