@@ -142,7 +142,7 @@ def update(net: ActorCritic, opt: torch.optim.Optimizer, buf: dict, p: PPOConfig
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 0.5)
             opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def train(cfg: TrainConfig, p: PPOConfig, tensors: MarketTensors, span: tuple[int, int], seed: int) -> ActorCritic:
