@@ -141,7 +141,6 @@ def fold_row(fold: Fold, evaluation: dict, candidates: list[dict] | None = None)
     }
 
 
-
 def candidates_on_test(candidates: list[dict], lending_return: float | None) -> dict:
     """Every model the fold's pipeline tried (its initial runs and retraining iterations), on the fold's test
     window. candidates: [{"source", "val_score", "test_return", "selected"}], exactly one selected.
@@ -178,6 +177,7 @@ def _spearman(x: list[float], y: list[float]) -> float | None:
     if len(set(rx)) == 1 or len(set(ry)) == 1:
         return None
     return statistics.correlation(rx, ry)
+
 
 def comparators(rows: list[dict]) -> list[str]:
     """Baseline names in order of first appearance, cash + lending first, buy-and-hold last."""

@@ -118,6 +118,7 @@ def _greedy_model(ckpt: dict, cfg, market, dev):
     model.load_state_dict(ckpt["model_state_dict"])
     return tensors, model
 
+
 def render_table(report: dict) -> str:
     lines = [f"{report['model']}  {report['exchange']}  {report['window']['start']} .. {report['window']['end']} "
              f"({report['window']['bars']} bars)",

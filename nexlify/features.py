@@ -9,6 +9,8 @@ at a bar: the mean over the pairs of the 24 h and 168 h log returns (mkt_ret_*) 
 24 h log returns (lead_ret_*; BTC/USDT in the default pair order). Added by evidence (issue 11's walk-forward,
 README "Does it learn?"): with them the models each fold tried beat cash plus lending 16 times in 36 against
 8 in 28 without.
+They are computed over the pairs traded together, so a model is evaluated on the pairs it was trained on
+(`nexlify evaluate --pairs` with other pairs changes what they mean).
 
 Normalisation statistics (mean and standard deviation per feature, pooled over pairs so that one
 network serves any pair) are fitted on training bars only and travel inside every checkpoint with the
