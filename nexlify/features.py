@@ -7,8 +7,8 @@ environment computes them once and indexes them by each episode's cursor.
 Besides each pair's own history, four features describe the market around it and are the same for every pair
 at a bar: the mean over the pairs of the 24 h and 168 h log returns (mkt_ret_*) and the first pair's 1 h and
 24 h log returns (lead_ret_*; BTC/USDT in the default pair order). Added by evidence (issue 11's walk-forward,
-README "Does it learn?"): with them the models each fold tried beat cash plus lending 16 times in 36 against
-8 in 28 without.
+README "Does it learn?"): with them the models each fold tried averaged 0.47 % and 0.43 % on the folds' test
+windows over two sets of seeds, against 0.30 % and 0.19 % without.
 They are computed over the pairs traded together, so a model is evaluated on the pairs it was trained on
 (`nexlify evaluate --pairs` with other pairs changes what they mean).
 
