@@ -31,6 +31,8 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 
+import pandas as pd
+
 from controller.selection import CASH_PLUS_LENDING
 from nexlify.configtools import setting
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
@@ -169,8 +171,6 @@ def candidates_on_test(candidates: list[dict], lending_return: float | None) -> 
 
 def _spearman(x: list[float], y: list[float]) -> float | None:
     """Spearman's rho: Pearson's correlation of the average ranks (pandas ranks, ties averaged)."""
-    import pandas as pd
-
     if len(x) < 3:
         return None
     rx, ry = pd.Series(x).rank().tolist(), pd.Series(y).rank().tolist()

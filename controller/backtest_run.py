@@ -161,8 +161,7 @@ def evaluate_candidates(summary: dict, cfg: PipelineConfig, fold: Fold, store, p
     gives each model on that window."""
     from nexlify.evaluate_cmd import evaluate_models
 
-    keys = {f"init-{e['run_id']}": e["model_path"] for e in summary["initial_runs"]}
-    keys |= {f"retrain-{e['iteration']}": e["model_path"] for e in summary["retraining_iterations"]}
+    keys = candidate_models(summary)
     urls = [store.url(f"{prefix}/{keys[c['source']]}") for c in summary["candidates"]]
     with _local_copies(urls) as paths:
         tested = evaluate_models(list(paths), start=fold.test_start, end=fold.test_end,
@@ -172,6 +171,13 @@ def evaluate_candidates(summary: dict, cfg: PipelineConfig, fold: Fold, store, p
              "test_sharpe": t["agent"].get("avg_sharpe_vs_lending", t["agent"]["avg_sharpe"]),
              "trades": t["agent"]["total_trades"]}
             for c, url, t in zip(summary["candidates"], urls, tested)]
+
+
+def candidate_models(summary: dict) -> dict[str, str]:
+    """A pipeline summary's candidates by source ("init-1", "retrain-3") -> the model file, relative to its output."""
+    keys = {f"init-{e['run_id']}": e["model_path"] for e in summary["initial_runs"]}
+    keys |= {f"retrain-{e['iteration']}": e["model_path"] for e in summary["retraining_iterations"]}
+    return keys
 
 
 @contextmanager

@@ -10,7 +10,7 @@ from nexlify.data.candles import load_market
 from nexlify.data.prepare import attach_second_venue
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.env.batched import N_ACTIONS, observation_size
-from nexlify.env.market import MarketTensors
+from nexlify.env.market import MarketTensors, market_features
 from nexlify.agent.dqn import DuelingQNet
 from nexlify.errors import InputError
 from nexlify.evaluation import buy_and_hold, evaluate_policy, evaluate_with_baselines
@@ -63,7 +63,7 @@ def evaluate_models(model_paths: list[str], *, start: str, end: str, data_dir: s
     and timeframe (one pipeline's models do), else InputError."""
     dev = resolve_device(device)
     out: list[dict] = []
-    market = window = first = None
+    market = window = first = raw = None
     for path in model_paths:
         ckpt = checkpoint.load(path, map_location=dev)
         cfg = checkpoint.train_config(ckpt, path)
@@ -72,10 +72,11 @@ def evaluate_models(model_paths: list[str], *, start: str, end: str, data_dir: s
         if market is None:
             first = what
             market, window = _market_window(cfg, None, d.exchange, data_dir, start, end)
+            raw = market_features(market)  # once: each model only normalises it its own way
         elif what != first:
             raise InputError(f"{path} trades {what}, not {first} like {model_paths[0]}; accepted: checkpoints "
                              "of one pipeline")
-        tensors, model = _greedy_model(ckpt, cfg, market, dev)
+        tensors, model = _greedy_model(ckpt, cfg, market, dev, raw)
         out.append({"model": path, "agent": evaluate_policy(model, tensors, window, cfg.env, cfg.risk,
                                                             cfg.strategy_params())})
     return out
@@ -111,9 +112,10 @@ def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | 
     return market, (i0, market.n_bars)
 
 
-def _greedy_model(ckpt: dict, cfg, market, dev):
-    """The market's tensors under the checkpoint's normaliser, and its Q-network with its weights."""
-    tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), dev)
+def _greedy_model(ckpt: dict, cfg, market, dev, raw_features=None):
+    """The market's tensors under the checkpoint's normaliser (from `raw_features` when given, else computed),
+    and its Q-network with its weights."""
+    tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), dev, raw_features)
     model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden).to(dev)
     model.load_state_dict(ckpt["model_state_dict"])
     return tensors, model

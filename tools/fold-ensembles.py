@@ -17,8 +17,10 @@ import os
 
 import torch
 
+from controller.backtest_run import candidate_models
 from nexlify import checkpoint
 from nexlify.env.layout import HOLD, N_ACTIONS
+from nexlify.env.market import market_features
 from nexlify.evaluate_cmd import _greedy_model, _market_window
 from nexlify.evaluation import AGENT, Group, _simulate, evaluate_policy
 
@@ -48,8 +50,7 @@ def vote(members: list[torch.nn.Module], need: int):
 
 
 def fold_models(fold_dir: str, summary: dict, sweep: bool):
-    keys = {f"init-{e['run_id']}": e["model_path"] for e in summary["initial_runs"]}
-    keys |= {f"retrain-{e['iteration']}": e["model_path"] for e in summary["retraining_iterations"]}
+    keys = candidate_models(summary)
     ranked = sorted(summary["candidates"], key=lambda c: -c["val_score"])
     out = []
     for c in ranked:
@@ -81,8 +82,9 @@ def main() -> None:
         if any(ckpt["normalizer"] != ckpt0["normalizer"] for _, ckpt, _ in models):
             raise SystemExit(f"{fold_dir}: its models were normalised differently; one pipeline's share one")
         nets = {}
+        raw = market_features(market)
         for source, ckpt, mcfg in models:
-            tensors, net = _greedy_model(ckpt, mcfg, market, torch.device("cpu"))
+            tensors, net = _greedy_model(ckpt, mcfg, market, torch.device("cpu"), raw)
             nets[source] = net.eval()
         ranked = list(nets)
         selected = next(c["source"] for c in summary["candidates"] if c["selected"])

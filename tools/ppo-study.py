@@ -36,7 +36,7 @@ FOLDS = [("2024-06-06", "2024-09-04"), ("2024-09-04", "2024-12-03"), ("2024-12-0
 @dataclass
 class PPOConfig:
     episodes: int = 1000  # as the DQN's initial runs: episodes of episode_bars from seeded random offsets
-    num_envs: int = 32  # episodes stepped together (x 3 pairs = 96 agents per step)
+    num_envs: int = 32  # episodes stepped together (x the pairs: 96 agents per step with three)
     episode_bars: int = 720
     rollout: int = 120  # steps per update
     epochs: int = 4
@@ -71,10 +71,11 @@ def masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.distributions.Cate
 
 
 class Rollouts:
-    """Episodes from seeded random offsets in [t0, t1), num_envs at a time, all pairs in one batch."""
+    """Episodes from seeded random offsets in [t0, t1), num_envs at a time, every pair of the market in one batch."""
 
     def __init__(self, cfg: TrainConfig, p: PPOConfig, tensors: MarketTensors, span: tuple[int, int], seed: int):
         self.cfg, self.p, self.tensors, self.span = cfg, p, tensors, span
+        self.n_pairs = len(tensors.pairs)
         self.rng = np.random.default_rng(seed)
         self.env, self.left, self.obs = None, 0, None
 
@@ -84,7 +85,7 @@ class Rollouts:
             if self.env is None:
                 t0, t1 = self.span
                 start = torch.as_tensor(t0 + self.rng.integers(0, t1 - t0 - p.episode_bars, size=p.num_envs))
-                pairs = torch.arange(3).unsqueeze(0).expand(p.num_envs, 3)
+                pairs = torch.arange(self.n_pairs).unsqueeze(0).expand(p.num_envs, self.n_pairs)
                 self.env = BatchedTradingEnv(self.tensors, pairs, start, p.episode_bars - 1, self.cfg.env,
                                              self.cfg.risk, self.cfg.strategy_params())
                 self.obs, self.left = self.env.reset().flatten(0, 1), p.episode_bars - 1
@@ -93,7 +94,7 @@ class Rollouts:
                 dist = masked(net.actor(self.obs), mask)
                 action = dist.sample()
                 value = net.critic(self.obs).squeeze(-1)
-            nxt, reward, _ = self.env.step(action.view(p.num_envs, 3))
+            nxt, reward, _ = self.env.step(action.view(p.num_envs, self.n_pairs))
             self.left -= 1
             for key, x in (("obs", self.obs), ("act", action), ("logp", dist.log_prob(action)), ("val", value),
                            ("mask", mask), ("rew", reward.flatten().float() * p.reward_scale),
