@@ -26,6 +26,7 @@ import structlog
 from controller.backtest import Fold, WalkForwardConfig, aggregate, fold_row, plan_folds
 from controller.config import PipelineConfig, pipeline_hash
 from controller.pipeline import SUMMARY_KEY
+from controller.state import initial_run_key, retrain_run_key
 from nexlify.configtools import add_flags, config_hash, flags_to_mapping, to_dict
 from nexlify.data.timeframes import parse_utc_ms
 from nexlify.errors import InputError, NexlifyError, PermanentError
@@ -175,8 +176,8 @@ def evaluate_candidates(summary: dict, cfg: PipelineConfig, fold: Fold, store, p
 
 def candidate_models(summary: dict) -> dict[str, str]:
     """A pipeline summary's candidates by source ("init-1", "retrain-3") -> the model file, relative to its output."""
-    keys = {f"init-{e['run_id']}": e["model_path"] for e in summary["initial_runs"]}
-    keys |= {f"retrain-{e['iteration']}": e["model_path"] for e in summary["retraining_iterations"]}
+    keys = {initial_run_key(e["run_id"]): e["model_path"] for e in summary["initial_runs"]}
+    keys |= {retrain_run_key(e["iteration"]): e["model_path"] for e in summary["retraining_iterations"]}
     return keys
 
 

@@ -25,7 +25,9 @@ import nexlify
 from controller import rules, selection
 from controller.config import PipelineConfig, pipeline_hash, pipeline_id
 from controller.executors.base import Executor, RunSpec
-from controller.state import Best, DataSnapshot, Failure, InitialRun, Iteration, PipelineState
+from controller.state import (
+    Best, DataSnapshot, Failure, InitialRun, Iteration, PipelineState, initial_run_key, retrain_run_key,
+)
 from controller.stores import StoreKeyMissing
 from controller.stores.base import Store
 from nexlify.configtools import to_dict
@@ -341,7 +343,7 @@ class Pipeline:
             return
         self._transition("INITIAL_RUNNING", runs=cfg.initial_runs)
         t0 = time.perf_counter()
-        specs = [self._spec(f"init-{i}", "initial", rules.initial_seed(cfg.seed, i), cfg.initial_episodes,
+        specs = [self._spec(initial_run_key(i), "initial", rules.initial_seed(cfg.seed, i), cfg.initial_episodes,
                             f"initial_runs/run_{i}", None) for i in range(1, cfg.initial_runs + 1)]
         results = self._run_all(specs)
         runs = self.state.initial_runs
@@ -358,7 +360,8 @@ class Pipeline:
         best = runs[str(best_id)]
         timings = self.state.timings
         timings["initial_s"] = timings.get("initial_s", 0.0) + round(time.perf_counter() - t0, 3)
-        self._transition("SELECTED", best=Best(score=best.val_score, model_key=best.model_key, source=f"init-{best_id}"),
+        self._transition("SELECTED", best=Best(score=best.val_score, model_key=best.model_key,
+                                               source=initial_run_key(best_id)),
                          best_initial_run=best_id, best_initial_score=best.val_score, patience_count=0)
 
     def _retraining_phase(self) -> None:
@@ -375,7 +378,7 @@ class Pipeline:
             best = st.best
             seed = rules.retrain_seed(cfg.seed, cfg.initial_runs, k)
             output = f"retraining/iteration_{k}"
-            spec = self._spec(f"retrain-{k}", "retrain", seed, cfg.retrain_episodes, output,
+            spec = self._spec(retrain_run_key(k), "retrain", seed, cfg.retrain_episodes, output,
                               self.store.url(best.model_key))
             self._transition("RETRAINING", iteration=k)
             result = self._run_all([spec])[spec.run_key]
@@ -420,8 +423,8 @@ class Pipeline:
         devices = sorted({e.device for e in entries if e.device})
         run_versions = final_entry.versions or {}
         # every candidate's validation return and Sharpe beside its score; the selected one's honesty report
-        sources = [(f"init-{e.run_id}", e.seed, e.val_score, e.val_metrics, e.model_key) for e in initial]
-        sources += [(f"retrain-{e.iteration}", e.seed, e.score, e.metrics, e.model_path) for e in st.retraining]
+        sources = [(initial_run_key(e.run_id), e.seed, e.val_score, e.val_metrics, e.model_key) for e in initial]
+        sources += [(retrain_run_key(e.iteration), e.seed, e.score, e.metrics, e.model_path) for e in st.retraining]
         candidates = [selection.candidate(src, seed, score, metrics, selected=key == final_key)
                       for src, seed, score, metrics, key in sources]
         moments = {src: e.return_moments for (src, *_), e in zip(sources, entries)}

@@ -18,6 +18,7 @@ import tempfile
 
 import structlog
 
+from controller.state import initial_run_key, retrain_run_key
 from controller.stores import StoreKeyMissing
 from controller.stores.base import Store
 from nexlify.errors import InputError, PermanentError
@@ -49,7 +50,8 @@ def pipeline_data(summary: dict, state: dict | None) -> dict:
     runs = []
     for r in summary["initial_runs"]:
         m = r["val_metrics"]
-        runs.append({"key": f"init-{r['run_id']}", "phase": "initial", "seed": r["seed"], "val_return": m["avg_return"],
+        runs.append({"key": initial_run_key(r["run_id"]), "phase": "initial", "seed": r["seed"],
+                     "val_return": m["avg_return"],
                      "val_sharpe": m["avg_sharpe"], "score": r["val_score"], "train_return": r["train_return"],
                      "model_path": r["model_path"], "folder": f"initial_runs/run_{r['run_id']}",
                      "improvement_pct": None, "new_best": None,
@@ -61,7 +63,7 @@ def pipeline_data(summary: dict, state: dict | None) -> dict:
         decision = "new best" if it["new_best"] else (f"patience {count}/{cfg['patience']}" if count is not None
                                                       else "no improvement")
         m = it["metrics"]
-        runs.append({"key": f"retrain-{k}", "phase": "retrain", "seed": it["seed"], "val_return": m["avg_return"],
+        runs.append({"key": retrain_run_key(k), "phase": "retrain", "seed": it["seed"], "val_return": m["avg_return"],
                      "val_sharpe": m["avg_sharpe"], "score": it["score"], "train_return": it["train_return"],
                      "model_path": it["model_path"], "folder": f"retraining/iteration_{k}",
                      "improvement_pct": it["improvement_pct"], "new_best": it["new_best"], "patience_count": count,

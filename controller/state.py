@@ -20,6 +20,17 @@ from typing import Any
 STATE_VERSION = 1
 
 
+def initial_run_key(run_id: int) -> str:
+    """The run key of initial run `run_id` (1-based): unique within a pipeline, stable across restarts, and
+    the `source` of whatever it trained in the summary, the report and the walk-forward."""
+    return f"init-{run_id}"
+
+
+def retrain_run_key(iteration: int) -> str:
+    """The run key of retraining iteration `iteration` (1-based)."""
+    return f"retrain-{iteration}"
+
+
 class _Record:
     """to_dict / from_dict for a flat record: its fields in declaration order, then the keys it did not
     know (`extra`)."""
