@@ -54,6 +54,7 @@ _INTEREST = PNL_SOURCES.index("lending_interest")
 
 # (observations [n, P, obs], mask [n, P, A], environment, the policy's rows of the batch) -> actions [n, P]
 Policy = Callable[[Tensor, Tensor, BatchedTradingEnv, slice], Tensor]
+Observer = Callable[[BatchedTradingEnv, "Tensor | None"], None]
 
 
 @dataclass
@@ -74,15 +75,16 @@ def _check_window(window: tuple[int, int]) -> None:
 @torch.no_grad()
 def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig,
                     risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None, *,
-                    record: bool = False) -> dict:
+                    record: bool = False, observer: Observer | None = None) -> dict:
     """Run the greedy policy over bars [i0, i1): the first decision is at the close of bar i0-1 (so the
     first fill is at i0's open) and the last fill at bar i1-1. Each pair trades in its own portfolio;
     all pairs step together as a batch. Returns average metrics, score and the per-pair table, each pair
     with its PnL broken down by source (`pnl_breakdown`, quote currency), exposure, turnover, fees paid
-    and the return moments (see the module doc); with `record`, the curves under "curves"."""
+    and the return moments (see the module doc); with `record`, the curves under "curves"; `observer` sees
+    every step (see `_simulate`)."""
     _check_window(window)
     out = _simulate(market, window, env_cfg, risk_cfg, strategy_params, [Group(AGENT, greedy_policy(model))],
-                    record)
+                    record, observer)
     metrics = out["results"][AGENT]
     if record:
         metrics["curves"] = {"bar_ms": out["bar_ms"], **out["curves"][AGENT]}
@@ -189,9 +191,12 @@ def greedy_policy(model: torch.nn.Module) -> Policy:
 
 
 def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig, risk_cfg: RiskConfig,
-              strategy_params: StrategyParams | None, groups: list[Group], record: bool) -> dict:
+              strategy_params: StrategyParams | None, groups: list[Group], record: bool,
+              observer: Observer | None = None) -> dict:
     """Step every group's portfolios (copies x pairs each, one pair per portfolio) over the window in one
-    batch; return {"results": {name: metrics}, "curves": {name: ...}, "bar_ms": [...]}."""
+    batch; return {"results": {name: metrics}, "curves": {name: ...}, "bar_ms": [...]}. `observer(env,
+    actions)` is called before each step with the actions about to be taken, and once after the last step
+    with None (nexlify.report.trace records what the agent did through it)."""
     i0, i1 = window
     n_steps = i1 - i0
     n_pairs = len(market.pairs)
@@ -216,6 +221,8 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
     while not done:
         mask = env.mask
         actions = torch.cat([g.policy(obs[rows], mask[rows], env, rows) for g, rows in zip(groups, spans)])
+        if observer is not None:
+            observer(env, actions)
         obs, _, done = env.step(actions)
         equity[k + 1] = env.equity
         held[k] = _holdings(env)
@@ -225,6 +232,8 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
         traded += (cash - cash_prev + (lent - lent_prev) - (interest - interest_prev)).abs()
         cash_prev, lent_prev, interest_prev = cash, lent, interest
         k += 1
+    if observer is not None:
+        observer(env, None)
 
     st = env.stats
     bar_returns = (equity[1:] / equity[:-1] - 1.0).cpu().numpy()  # [n_steps, B]

@@ -127,7 +127,7 @@ def test_the_trace_adds_up(data, summary, window):
             assert (baseline["equity"][-1] / e0 - 1.0) * 100.0 == pytest.approx(baseline["total_return"], abs=1e-9), name
         hold = b["buy_and_hold (no fees)"]  # from the first fill's open to the last close
         assert hold["equity"][-1] / e0 == pytest.approx(p["close"][-1] / p["first_open"])
-        # the trace's own bookkeeping gives the evaluation's numbers
+        # the trace (evaluate_policy alone) gives the numbers of the evaluation beside the baselines
         assert w["trace_metrics"]["per_pair"][pair]["total_return"] == m["total_return"]
         assert w["trace_metrics"]["per_pair"][pair]["sharpe"] == m["sharpe"]
 

@@ -1,6 +1,6 @@
-"""What the agent did, bar by bar: the greedy policy stepped through the environment over a window, as
-nexlify.evaluation.evaluate_policy steps it (one single-pair portfolio per pair, all pairs as a batch, the
-first decision at the close of bar i0-1), recording per bar what the report draws:
+"""What the agent did, bar by bar: the greedy policy stepped through the environment over a window by
+nexlify.evaluation.evaluate_policy itself (one single-pair portfolio per pair, all pairs as a batch, the
+first decision at the close of bar i0-1), recording per bar through its observer what the report draws:
 
     equity, drawdown, the close, the spot position (0/1), exposure per strategy (share of equity held in
     spot coins, staked or unbonding coins, the LP position, the Aave supply, the arbitrage books), the PnL
@@ -8,8 +8,7 @@ first decision at the close of bar i0-1), recording per bar what the report draw
     kind: "close" (the agent's), "stop", "trailing" (the trailing stop was the binding level), "target",
     or "exit" (a pending exit that completed when staked coins came free).
 
-The metrics are computed from the environment's statistics exactly as evaluate_policy computes them
-(same functions, same numbers), plus tear-sheet figures from the equity curve (nexlify.report.metrics).
+The metrics are evaluate_policy's own, plus tear-sheet figures from the equity curve (nexlify.report.metrics).
 """
 
 from __future__ import annotations
@@ -17,14 +16,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nexlify.agent.dqn import NEG_INF
 from nexlify.config import ALL_STRATEGIES, EnvConfig, RiskConfig
 from nexlify.data.timeframes import iso_utc
 from nexlify.env import risk
 from nexlify.env.batched import CLOSE, OPEN_LONG, PNL_SOURCES, BatchedTradingEnv
 from nexlify.env.market import MarketTensors
-from nexlify.features import WARMUP_BARS
-from nexlify.metrics import average_metrics, pair_metrics, sharpe_from_sums
+from nexlify.evaluation import evaluate_policy
+from nexlify.metrics import sharpe_from_sums
 from nexlify.report.metrics import max_drawdown, tear_sheet
 from nexlify.strategies.params import StrategyParams
 
@@ -39,19 +37,13 @@ def trace_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[in
     {"time": [iso...], "close", "equity", "drawdown", "position", "exposure": {strategy: [...]},
     "pnl": {source: [...]}, "trades": [{"bar", "time", "side", "kind", "price"}], "tear_sheet": {...}}}}."""
     i0, i1 = window
-    if i0 - 1 < WARMUP_BARS:
-        raise ValueError(f"evaluation window starts at bar {i0}, inside the {WARMUP_BARS}-bar feature warm-up")
-    n_pairs = len(market.pairs)
-    device = market.prices.device
-    pair_idx = torch.arange(n_pairs, device=device).unsqueeze(1)
-    start = torch.full((n_pairs,), i0 - 1, dtype=torch.int64, device=device)
-    env = BatchedTradingEnv(market, pair_idx, start, i1 - i0, env_cfg, risk_cfg, strategy_params)
-    obs = env.reset()
-    was_training = model.training
-    model.eval()
     rec: dict[str, list] = {k: [] for k in ("equity", "holding", "action", "entry", "highest", "pnl", *EXPOSURES)}
 
-    def record() -> None:
+    def record(env: BatchedTradingEnv, actions: torch.Tensor | None) -> None:
+        """The state before each step (and after the last one), and the action each step takes."""
+        if actions is not None:
+            valid = env.mask.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+            rec["action"].append(torch.where(valid, actions, 0)[:, 0].clone())
         eq = env.stats.equity.to(torch.float64).clone()
         rec["equity"].append(eq)
         rec["holding"].append(env.in_position[:, 0].clone())
@@ -68,25 +60,8 @@ def trace_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[in
         for name in EXPOSURES:
             rec[name].append(held[name].to(torch.float64) / eq)
 
-    record()
-    done = False
-    while not done:
-        q = model(obs)
-        actions = torch.where(env.mask, q, NEG_INF).argmax(dim=-1)
-        valid = env.mask.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        rec["action"].append(torch.where(valid, actions, 0)[:, 0].clone())
-        obs, _, done = env.step(actions)
-        record()
-    model.train(was_training)
-
-    st = env.stats
-    per_pair = {}
-    for i, pair in enumerate(market.pairs):  # evaluate_policy's numbers, computed the same way
-        per_pair[pair] = pair_metrics(float(st.equity[i]), st.initial_equity, float(st.ret_sum[i]),
-                                      float(st.ret_sq_sum[i]), st.n_returns, float(st.max_drawdown[i]),
-                                      int(st.trades[i]), int(st.wins[i]), pnl_breakdown=st.pnl_breakdown(i))
-        per_pair[pair]["costs_paid"] = float(st.costs[i])
-    metrics = average_metrics(per_pair)
+    metrics = evaluate_policy(model, market, window, env_cfg, risk_cfg, strategy_params, observer=record)
+    per_pair = metrics["per_pair"]
 
     stack = {k: torch.stack(v).cpu().numpy() for k, v in rec.items() if k != "pnl"}  # [bars(+1), pairs]
     pnl = torch.stack(rec["pnl"]).cpu().numpy()  # [bars+1, sources, pairs]
