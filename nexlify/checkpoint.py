@@ -107,11 +107,15 @@ def load(source: str | Path | bytes, map_location: str | torch.device = "cpu", *
 def train_config(ckpt: dict, name: str) -> TrainConfig:
     """The TrainConfig a checkpoint was trained with: its stored `config` over today's defaults, with the
     environment rules it was trained under kept. A config stored before `lending.sweep` existed lent by
-    hand (LEND / WITHDRAW), so it reads as sweep false, not today's default."""
+    hand (LEND / WITHDRAW), so it reads as sweep false, not today's default; one stored before
+    `agent.hold_margin` existed acted on the plain argmax, so it reads as margin 0."""
     stored = dict(ckpt["config"])
     lending = stored.get("lending")
     if isinstance(lending, dict) and "sweep" not in lending:
         stored["lending"] = {**lending, "sweep": False}
+    agent = stored.get("agent")
+    if isinstance(agent, dict) and "hold_margin" not in agent:
+        stored["agent"] = {**agent, "hold_margin": 0.0}
     cfg = TrainConfig()
     apply_mapping(cfg, stored, f"checkpoint {name}")
     return cfg

@@ -263,6 +263,11 @@ class AgentConfig:
                                   lo=0.0, hi=1.0)
     eps_decay_fraction: float = setting(0.5, "fraction of the run over which epsilon decays linearly",
                                         lo=0.0, hi=1.0, lo_open=True)
+    hold_margin: float = setting(0.02, "the greedy policy (validation, selection, evaluate, backtest, report) takes "
+                                 "its best valid action only when that action's Q-value beats hold's by at least "
+                                 "this, in the rewards' units (percent of equity at reward_scale 100), else it holds: "
+                                 "a guard against trading on noise in the Q-values (0 = plain argmax; training's "
+                                 "exploration and targets never use it)", lo=0.0, hi=1e6)
     reward_scale: float = setting(100.0, "the learner's rewards are the environment's (log-equity change per slot) "
                                   "times this: 100 puts them in percent of equity, so that Q-values of a few "
                                   "tenths separate instead of hiding in float noise at 1e-4", lo=0.0, lo_open=True,

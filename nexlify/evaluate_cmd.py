@@ -37,7 +37,8 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     market, window = _market_window(cfg, pairs, exchange, data_dir, start, end)
     i0 = window[0]
     tensors, model = _greedy_model(ckpt, cfg, market, dev)
-    evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), record=record)
+    evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
+                                        margin=cfg.agent.hold_margin, record=record)
     if inspect is not None:
         inspect(model, tensors, window, cfg)
     report = {
@@ -78,7 +79,7 @@ def evaluate_models(model_paths: list[str], *, start: str, end: str, data_dir: s
                              "of one pipeline")
         tensors, model = _greedy_model(ckpt, cfg, market, dev, raw)
         out.append({"model": path, "agent": evaluate_policy(model, tensors, window, cfg.env, cfg.risk,
-                                                            cfg.strategy_params())})
+                                                            cfg.strategy_params(), margin=cfg.agent.hold_margin)})
     return out
 
 

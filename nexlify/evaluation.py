@@ -42,6 +42,7 @@ from nexlify import baselines as bl
 from nexlify.agent.dqn import NEG_INF, random_valid_actions
 from nexlify.config import EnvConfig, RiskConfig
 from nexlify.env.batched import PNL_SOURCES, BatchedTradingEnv
+from nexlify.env.layout import HOLD
 from nexlify.env.market import MarketTensors
 from nexlify.features import WARMUP_BARS
 from nexlify.metrics import average_metrics, pair_metrics, return_moments, sharpe_from_sums, sharpe_vs_lending
@@ -75,15 +76,15 @@ def _check_window(window: tuple[int, int]) -> None:
 @torch.no_grad()
 def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig,
                     risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None, *,
-                    record: bool = False, observer: Observer | None = None) -> dict:
+                    margin: float, record: bool = False, observer: Observer | None = None) -> dict:
     """Run the greedy policy over bars [i0, i1): the first decision is at the close of bar i0-1 (so the
     first fill is at i0's open) and the last fill at bar i1-1. Each pair trades in its own portfolio;
     all pairs step together as a batch. Returns average metrics, score and the per-pair table, each pair
     with its PnL broken down by source (`pnl_breakdown`, quote currency), exposure, turnover, fees paid
     and the return moments (see the module doc); with `record`, the curves under "curves"; `observer` sees
-    every step (see `_simulate`)."""
+    every step (see `_simulate`). `margin`: the policy's hold margin (greedy_policy)."""
     _check_window(window)
-    out = _simulate(market, window, env_cfg, risk_cfg, strategy_params, [Group(AGENT, greedy_policy(model))],
+    out = _simulate(market, window, env_cfg, risk_cfg, strategy_params, [Group(AGENT, greedy_policy(model, margin))],
                     record, observer)
     metrics = out["results"][AGENT]
     if record:
@@ -94,8 +95,9 @@ def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple
 @torch.no_grad()
 def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors, window: tuple[int, int],
                             env_cfg: EnvConfig, risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None,
-                            *, record: bool = False, seeds: tuple[int, ...] = bl.RANDOM_SEEDS) -> dict:
-    """The agent (greedy `model`; None: baselines only) and every baseline of nexlify.baselines over the
+                            *, margin: float, record: bool = False,
+                            seeds: tuple[int, ...] = bl.RANDOM_SEEDS) -> dict:
+    """The agent (greedy `model` with hold margin `margin`; None: baselines only) and every baseline of nexlify.baselines over the
     same window, in the same environment. Returns {"agent": metrics (as evaluate_policy), "baselines":
     {name: metrics}, "baseline_notes": {name: what it does and what was changed for it}} and, with `record`,
     "curves": {"bar_ms": [...], name: {...}} (see `_curves`)."""
@@ -121,7 +123,7 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
 
     plans: list[tuple[EnvConfig, RiskConfig, Group]] = []
     if model is not None:
-        plans.append((env_cfg, risk_cfg, Group(AGENT, greedy_policy(model))))
+        plans.append((env_cfg, risk_cfg, Group(AGENT, greedy_policy(model, margin))))
     plans.append((bl.without_strategy(env_cfg, "lending"), risk_cfg,
                   Group(bl.FLAT, lambda obs, mask, env, rows: bl.flat(mask))))
     notes[bl.FLAT] = "Always hold with lending off (no sweep): all cash, no costs."
@@ -177,17 +179,28 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
     return report
 
 
-def greedy_policy(model: torch.nn.Module) -> Policy:
-    """The agent's greedy choice among the valid actions (the model in eval mode for the call)."""
+def greedy_policy(model: torch.nn.Module, margin: float) -> Policy:
+    """The agent's greedy choice among the valid actions (the model in eval mode for the call), taken only
+    when its Q-value beats hold's by at least `margin` (AgentConfig.hold_margin), else hold."""
 
     def act(obs: Tensor, mask: Tensor, env: BatchedTradingEnv, rows: slice) -> Tensor:
         was_training = model.training
         model.eval()
         q = model(obs)
         model.train(was_training)
-        return torch.where(mask, q, NEG_INF).argmax(dim=-1)
+        return hold_unless_margin(torch.where(mask, q, NEG_INF), margin)
 
     return act
+
+
+def hold_unless_margin(q: Tensor, margin: float) -> Tensor:
+    """The argmax of q [..., actions] (invalid actions already at NEG_INF; hold is always valid) where it
+    beats hold's Q by at least `margin`, else HOLD. margin 0 is the plain argmax."""
+    best = q.argmax(dim=-1)
+    if margin <= 0:
+        return best
+    gap = q.gather(-1, best.unsqueeze(-1)).squeeze(-1) - q[..., HOLD]
+    return torch.where(gap >= margin, best, torch.full_like(best, HOLD))
 
 
 def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig, risk_cfg: RiskConfig,

@@ -197,8 +197,10 @@ def train_run(
 
     # --- validation (and the held-out test window, when configured)
     t_val = time.perf_counter()
-    val = evaluate_with_baselines(agent.model, tensors, windows.val, cfg.env, cfg.risk, strategy_params)
-    test = (evaluate_with_baselines(agent.model, tensors, windows.test, cfg.env, cfg.risk, strategy_params)
+    margin = cfg.agent.hold_margin
+    val = evaluate_with_baselines(agent.model, tensors, windows.val, cfg.env, cfg.risk, strategy_params, margin=margin)
+    test = (evaluate_with_baselines(agent.model, tensors, windows.test, cfg.env, cfg.risk, strategy_params,
+                                    margin=margin)
             if windows.test else None)
     val_metrics = val["agent"]
     test_metrics = test["agent"] if test is not None else None

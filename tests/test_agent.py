@@ -282,7 +282,7 @@ def test_network_shape_does_not_depend_on_the_number_of_pairs():
     trained = out.agent.model.state_dict()
     assert {k: v.shape for k, v in fresh.model.state_dict().items()} == {k: v.shape for k, v in trained.items()}
     fresh.model.load_state_dict(trained)
-    alone = evaluate_policy(fresh.model, tensors, windows.val, cfg.env, cfg.risk)
+    alone = evaluate_policy(fresh.model, tensors, windows.val, cfg.env, cfg.risk, margin=cfg.agent.hold_margin)
     assert set(alone["per_pair"]) == {"ETH/USDT"}
     beside = out.val_metrics["per_pair"]["ETH/USDT"]
     for key, value in alone["per_pair"]["ETH/USDT"].items():

@@ -17,7 +17,8 @@ from nexlify.config import EnvConfig, RiskConfig, TrainConfig
 from nexlify.data.candles import load_market
 from nexlify.env.batched import N_ACTIONS, observation_size
 from nexlify.env.market import MarketTensors, market_features
-from nexlify.evaluation import evaluate_policy, evaluate_with_baselines
+from nexlify.env.layout import HOLD
+from nexlify.evaluation import NEG_INF, evaluate_policy, evaluate_with_baselines, hold_unless_margin
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.strategies import aave
 from nexlify.strategies.params import StrategyParams
@@ -39,8 +40,8 @@ def report(market) -> dict:
     """Every baseline (and an untrained agent) with the default config: all five strategies."""
     torch.manual_seed(0)
     model = DuelingQNet(observation_size(market.n_features), N_ACTIONS, TrainConfig().agent.hidden)
-    return evaluate_with_baselines(model, market, WINDOW, EnvConfig(), RiskConfig(), StrategyParams(), record=True,
-                                   seeds=(0, 1))
+    return evaluate_with_baselines(model, market, WINDOW, EnvConfig(), RiskConfig(), StrategyParams(), margin=0.02,
+                                   record=True, seeds=(0, 1))
 
 
 def test_every_baseline_is_reported_with_the_agent_and_its_numbers_alone(market, report):
@@ -55,7 +56,7 @@ def test_every_baseline_is_reported_with_the_agent_and_its_numbers_alone(market,
     # the agent stepped beside the baselines gets exactly what it gets alone
     torch.manual_seed(0)
     model = DuelingQNet(observation_size(market.n_features), N_ACTIONS, TrainConfig().agent.hidden)
-    alone = evaluate_policy(model, market, WINDOW, EnvConfig(), RiskConfig(), StrategyParams())
+    alone = evaluate_policy(model, market, WINDOW, EnvConfig(), RiskConfig(), StrategyParams(), margin=0.02)
     assert alone["per_pair"] == report["agent"]["per_pair"]
     assert alone["score"] == report["agent"]["score"]
 
@@ -106,7 +107,8 @@ def test_cash_plus_lending_earns_the_aave_supply_rate_compounded_over_the_window
 
 
 def test_cash_plus_lending_switches_lending_on_when_the_model_has_it_off(market):
-    got = evaluate_with_baselines(None, market, (1000, 1100), EnvConfig(strategies=["spot"]), RiskConfig(), seeds=())
+    got = evaluate_with_baselines(None, market, (1000, 1100), EnvConfig(strategies=["spot"]), RiskConfig(), margin=0.0,
+                                  seeds=())
     assert got["agent"] is None
     lending = got["baselines"][bl.CASH_PLUS_LENDING]
     assert lending["avg_return"] == pytest.approx((_lending_by_hand(100, StrategyParams().aave.max_idle_share) / E0 - 1) * 100,
@@ -186,12 +188,12 @@ def test_crossover_decisions_do_not_change_when_future_closes_do(market):
     """The crossover stepped through the environment on the real candles, then on the same candles with
     every bar after `cut` changed: its positions and equity up to `cut` are the same."""
     window, cut = (1000, 1400), 1200
-    base = evaluate_with_baselines(None, market, window, EnvConfig(), RiskConfig(), seeds=(), record=True)
+    base = evaluate_with_baselines(None, market, window, EnvConfig(), RiskConfig(), margin=0.0, seeds=(), record=True)
     moved = copy.copy(market)
     prices = market.prices.clone()
     prices[cut + 1:] *= torch.linspace(0.7, 1.3, market.n_bars - cut - 1, dtype=prices.dtype).view(-1, 1, 1)
     moved.prices, moved.cache = prices, {}
-    other = evaluate_with_baselines(None, moved, window, EnvConfig(), RiskConfig(), seeds=(), record=True)
+    other = evaluate_with_baselines(None, moved, window, EnvConfig(), RiskConfig(), margin=0.0, seeds=(), record=True)
     k = cut - window[0] + 1  # curves start at the close of bar window[0]-1
     a, b = base["curves"][bl.MA_CROSSOVER], other["curves"][bl.MA_CROSSOVER]
     for pair in market.pairs:
@@ -203,7 +205,7 @@ def test_crossover_decisions_do_not_change_when_future_closes_do(market):
 
 def test_random_baseline_is_deterministic_per_seed_and_the_mean_of_its_seeds(market):
     window = (1000, 1150)
-    run = lambda seeds: evaluate_with_baselines(None, market, window, EnvConfig(), RiskConfig(),  # noqa: E731
+    run = lambda seeds: evaluate_with_baselines(None, market, window, EnvConfig(), RiskConfig(), margin=0.0,  # noqa: E731
                                                 seeds=seeds)["baselines"][bl.RANDOM_VALID]
     both, again = run((0, 1)), run((0, 1))
     assert both == again
@@ -220,8 +222,9 @@ def test_the_accounting_is_the_same_on_the_fused_kernel_and_the_tensor_step(mark
     """Exposure, turnover and fees read from the environment's state after each step: the fused CPU kernel
     and the tensor step (the GPU's path) must leave the same state behind."""
     window = (1000, 1120)
-    fused = evaluate_with_baselines(None, market, window, EnvConfig(), RiskConfig(), seeds=(0,))
-    tensor = evaluate_with_baselines(None, market, window, EnvConfig(kernel="torch"), RiskConfig(), seeds=(0,))
+    fused = evaluate_with_baselines(None, market, window, EnvConfig(), RiskConfig(), margin=0.0, seeds=(0,))
+    tensor = evaluate_with_baselines(None, market, window, EnvConfig(kernel="torch"), RiskConfig(), margin=0.0,
+                                     seeds=(0,))
     for name in bl.BASELINES:
         a, b = fused["baselines"][name], tensor["baselines"][name]
         for key in ("avg_return", "exposure", "exposure_any", "turnover", "fees_paid"):
@@ -243,3 +246,37 @@ def test_sharpe_vs_lending_is_in_excess_of_what_cash_plus_lending_earns(report):
         std = math.sqrt(sum((x - mean) ** 2 for x in excess) / (len(excess) - 1))
         assert m["sharpe_vs_lending"] == pytest.approx(mean / std * math.sqrt(8760), rel=1e-9), pair
         assert m["sharpe_vs_lending"] < m["sharpe"]  # the same spread, a lower mean
+
+
+X = NEG_INF  # an invalid action's masked Q
+
+
+@pytest.mark.parametrize("q, margin, action", [
+    # Q over (hold, a1, a2, ...) in dyadic numbers (exact gaps): the best valid action when it beats hold by at
+    # least the margin, else hold
+    ([0.25, 0.5, 0.125], 0.0, 1),
+    ([0.25, 0.5, 0.125], 0.25, 1),  # 0.5 - 0.25 = 0.25: at the margin, taken
+    ([0.25, 0.5, 0.125], 0.2501, HOLD),
+    ([0.25, 0.5, 0.125], 5.0, HOLD),
+    ([0.75, 0.5, 0.125], 0.0, HOLD),  # hold is the argmax: hold whatever the margin
+    ([0.25, X, 0.375], 0.125, 2),  # the invalid action is never chosen; the valid one beats hold by 0.125
+    ([0.25, X, 0.375], 0.25, HOLD),
+    ([-0.5, -0.25, -0.75], 0.25, 1),  # negative Q-values: only the gap counts
+])
+def test_the_hold_margin_takes_the_best_action_only_when_it_beats_hold_by_the_margin(q, margin, action):
+    assert HOLD == 0
+    got = hold_unless_margin(torch.tensor([q], dtype=torch.float64), margin)
+    assert got.tolist() == [action]
+
+
+def test_an_agent_that_never_clears_its_margin_is_cash_plus_lending(market):
+    """With a margin no Q-gap reaches, the agent holds on every bar and the sweep lends its cash: exactly the
+    cash-plus-lending baseline, bar for bar; with margin 0 the same network trades."""
+    torch.manual_seed(0)
+    model = DuelingQNet(observation_size(market.n_features), N_ACTIONS, TrainConfig().agent.hidden)
+    held = evaluate_with_baselines(model, market, WINDOW, EnvConfig(), RiskConfig(), StrategyParams(), margin=1e6,
+                                   seeds=(0,))
+    assert held["agent"]["per_pair"] == held["baselines"][bl.CASH_PLUS_LENDING]["per_pair"]
+    assert held["agent"]["total_trades"] == 0
+    plain = evaluate_policy(model, market, WINDOW, EnvConfig(), RiskConfig(), StrategyParams(), margin=0.0)
+    assert plain["total_trades"] > 0 or plain["exposure_any"] > held["agent"]["exposure_any"]

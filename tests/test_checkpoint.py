@@ -211,3 +211,16 @@ def test_train_config_keeps_the_lending_rule_a_checkpoint_was_trained_under(lend
     cfg = checkpoint.train_config({"config": stored}, "old.pt")
     assert cfg.lending.sweep is sweep and cfg.risk.stop_loss == 0.03
     assert cfg.lending.max_idle_share == (0.7 if lending is not None else 0.85)
+
+
+@pytest.mark.parametrize("agent, margin", [
+    ({"hidden": 32}, 0.0),                          # written before the hold margin existed: plain argmax
+    ({"hidden": 32, "hold_margin": 0.05}, 0.05),    # recorded: kept
+    ({"hidden": 32, "hold_margin": 0.0}, 0.0),
+    (None, AgentConfig().hold_margin),              # no agent section at all: today's default
+])
+def test_train_config_keeps_the_acting_rule_a_checkpoint_was_trained_under(agent, margin):
+    stored = {} if agent is None else {"agent": agent}
+    cfg = checkpoint.train_config({"config": stored}, "old.pt")
+    assert cfg.agent.hold_margin == margin
+    assert cfg.agent.hidden == (32 if agent is not None else AgentConfig().hidden)

@@ -777,7 +777,7 @@ def test_evaluation_reports_the_pnl_breakdown_adding_up_to_the_return(real_marke
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(real_market.n_features + len(STATE_NAMES), 16), torch.nn.ReLU(),
                                 torch.nn.Linear(16, N_ACTIONS))
-    metrics = evaluate_policy(model, real_market, (1300, 1700), EnvConfig(), RiskConfig())
+    metrics = evaluate_policy(model, real_market, (1300, 1700), EnvConfig(), RiskConfig(), margin=0.0)
     for pair, m in metrics["per_pair"].items():
         pnl = m["pnl_breakdown"]
         assert set(pnl) == set(PNL_SOURCES) | {"total"}

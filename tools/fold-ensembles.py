@@ -91,10 +91,12 @@ def main() -> None:
         row = {"fold": k, "test": [window["test_start"], window["test_end"]]}
         with torch.no_grad():
             params = cfg.strategy_params()
-            row["selected"] = evaluate_policy(nets[selected], tensors, span, cfg.env, cfg.risk, params)["avg_return"]
+            row["selected"] = evaluate_policy(nets[selected], tensors, span, cfg.env, cfg.risk, params,
+                                              margin=cfg.agent.hold_margin)["avg_return"]
             for top in (3, 5, len(ranked)):
                 ens = MeanQ([nets[s] for s in ranked[:top]])
-                row[f"mean_q_top{top}"] = evaluate_policy(ens, tensors, span, cfg.env, cfg.risk, params)["avg_return"]
+                row[f"mean_q_top{top}"] = evaluate_policy(ens, tensors, span, cfg.env, cfg.risk, params,
+                                                          margin=cfg.agent.hold_margin)["avg_return"]
             five = [nets[s] for s in ranked[:5]]
             out = _simulate(tensors, span, cfg.env, cfg.risk, params, [Group(AGENT, vote(five, 3))], False)
             row["vote_top5_need3"] = out["results"][AGENT]["avg_return"]

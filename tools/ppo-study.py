@@ -180,7 +180,8 @@ def main() -> None:
         for seed in (int(s) for s in args.seeds.split(",")):
             t = time.perf_counter()
             net = train(cfg, p, tensors, (i0, i_test), seed)
-            test = evaluate_policy(net, tensors, (i_test, market.n_bars), cfg.env, cfg.risk, cfg.strategy_params())
+            test = evaluate_policy(net, tensors, (i_test, market.n_bars), cfg.env, cfg.risk, cfg.strategy_params(),
+                                   margin=0.0)  # the policy's logits are not Q-values
             print(json.dumps({"fold": k, "seed": seed, "test": [test_start, test_end],
                               "test_return": test["avg_return"], "trades": test["total_trades"],
                               "exposure": test.get("exposure"), "seconds": round(time.perf_counter() - t, 1)}),

@@ -34,8 +34,10 @@ def evaluation(model: torch.nn.Module, tensors: MarketTensors, windows: dict[str
     for name, window in windows.items():
         ev = (evaluated or {}).get(name)
         if ev is None:
-            ev = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), record=True)
-        trace = trace_policy(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params())
+            ev = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
+                                         margin=cfg.agent.hold_margin, record=True)
+        trace = trace_policy(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
+                             margin=cfg.agent.hold_margin)
         trace["trace_metrics"] = trace.pop("metrics")
         trace["metrics"] = ev["agent"]  # the evaluation's numbers, as the summary and `nexlify evaluate` give them
         baselines = per_pair_baselines(ev.get("baselines"), list(tensors.pairs), ev.get("curves"))

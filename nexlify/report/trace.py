@@ -31,8 +31,8 @@ EXPOSURES = ALL_STRATEGIES  # one exposure per strategy's book, in the config's 
 
 @torch.no_grad()
 def trace_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig,
-                 risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None) -> dict:
-    """The greedy policy over bars [i0, i1) with every bar recorded. Returns
+                 risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None, *, margin: float) -> dict:
+    """The greedy policy (with hold margin `margin`) over bars [i0, i1) with every bar recorded. Returns
     {"start", "end", "bars", "metrics": evaluate_policy's dict (averages, score, per_pair), "pairs": {pair:
     {"time": [iso...], "close", "equity", "drawdown", "position", "exposure": {strategy: [...]},
     "pnl": {source: [...]}, "trades": [{"bar", "time", "side", "kind", "price"}], "tear_sheet": {...}}}}."""
@@ -60,7 +60,8 @@ def trace_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[in
         for name in EXPOSURES:
             rec[name].append(held[name].to(torch.float64) / eq)
 
-    metrics = evaluate_policy(model, market, window, env_cfg, risk_cfg, strategy_params, observer=record)
+    metrics = evaluate_policy(model, market, window, env_cfg, risk_cfg, strategy_params, margin=margin,
+                              observer=record)
     per_pair = metrics["per_pair"]
 
     stack = {k: torch.stack(v).cpu().numpy() for k, v in rec.items() if k != "pnl"}  # [bars(+1), pairs]
