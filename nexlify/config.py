@@ -70,10 +70,6 @@ class EnvConfig:
     episode_bars: int = setting(720, "bars per training episode, each from a seeded random start in the training "
                                 "window (0 = the whole window, every episode the same pass)", lo=0, hi=10_000_000)
     drawdown_penalty: float = setting(0.0, "reward penalty per unit of new drawdown (0 = pure log-equity reward)", lo=0.0)
-    cost_penalty: float = setting(0.0, "reward penalty per unit of costs paid (fees, slippage, gas), as a multiple of "
-                                  "them: the learner sees (1 + this) x each trade's costs, a regulariser against "
-                                  "trading on noise in the Q-values; equity, PnL and every evaluation keep the real "
-                                  "costs (0 = off)", lo=0.0, hi=100.0)
     num_envs: int = setting(32, "training episodes stepped together as one batch, each at its own random offset "
                             "(0 = all of a run's episodes, up to 1024)", lo=0, hi=65536)
     precision: str = setting("float64", "accounting precision: float64 (exact) or float32 (faster)",

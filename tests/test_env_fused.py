@@ -111,7 +111,7 @@ def run_side_by_side(ref, fast, n_steps, seed, rtol, atol, obs_atol, reward_atol
 ], ids=["busy", "no-kelly-no-trailing", "trailing-only", "defaults"])
 def test_fused_step_matches_the_tensor_step_in_float64(tensors, risk_cfg):
     starts = torch.tensor([250, 251, 300, 480, 700, 900, 1000, 1100])
-    env_cfg = EnvConfig(strategies=["spot"], drawdown_penalty=0.5, cost_penalty=0.7)
+    env_cfg = EnvConfig(strategies=["spot"], drawdown_penalty=0.5)
     ref, fast = pair_of_envs(tensors, risk_cfg, env_cfg, starts, 350)
     run_side_by_side(ref, fast, 350, seed=11, rtol=1e-12, atol=1e-9, obs_atol=1e-6)
     assert (ref.stats.trades >= 20).all(), "the run must exercise the rules"
@@ -265,7 +265,7 @@ def test_fused_portfolio_step_matches_the_tensor_step_with_every_strategy(venues
     tensor step on every output and every piece of state to float64 rounding; lending by the sweep and by
     hand."""
     starts = torch.tensor([700, 760, 900, 1000, 1010, 1200])
-    env_cfg = EnvConfig(drawdown_penalty=0.5, cost_penalty=0.7)
+    env_cfg = EnvConfig(drawdown_penalty=0.5)
     params = dataclasses.replace(BUSY_PARAMS, aave=AaveParams(sweep=sweep))
     ref, fast = pair_of_envs(venues, risk_cfg, env_cfg, starts, 450, params=params)
     counts, seen = run_side_by_side(ref, fast, 450, seed=11, rtol=1e-12, atol=1e-9, obs_atol=1e-6,

@@ -35,7 +35,7 @@ def _envs(kernels: tuple[str, ...], n_steps: int, starts: list[int]) -> list[Bat
     venues = binance_with_coinbase()
     s = torch.tensor(starts)
     return [BatchedTradingEnv(venues, torch.arange(3).expand(len(starts), 3), s, n_steps,
-                              EnvConfig(kernel=kernel, drawdown_penalty=0.5, cost_penalty=0.7), BUSY_PORTFOLIO_RISK, BUSY_PARAMS)
+                              EnvConfig(kernel=kernel, drawdown_penalty=0.5), BUSY_PORTFOLIO_RISK, BUSY_PARAMS)
             for kernel in kernels]
 
 

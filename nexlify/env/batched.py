@@ -798,7 +798,7 @@ class BatchedTradingEnv:
                 value = value + arb_value
             equity = cash + value.sum(0)
             slot_change = value - self._slot_value + flow
-        reward, x, peak, drawdown = self._reward(slot_change, cost_slot, equity, prev_equity)
+        reward, x, peak, drawdown = self._reward(slot_change, equity, prev_equity)
 
         # 7. Bookkeeping: Kelly history (spot trades), episode statistics, cursor.
         sources = None if tb is None else [spot_pnl, stake_pnl, lp_fee_pnl, il_pnl, interest, arb_pnl]
@@ -1107,11 +1107,9 @@ class BatchedTradingEnv:
         supplied = torch.minimum(chunk, (lendable - (torch.cumsum(chunk, 0) - chunk)).clamp(min=0.0))
         return flow - supplied, lent + supplied, principal + supplied
 
-    def _reward(self, slot_change: Tensor, cost_slot: Tensor, equity: Tensor,
-                prev_equity: Tensor) -> tuple[Tensor, ...]:
+    def _reward(self, slot_change: Tensor, equity: Tensor, prev_equity: Tensor) -> tuple[Tensor, ...]:
         """6c. Each slot's reward: its change of value plus its cash flows, on the log scale of the equity change,
-        less the drawdown penalty and the cost penalty (cost_penalty x the slot's costs in the bar, over the
-        previous equity). Returns (reward [P, B], x: the equity's relative change, peak, drawdown)."""
+        less the drawdown penalty. Returns (reward [P, B], x: the equity's relative change, peak, drawdown)."""
         x = equity / prev_equity - 1.0
         small = x.abs() <= 1e-6
         scale_log = torch.where(small, 1.0 - x / 2.0, torch.log1p(x) / torch.where(small, 1.0, x))
@@ -1121,8 +1119,6 @@ class BatchedTradingEnv:
         if self.env_cfg.drawdown_penalty > 0:
             prev_dd = 1.0 - prev_equity / self.peak
             reward = reward - self.env_cfg.drawdown_penalty * (drawdown - prev_dd).clamp(min=0.0) / self.P
-        if self.env_cfg.cost_penalty > 0:
-            reward = reward - self.env_cfg.cost_penalty * cost_slot / prev_equity
         return reward, x, peak, drawdown
 
     def _bookkeeping(self, spot: tuple[Tensor, Tensor], others: tuple, x: Tensor, drawdown: Tensor,

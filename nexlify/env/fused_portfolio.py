@@ -99,12 +99,12 @@ PARAMS = ("fee", "slip", "stop_loss", "take_profit", "trailing_stop", "max_trade
           "kelly_floor", "fixed_size", "spot_on", "staking_on", "lp_on", "lending_on", "arb_on", "unstake_fraction",
           "stake_fraction", "lp_range_width", "lp_coin_share", "gas_open", "gas_close", "fee_a", "fee_b",
           "max_notional", "rebalance_below", "tiny", "lp_min_notional", "lp_min_close", "max_withdrawal_share",
-          "max_idle_share", "lend_sweep", "cost_penalty")
+          "max_idle_share", "lend_sweep")
 (FEE, SLIP, STOP_LOSS, TAKE_PROFIT, TRAILING_STOP, MAX_TRADES, DAILY_LOSS_LIMIT, DD_PENALTY, INITIAL_EQUITY,
  MAX_POSITION, KELLY_ON, KELLY_MIN_TRADES, KELLY_FRACTION, KELLY_FLOOR, FIXED_SIZE, SPOT_ON, STAKING_ON, LP_ON,
  LENDING_ON, ARB_ON, UNSTAKE_FRACTION, STAKE_FRACTION, LP_WIDTH, LP_COIN_SHARE, GAS_OPEN, GAS_CLOSE, FEE_A, FEE_B,
  MAX_NOTIONAL, REBALANCE_BELOW, TINY, LP_MIN_NOTIONAL, LP_MIN_CLOSE, MAX_WITHDRAWAL_SHARE,
- MAX_IDLE_SHARE, LEND_SWEEP, COST_PENALTY) = range(len(PARAMS))
+ MAX_IDLE_SHARE, LEND_SWEEP) = range(len(PARAMS))
 
 # Per-slot scratch, [B, len, P] (an episode's numbers side by side in memory).
 (F_FLOW, F_COST, F_RET, F_LP_RET, F_ARB_RET, F_SPOT_PNL, F_STAKE_PNL, F_LP_FEE_PNL, F_IL_PNL, F_INTEREST, F_ARB_PNL,
@@ -917,7 +917,7 @@ def stops_and_marks(b, u, n_cols, pair, prices, floats, bar_tab, stake_growth, s
 @_jit_inline
 def settle(b, sf, ef, o_sf, f, reward, prm, prev_eq, spot_alone):
     """6c. Episode b's cash and equity at the close, its peak and drawdown, and each slot's reward: its change of
-    value plus its cash flows, on the log scale of the equity change, less the drawdown and cost penalties. Returns (cash,
+    value plus its cash flows, on the log scale of the equity change, less the drawdown penalty. Returns (cash,
     equity, peak, drawdown, x: the equity's relative change)."""
     n_pairs = f.shape[1]
     flow_sum = 0.0
@@ -941,7 +941,7 @@ def settle(b, sf, ef, o_sf, f, reward, prm, prev_eq, spot_alone):
         # says (the tensor step keeps no slot values for spot alone)
         last_value = sf[b, UNITS, p] * sf[b, CLOSE_PX, p] if spot_alone else sf[b, SLOT_VALUE, p]
         slot_change = f[F_VALUE, p] - last_value + f[F_FLOW, p]
-        reward[b, p] = slot_change * (scale_log / prev_eq) - penalty - prm[COST_PENALTY] * f[F_COST, p] / prev_eq
+        reward[b, p] = slot_change * (scale_log / prev_eq) - penalty
         if not spot_alone:
             o_sf[b, SLOT_VALUE, p] = f[F_VALUE, p]
     return cash, equity, peak, drawdown, x
@@ -1251,7 +1251,7 @@ class FusedPortfolioStep:
             "max_notional": sp.arbitrage.max_notional_usd, "rebalance_below": sp.arbitrage.rebalance_below,
             "tiny": torch.finfo(env.dtype).tiny, "lp_min_notional": sp.lp.min_notional_usd,
             "lp_min_close": sp.lp.min_close_value_usd, "max_withdrawal_share": sp.arbitrage.max_withdrawal_share,
-            "max_idle_share": sp.aave.max_idle_share, "lend_sweep": sp.aave.sweep, "cost_penalty": e.cost_penalty,
+            "max_idle_share": sp.aave.max_idle_share, "lend_sweep": sp.aave.sweep,
         }
         self.params = array(torch.tensor([float(values[name]) for name in PARAMS], dtype=torch.float64,
                                          device=env.device))
