@@ -26,6 +26,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "else the end of the checkpoint's validation window)")
     # cpu unless asked (unlike the config's `device`, auto): the choices are the config's
     ev.add_argument("--device", default="cpu", choices=_choices(TrainConfig, "device"))
+    ev.add_argument("--hold-margin", type=float, metavar="Q", help="the greedy policy's hold margin (agent."
+                    "hold_margin; default: the checkpoint's; 0 = plain argmax)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.add_argument("--record", action="store_true", help="with --json: add per-bar equity curves and positions "
                     "of the agent and every baseline (\"curves\")")
@@ -92,7 +94,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     seen: dict = {}
     report = evaluate_checkpoint(args.model, pairs=args.pairs, exchange=args.exchange, data_dir=args.data_dir,
-                                 start=args.start, end=args.end, device=args.device,
+                                 start=args.start, end=args.end, device=args.device, hold_margin=args.hold_margin,
                                  record=args.record or bool(args.report),
                                  inspect=(lambda *a: seen.update(args=a)) if args.report else None)
     if args.report:

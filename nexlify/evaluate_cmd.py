@@ -12,6 +12,8 @@ from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.env.batched import N_ACTIONS, observation_size
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.agent.dqn import DuelingQNet
+from nexlify.config import TrainConfig
+from nexlify.configtools import check_leaf, coerce, leaf_index
 from nexlify.errors import InputError
 from nexlify.evaluation import buy_and_hold, evaluate_policy, evaluate_with_baselines
 from nexlify.features import WARMUP_BARS, Normalizer
@@ -22,17 +24,23 @@ WARMUP_DAYS = WARMUP_BARS // 24 + 2
 
 def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exchange: str | None = None,
                         data_dir: str | None = None, start: str | None = None, end: str | None = None,
-                        device: str = "cpu", record: bool = False, inspect=None) -> dict:
+                        device: str = "cpu", hold_margin: float | None = None, record: bool = False,
+                        inspect=None) -> dict:
     """The checkpoint's greedy policy on a window: "agent" (metrics), "baselines" ({name: metrics}, see
     nexlify.evaluation), "baseline_notes", "buy_and_hold" (per pair, no fees), the window and, with `record`,
     "curves" (per-bar equity and positions of the agent and every baseline).
 
     Window: --start and --end; --start alone runs to the end of the data; neither is the checkpoint's own
-    validation window (val_days before its test window). inspect(model, tensors, window, cfg), when given, is
-    called with what was evaluated (the report draws it)."""
+    validation window (val_days before its test window). `hold_margin` replaces the checkpoint's
+    agent.hold_margin (None: keep it). inspect(model, tensors, window, cfg), when given, is called with what
+    was evaluated (the report draws it)."""
     dev = resolve_device(device)
     ckpt = checkpoint.load(model_path, map_location=dev)
     cfg = checkpoint.train_config(ckpt, model_path)
+    if hold_margin is not None:
+        leaf = leaf_index(TrainConfig)["hold_margin"]
+        check_leaf(leaf, coerce(leaf, hold_margin, "--hold-margin"))
+        cfg.agent.hold_margin = hold_margin
     exchange = exchange or cfg.data.exchange
     market, window = _market_window(cfg, pairs, exchange, data_dir, start, end)
     i0 = window[0]
@@ -50,6 +58,7 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
         "baseline_notes": evaluated["baseline_notes"],
         "buy_and_hold": buy_and_hold(tensors, window, cfg.strategy_params()),
         "checkpoint": {"seed": ckpt["seed"], "episodes_trained": ckpt["episodes_trained"]},
+        "hold_margin": cfg.agent.hold_margin,
     }
     if record:
         report["curves"] = evaluated["curves"]

@@ -65,3 +65,17 @@ def test_start_and_end_and_the_default_window(model_path):
 def test_start_after_the_data_is_refused(model_path):
     with pytest.raises(InputError, match="after the last candle"):
         evaluate_checkpoint(model_path, start="2025-06-03")  # its warm-up days hold candles, the window none
+
+
+def test_the_hold_margin_is_the_checkpoints_unless_given(model_path):
+    window = {"start": "2025-05-01", "end": "2025-05-15"}
+    own = evaluate_checkpoint(model_path, **window)
+    assert own["hold_margin"] == TrainConfig().agent.hold_margin  # stored in the checkpoint's config
+    plain = evaluate_checkpoint(model_path, hold_margin=0.0, **window)
+    never = evaluate_checkpoint(model_path, hold_margin=1e6, **window)
+    assert plain["hold_margin"] == 0.0 and plain["agent"]["total_trades"] > 0  # the untrained net trades
+    # a margin no Q-gap reaches: hold on every bar, spot only and lending off: the flat book
+    assert never["agent"]["total_trades"] == 0
+    assert never["agent"]["per_pair"] == never["baselines"][bl.FLAT]["per_pair"]
+    with pytest.raises(InputError, match=r"--hold-margin: -0.5 is out of range; accepted: a number in \[0.0, "):
+        evaluate_checkpoint(model_path, hold_margin=-0.5, **window)
