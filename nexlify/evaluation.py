@@ -1,6 +1,10 @@
 """Greedy evaluation of a Q-network on a window of bars, one single-pair portfolio per pair, beside
 baselines stepped through the same environment (nexlify.baselines).
 
+The greedy policy takes its best valid action only when that action's Q-value beats hold's by the hold
+margin (AgentConfig.hold_margin, greedy_policy): a gap smaller than the Q-estimates' noise is no reason
+to pay a fee. Validation (so selection), `nexlify evaluate`, the walk-forward and the report all act this way.
+
 Every policy (the agent, each baseline) trades each pair in its own portfolio; all of them step together
 as one batch per environment config (the agent, flat, the random seeds, buy-and-hold at the risk budget,
 the crossover and, with lending on, cash plus lending share one; buy-and-hold at full size runs under its
@@ -84,8 +88,8 @@ def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple
     and the return moments (see the module doc); with `record`, the curves under "curves"; `observer` sees
     every step (see `_simulate`). `margin`: the policy's hold margin (greedy_policy)."""
     _check_window(window)
-    out = _simulate(market, window, env_cfg, risk_cfg, strategy_params, [Group(AGENT, greedy_policy(model, margin))],
-                    record, observer)
+    agent = Group(AGENT, greedy_policy(model, margin))
+    out = _simulate(market, window, env_cfg, risk_cfg, strategy_params, [agent], record, observer)
     metrics = out["results"][AGENT]
     if record:
         metrics["curves"] = {"bar_ms": out["bar_ms"], **out["curves"][AGENT]}
@@ -97,10 +101,10 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
                             env_cfg: EnvConfig, risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None,
                             *, margin: float, record: bool = False,
                             seeds: tuple[int, ...] = bl.RANDOM_SEEDS) -> dict:
-    """The agent (greedy `model` with hold margin `margin`; None: baselines only) and every baseline of nexlify.baselines over the
-    same window, in the same environment. Returns {"agent": metrics (as evaluate_policy), "baselines":
-    {name: metrics}, "baseline_notes": {name: what it does and what was changed for it}} and, with `record`,
-    "curves": {"bar_ms": [...], name: {...}} (see `_curves`)."""
+    """The agent (greedy `model` with hold margin `margin`; None: baselines only) and every baseline of
+    nexlify.baselines over the same window, in the same environment. Returns {"agent": metrics (as
+    evaluate_policy), "baselines": {name: metrics}, "baseline_notes": {name: what it does and what was
+    changed for it}} and, with `record`, "curves": {"bar_ms": [...], name: {...}} (see `_curves`)."""
     _check_window(window)
     pairs = market.pairs
     n_pairs = len(pairs)

@@ -205,8 +205,8 @@ def test_crossover_decisions_do_not_change_when_future_closes_do(market):
 
 def test_random_baseline_is_deterministic_per_seed_and_the_mean_of_its_seeds(market):
     window = (1000, 1150)
-    run = lambda seeds: evaluate_with_baselines(None, market, window, EnvConfig(), RiskConfig(), margin=0.0,  # noqa: E731
-                                                seeds=seeds)["baselines"][bl.RANDOM_VALID]
+    run = lambda seeds: evaluate_with_baselines(  # noqa: E731
+        None, market, window, EnvConfig(), RiskConfig(), margin=0.0, seeds=seeds)["baselines"][bl.RANDOM_VALID]
     both, again = run((0, 1)), run((0, 1))
     assert both == again
     one, two = run((0,)), run((1,))
