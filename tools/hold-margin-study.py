@@ -13,7 +13,6 @@ have chosen differently (rerun the walk-forward with --config to see that).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -40,10 +39,9 @@ def model_rows(fold: int, fold_dir: str, margins: list[float], data_dir: str):
         path = os.path.join(fold_dir, keys[c["source"]])
         ckpt = checkpoint.load(path)
         cfg = checkpoint.train_config(ckpt, path)
-        val_start = dt.date.fromisoformat(window["test_start"]) - dt.timedelta(days=cfg.data.val_days)
         row = {"fold": fold, "source": c["source"], "selected": c["selected"], "val_score": c["val_score"]}
-        for name, (start, end) in {"val": (val_start.isoformat(), window["test_start"]),
-                                   "test": (window["test_start"], window["test_end"])}.items():
+        # no dates: the checkpoint's own validation window, as `nexlify evaluate` takes it
+        for name, (start, end) in {"val": (None, None), "test": (window["test_start"], window["test_end"])}.items():
             market, span = _market_window(cfg, None, cfg.data.exchange, data_dir, start, end)
             tensors, net = _greedy_model(ckpt, cfg, market, torch.device("cpu"), market_features(market))
             params = cfg.strategy_params()
