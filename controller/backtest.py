@@ -7,7 +7,8 @@
     candidates_on_test  every model a fold's pipeline tried, on the fold's test window: does the selection
                      on validation carry over (the selected model's rank, the rank correlation of validation
                      score and test return, how many beat cash plus lending)?
-    render_table     the table printed by `nexlify backtest --walk-forward`
+    combine_seeds    the walk-forward run once per seed (--seeds): fold-seeds won against each baseline
+    render_table     the table printed by `nexlify backtest --walk-forward` (render_seeds: the seeds' lines)
 
 Sharpe here is the annualised Sharpe of hourly returns in excess of what cash plus lending earns
 (max_idle_share of the cash at the modelled Aave USDT supply rate; nexlify.metrics.sharpe_vs_lending,
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from controller.config import MAX_PIPELINE_SEED
 from controller.selection import CASH_PLUS_LENDING
 from nexlify.configtools import setting
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
@@ -52,6 +54,9 @@ class WalkForwardConfig:
     folds: int = setting(4, "number of folds; the last test window ends at the data end (--end)", lo=1, hi=100)
     train_days: int = setting(0, "days of training data per fold, ending where its test window starts (0 = all "
                                  "data from --start: an expanding window)", lo=0)
+    seeds: list[int] = setting([], "run the whole walk-forward once per seed (each the pipeline's --seed), in "
+                                   "<output>/seed_<s>/, and count the fold-seeds won (empty: --seed alone, in "
+                                   "<output>)")
 
     @property
     def step(self) -> int:
@@ -61,6 +66,11 @@ class WalkForwardConfig:
         if self.step < self.fold_days:
             raise InputError(f"--step-days {self.step_days} is shorter than --fold-days {self.fold_days}, so test "
                              "windows would overlap; accepted: 0 (= fold days) or at least --fold-days")
+        for seed in self.seeds:
+            if not 0 <= seed <= MAX_PIPELINE_SEED:
+                raise InputError(f"--seeds: {seed} is out of range; accepted: integers in [0, {MAX_PIPELINE_SEED}]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise InputError(f"--seeds {' '.join(map(str, self.seeds))} names a seed twice; accepted: distinct seeds")
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,76 @@ def aggregate(rows: list[dict]) -> dict:
             "mean_sharpe": statistics.fmean(b["sharpe"] for _, b in pairs),
         }
     return out
+
+
+def combine_seeds(by_seed: dict[int, list[dict]]) -> dict:
+    """The same walk-forward run once per seed (`--seeds`), fold rows per seed (fold_row's), combined: per
+    fold the seeds' returns and Sharpes and their mean; per baseline in how many fold-seeds the agent beats
+    it (strictly, as in aggregate) and in how many folds it does so with most of the seeds (more than half).
+    Four quarters are too few to tell one variant from another with one seed; this is the count that can.
+    ValueError when the seeds' fold windows differ (they come from one fold plan)."""
+    seeds = list(by_seed)
+    windows = {s: [(r["fold"], r["test_start"], r["test_end"]) for r in rows] for s, rows in by_seed.items()}
+    if len({tuple(w) for w in windows.values()}) > 1:
+        raise ValueError(f"the seeds' fold windows differ: {windows}")
+    first = by_seed[seeds[0]] if seeds else []
+    by_fold = []
+    for i, row in enumerate(first):
+        rows = [by_seed[s][i] for s in seeds]
+        returns = [r["agent"]["return"] for r in rows]
+        by_fold.append({
+            "fold": row["fold"], "test_start": row["test_start"], "test_end": row["test_end"],
+            "returns": returns, "sharpes": [r["agent"]["sharpe"] for r in rows],  # in the order of "seeds"
+            "mean_return": statistics.fmean(returns),
+            "baselines": dict(row["baselines"]),  # the same window and costs for every seed: the first's
+            "seeds_beating": {name: {"return": sum(r["agent"]["return"] > r["baselines"][name]["return"] for r in rows),
+                                     "sharpe": sum(r["agent"]["sharpe"] > r["baselines"][name]["sharpe"] for r in rows)}
+                              for name in row["baselines"] if all(name in r["baselines"] for r in rows)},
+        })
+    every = [r for rows in by_seed.values() for r in rows]
+    versus = {}
+    for name in comparators(every):
+        folds = [f for f in by_fold if name in f["seeds_beating"]]
+        versus[name] = {
+            "fold_seeds": len(folds) * len(seeds),
+            "beats_return": sum(f["seeds_beating"][name]["return"] for f in folds),
+            "beats_sharpe": sum(f["seeds_beating"][name]["sharpe"] for f in folds),
+            "folds": len(folds),
+            "folds_most_seeds_return": sum(2 * f["seeds_beating"][name]["return"] > len(seeds) for f in folds),
+            "folds_most_seeds_sharpe": sum(2 * f["seeds_beating"][name]["sharpe"] > len(seeds) for f in folds),
+        }
+    returns = [r["agent"]["return"] for r in every]
+    return {
+        "seeds": seeds, "folds": len(first),
+        "agent": {"mean_return": statistics.fmean(returns) if returns else None,
+                  "median_return": statistics.median(returns) if returns else None,
+                  "mean_sharpe": statistics.fmean(r["agent"]["sharpe"] for r in every) if every else None},
+        "by_fold": by_fold, "versus": versus,
+    }
+
+
+def render_seeds(combined: dict) -> str:
+    """combine_seeds' lines: each fold's returns by seed, then the fold-seeds won against each baseline."""
+    seeds = combined["seeds"]
+    lines = [f"over {len(seeds)} seeds ({', '.join(map(str, seeds))}), {combined['folds']} folds each: agent's test "
+             "return % by seed"]
+    for f in combined["by_fold"]:
+        by_seed = " / ".join(_num(r, ".2f") for r in f["returns"])
+        lending = f["baselines"].get(CASH_PLUS_LENDING)
+        beside = "" if lending is None else (
+            f"; {CASH_PLUS_LENDING} {_num(lending['return'], '.2f')} %, beaten with "
+            f"{f['seeds_beating'][CASH_PLUS_LENDING]['return']}/{len(seeds)} seeds on return, "
+            f"{f['seeds_beating'][CASH_PLUS_LENDING]['sharpe']}/{len(seeds)} on Sharpe")
+        lines.append(f"  fold {f['fold']} {f['test_start'][:10]} .. {f['test_end'][:10]}: {by_seed} (mean "
+                     f"{_num(f['mean_return'], '.2f')}){beside}")
+    a = combined["agent"]
+    lines.append(f"  all fold-seeds: return mean {_num(a['mean_return'], '.2f')} %, median "
+                 f"{_num(a['median_return'], '.2f')} %; Sharpe mean {_num(a['mean_sharpe'], '.2f')}")
+    for name, v in combined["versus"].items():
+        lines.append(f"  agent beats {name}: on return in {v['beats_return']}/{v['fold_seeds']} fold-seeds, on Sharpe "
+                     f"in {v['beats_sharpe']}/{v['fold_seeds']}; with most seeds in {v['folds_most_seeds_return']}"
+                     f"/{v['folds']} folds on return, {v['folds_most_seeds_sharpe']}/{v['folds']} on Sharpe")
+    return "\n".join(lines)
 
 
 def _num(value: float | None, fmt: str) -> str:

@@ -4,6 +4,10 @@
     <output>/fold_<k>/test_result.json  the fold's window, its pipeline's final model and the test evaluation
     <output>/walk_forward.json          the table rows and the aggregate (rewritten after every fold)
 
+With --seeds s1 s2 ..., the whole walk-forward runs once per seed (the pipeline's --seed), each in
+<output>/seed_<s>/ with the layout above, and <output>/walk_forward.json combines them
+(controller.backtest.combine_seeds: fold-seeds won against each baseline).
+
 A fold's pipeline is controller.run.run_pipeline with the walk-forward's PipelineConfig, only its data window
 moved (data.start / data.end = the fold's training window, no held-out test_days: the fold's test window is
 the test), so it runs through the same executor (local workers or Kubernetes Jobs) and store (folder or S3).
@@ -20,10 +24,11 @@ import signal
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import structlog
 
-from controller.backtest import Fold, WalkForwardConfig, aggregate, fold_row, plan_folds
+from controller.backtest import Fold, WalkForwardConfig, aggregate, combine_seeds, fold_row, plan_folds
 from controller.config import PipelineConfig, pipeline_hash
 from controller.pipeline import SUMMARY_KEY
 from controller.state import initial_run_key, retrain_run_key
@@ -39,6 +44,10 @@ TEST_RESULT = "test_result.json"
 
 def fold_prefix(k: int) -> str:
     return f"fold_{k}"
+
+
+def seed_prefix(seed: int) -> str:
+    return f"seed_{seed}"
 
 
 def fold_config(cfg: PipelineConfig, fold: Fold, output: str) -> PipelineConfig:
@@ -59,6 +68,55 @@ def walk_forward_hash(cfg: PipelineConfig, wf: WalkForwardConfig) -> str:
 # ------------------------------------------------------------------------------------------- running
 
 
+def seed_config(cfg: PipelineConfig, seed: int, output: str) -> PipelineConfig:
+    """The walk-forward's pipeline config with another --seed, writing to `output`."""
+    out = copy.deepcopy(cfg)
+    out.seed = seed
+    out.output = output
+    return out
+
+
+def seeds_hash(cfg: PipelineConfig, wf: WalkForwardConfig) -> str:
+    """What a --seeds walk-forward computes: each seed's walk-forward (its own hash, as if run alone)."""
+    alone = replace(wf, seeds=[])
+    return config_hash({"seeds": [walk_forward_hash(seed_config(cfg, s, cfg.output), alone) for s in wf.seeds]})
+
+
+def _claim(store, whash: str, force: bool) -> None:
+    """Refuse an output whose walk_forward.json was written by another walk-forward (unless --force)."""
+    previous = _read_json(store, WALK_FORWARD_KEY)
+    if previous is not None and previous.get("config_hash") != whash and not force:
+        raise InputError(f"{store.url(WALK_FORWARD_KEY)} belongs to a walk-forward with another config, fold "
+                         f"layout or seeds (hash {previous.get('config_hash')}, this one {whash}); use another "
+                         "--output, or --force to discard its folds and start over")
+
+
+def run_walk_forward_seeds(cfg: PipelineConfig, wf: WalkForwardConfig, *, force: bool = False) -> dict:
+    """`--seeds`: the whole walk-forward once per seed, in <output>/seed_<s>/ (each resumable and adoptable on
+    its own: a walk-forward run alone with --seed s and --output <output>/seed_<s> is the same), then the
+    fold-seeds combined (controller.backtest.combine_seeds) in <output>/walk_forward.json."""
+    from controller.stores import open_store
+
+    store = open_store(cfg.output)
+    whash = seeds_hash(cfg, wf)
+    _claim(store, whash, force)
+    report = {"complete": False, "config_hash": whash, "seeds": list(wf.seeds), "settings": to_dict(wf),
+              "output": store.root_url, "outputs": {}, "per_seed": {}, "combined": None}
+    reports = {}
+    for seed in wf.seeds:
+        scfg = seed_config(cfg, seed, store.url(seed_prefix(seed)))
+        log.info("seed_started", seed=seed, output=scfg.output)
+        reports[seed] = run_walk_forward(scfg, replace(wf, seeds=[]), force=force)
+        report["outputs"][str(seed)] = reports[seed]["output"]
+        report["per_seed"][str(seed)] = reports[seed]["aggregate"]
+        report["combined"] = combine_seeds({s: r["folds"] for s, r in reports.items()})
+        _write_json(store, WALK_FORWARD_KEY, report)
+    report["complete"] = True
+    _write_json(store, WALK_FORWARD_KEY, report)
+    report["reports"] = reports  # for the CLI's tables; not written (each seed's walk_forward.json has it)
+    return report
+
+
 def run_walk_forward(cfg: PipelineConfig, wf: WalkForwardConfig, *, force: bool = False) -> dict:
     """Run (or resume) every fold; return walk_forward.json's content."""
     from controller.stores import open_store
@@ -67,11 +125,7 @@ def run_walk_forward(cfg: PipelineConfig, wf: WalkForwardConfig, *, force: bool 
     folds = plan_folds(d.start, d.end, wf, val_days=d.val_days)
     store = open_store(cfg.output)
     whash = walk_forward_hash(cfg, wf)
-    previous = _read_json(store, WALK_FORWARD_KEY)
-    if previous is not None and previous.get("config_hash") != whash and not force:
-        raise InputError(f"{store.url(WALK_FORWARD_KEY)} belongs to a walk-forward with another config or fold "
-                         f"layout (hash {previous.get('config_hash')}, this one {whash}); use another --output, or "
-                         "--force to discard its folds and start over")
+    _claim(store, whash, force)
     report = {
         "complete": False, "config_hash": whash, "pipeline_config_hash": pipeline_hash(cfg),
         "settings": to_dict(wf), "data": {"start": d.start, "end": d.end, "val_days": d.val_days},
@@ -250,7 +304,7 @@ def check_inputs(cfg: PipelineConfig, wf: WalkForwardConfig) -> list[Fold]:
 
 
 def cmd_backtest(args) -> int:
-    from controller.backtest import render_table
+    from controller.backtest import render_seeds, render_table
     from controller.cli import _raise_terminated, resolve_pipeline_config
     from controller.preflight import run_preflight
 
@@ -263,6 +317,17 @@ def cmd_backtest(args) -> int:
         return 2
     check_inputs(cfg, wf)
     signal.signal(signal.SIGTERM, _raise_terminated)  # stop like Ctrl-C: workers save, training.log is published
+    if wf.seeds:
+        combined = run_walk_forward_seeds(cfg, wf, force=args.force)
+        for seed, report in combined["reports"].items():
+            print(f"seed {seed}:")
+            print(render_table(report["folds"], report["aggregate"]))
+            print()
+        print(render_seeds(combined["combined"]))
+        root = combined["output"].rstrip("/")
+        print(f"walk-forward tables: {root}/{WALK_FORWARD_KEY} (the seeds combined) and {root}/seed_<s>/"
+              f"{WALK_FORWARD_KEY} (each seed's)")
+        return 0
     report = run_walk_forward(cfg, wf, force=args.force)
     print(render_table(report["folds"], report["aggregate"]))
     print(f"walk-forward table: {report['output'].rstrip('/')}/{WALK_FORWARD_KEY}")

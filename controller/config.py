@@ -18,6 +18,7 @@ DEFAULT_OUTPUT = "./complete_auto_training_output"
 # digit or ten) is refused at once instead of starting a run that never ends.
 MAX_EPISODES = 1_000_000  # episodes of one run
 MAX_SEED = 2**31 - 1  # seeds stay valid for every RNG (numpy takes < 2**32; run i adds 1000*i)
+MAX_PIPELINE_SEED = MAX_SEED - 1_000_000  # the pipeline's --seed: room for its runs' offsets
 # The uid and gid every container runs as: the image's `nexlify` user. Written here; the Dockerfile's
 # useradd/USER and the chart's securityContexts are copies that tests/test_defaults.py holds to this value.
 RUN_AS_ID = 10001
@@ -72,7 +73,7 @@ class KubernetesConfig:
 @dataclass
 class PipelineConfig:
     train: TrainConfig = section(TrainConfig, inline=True)
-    seed: int = setting(42, "seed of the first initial run; run i uses seed + 1000*i", lo=0, hi=MAX_SEED - 1_000_000)
+    seed: int = setting(42, "seed of the first initial run; run i uses seed + 1000*i", lo=0, hi=MAX_PIPELINE_SEED)
     initial_runs: int = setting(3, "independent initial runs (multi-start)", lo=1, hi=64)
     initial_episodes: int = setting(1000, "episodes per initial run (an episode is env.episode_bars bars)", lo=1,
                                     hi=MAX_EPISODES)

@@ -2,7 +2,7 @@
 hand, then a real 2-fold backtest on the bundled candles (local executor, folder store) run as the CLI users
 type: no look-ahead in what the fold pipelines trained on, the table and walk_forward.json consistent with each
 fold's test_result.json and with `nexlify evaluate` of the fold's model, resume fold by fold, a failing fold,
-bad flags; and the same backtest into a real S3 server (SeaweedFS) and as Kubernetes Jobs through the strict fake
+bad flags, several seeds (--seeds, adopting a walk-forward run alone); and the same backtest into a real S3 server (SeaweedFS) and as Kubernetes Jobs through the strict fake
 API server (tests.test_kubernetes_executor's fixtures), each of which must give the local numbers."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.backtest import (Fold, WalkForwardConfig, aggregate, candidates_on_test, comparators, fold_row,
-                                 plan_folds, render_table)
+from controller.backtest import (Fold, WalkForwardConfig, aggregate, candidates_on_test, combine_seeds, comparators,
+                                 fold_row, plan_folds, render_seeds, render_table)
 from controller.backtest_run import fold_config, resolve_walk_forward, run_walk_forward
 from controller.cli import build_parser, resolve_pipeline_config
 from controller.config import pipeline_id
@@ -163,6 +163,56 @@ def test_aggregate_by_hand():
     third = next(line for line in text.splitlines() if line.startswith("   3"))
     assert third.endswith(f"{'-':>18}  {'0.50 / 0.40':>18}  {'0.10 / 0.60':>18}")  # no cash_plus_lending in fold 3
 
+
+
+def seed_rows(*folds) -> list[dict]:
+    """One seed's fold rows: per fold (agent return, agent Sharpe, {baseline: (return, Sharpe)})."""
+    windows = [("2025-01-01", "2025-04-01"), ("2025-04-01", "2025-07-01")]
+    return [{"fold": k, "train_start": "2023-01-01", "train_end": windows[k - 1][0], "test_start": windows[k - 1][0],
+             "test_end": windows[k - 1][1], "agent": {"return": r, "sharpe": sh},
+             "baselines": {n: {"return": br, "sharpe": bs} for n, (br, bs) in b.items()}}
+            for k, (r, sh, b) in enumerate(folds, start=1)]
+
+
+def test_combine_seeds_by_hand():
+    # lending 0.86 % (Sharpe 0) in both folds, random -20 % (Sharpe -30); three seeds:
+    lend, rnd = ("cash_plus_lending", (0.86, 0.0)), ("random_valid", (-20.0, -30.0))
+    by_seed = {
+        42: seed_rows((1.0, 0.5, dict([lend, rnd])), (0.5, -1.0, dict([lend, rnd]))),
+        7: seed_rows((0.86, 0.0, dict([lend, rnd])), (0.9, 0.2, dict([lend, rnd]))),  # fold 1: a tie is no win
+        123: seed_rows((2.0, 1.0, dict([lend, rnd])), (0.1, -2.0, dict([lend, rnd]))),
+    }
+    c = combine_seeds(by_seed)
+    assert c["seeds"] == [42, 7, 123] and c["folds"] == 2
+    f1, f2 = c["by_fold"]
+    assert f1["returns"] == [1.0, 0.86, 2.0] and f1["sharpes"] == [0.5, 0.0, 1.0]
+    assert f1["mean_return"] == pytest.approx(3.86 / 3) and f2["mean_return"] == pytest.approx(0.5)
+    # fold 1: 1.0 and 2.0 beat 0.86 on return, 0.5 and 1.0 beat 0 on Sharpe (the tie does not): 2 of 3 each;
+    # fold 2: only 0.9 beats 0.86, only 0.2 beats 0
+    assert f1["seeds_beating"]["cash_plus_lending"] == {"return": 2, "sharpe": 2}
+    assert f2["seeds_beating"]["cash_plus_lending"] == {"return": 1, "sharpe": 1}
+    assert c["versus"]["cash_plus_lending"] == {"fold_seeds": 6, "beats_return": 3, "beats_sharpe": 3, "folds": 2,
+                                                "folds_most_seeds_return": 1, "folds_most_seeds_sharpe": 1}
+    assert c["versus"]["random_valid"] == {"fold_seeds": 6, "beats_return": 6, "beats_sharpe": 6, "folds": 2,
+                                           "folds_most_seeds_return": 2, "folds_most_seeds_sharpe": 2}
+    # six returns 1, 0.5, 0.86, 0.9, 2, 0.1: mean 5.36 / 6, median (0.86 + 0.9) / 2; Sharpes sum -1.3
+    assert c["agent"] == pytest.approx({"mean_return": 5.36 / 6, "median_return": 0.88, "mean_sharpe": -1.3 / 6})
+    text = render_seeds(c)
+    assert ("  fold 1 2025-01-01 .. 2025-04-01: 1.00 / 0.86 / 2.00 (mean 1.29); cash_plus_lending 0.86 %, beaten "
+            "with 2/3 seeds on return, 2/3 on Sharpe") in text
+    assert ("  agent beats cash_plus_lending: on return in 3/6 fold-seeds, on Sharpe in 3/6; with most seeds in 1/2 "
+            "folds on return, 1/2 on Sharpe") in text
+
+
+def test_combine_seeds_with_two_seeds_needs_both_for_most_and_refuses_other_windows():
+    lend = {"cash_plus_lending": (0.86, 0.0)}
+    c = combine_seeds({1: seed_rows((1.0, 1.0, lend), (1.0, 1.0, lend)), 2: seed_rows((0.0, -1.0, lend),
+                                                                                       (2.0, 2.0, lend))})
+    assert c["versus"]["cash_plus_lending"]["folds_most_seeds_return"] == 1  # fold 2 only: 1 of 2 is not most
+    other = seed_rows((1.0, 1.0, lend), (1.0, 1.0, lend))
+    other[1]["test_end"] = "2025-06-30"
+    with pytest.raises(ValueError, match="the seeds' fold windows differ"):
+        combine_seeds({1: seed_rows((1.0, 1.0, lend), (1.0, 1.0, lend)), 2: other})
 
 
 def cands(*rows) -> list[dict]:
@@ -429,8 +479,36 @@ def test_another_layout_on_the_same_output_is_refused_before_anything_runs(wf_ou
                     "--output", str(out)])
     assert proc.returncode == 2
     assert error_lines(proc.stderr)[-1].startswith(f"error: {out}/walk_forward.json belongs to a walk-forward "
-                                                           "with another config or fold layout")
+                                                           "with another config, fold layout or seeds")
     assert _stamps(out) == stamps
+
+
+def test_seeds_run_one_walk_forward_per_seed_and_adopt_one_run_alone(wf_out, tmp_path):
+    # wf_out is the walk-forward with the default --seed 42: put where --seeds 42 43 keeps seed 42, it is adopted
+    out = tmp_path / "out"
+    shutil.copytree(wf_out[0], out / "seed_42")
+    stamps = _stamps(out / "seed_42")
+    proc = backtest(str(out), "--seeds", "42", "43")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    events = [e for e in log_events_text(proc.stderr) if e.get("event", "").startswith(("fold_", "seed_"))]
+    assert [(e["event"], e.get("seed", e.get("fold"))) for e in events] == [
+        ("seed_started", 42), ("fold_adopted", 1), ("fold_adopted", 2),
+        ("seed_started", 43), ("fold_started", 1), ("fold_finished", 1), ("fold_started", 2), ("fold_finished", 2)]
+    changed = {k for k, v in _stamps(out / "seed_42").items() if stamps.get(k) != v}
+    assert changed == {"walk_forward.json"}  # rewritten with the same rows; no fold touched
+    seeds = {s: read_json(out / f"seed_{s}" / "walk_forward.json") for s in (42, 43)}
+    assert seeds[42]["folds"] == read_json(wf_out[0] / "walk_forward.json")["folds"]
+    for k in (1, 2):  # seed 43's pipelines ran with --seed 43, on the same fold windows
+        summary = read_json(out / "seed_43" / f"fold_{k}" / "complete_training_summary.json")
+        assert summary["config"]["seed"] == 43
+        assert read_json(out / "seed_43" / f"fold_{k}" / "test_result.json")["window"] == \
+            read_json(out / "seed_42" / f"fold_{k}" / "test_result.json")["window"]
+    combined = read_json(out / "walk_forward.json")
+    assert combined["complete"] is True and combined["seeds"] == [42, 43]
+    assert combined["combined"] == combine_seeds({s: seeds[s]["folds"] for s in (42, 43)})
+    assert combined["per_seed"] == {str(s): seeds[s]["aggregate"] for s in (42, 43)}
+    assert render_seeds(combined["combined"]) in proc.stdout
+    assert [r["agent"]["return"] for r in seeds[43]["folds"]] != [r["agent"]["return"] for r in seeds[42]["folds"]]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -442,6 +520,9 @@ def test_another_layout_on_the_same_output_is_refused_before_anything_runs(wf_ou
       "--folds", "4"], "error: fold 1 would train on 52 day(s) (2025-03-01 .. 2025-04-22)"),  # 92 - 40 days
     (["--walk-forward", "--start", "2025-01-01", "--end", "2025-07-01", "--val-days", "30", "--fold-days", "5"],
      "error: the candles end at"),
+    (["--walk-forward", "--seeds", "42", "7", "42"], "error: --seeds 42 7 42 names a seed twice; accepted: distinct"),
+    (["--walk-forward", "--seeds", "-1"], "error: --seeds: -1 is out of range; accepted: integers in [0, 2146483647]"),
+    (["--walk-forward", "--seeds", "seven"], "error: --seeds must be a list of integer, got ['seven']"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_write_nothing(flags, message, tmp_path):
     out = tmp_path / "out"
