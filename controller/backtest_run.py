@@ -60,9 +60,15 @@ def fold_config(cfg: PipelineConfig, fold: Fold, output: str) -> PipelineConfig:
     return out
 
 
+def fold_layout(wf: WalkForwardConfig) -> dict:
+    """The fold settings of one seed's walk-forward (--seeds is the combination's: left out, so that a
+    walk-forward keeps its hash whether run alone or as one of several seeds)."""
+    return {k: v for k, v in to_dict(wf).items() if k != "seeds"}
+
+
 def walk_forward_hash(cfg: PipelineConfig, wf: WalkForwardConfig) -> str:
     """What the folds compute: the pipeline's config hash (runtime settings excluded) and the fold layout."""
-    return config_hash({"pipeline": pipeline_hash(cfg), "walk_forward": to_dict(wf)})
+    return config_hash({"pipeline": pipeline_hash(cfg), "walk_forward": fold_layout(wf)})
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -78,8 +84,7 @@ def seed_config(cfg: PipelineConfig, seed: int, output: str) -> PipelineConfig:
 
 def seeds_hash(cfg: PipelineConfig, wf: WalkForwardConfig) -> str:
     """What a --seeds walk-forward computes: each seed's walk-forward (its own hash, as if run alone)."""
-    alone = replace(wf, seeds=[])
-    return config_hash({"seeds": [walk_forward_hash(seed_config(cfg, s, cfg.output), alone) for s in wf.seeds]})
+    return config_hash({"seeds": [walk_forward_hash(seed_config(cfg, s, cfg.output), wf) for s in wf.seeds]})
 
 
 def _claim(store, whash: str, force: bool) -> None:
@@ -128,7 +133,7 @@ def run_walk_forward(cfg: PipelineConfig, wf: WalkForwardConfig, *, force: bool 
     _claim(store, whash, force)
     report = {
         "complete": False, "config_hash": whash, "pipeline_config_hash": pipeline_hash(cfg),
-        "settings": to_dict(wf), "data": {"start": d.start, "end": d.end, "val_days": d.val_days},
+        "settings": fold_layout(wf), "data": {"start": d.start, "end": d.end, "val_days": d.val_days},
         "output": store.root_url, "folds": [], "aggregate": None,
     }
     for fold in folds:
