@@ -10,13 +10,13 @@ from nexlify.data.candles import load_market
 from nexlify.data.prepare import attach_second_venue
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.env.batched import N_ACTIONS, observation_size
-from nexlify.env.market import MarketTensors, market_features
+from nexlify.env.market import MarketTensors
 from nexlify.agent.dqn import DuelingQNet
 from nexlify.config import TrainConfig
 from nexlify.configtools import check_leaf, coerce, leaf_index
 from nexlify.errors import InputError
 from nexlify.evaluation import buy_and_hold, evaluate_policy, evaluate_with_baselines
-from nexlify.features import WARMUP_BARS, Normalizer
+from nexlify.features import MARKET_FEATURES, WARMUP_BARS, Normalizer, compute_features
 from nexlify.training import resolve_device
 
 WARMUP_DAYS = WARMUP_BARS // 24 + 2
@@ -42,9 +42,10 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
         check_leaf(leaf, coerce(leaf, hold_margin, "--hold-margin"))
         cfg.agent.hold_margin = hold_margin
     exchange = exchange or cfg.data.exchange
-    market, window = _market_window(cfg, pairs, exchange, data_dir, start, end)
+    market, window, raw = _market_window(cfg, pairs, exchange, data_dir, start, end,
+                                         market_pairs=_market_pairs(ckpt, cfg))
     i0 = window[0]
-    tensors, model = _greedy_model(ckpt, cfg, market, dev)
+    tensors, model = _greedy_model(ckpt, cfg, market, dev, raw)
     evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
                                         margin=cfg.agent.hold_margin, record=record)
     if inspect is not None:
@@ -81,8 +82,8 @@ def evaluate_models(model_paths: list[str], *, start: str, end: str, data_dir: s
         what = (d.exchange, tuple(d.pairs), d.timeframe)
         if market is None:
             first = what
-            market, window = _market_window(cfg, None, d.exchange, data_dir, start, end)
-            raw = market_features(market)  # once: each model only normalises it its own way
+            # once: each model only normalises the features its own way
+            market, window, raw = _market_window(cfg, None, d.exchange, data_dir, start, end)
         elif what != first:
             raise InputError(f"{path} trades {what}, not {first} like {model_paths[0]}; accepted: checkpoints "
                              "of one pipeline")
@@ -92,12 +93,24 @@ def evaluate_models(model_paths: list[str], *, start: str, end: str, data_dir: s
     return out
 
 
+def _market_pairs(ckpt: dict, cfg) -> list[str] | None:
+    """The pairs whose candles make a checkpoint's market features: its training pairs when its normaliser
+    reads any (nexlify.features.MARKET_FEATURES), else None (it reads none)."""
+    names = Normalizer.from_dict(ckpt["normalizer"]).features
+    return list(cfg.data.pairs) if any(n in MARKET_FEATURES for n in names) else None
+
+
 def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | None, start: str | None,
-                   end: str | None):
-    """The candles (with the warm-up before the window) and the window [i0, n_bars) as evaluate_checkpoint's
-    docstring says: --start and --end; --start alone to the end of the data; neither: the validation window."""
+                   end: str | None, *, market_pairs: list[str] | None = None):
+    """The candles of `pairs` (None: the config's) with the warm-up before the window, the window [i0, n_bars)
+    as evaluate_checkpoint's docstring says (--start and --end; --start alone to the end of the data; neither:
+    the validation window), and their raw features [T, P, F]. The market features are computed over
+    `market_pairs` (None: the pairs evaluated), whose candles are read beside when they are other pairs, so a
+    model evaluated on other pairs than it trained on sees the market it was trained to see."""
     d = cfg.data
-    pairs = pairs or d.pairs
+    pairs = list(pairs or d.pairs)
+    market_pairs = list(market_pairs or pairs)
+    loaded = pairs + [p for p in market_pairs if p not in pairs]
     data_dir = data_dir if data_dir is not None else d.data_dir
     end_ms: int | None
     if end is not None:
@@ -109,8 +122,18 @@ def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | 
     start_ms = end_ms - d.val_days * MS_PER_DAY if start is None else parse_utc_ms(start, "--start")
     if end_ms is not None and start_ms >= end_ms:
         raise InputError(f"--start {iso_utc(start_ms)} is not before --end {iso_utc(end_ms)}")
-    market = load_market(exchange, pairs, d.timeframe, data_dir, iso_utc(start_ms - WARMUP_DAYS * MS_PER_DAY),
-                         iso_utc(end_ms) if end_ms is not None else None)
+    try:
+        market = load_market(exchange, loaded, d.timeframe, data_dir, iso_utc(start_ms - WARMUP_DAYS * MS_PER_DAY),
+                             iso_utc(end_ms) if end_ms is not None else None)
+    except InputError as exc:
+        if loaded == pairs:
+            raise
+        raise InputError(f"the model's market features are computed over the pairs it was trained on "
+                         f"({' '.join(market_pairs)}), whose candles are needed beside --pairs: {exc}") from None
+    raw = compute_features(market.timestamps, market.open, market.high, market.low, market.close, market.volume,
+                           market.tradable, market=[loaded.index(p) for p in market_pairs])
+    if loaded != pairs:
+        market, raw = market.select(pairs), raw[:, :len(pairs)]
     if end_ms is None and int(market.timestamps[-1]) < start_ms:
         raise InputError(f"--start {iso_utc(start_ms)} is after the last candle ({market.end_iso}); accepted: a "
                          "start before the end of the data")
@@ -119,7 +142,7 @@ def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | 
     if i0 - 1 < WARMUP_BARS:
         raise InputError(f"not enough candles before --start {iso_utc(start_ms)} for the {WARMUP_BARS}-bar "
                          f"feature warm-up; the data starts at {market.start_iso}")
-    return market, (i0, market.n_bars)
+    return market, (i0, market.n_bars), raw
 
 
 def _greedy_model(ckpt: dict, cfg, market, dev, raw_features=None):

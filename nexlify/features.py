@@ -9,8 +9,9 @@ at a bar: the mean over the pairs of the 24 h and 168 h log returns (mkt_ret_*) 
 24 h log returns (lead_ret_*; BTC/USDT in the default pair order). Added by evidence (issue 11's walk-forward,
 README "Does it learn?"): with them the models each fold tried averaged 0.47 % and 0.43 % on the folds' test
 windows over two sets of seeds, against 0.30 % and 0.19 % without.
-They are computed over the pairs traded together, so a model is evaluated on the pairs it was trained on
-(`nexlify evaluate --pairs` with other pairs changes what they mean).
+They are computed over the pairs a model was trained on (`compute_features(..., market=...)`): `nexlify
+evaluate --pairs` with other pairs still reads the training pairs' candles for them, so a pair's observation
+means what it meant in training.
 
 Normalisation statistics (mean and standard deviation per feature, pooled over pairs so that one
 network serves any pair) are fitted on training bars only and travel inside every checkpoint with the
@@ -29,11 +30,12 @@ from nexlify.errors import InputError
 RETURN_HORIZONS = (1, 4, 12, 24, 72, 168)
 WARMUP_BARS = 200  # longest lookback (168) plus the slow EWMs' settling time
 
+MARKET_FEATURES = ("mkt_ret_24h", "mkt_ret_168h", "lead_ret_1h", "lead_ret_24h")  # they depend on the pairs traded
 FEATURE_NAMES = (
     [f"ret_{h}h" for h in RETURN_HORIZONS]
     + ["vol_24h", "vol_168h", "volume_z_168h", "rsi_14", "macd", "macd_hist", "bar_range", "close_in_bar",
        "dist_high_168h", "dist_low_168h", "hour_sin", "hour_cos", "tradable",
-       "mkt_ret_24h", "mkt_ret_168h", "lead_ret_1h", "lead_ret_24h"]
+       *MARKET_FEATURES]
 )
 
 
@@ -50,10 +52,12 @@ def _rsi(close: pd.DataFrame, period: int = 14) -> pd.DataFrame:
 
 def compute_features(
     timestamps: np.ndarray, open_: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray,
-    volume: np.ndarray, tradable: np.ndarray,
+    volume: np.ndarray, tradable: np.ndarray, market: list[int] | None = None,
 ) -> np.ndarray:
     """Features shaped [T, P, F] (float32), in FEATURE_NAMES order. Bars before WARMUP_BARS hold zeros
-    where a window is not yet full; episodes start after the warm-up."""
+    where a window is not yet full; episodes start after the warm-up. `market`: the columns whose pairs make
+    the market features (their mean; the first of them leads), by default every column in order."""
+    market = list(range(close.shape[1])) if market is None else list(market)
     c = pd.DataFrame(close)
     h = pd.DataFrame(high)
     lo = pd.DataFrame(low)
@@ -85,10 +89,11 @@ def compute_features(
     # the market around the pair: the mean over the pairs of the 24 h and 168 h log returns, and the first
     # pair's (BTC's) 1 h and 24 h returns, the same for every pair at a bar (bars <= t only)
     for hz in (24, 168):
-        mean = (logc - logc.shift(hz)).mean(axis=1).to_numpy()
+        mean = (logc[market] - logc[market].shift(hz)).mean(axis=1).to_numpy()
         out.append(pd.DataFrame(np.repeat(mean[:, None], n_pairs, axis=1)))
+    lead_col = market[0]
     for hz in (1, 24):
-        lead = (logc[0] - logc[0].shift(hz)).to_numpy()
+        lead = (logc[lead_col] - logc[lead_col].shift(hz)).to_numpy()
         out.append(pd.DataFrame(np.repeat(lead[:, None], n_pairs, axis=1)))
     stacked = np.stack([f.to_numpy(dtype=np.float64) for f in out], axis=-1)
     return np.nan_to_num(stacked, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)

@@ -3,6 +3,8 @@ rules and the baselines it reports beside the agent. Bundled candles only."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from nexlify import checkpoint
 from nexlify.agent.dqn import DuelingQNet
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
-from nexlify.data.candles import load_market
+from nexlify.data.candles import bundled_dir, load_market
 from nexlify.env.batched import N_ACTIONS, observation_size
 from nexlify.env.market import market_features
 from nexlify.errors import InputError
@@ -20,11 +22,11 @@ from nexlify.features import WARMUP_BARS, Normalizer
 from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    """An untrained network whose config's data ends 2025-04-01 (the bundled sample runs to 2025-06-01)."""
+def write_model(folder, pairs: list[str]) -> str:
+    """An untrained network whose config trades `pairs` with data ending 2025-04-01 (the bundled sample runs to
+    2025-06-01)."""
     cfg = TrainConfig()
-    cfg.data.pairs, cfg.data.start, cfg.data.end, cfg.data.val_days = ["BTC/USDT"], "2025-01-01", "2025-04-01", 10
+    cfg.data.pairs, cfg.data.start, cfg.data.end, cfg.data.val_days = list(pairs), "2025-01-01", "2025-04-01", 10
     cfg.env.strategies = ["spot"]
     data = load_market("binance", cfg.data.pairs, start=cfg.data.start, end=cfg.data.end)
     raw = market_features(data)
@@ -35,9 +37,14 @@ def model_path(tmp_path_factory) -> str:
              "optimizer_state_dict": {}}
     ckpt = checkpoint.build_checkpoint(state, config=to_dict(cfg), normalizer=normalizer.to_dict(), episodes_trained=0,
                                        seed=0, metrics={})
-    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    path = folder / "model.pt"
     path.write_bytes(checkpoint.to_bytes(ckpt))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    return write_model(tmp_path_factory.mktemp("ckpt"), ["BTC/USDT"])
 
 
 def test_start_without_end_runs_to_the_end_of_the_data(model_path):
@@ -79,3 +86,26 @@ def test_the_hold_margin_is_the_checkpoints_unless_given(model_path):
     assert never["agent"]["per_pair"] == never["baselines"][bl.FLAT]["per_pair"]
     with pytest.raises(InputError, match=r"--hold-margin: -0.5 is out of range; accepted: a number in \[0.0, "):
         evaluate_checkpoint(model_path, hold_margin=-0.5, **window)
+
+
+def test_other_pairs_see_the_market_of_the_training_pairs(tmp_path):
+    # a model of BTC and ETH evaluated on ETH alone: each pair trades its own book, so ETH's numbers are exactly
+    # its row of the evaluation on both, because its market features still come from BTC and ETH (computed
+    # over ETH alone they differ, and so would every number)
+    path = write_model(tmp_path, ["BTC/USDT", "ETH/USDT"])
+    window = {"start": "2025-05-01", "end": "2025-05-15", "hold_margin": 0.0}
+    both = evaluate_checkpoint(path, **window)
+    alone = evaluate_checkpoint(path, pairs=["ETH/USDT"], **window)
+    assert both["agent"]["per_pair"]["ETH/USDT"]["trades"] > 0  # the untrained net acts: the comparison means something
+    assert alone["agent"]["per_pair"] == {"ETH/USDT": both["agent"]["per_pair"]["ETH/USDT"]}
+    # ETH with SOL: SOL's candles are read for its book, BTC's beside for the market; ETH's row unchanged
+    mixed = evaluate_checkpoint(path, pairs=["SOL/USDT", "ETH/USDT"], **window)
+    assert mixed["agent"]["per_pair"]["ETH/USDT"] == both["agent"]["per_pair"]["ETH/USDT"]
+    # without the training pairs' candles the evaluation cannot build them: one line says which are needed
+    only_eth = tmp_path / "candles"
+    only_eth.mkdir()
+    shutil.copy(bundled_dir() / "binance_ETH-USDT_1h.csv.gz", only_eth)
+    with pytest.raises(InputError, match=r"^the model's market features are computed over the pairs it was trained "
+                                         r"on \(BTC/USDT ETH/USDT\), whose candles are needed beside --pairs: no "
+                                         r"candles for BTC/USDT"):
+        evaluate_checkpoint(path, pairs=["ETH/USDT"], data_dir=str(only_eth), **window)

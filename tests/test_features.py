@@ -9,7 +9,7 @@ import pytest
 from nexlify.data.candles import load_market
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.errors import InputError
-from nexlify.features import FEATURE_NAMES, WARMUP_BARS, Normalizer
+from nexlify.features import FEATURE_NAMES, MARKET_FEATURES, WARMUP_BARS, Normalizer, compute_features
 
 MARKET_WIDE = ["mkt_ret_24h", "mkt_ret_168h", "lead_ret_1h", "lead_ret_24h"]
 OLD_NAMES = list(FEATURE_NAMES[:-len(MARKET_WIDE)])  # the 19 features before the market-wide four
@@ -32,6 +32,25 @@ def test_market_wide_features_by_hand(market):
             np.testing.assert_allclose(col[name][t], [value] * 3, rtol=1e-5, atol=1e-7)  # float32, every pair alike
     # before a window is full the value is 0, as every other feature's
     assert col["mkt_ret_168h"][100].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_the_market_can_be_other_columns_than_those_traded(market):
+    # SOL alone traded, the market made of BTC and ETH (columns 0 and 1; BTC leads), as a model trained on those
+    # two and evaluated on SOL sees it: the market features are those of the BTC+ETH computation, SOL's own
+    # features those of the computation over all three
+    m = market
+    args = (m.timestamps, m.open, m.high, m.low, m.close, m.volume, m.tradable)
+    three = compute_features(*args, market=[0, 1])
+    two = market_features(m.select(["BTC/USDT", "ETH/USDT"]))
+    own = market_features(m)
+    idx = [FEATURE_NAMES.index(n) for n in MARKET_FEATURES]
+    np.testing.assert_array_equal(three[:, 2][..., idx], two[:, 0][..., idx])
+    np.testing.assert_array_equal(three[..., :idx[0]], own[..., :idx[0]])
+    logc = np.log(m.close)
+    t = 400  # by hand: the mean of BTC's and ETH's 24 h log returns
+    assert three[t, 2, FEATURE_NAMES.index("mkt_ret_24h")] == pytest.approx(
+        ((logc[t, :2] - logc[t - 24, :2]).mean()), rel=1e-5)
+    assert not np.array_equal(three[:, 2][..., idx], own[:, 2][..., idx])  # the three-pair market differs
 
 
 def test_an_old_normaliser_takes_its_own_columns(market):

@@ -21,7 +21,6 @@ import torch
 from controller.backtest_run import candidate_models
 from nexlify import checkpoint
 from nexlify.env.layout import HOLD, N_ACTIONS
-from nexlify.env.market import market_features
 from nexlify.evaluate_cmd import _greedy_model, _market_window
 from nexlify.evaluation import AGENT, Group, _simulate, evaluate_policy
 
@@ -78,12 +77,11 @@ def main() -> None:
             summary = json.load(f)
         models = fold_models(fold_dir, summary, args.sweep)
         _, ckpt0, cfg = models[0]
-        market, span = _market_window(cfg, None, cfg.data.exchange, args.data_dir, window["test_start"],
-                                      window["test_end"])
+        market, span, raw = _market_window(cfg, None, cfg.data.exchange, args.data_dir, window["test_start"],
+                                           window["test_end"])
         if any(ckpt["normalizer"] != ckpt0["normalizer"] for _, ckpt, _ in models):
             raise SystemExit(f"{fold_dir}: its models were normalised differently; one pipeline's share one")
         nets = {}
-        raw = market_features(market)
         for source, ckpt, mcfg in models:
             tensors, net = _greedy_model(ckpt, mcfg, market, torch.device("cpu"), raw)
             nets[source] = net.eval()

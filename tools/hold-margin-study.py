@@ -22,7 +22,6 @@ import torch
 
 from controller.backtest_run import candidate_models
 from nexlify import checkpoint
-from nexlify.env.market import market_features
 from nexlify.evaluate_cmd import _greedy_model, _market_window
 from nexlify.evaluation import Group, _simulate, greedy_policy, riskless_return
 
@@ -42,8 +41,8 @@ def model_rows(fold: int, fold_dir: str, margins: list[float], data_dir: str):
         row = {"fold": fold, "source": c["source"], "selected": c["selected"], "val_score": c["val_score"]}
         # no dates: the checkpoint's own validation window, as `nexlify evaluate` takes it
         for name, (start, end) in {"val": (None, None), "test": (window["test_start"], window["test_end"])}.items():
-            market, span = _market_window(cfg, None, cfg.data.exchange, data_dir, start, end)
-            tensors, net = _greedy_model(ckpt, cfg, market, torch.device("cpu"), market_features(market))
+            market, span, raw = _market_window(cfg, None, cfg.data.exchange, data_dir, start, end)
+            tensors, net = _greedy_model(ckpt, cfg, market, torch.device("cpu"), raw)
             params = cfg.strategy_params()
             groups = [Group(str(m), greedy_policy(net, m)) for m in margins]
             with torch.no_grad():

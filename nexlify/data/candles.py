@@ -482,6 +482,19 @@ class MarketData:
                              f"{self.start_iso} to {self.last_iso} on the {self.timeframe} grid")
         return row
 
+    def select(self, pairs: list[str]) -> "MarketData":
+        """These bars for `pairs` only (each one of self.pairs), in the order given; before a second venue is
+        attached (nexlify.data.prepare.attach_second_venue loads it for the pairs then held)."""
+        if self.second_venue is not None:
+            raise ValueError("select the pairs before attaching the second venue")
+        cols = [self.pairs.index(p) for p in pairs]
+        return replace(
+            self, pairs=list(pairs), open=self.open[:, cols], high=self.high[:, cols], low=self.low[:, cols],
+            close=self.close[:, cols], volume=self.volume[:, cols], tradable=self.tradable[:, cols],
+            gaps={p: self.gaps[p] for p in pairs if p in self.gaps},
+            sources={p: self.sources[p] for p in pairs if p in self.sources},
+        )
+
     def slice(self, i0: int, i1: int) -> "MarketData":
         """Bars [i0, i1) as a new MarketData (arrays are views; gaps recomputed for the slice)."""
         if not 0 <= i0 < i1 <= self.n_bars:
