@@ -162,6 +162,11 @@ class HostFlags(NamedTuple):
 NO_FLAGS = HostFlags(False, False, False, False)
 
 
+class _Bar:
+    """The working values of one tensor step, handed from phase to phase (BatchedTradingEnv._advance): the
+    bar's prices, the actions, and each piece of state as the phases change it before it is written back."""
+
+
 class BatchedTradingEnv:
     """B episodes stepping together over a shared MarketTensors.
 
@@ -616,218 +621,249 @@ class BatchedTradingEnv:
                          transfers=k <= self._transfers_until, edge_next=bool(tb.bar_has_mask[bar + 1].any()))
 
     def _advance(self, actions: Tensor, flags: HostFlags) -> tuple[Tensor, Tensor]:
-        """The step's tensor work: fills, exits, marks, statistics, then the mask and observation at t+1.
-        No Python number in it changes from step to step (flags are booleans), so it can be compiled."""
+        """The step's tensor work, one method per phase of the bar (fills, exits, marks, statistics, then the
+        mask and observation at t+1). No Python number in it changes from step to step (flags are booleans),
+        so it can be compiled. `b` carries the bar's working values from phase to phase; the environment's
+        state is written once, at the end."""
         if self._fused is not None:
             self._arb_live = self._arb_live or (self.arb_on and flags.may_fund)
             return self._fused.advance(self, actions)
-        r, fee, slip, dt = self.risk_cfg, self.fee, self.slip, self.dtype
+        b = self._bar_open(actions, flags)
+        self._bar_exits(b)
+        self._bar_entries(b, flags)
+        if self.arb_on and b.books and flags.may_fill:
+            # 3. Arbitrage from the books at both venues' opens (arbitrage.arb_trade's rule: the direction
+            #    whose net edge at the opens beats min_edge); then a book that ran low is rebalanced. Skipped
+            #    on a step where no episode's bar has an edge for any pair (known on the host: no sync).
+            (b.qa, b.ca, b.qb, b.cb), (b.tr_coin, b.tr_quote, b.tr_due), b.cost_slot, b.arb_pnl = self._arbitrage_fills(
+                b.act, b.book, b.u, b.o, b.o2, (b.qa, b.ca, b.qb, b.cb), (b.tr_coin, b.tr_quote, b.tr_due),
+                b.cost_slot, b.arb_pnl)
+        if self.lending_on:
+            # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or
+            #    (by hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
+            b.flow, b.lent, b.principal = self._lend(b.act, b.flow, b.lent, b.principal)
+        self._bar_stops(b)
+        reward = self._bar_mark(b)
+        self._bar_commit(b)
+        self._refresh(flags.edge_next)
+        return self.observe(), reward.t().to(torch.float32)
+
+    def _bar_open(self, actions: Tensor, flags: HostFlags) -> _Bar:
+        """The bar t+1 the step fills in: its prices and tradability, the valid actions laid out like the state
+        [P, B], the state the phases start from, and (0.) what its open brings: unbonding lots that come free
+        and transfers between the venues that land."""
         valid = self.mask.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-        act = torch.where(valid, actions, HOLD).t().contiguous()  # [P, B] laid out like the state: fast ops
-        prev_equity, prev_close, prev_units = self.equity, self._close, self._units
-        u = self.t + 1
+        b = _Bar()
+        b.act = torch.where(valid, actions, HOLD).t().contiguous()  # [P, B] laid out like the state: fast ops
+        b.prev_equity, b.prev_close, b.prev_units = self.equity, self._close, self._units
+        b.u = u = self.t + 1
         rows = self._rows(u.unsqueeze(0), self._pair_pb)
-        tb = self._tables
+        b.tb = tb = self._tables
         if tb is None:
-            o, h, lo, c = self._prices.index_select(0, rows).view(self.P, self.B, 4).unbind(-1)
+            b.o, b.h, b.lo, b.c = self._prices.index_select(0, rows).view(self.P, self.B, 4).unbind(-1)
         else:
-            o, h, lo, c = tb.prices.gather(1, rows.expand(4, -1)).view(4, self.P, self.B).unbind(0)
+            b.o, b.h, b.lo, b.c = tb.prices.gather(1, rows.expand(4, -1)).view(4, self.P, self.B).unbind(0)
             self._gather_strategy_rows(rows, u)  # bar u: its fills now, its mask and observation after
-            fx, bx = self._fx, self._bx
-        tradable = self._tradable.index_select(0, rows).view(self.P, self.B)
+        b.tradable = self._tradable.index_select(0, rows).view(self.P, self.B)
         new_day = self.market.day[u] != self.market.day[self.t]
-        day_start = torch.where(new_day, prev_equity, self.day_start_equity)
-        S, LP, LE, AR = self.staking_on, self.lp_on, self.lending_on, self.arb_on
-
-        units, entry, entry_cost = self._units, self._entry, self._entry_cost
-        highest, bars_in_trade = self._highest, self._bars_in_trade
-        coins_before = units  # the coins marked at the previous close (for the price PnL)
-        stake_pnl = lp_fee_pnl = il_pnl = interest = arb_pnl = self._zeros
-        lp_closed = arb_closed = lp_ret = arb_ret = None
-
-        # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
-        if S:
-            staked, unbonding, release = self._staked, self._unbonding, self._release
-            coins_before = units + staked + unbonding
-            freed, unbonding, release = staking.release_unbonded(u, release, unbonding)
-            units = units + freed
-            pending = self._exit_pending
-        if AR:
+        b.day_start = torch.where(new_day, b.prev_equity, self.day_start_equity)
+        b.units, b.entry, b.entry_cost = self._units, self._entry, self._entry_cost
+        b.highest, b.bars_in_trade = self._highest, self._bars_in_trade
+        b.coins_before = b.units  # the coins marked at the previous close (for the price PnL)
+        b.stake_pnl = b.lp_fee_pnl = b.il_pnl = b.interest = b.arb_pnl = self._zeros
+        b.lp_closed = b.arb_closed = b.lp_ret = b.arb_ret = None
+        if self.staking_on:
+            b.staked, b.unbonding, b.release = self._staked, self._unbonding, self._release
+            b.coins_before = b.units + b.staked + b.unbonding
+            freed, b.unbonding, b.release = staking.release_unbonded(u, b.release, b.unbonding)
+            b.units = b.units + freed
+            b.pending = self._exit_pending
+        if self.arb_on:
             # What the host knows without a device sync: whether some episode may fund a book this step (the
             # mask allowed ARB at bar t somewhere), whether a book may exist, whether a transfer may land.
             # The blocks that would be exact no-ops otherwise are skipped.
-            o2, quoted = fx[tables.V2_OPEN], bx[tables.QUOTED]
-            qa, ca, qb, cb = self._qa, self._ca, self._qb, self._cb
-            tr_coin, tr_quote, tr_due, book = self._tr_coin, self._tr_quote, self._tr_due, self._book
-            arb_cost, arb_value = self._arb_cost, self._arb_value
-            may_fund = flags.may_fund
-            books_before, books = self._arb_live, self._arb_live or may_fund
-            if books_before:
-                arb_coins_before = ca + cb + tr_coin.abs()
-        if AR and flags.transfers:
-            (qa, ca, qb, cb), (tr_coin, tr_quote, tr_due) = self._land_transfers(u, (qa, ca, qb, cb),
-                                                                                 (tr_coin, tr_quote, tr_due))
+            b.o2, b.quoted = self._fx[tables.V2_OPEN], self._bx[tables.QUOTED]
+            b.qa, b.ca, b.qb, b.cb = self._qa, self._ca, self._qb, self._cb
+            b.tr_coin, b.tr_quote, b.tr_due, b.book = self._tr_coin, self._tr_quote, self._tr_due, self._book
+            b.arb_cost, b.arb_value = self._arb_cost, self._arb_value
+            b.may_fund = flags.may_fund
+            b.books_before, b.books = self._arb_live, self._arb_live or flags.may_fund
+            if b.books_before:
+                b.arb_coins_before = b.ca + b.cb + b.tr_coin.abs()
+            if flags.transfers:
+                (b.qa, b.ca, b.qb, b.cb), (b.tr_coin, b.tr_quote, b.tr_due) = self._land_transfers(
+                    u, (b.qa, b.ca, b.qb, b.cb), (b.tr_coin, b.tr_quote, b.tr_due))
+        return b
 
-        # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
-        #    positions, arbitrage books and Aave supply; staking moves.
-        want_close = act == CLOSE
-        if S:
-            want_close = want_close | pending
-        sell = want_close & (units > 0) & tradable
-        gross = units * (o * (1.0 - slip))
+    def _bar_exits(self, b: _Bar) -> None:
+        """1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP positions,
+        arbitrage books and Aave supply; staking moves."""
+        fee, slip, o = self.fee, self.slip, b.o
+        want_close = b.act == CLOSE
+        if self.staking_on:
+            want_close = want_close | b.pending
+        sell = want_close & (b.units > 0) & b.tradable
+        gross = b.units * (o * (1.0 - slip))
         proceeds = torch.where(sell, gross * (1.0 - fee), 0.0)
-        cost_slot = torch.where(sell, units * o * slip + gross * fee, 0.0)
-        units = torch.where(sell, 0.0, units)
-        flow = proceeds  # cash into (+) or out of (-) each slot this bar
-        if S:
-            units, (staked, unbonding, release), (locked, pending, exit_proceeds), (closed, closed_ret) = (
-                self._staking_exits(act, u, want_close, sell, proceeds, units, entry_cost,
-                                    (staked, unbonding, release)))
+        b.cost_slot = torch.where(sell, b.units * o * slip + gross * fee, 0.0)
+        b.units = torch.where(sell, 0.0, b.units)
+        b.flow = proceeds  # cash into (+) or out of (-) each slot this bar
+        if self.staking_on:
+            b.units, (b.staked, b.unbonding, b.release), (b.locked, b.pending, b.exit_proceeds), closed = (
+                self._staking_exits(b.act, b.u, want_close, sell, proceeds, b.units, b.entry_cost,
+                                    (b.staked, b.unbonding, b.release)))
+            b.closed, b.closed_ret = closed
         else:
-            closed_ret = torch.where(sell, proceeds / entry_cost.clamp(min=1e-30) - 1.0, 0.0)
-            closed = sell
-        if LP:
-            spa, spb, lp_cost = self._lp_spa, self._lp_spb, self._lp_cost
-            x0_before = self._lp_x0
-            lp_closed, lp_ret, lp_cash, lp_costs, il_pnl, (L, x0, y0, lp_fees) = self._close_lp(act, tradable, o)
-            flow = flow + lp_cash
-            cost_slot = cost_slot + lp_costs
-        if AR and books_before:
-            arb_closed, arb_ret, book_cash, book_costs, arb_pnl, (qa, ca, qb, cb, arb_cost) = self._close_books(
-                act, quoted, o, o2, (qa, ca, qb, cb, arb_cost))
-            flow = flow + book_cash
-            cost_slot = cost_slot + book_costs
-            book = book & ~arb_closed
-        if LE:
-            withdrawing = (act == WITHDRAW).to(dt)
-            flow = flow + self._lent * withdrawing
+            b.closed_ret = torch.where(sell, proceeds / b.entry_cost.clamp(min=1e-30) - 1.0, 0.0)
+            b.closed = sell
+        if self.lp_on:
+            b.spa, b.spb, b.lp_cost = self._lp_spa, self._lp_spb, self._lp_cost
+            b.x0_before = self._lp_x0
+            b.lp_closed, b.lp_ret, lp_cash, lp_costs, b.il_pnl, (b.L, b.x0, b.y0, b.lp_fees) = self._close_lp(
+                b.act, b.tradable, o)
+            b.flow = b.flow + lp_cash
+            b.cost_slot = b.cost_slot + lp_costs
+        if self.arb_on and b.books_before:
+            b.arb_closed, b.arb_ret, book_cash, book_costs, b.arb_pnl, (b.qa, b.ca, b.qb, b.cb, b.arb_cost) = (
+                self._close_books(b.act, b.quoted, o, b.o2, (b.qa, b.ca, b.qb, b.cb, b.arb_cost)))
+            b.flow = b.flow + book_cash
+            b.cost_slot = b.cost_slot + book_costs
+            b.book = b.book & ~b.arb_closed
+        if self.lending_on:
+            withdrawing = (b.act == WITHDRAW).to(self.dtype)
+            b.flow = b.flow + self._lent * withdrawing
             keep = 1.0 - withdrawing
-            lent, principal = self._lent * keep, self._lent_principal * keep
+            b.lent, b.principal = self._lent * keep, self._lent_principal * keep
 
-        # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
-        #    LP positions and new arbitrage books, scaled down together when cash runs short.
-        want = (act == OPEN_LONG) & (units == 0) & tradable & ~self.blocked
+    def _bar_entries(self, b: _Bar, flags: HostFlags) -> None:
+        """2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades, LP
+        positions and new arbitrage books, scaled down together when cash runs short."""
+        fee, slip, o = self.fee, self.slip, b.o
+        S, LP, AR = self.staking_on, self.lp_on, self.arb_on
+        want = (b.act == OPEN_LONG) & (b.units == 0) & b.tradable & ~self.blocked
         if S:
-            want = want & (locked <= 0)
-            open_trades = (units + locked > 0).sum(0)
+            want = want & (b.locked <= 0)
+            open_trades = (b.units + b.locked > 0).sum(0)
         else:
-            open_trades = (units > 0).sum(0)
-        available = self.cash + flow.sum(0)
-        if LE and self.strategy_params.aave.sweep:
-            available = available + lent.sum(0)  # the sweep withdraws what the entries need
+            open_trades = (b.units > 0).sum(0)
+        available = self.cash + b.flow.sum(0)
+        if self.lending_on and self.strategy_params.aave.sweep:
+            available = available + b.lent.sum(0)  # the sweep withdraws what the entries need
         if LP or AR:
-            arb_books = (book, quoted, books_before, may_fund) if AR else None
+            arb_books = (b.book, b.quoted, b.books_before, b.may_fund) if AR else None
             accepted, accepted_lp, accepted_arb, spend, scale, lp_notional, book_notional, book_min = (
-                self._admit_portfolio_entries(act, tradable, want, open_trades, available, prev_equity, prev_close,
-                                              L if LP else None, arb_books))
+                self._admit_portfolio_entries(b.act, b.tradable, want, open_trades, available, b.prev_equity,
+                                              b.prev_close, b.L if LP else None, arb_books))
         else:
-            accepted = risk.accept_entries(want.t(), open_trades, r.max_trades).t()
-            spend = torch.where(accepted, (self.size * prev_equity) * (1.0 + fee), 0.0)
+            accepted = risk.accept_entries(want.t(), open_trades, self.risk_cfg.max_trades).t()
+            spend = torch.where(accepted, (self.size * b.prev_equity) * (1.0 + fee), 0.0)
             total = spend.sum(0)
             spend = spend * torch.where(total > available, available / total.clamp(min=1e-30), 1.0)
         buy_px = o * (1.0 + slip)
         bought = spend / (1.0 + fee) / buy_px
-        cost_slot = cost_slot + torch.where(accepted, bought * o * slip + spend * (fee / (1.0 + fee)), 0.0)
-        flow = flow - spend
-        units = torch.where(accepted, bought, units)
-        entry = torch.where(accepted, buy_px, entry)
-        entry_cost = torch.where(accepted, spend, entry_cost)
-        highest = torch.where(accepted, buy_px, highest)
-        bars_in_trade = torch.where(accepted, 0.0, bars_in_trade)
+        b.cost_slot = b.cost_slot + torch.where(accepted, bought * o * slip + spend * (fee / (1.0 + fee)), 0.0)
+        b.flow = b.flow - spend
+        b.units = torch.where(accepted, bought, b.units)
+        b.entry = torch.where(accepted, buy_px, b.entry)
+        b.entry_cost = torch.where(accepted, spend, b.entry_cost)
+        b.highest = torch.where(accepted, buy_px, b.highest)
+        b.bars_in_trade = torch.where(accepted, 0.0, b.bars_in_trade)
         if LP:
-            lp_out, lp_costs, (L, spa, spb, x0, y0, lp_cost) = self._open_lp(
-                accepted_lp, lp_notional * scale, scale, o, (L, spa, spb, x0, y0, lp_cost))
-            flow = flow - lp_out
-            cost_slot = cost_slot + lp_costs
-        if AR and may_fund:
-            book_out, funding_fees, arb_pnl, (qa, ca, qb, cb, book, arb_cost) = self._fund_books(
-                accepted_arb, book_notional, book_min, scale, o, o2, (qa, ca, qb, cb, book, arb_cost), arb_pnl)
-            flow = flow - book_out
-            cost_slot = cost_slot + funding_fees
+            lp_out, lp_costs, (b.L, b.spa, b.spb, b.x0, b.y0, b.lp_cost) = self._open_lp(
+                accepted_lp, lp_notional * scale, scale, o, (b.L, b.spa, b.spb, b.x0, b.y0, b.lp_cost))
+            b.flow = b.flow - lp_out
+            b.cost_slot = b.cost_slot + lp_costs
+        if AR and b.may_fund:
+            book_out, funding_fees, b.arb_pnl, (b.qa, b.ca, b.qb, b.cb, b.book, b.arb_cost) = self._fund_books(
+                accepted_arb, book_notional, book_min, scale, o, b.o2, (b.qa, b.ca, b.qb, b.cb, b.book, b.arb_cost),
+                b.arb_pnl)
+            b.flow = b.flow - book_out
+            b.cost_slot = b.cost_slot + funding_fees
 
-        if AR and books and flags.may_fill:
-            # 3. Arbitrage from the books at both venues' opens (arbitrage.arb_trade's rule: the direction
-            #    whose net edge at the opens beats min_edge); then a book that ran low is rebalanced. Skipped
-            #    on a step where no episode's bar has an edge for any pair (known on the host: no sync).
-            (qa, ca, qb, cb), (tr_coin, tr_quote, tr_due), cost_slot, arb_pnl = self._arbitrage_fills(
-                act, book, u, o, o2, (qa, ca, qb, cb), (tr_coin, tr_quote, tr_due), cost_slot, arb_pnl)
-        if LE:
-            # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or
-            #    (by hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
-            flow, lent, principal = self._lend(act, flow, lent, principal)
-
-        # 5. Stops and targets inside bar t+1 (including positions just opened at its open). Staked and
-        #    unbonding coins count: the stop sells the free coins and leaves an exit pending for the rest.
-        (units, entry, entry_cost, highest, bars_in_trade), staking_state, still, (closed, closed_ret), \
-            cost_slot, flow, (stopped_units, exit_px) = self._stops(
-                (units, entry, entry_cost, highest, bars_in_trade), (locked, pending, exit_proceeds) if S else None,
-                tradable, o, h, lo, (closed, closed_ret), cost_slot, flow)
+    def _bar_stops(self, b: _Bar) -> None:
+        """5. Stops and targets inside bar t+1 (including positions just opened at its open). Staked and unbonding
+        coins count: the stop sells the free coins and leaves an exit pending for the rest."""
+        S = self.staking_on
+        trade, staking_state, b.still, (b.closed, b.closed_ret), b.cost_slot, b.flow, (stopped_units, exit_px) = (
+            self._stops(
+                (b.units, b.entry, b.entry_cost, b.highest, b.bars_in_trade),
+                (b.locked, b.pending, b.exit_proceeds) if S else None, b.tradable, b.o, b.h, b.lo,
+                (b.closed, b.closed_ret), b.cost_slot, b.flow))
+        b.units, b.entry, b.entry_cost, b.highest, b.bars_in_trade = trade
         if S:
-            locked, pending, exit_proceeds = staking_state
-        coins_after = units + locked if S else units
-        if tb is not None:
+            b.locked, b.pending, b.exit_proceeds = staking_state
+        b.coins_after = b.units + b.locked if S else b.units
+        if b.tb is not None:
             # price PnL of the coins: held from the last close to the open, sold at the stop, held to the close
-            spot_pnl = coins_before * (o - prev_close) + stopped_units * (exit_px - o) + coins_after * (c - o)
+            b.spot_pnl = (b.coins_before * (b.o - b.prev_close) + stopped_units * (exit_px - b.o)
+                          + b.coins_after * (b.c - b.o))
 
-        # 6. What the bar earns (staking rewards, LP fees, Aave interest); everything marked at the close.
-        cash = self.cash + flow.sum(0)
-        if tb is None:
-            value = units * c
-            equity = cash + value.sum(0)
-            slot_change = value - prev_units * prev_close + flow
+    def _bar_mark(self, b: _Bar) -> Tensor:
+        """6. What the bar earns (staking rewards, LP fees, Aave interest); everything marked at the close c.
+        Returns the reward [P, B]."""
+        c = b.c
+        b.cash = self.cash + b.flow.sum(0)
+        if b.tb is None:
+            b.value = b.units * c
+            b.equity = b.cash + b.value.sum(0)
+            slot_change = b.value - b.prev_units * b.prev_close + b.flow
         else:
-            value = coins_after * c
-            if S:
-                grown = staked * self._stake_growth
-                stake_pnl = (grown - staked) * c
-                staked = grown
-                value = value + stake_pnl
-            if LP:
-                lp_fee_pnl, lp_fees, lp_value, lp_il = self._mark_lp(h, lo, c, (L, spa, spb, x0, y0, lp_fees))
-                il_pnl = il_pnl + lp_il - self._lp_il
-                spot_pnl = spot_pnl + x0_before * (o - prev_close) + x0 * (c - o)
-                value = value + lp_value + lp_fees
-            if LE:
-                grown = lent * self._sbar[tables.SUPPLY_GROWTH]
-                interest = grown - lent
-                lent = grown
-                value = value + lent
-            if AR and books:
-                spot_pnl, arb_value = self._mark_books(o, c, prev_close, (qa, ca, qb, cb, tr_coin, tr_quote),
-                                                       arb_coins_before if books_before else None, spot_pnl)
-                value = value + arb_value
-            equity = cash + value.sum(0)
-            slot_change = value - self._slot_value + flow
-        reward, x, peak, drawdown = self._reward(slot_change, equity, prev_equity)
+            value = b.coins_after * c
+            if self.staking_on:
+                grown = b.staked * self._stake_growth
+                b.stake_pnl = (grown - b.staked) * c
+                b.staked = grown
+                value = value + b.stake_pnl
+            if self.lp_on:
+                b.lp_fee_pnl, b.lp_fees, b.lp_value, b.lp_il = self._mark_lp(
+                    b.h, b.lo, c, (b.L, b.spa, b.spb, b.x0, b.y0, b.lp_fees))
+                b.il_pnl = b.il_pnl + b.lp_il - self._lp_il
+                b.spot_pnl = b.spot_pnl + b.x0_before * (b.o - b.prev_close) + b.x0 * (c - b.o)
+                value = value + b.lp_value + b.lp_fees
+            if self.lending_on:
+                grown = b.lent * self._sbar[tables.SUPPLY_GROWTH]
+                b.interest = grown - b.lent
+                b.lent = grown
+                value = value + b.lent
+            if self.arb_on and b.books:
+                b.spot_pnl, b.arb_value = self._mark_books(
+                    b.o, c, b.prev_close, (b.qa, b.ca, b.qb, b.cb, b.tr_coin, b.tr_quote),
+                    b.arb_coins_before if b.books_before else None, b.spot_pnl)
+                value = value + b.arb_value
+            b.value = value
+            b.equity = b.cash + value.sum(0)
+            slot_change = value - self._slot_value + b.flow
+        reward, b.x, b.peak, b.drawdown = self._reward(slot_change, b.equity, b.prev_equity)
+        return reward
 
-        # 7. Bookkeeping: Kelly history (spot trades), episode statistics, cursor.
-        sources = None if tb is None else [spot_pnl, stake_pnl, lp_fee_pnl, il_pnl, interest, arb_pnl]
-        self._bookkeeping((closed, closed_ret), ((lp_closed, lp_ret), (arb_closed, arb_ret)), x, drawdown, cost_slot,
-                          equity, prev_equity, sources)
-
-        self.cash, self._units, self._entry, self._entry_cost = cash, units, entry, entry_cost
-        self._highest, self._bars_in_trade = highest, bars_in_trade
-        if S:
-            self._staked, self._unbonding, self._release = staked, unbonding, release
-            self._exit_pending, self._exit_proceeds = pending & still, exit_proceeds
-        if LP:
-            self._lp_L, self._lp_spa, self._lp_spb, self._lp_x0, self._lp_y0 = L, spa, spb, x0, y0
-            self._lp_fees, self._lp_cost, self._lp_value, self._lp_il = lp_fees, lp_cost, lp_value, lp_il
-        if LE:
-            self._lent, self._lent_principal = lent, principal
-        if AR:
-            self._qa, self._ca, self._qb, self._cb = qa, ca, qb, cb
-            self._tr_coin, self._tr_quote, self._tr_due = tr_coin, tr_quote, tr_due
-            self._book, self._arb_cost, self._arb_value = book, arb_cost, arb_value
-            self._arb_live = books
-        if tb is not None:
-            self._slot_value = value
-        self.equity, self.peak, self.day_start_equity = equity, peak, day_start
-        self._close = c
-        self._tradable_now = tradable
-        self.t = u
-        self._refresh(flags.edge_next)
-        return self.observe(), reward.t().to(torch.float32)
+    def _bar_commit(self, b: _Bar) -> None:
+        """7. Bookkeeping (Kelly history of spot trades, episode statistics), then the bar's values become the
+        environment's state and the cursor moves to t+1."""
+        sources = (None if b.tb is None
+                   else [b.spot_pnl, b.stake_pnl, b.lp_fee_pnl, b.il_pnl, b.interest, b.arb_pnl])
+        self._bookkeeping((b.closed, b.closed_ret), ((b.lp_closed, b.lp_ret), (b.arb_closed, b.arb_ret)), b.x,
+                          b.drawdown, b.cost_slot, b.equity, b.prev_equity, sources)
+        self.cash, self._units, self._entry, self._entry_cost = b.cash, b.units, b.entry, b.entry_cost
+        self._highest, self._bars_in_trade = b.highest, b.bars_in_trade
+        if self.staking_on:
+            self._staked, self._unbonding, self._release = b.staked, b.unbonding, b.release
+            self._exit_pending, self._exit_proceeds = b.pending & b.still, b.exit_proceeds
+        if self.lp_on:
+            self._lp_L, self._lp_spa, self._lp_spb, self._lp_x0, self._lp_y0 = b.L, b.spa, b.spb, b.x0, b.y0
+            self._lp_fees, self._lp_cost, self._lp_value, self._lp_il = b.lp_fees, b.lp_cost, b.lp_value, b.lp_il
+        if self.lending_on:
+            self._lent, self._lent_principal = b.lent, b.principal
+        if self.arb_on:
+            self._qa, self._ca, self._qb, self._cb = b.qa, b.ca, b.qb, b.cb
+            self._tr_coin, self._tr_quote, self._tr_due = b.tr_coin, b.tr_quote, b.tr_due
+            self._book, self._arb_cost, self._arb_value = b.book, b.arb_cost, b.arb_value
+            self._arb_live = b.books
+        if b.tb is not None:
+            self._slot_value = b.value
+        self.equity, self.peak, self.day_start_equity = b.equity, b.peak, b.day_start
+        self._close = b.c
+        self._tradable_now = b.tradable
+        self.t = b.u
 
     def _staking_exits(self, act: Tensor, u: Tensor, want_close: Tensor, sell: Tensor, proceeds: Tensor,
                        units: Tensor, entry_cost: Tensor, stake: tuple[Tensor, Tensor, Tensor]) -> tuple:
