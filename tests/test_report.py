@@ -240,3 +240,9 @@ def test_reported_baselines_are_drawn_per_pair():
     figs = window_figures("w", {"pairs": {"BTC/USDT": pair}, "baselines": {"BTC/USDT": got["BTC/USDT"]}})
     lines = {trace["name"]: list(trace["y"]) for trace in figs["w-btc-usdt-equity"]["data"]}
     assert lines == {"agent": [100.0, 100.5, 99.0], "ma_crossover": [100.0, 101.0, 102.0]}  # flat has no curve
+    # per-bar series on the bar grid: the first bar and the bar's length (1 h in ms), no timestamp per point
+    for name in ("equity", "drawdown", "price", "pnl", "exposure"):
+        fig = figs[f"w-btc-usdt-{name}"]
+        assert fig["layout"]["xaxis"]["type"] == "date"
+        for trace in fig["data"]:
+            assert "x" not in trace and (trace["x0"], trace["dx"]) == (times[0], 3_600_000), (name, trace["name"])

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import websocket
 
+from nexlify.data.timeframes import parse_utc_ms
 from nexlify.report.page import CHART_HEIGHT
 from tests.pipeline_support import Reference, read_json
 
@@ -94,7 +95,8 @@ CHARTS_JS = """
     const paths = Array.from(el.querySelectorAll('g.trace path')).map(p => (p.getAttribute('d') || '').length);
     return {id: el.id, drawn: el.getAttribute('data-drawn'), width: box.width, height: box.height,
             container: el.clientWidth, traces: el.querySelectorAll('g.trace').length, figureTraces: fig.data.length,
-            longestPath: paths.length ? Math.max(...paths) : 0};
+            longestPath: paths.length ? Math.max(...paths) : 0,
+            xrange: el._fullLayout && el._fullLayout.xaxis ? el._fullLayout.xaxis.range : null};
   });
 })()
 """
@@ -164,6 +166,26 @@ def test_every_chart_is_drawn_at_its_size(loaded):
         assert c["height"] == CHART_HEIGHT and c["width"] == c["container"] and c["width"] > 800, c
         assert c["figureTraces"] >= 1 and c["traces"] == c["figureTraces"], c
         assert c["longestPath"] > 10, c  # a line or a bar with real geometry
+
+
+def test_the_bar_series_span_their_windows_dates(loaded):
+    # the per-bar series carry x0 and dx (the bar in ms) instead of a time per point: drawn, an equity chart's
+    # date axis runs from the window's first bar to its last, as the report's data gives them
+    page = (loaded["out"] / "report.html").read_text()
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', page, flags=re.S).group(1).replace("<\\/", "</"))
+    charts = {c["id"]: c for c in loaded["charts"]}
+    checked = 0
+    for name, window in data["evaluation"]["windows"].items():
+        for pair, p in window["pairs"].items():
+            chart = charts[f"chart-eval-{slug(name)}-{slug(pair)}-equity"]
+            drawn = [parse_utc_ms(x.replace(" ", "T") + "Z") for x in chart["xrange"]]  # plotly: "2025-04-16 00:00"
+            assert drawn == [parse_utc_ms(p["time"][0]), parse_utc_ms(p["time"][-1])], (name, pair, chart["xrange"])
+            checked += 1
+    assert checked >= 2
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower())
 
 
 def test_the_winner_and_stop_reason_shown_are_the_summarys(loaded):
