@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from nexlify import checkpoint
-from nexlify.data.candles import load_market
+from nexlify.data.candles import load_market, normalize_pair
 from nexlify.data.prepare import attach_second_venue
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.env.batched import N_ACTIONS, observation_size
@@ -108,8 +108,8 @@ def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | 
     `market_pairs` (None: the pairs evaluated), whose candles are read beside when they are other pairs, so a
     model evaluated on other pairs than it trained on sees the market it was trained to see."""
     d = cfg.data
-    pairs = list(pairs or d.pairs)
-    market_pairs = list(market_pairs or pairs)
+    pairs = [normalize_pair(p) for p in (pairs or d.pairs)]  # InputError on a pair that is not BASE/QUOTE
+    market_pairs = [normalize_pair(p) for p in (market_pairs or pairs)]
     loaded = pairs + [p for p in market_pairs if p not in pairs]
     data_dir = data_dir if data_dir is not None else d.data_dir
     end_ms: int | None

@@ -95,7 +95,7 @@ def test_other_pairs_see_the_market_of_the_training_pairs(tmp_path):
     path = write_model(tmp_path, ["BTC/USDT", "ETH/USDT"])
     window = {"start": "2025-05-01", "end": "2025-05-15", "hold_margin": 0.0}
     both = evaluate_checkpoint(path, **window)
-    alone = evaluate_checkpoint(path, pairs=["ETH/USDT"], **window)
+    alone = evaluate_checkpoint(path, pairs=["eth-usdt"], **window)  # any spelling load_market takes
     assert both["agent"]["per_pair"]["ETH/USDT"]["trades"] > 0  # the untrained net acts: the comparison means something
     assert alone["agent"]["per_pair"] == {"ETH/USDT": both["agent"]["per_pair"]["ETH/USDT"]}
     # ETH with SOL: SOL's candles are read for its book, BTC's beside for the market; ETH's row unchanged
