@@ -562,6 +562,18 @@ def test_backtest_into_a_bucket_gives_the_local_numbers(seaweed, s3_env, wf_out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert [e["event"] for e in log_events_text(proc.stderr) if e.get("event", "").startswith("fold_")] == \
         ["fold_adopted", "fold_adopted"]
+    # --seeds into the bucket: the walk-forward above, copied under <output>/seed_42/, is adopted as it is
+    seeds_prefix = f"{prefix}-seeds"
+    for key in keys:
+        client.copy_object(Bucket=seaweed.bucket, Key=f"{seeds_prefix}/seed_42/{key}",
+                           CopySource={"Bucket": seaweed.bucket, "Key": f"{prefix}/{key}"})
+    proc = backtest(f"s3://{seaweed.bucket}/{seeds_prefix}", "--seeds", "42", env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [e["event"] for e in log_events_text(proc.stderr) if e.get("event", "").startswith(("fold_", "seed_"))] == \
+        ["seed_started", "fold_adopted", "fold_adopted"]
+    combined = json.loads(client.get_object(Bucket=seaweed.bucket, Key=f"{seeds_prefix}/walk_forward.json")["Body"].read())
+    assert combined["complete"] is True and combined["combined"] == combine_seeds({42: local["folds"]})
+    assert combined["outputs"] == {"42": f"s3://{seaweed.bucket}/{seeds_prefix}/seed_42"}
 
 
 # ---------------------------------------------------------------------------------------- Kubernetes
