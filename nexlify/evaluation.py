@@ -303,6 +303,11 @@ def riskless_return(market: MarketTensors, window: tuple[int, int], params: Stra
     return (params.aave.max_idle_share * rate).numpy()
 
 
+def riskless_total_return(market: MarketTensors, window: tuple[int, int], params: StrategyParams) -> float:
+    """What riskless_return compounds to over the window, in percent: cash plus lending's return there."""
+    return float(np.prod(1.0 + riskless_return(market, window, params)) - 1.0) * 100.0
+
+
 def _lent(env: BatchedTradingEnv) -> Tensor:
     return env.lent.sum(-1).to(torch.float64) if env.lending_on else torch.zeros_like(env.cash, dtype=torch.float64)
 

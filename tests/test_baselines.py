@@ -18,7 +18,8 @@ from nexlify.data.candles import load_market
 from nexlify.env.batched import N_ACTIONS, observation_size
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.env.layout import HOLD
-from nexlify.evaluation import NEG_INF, evaluate_policy, evaluate_with_baselines, hold_unless_margin
+from nexlify.evaluation import (NEG_INF, evaluate_policy, evaluate_with_baselines, hold_unless_margin,
+                                riskless_total_return)
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.strategies import aave
 from nexlify.strategies.params import StrategyParams
@@ -104,6 +105,9 @@ def test_cash_plus_lending_earns_the_aave_supply_rate_compounded_over_the_window
     # it never beats lending everything at once (the upper bound), and beats flat
     full = (1.0 + float(aave.supply_rate_for(StrategyParams().aave.utilization, StrategyParams().aave)) / 8760) ** n
     assert 0.0 < lending["avg_return"] < (full - 1.0) * 100.0
+    # the riskless return compounded over the window is that return (the studies' yardstick)
+    assert riskless_total_return(market, WINDOW, StrategyParams()) == pytest.approx(
+        (expected / E0 - 1.0) * 100.0, rel=1e-9)
 
 
 def test_cash_plus_lending_switches_lending_on_when_the_model_has_it_off(market):

@@ -17,13 +17,12 @@ import json
 import os
 import statistics
 
-import numpy as np
 import torch
 
 from controller.backtest_run import candidate_models
 from nexlify import checkpoint
 from nexlify.evaluate_cmd import _greedy_model, _market_window
-from nexlify.evaluation import Group, _simulate, greedy_policy, riskless_return
+from nexlify.evaluation import Group, _simulate, greedy_policy, riskless_total_return
 
 TIE = 1e-6  # percentage points: a model that never trades earns lending's return to rounding, not more
 
@@ -34,6 +33,7 @@ def model_rows(fold: int, fold_dir: str, margins: list[float], data_dir: str):
     with open(os.path.join(fold_dir, "complete_training_summary.json")) as f:
         summary = json.load(f)
     keys = candidate_models(summary)
+    candles = {}  # window name -> (market, span, raw features): read once, every model of one pipeline shares them
     for c in summary["candidates"]:
         path = os.path.join(fold_dir, keys[c["source"]])
         ckpt = checkpoint.load(path)
@@ -41,7 +41,9 @@ def model_rows(fold: int, fold_dir: str, margins: list[float], data_dir: str):
         row = {"fold": fold, "source": c["source"], "selected": c["selected"], "val_score": c["val_score"]}
         # no dates: the checkpoint's own validation window, as `nexlify evaluate` takes it
         for name, (start, end) in {"val": (None, None), "test": (window["test_start"], window["test_end"])}.items():
-            market, span, raw = _market_window(cfg, None, cfg.data.exchange, data_dir, start, end)
+            if name not in candles:
+                candles[name] = _market_window(cfg, None, cfg.data.exchange, data_dir, start, end)
+            market, span, raw = candles[name]
             tensors, net = _greedy_model(ckpt, cfg, market, torch.device("cpu"), raw)
             params = cfg.strategy_params()
             groups = [Group(str(m), greedy_policy(net, m)) for m in margins]
@@ -49,7 +51,7 @@ def model_rows(fold: int, fold_dir: str, margins: list[float], data_dir: str):
                 results = _simulate(tensors, span, cfg.env, cfg.risk, params, groups, False)["results"]
             row[name] = {m: results[m]["avg_return"] for m in results}
             row[name + "_trades"] = {m: results[m]["total_trades"] for m in results}
-            row[name + "_lending"] = float(np.prod(1.0 + riskless_return(tensors, span, params)) - 1.0) * 100.0
+            row[name + "_lending"] = riskless_total_return(tensors, span, params)
         yield row
 
 

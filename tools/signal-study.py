@@ -32,12 +32,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from controller.backtest import WalkForwardConfig, plan_folds
 from nexlify.config import TrainConfig
 from nexlify.data.candles import load_market
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.env.batched import CLOSE, HOLD, OPEN_LONG
 from nexlify.env.market import MarketTensors
-from nexlify.evaluation import Group, _simulate, riskless_return
+from nexlify.evaluation import Group, _simulate, riskless_total_return
 from nexlify.features import FEATURE_NAMES, WARMUP_BARS, Normalizer, compute_features
 
 RIDGE = 1.0  # L2 penalty on the standardised features, per training row
@@ -119,8 +120,9 @@ def main() -> None:
     logc, tradable, ts = np.log(market.close), market.tradable, market.timestamps
     # the environment's observations are not read by the forecast policy; any normaliser will do
     tensors = MarketTensors.build(market, Normalizer.fit(feats, WARMUP_BARS, len(ts)), "cpu", feats)
-    bars_per_day = MS_PER_DAY // int(ts[1] - ts[0])
-    end_ms = parse_utc_ms(args.end, "--end")
+    bar = lambda iso: int(np.searchsorted(ts, parse_utc_ms(iso)))  # noqa: E731 - the row of a fold date
+    folds = plan_folds(args.start, args.end, WalkForwardConfig(fold_days=args.fold_days, folds=args.folds,
+                                                               train_days=args.train_days), val_days=args.val_days)
 
     def trade(fc: Forecaster, k: float, window: tuple[int, int]) -> dict:
         pred = torch.as_tensor(fc.predict(feats))
@@ -129,13 +131,12 @@ def main() -> None:
             return _simulate(tensors, window, cfg.env, cfg.risk, params, [group], False)["results"]["forecast"]
 
     signal, traded = [], []
-    for fold in range(1, args.folds + 1):
-        test_end = end_ms - (args.folds - fold) * args.fold_days * MS_PER_DAY
-        te_lo, te_hi = (int(np.searchsorted(ts, m)) for m in (test_end - args.fold_days * MS_PER_DAY, test_end))
-        va_lo = te_lo - args.val_days * bars_per_day
-        tr_lo = max(WARMUP_BARS, te_lo - args.train_days * bars_per_day)
-        test = [iso_utc(int(ts[te_lo]))[:10], iso_utc(test_end)[:10]]
-        lending = float(np.prod(1.0 + riskless_return(tensors, (te_lo, te_hi), params)) - 1.0) * 100.0
+    for f in folds:  # the walk-forward's own fold dates (controller.backtest.plan_folds)
+        fold, test = f.index, [f.test_start, f.test_end]
+        te_lo, te_hi = bar(f.test_start), bar(f.test_end)
+        va_lo = bar(iso_utc(parse_utc_ms(f.test_start) - args.val_days * MS_PER_DAY))
+        tr_lo = max(WARMUP_BARS, bar(f.train_start))
+        lending = riskless_total_return(tensors, (te_lo, te_hi), params)
         for h in args.horizons:
             fc = Forecaster(feats, logc, tradable, tr_lo, te_lo, h)
             x_te, y_te = rows(feats, logc, tradable, te_lo, te_hi, h)
