@@ -149,8 +149,8 @@ def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | 
     if loaded != pairs:
         market, raw = market.select(pairs), raw[:, :len(pairs)]
     if end_ms is None and int(market.timestamps[-1]) < start_ms:
-        raise InputError(f"--start {start} is after the last candle ({market.end_iso}; the data covers "
-                         f"{market.start_iso} .. {market.end_iso}); accepted: a start before the end of the data")
+        raise InputError(f"--start {start} is after the data's last candle ({iso_utc(int(market.timestamps[-1]))}, "
+                         f"its bar ending {market.end_iso}); accepted: a start before {market.end_iso}")
     attach_second_venue(cfg, market, data_dir)
     i0 = int(np.searchsorted(market.timestamps, start_ms, side="left"))
     if i0 - 1 < WARMUP_BARS:

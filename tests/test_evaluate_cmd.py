@@ -70,7 +70,7 @@ def test_start_and_end_and_the_default_window(model_path):
 
 
 def test_start_after_the_data_is_refused(model_path):
-    with pytest.raises(InputError, match="after the last candle"):
+    with pytest.raises(InputError, match="after the data.s last candle"):
         evaluate_checkpoint(model_path, start="2025-06-03")  # its warm-up days hold candles, the window none
 
 
