@@ -271,7 +271,7 @@ def test_train_preflight_failure_is_one_line_and_the_table_only_with_verbose(tmp
     # --verbose: the table first, then the one error line
     lines = got["verbose"].stderr.splitlines()
     table = lines.index("preflight")
-    assert lines[table + 3].split()[:2] == ["device", "FAIL"]  # python, torch, device, ...
+    assert lines[table + 5].split()[:2] == ["device", "FAIL"]  # python, output, disk, torch, device, ...
     assert error_lines(got["verbose"].stderr) == [line] and lines[-1] == line
     assert not (tmp_path / "out").exists()
 
