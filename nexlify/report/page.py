@@ -341,6 +341,8 @@ th { background: #f4f4f4; } td:first-child, th:first-child { text-align: left; }
 tr.winner { background: #e7f6e7; font-weight: bold; }
 .chart { width: 100%; height: 320px; margin: .5em 0; }
 .verdict { font-size: 1.1em; } code { font-size: .9em; }
+#verdict { font-weight: bold; padding: .5em .8em; border-left: 4px solid #999; background: #f7f7f7; }
+#verdict.loses { border-color: #c62828; } #verdict.beats { border-color: #2e7d32; }
 """
 
 SCRIPT = """
