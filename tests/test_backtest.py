@@ -358,6 +358,12 @@ def test_table_and_walk_forward_json_agree_with_each_folds_test_result(wf_out):
         # the model tested is the fold pipeline's final model
         summary = read_json(out / f"fold_{k}" / "complete_training_summary.json")
         assert r["pipeline"]["final_model_url"] == summary["final_model_url"] == r["evaluation"]["model"]
+        # the fold's verdict (nexlify.verdict) is the row's, printed after the table, for every model tried
+        verdict = row["verdict"]
+        assert verdict["text"] in stdout.splitlines()
+        lending = r["evaluation"]["baselines"]["cash_plus_lending"]["avg_return"]
+        assert verdict["beats_cash_plus_lending"] == (agent["avg_return"] > lending)
+        assert verdict["models_tried"] == len(r["candidates"])
         returns.append(agent["avg_return"])
         sharpes.append(agent["avg_sharpe_vs_lending"])
         line = next(line for line in stdout.splitlines() if line.startswith(f"{k:>4}  "))
