@@ -9,8 +9,8 @@ still-open one included with partial values (its open, and the close, high and l
 the open), as an exchange does; the trader must drop it.
 
 Faults, all in exchange time: `missing` {(symbol, open_ms)} never served; `late` {(symbol, open_ms): delay}
-served only once now >= close + delay; `fail` a list of [path prefix, status, count] answered with that
-status before serving again; `down` [(from_ms, to_ms)]: every request in it answers 503.
+served only once now >= close + delay; `fail` a list of [path prefix, status, count(, from_ms)] answered
+with that status (from that time on) before serving again; `down` [(from_ms, to_ms)]: every request in it answers 503.
 
 Run by hand for an offline replay: python -m tests.fake_exchange --start 2025-05-20 --speed 3600.
 """
@@ -88,7 +88,7 @@ class FakeBinance:
             if any(a <= now < b for a, b in self.down):
                 return 503, "Service Unavailable"
             for rule in self.fail:
-                if path.startswith(rule[0]) and rule[2] > 0:
+                if path.startswith(rule[0]) and rule[2] > 0 and now >= (rule[3] if len(rule) > 3 else 0):
                     rule[2] -= 1
                     return rule[1], {"code": -1003, "msg": "injected"} if rule[1] in (418, 429) else "error"
         if path == "/api/v3/time":

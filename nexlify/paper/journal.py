@@ -100,7 +100,9 @@ class Journal:
                 if not isinstance(line, dict):
                     raise ValueError("not a JSON object")
                 if line.get("prev_sha256") != prev:
-                    raise ValueError("its prev_sha256 is not the sha256 of the line before it")
+                    before = out[-1][0] if out else HEADER_KEY
+                    raise ValueError(f"its prev_sha256 is not the sha256 of {self.url(before)}: one of the two "
+                                     "was changed")
                 if key != line_key(line.get("open_ms", -1)):
                     raise ValueError("its bar is not the one its name says")
             except ValueError as exc:

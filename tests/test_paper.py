@@ -1,0 +1,316 @@
+"""`nexlify paper` against a local replay of Binance's public REST API (tests/fake_exchange.py) on bundled
+candles, with an accelerated exchange clock: the same decisions, fills and equity as `nexlify evaluate`
+bar for bar, a journal that faults and kill -9 leave equal to an uninterrupted run's byte for byte, no
+request to a private endpoint, metrics and health. No network beyond 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nexlify import checkpoint
+from nexlify.agent.dqn import DuelingQNet
+from nexlify.config import TrainConfig
+from nexlify.configtools import to_dict
+from nexlify.data.candles import load_market
+from nexlify.data.timeframes import iso_utc, parse_utc_ms
+from nexlify.env.batched import ACTION_NAMES, N_ACTIONS, observation_size
+from nexlify.env.market import market_features
+from nexlify.errors import InputError
+from nexlify.evaluate_cmd import _greedy_model, _market_window, evaluate_checkpoint
+from nexlify.evaluation import evaluate_policy
+from nexlify.features import WARMUP_BARS, Normalizer
+from nexlify.paper.service import PaperService, PaperSettings
+from nexlify.paper.trader import warmup_bars
+from tests.fake_exchange import TF_MS, FakeBinance
+from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
+
+PAIRS = ["BTC/USDT", "ETH/USDT"]
+CANDLES = ("2025-05-01", "2025-05-20")  # bundled candles the replay serves
+START = "2025-05-15T00:10"  # exchange time when the session starts: its first decision is at 2025-05-14 23:00
+UNTIL = "2025-05-17T00:00"  # the last bar journaled: two days
+MARGIN = 0.1  # the checkpoint's hold margin: about half of the untrained net's best actions beat hold by less
+STEP_MS = 15 * 60_000  # the replay's clock moves 15 minutes per request
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_model(folder: Path, pairs: list[str] = PAIRS) -> str:
+    cfg = TrainConfig()
+    cfg.data.pairs, cfg.data.start, cfg.data.end, cfg.data.val_days = list(pairs), "2025-01-01", "2025-04-01", 10
+    cfg.env.strategies = ["spot"]
+    cfg.agent.hold_margin = MARGIN
+    data = load_market("binance", cfg.data.pairs, start=cfg.data.start, end=cfg.data.end)
+    normalizer = Normalizer.fit(market_features(data), WARMUP_BARS, 1000)
+    torch.manual_seed(0)
+    net = DuelingQNet(observation_size(len(normalizer.features)), N_ACTIONS, cfg.agent.hidden)
+    state = {"model_state_dict": net.state_dict(), "target_model_state_dict": net.state_dict(),
+             "optimizer_state_dict": {}}
+    ckpt = checkpoint.build_checkpoint(state, config=to_dict(cfg), normalizer=normalizer.to_dict(), episodes_trained=0,
+                                       seed=0, metrics={})
+    path = folder / "model.pt"
+    path.write_bytes(checkpoint.to_bytes(ckpt))
+    return str(path)
+
+
+def replay(**faults) -> FakeBinance:
+    fake = FakeBinance(PAIRS, *CANDLES, parse_utc_ms(faults.pop("start", START)), step_ms=STEP_MS)
+    for name, value in faults.items():
+        setattr(fake, name, value)
+    return fake
+
+
+def settings(fake: FakeBinance, **kw) -> PaperSettings:
+    base = dict(exchange_url=fake.url, until=UNTIL, poll_s=0.0, backoff_s=0.0, metrics_port=0)
+    base.update(kw)
+    return PaperSettings(**base)
+
+
+def journal_bytes(out: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted((out / "journal").iterdir()))
+
+
+def lines(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "journal").iterdir())]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return write_model(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def clean(model, tmp_path_factory) -> Path:
+    """An uninterrupted session over the two days, no fault."""
+    out = tmp_path_factory.mktemp("clean")
+    with replay() as fake:
+        result = PaperService(model, str(out), settings(fake)).run()
+        assert fake.violations == []
+    assert result["last_bar"] == "2025-05-17T00:00:00Z"
+    return out
+
+
+def test_warmup_window_gives_the_features_of_the_full_history(model):
+    """The features at a decision bar from the warm-up window alone equal those from all the candles since
+    January (EWMs settled to float32's last bit; rolling windows inside it), after the checkpoint's normaliser."""
+    market = load_market("binance", PAIRS, start="2025-01-01", end="2025-05-15")
+    n = warmup_bars(TF_MS)
+    assert n == 240 > WARMUP_BARS
+    full = market_features(market)[-1]
+    short = market_features(market.slice(market.n_bars - n, market.n_bars))[-1]
+    norm = Normalizer.from_dict(checkpoint.load(model)["normalizer"])
+    np.testing.assert_allclose(norm.apply(short), norm.apply(full), rtol=0, atol=1e-6)
+    # a window of WARMUP_BARS / 4 is not enough: the 168-bar features differ
+    cut = market_features(market.slice(market.n_bars - WARMUP_BARS // 4, market.n_bars))[-1]
+    assert np.abs(norm.apply(cut) - norm.apply(full)).max() > 0.1
+
+
+def test_same_decisions_fills_and_equity_as_evaluate(model, clean):
+    """The journal, bar for bar, against nexlify evaluate's greedy policy on the same candles: the actions
+    (with the checkpoint's hold margin), the position and entry price after each fill, and the equity."""
+    journal = lines(clean)
+    assert journal[0]["bar"] == "2025-05-14T23:00:00Z" and journal[-1]["bar"] == "2025-05-17T00:00:00Z"
+    assert [parse_utc_ms(x["bar"]) for x in journal] == list(range(parse_utc_ms(journal[0]["bar"]),
+                                                                     parse_utc_ms(UNTIL) + 1, TF_MS))
+    ckpt = checkpoint.load(model)
+    cfg = checkpoint.train_config(ckpt, model)
+    end = iso_utc(parse_utc_ms(UNTIL) + TF_MS)
+    market, window, raw = _market_window(cfg, None, "binance", None, "2025-05-15", end)
+    tensors, net = _greedy_model(ckpt, cfg, market, "cpu", raw)
+    seen = {"actions": [], "equity": [], "units": [], "entry": []}
+
+    def observe(env, actions):
+        if actions is not None:
+            seen["actions"].append(actions[:, 0].tolist())
+        seen["equity"].append(env.equity.tolist())
+        seen["units"].append(env.units[:, 0].tolist())
+        seen["entry"].append(env.entry[:, 0].tolist())
+
+    evaluate_policy(net, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), margin=cfg.agent.hold_margin,
+                    observer=observe)
+    assert len(journal) == len(seen["equity"]) == window[1] - window[0] + 1
+    for k, line in enumerate(journal):
+        for j, pair in enumerate(PAIRS):
+            assert line["equity"][pair] == seen["equity"][k][j], (line["bar"], pair)
+            if k < len(seen["actions"]):
+                assert line["action"][pair] == ACTION_NAMES[seen["actions"][k][j]], (line["bar"], pair)
+            if k > 0:
+                fill = line["fills"][pair]
+                assert fill["units"][1] == seen["units"][k][j]
+                if fill["entry_price"] is not None:
+                    assert fill["entry_price"] == seen["entry"][k][j]
+                    # the next bar's open plus slippage
+                    assert fill["entry_price"] == pytest.approx(line["candles"][pair][0]
+                                                                * (1 + cfg.env.slippage_bps / 1e4), rel=1e-12)
+    # it traded, and the margin held some best actions back: the parity covers both
+    actions = [a for x in journal for a in x["action"].values()]
+    assert actions.count("open_long") >= 5 and actions.count("close") >= 5
+    held_by_margin = sum(1 for x in journal for p in PAIRS if x["action"][p] == "hold"
+                         and max(x["q"][p][ACTION_NAMES.index(v)] for v in x["valid"][p]) > x["q"][p][0])
+    assert held_by_margin >= 5
+    report = evaluate_checkpoint(model, start="2025-05-15", end=end)
+    for pair in PAIRS:
+        final = journal[-1]["equity"][pair]
+        assert report["agent"]["per_pair"][pair]["total_return"] == pytest.approx(
+            (final / cfg.env.initial_equity - 1) * 100, abs=1e-9)
+    assert all(x["checkpoint_sha256"] == journal[0]["checkpoint_sha256"] for x in journal)
+
+
+def test_faults_leave_the_journal_of_an_uninterrupted_run(model, clean, tmp_path):
+    """Bursts of 429 and 5xx, a 504, candles served late, the exchange down for five hours, and the still-open
+    candle served with partial values throughout: the same journal, byte for byte; no private call."""
+    late = {("BTCUSDT", parse_utc_ms("2025-05-15T06:00")): 40 * 60_000,
+            ("ETHUSDT", parse_utc_ms("2025-05-16T03:00")): 25 * 60_000}
+    down = [(parse_utc_ms("2025-05-15T10:20"), parse_utc_ms("2025-05-15T15:40"))]
+    t = parse_utc_ms("2025-05-15T03:00")  # after the session's start (a fault before it would move its first bar)
+    fail = [["/api/v3/klines", 429, 3, t], ["/api/v3/time", 503, 4, t], ["/api/v3/klines", 502, 2, t],
+            ["/api/v3/time", 504, 1, t], ["/api/v3/klines", 418, 1, t]]
+    out = tmp_path / "faults"
+    with replay(late=late, down=down, fail=fail) as fake:
+        service = PaperService(model, str(out), settings(fake, candle_tries=6))
+        service.run()
+        assert fake.violations == []
+        assert all(rule[2] == 0 for rule in fake.fail)  # every injected error was met
+    assert journal_bytes(out) == journal_bytes(clean)
+    errors = {s.labels["kind"]: s.value for m in service.metrics.registry.collect() for s in m.samples
+              if s.name == "nexlify_paper_exchange_errors_total"}
+    assert errors["DDoSProtection"] == 4 and errors["RequestTimeout"] == 1
+    assert errors["ExchangeNotAvailable"] >= 6  # the injected 5xx and the hours down
+
+
+def test_clock_skew_only_the_exchange_clock_decides(model, tmp_path):
+    """The replay's clock is months from this machine's and starts one second before 23:00's candle
+    closes, which the replay serves with partial values: the first decision is at 22:00's close, and no
+    line ever holds a candle other than the closed one the candle files hold."""
+    assert abs(parse_utc_ms(START) - time.time() * 1000) > 30 * 86_400_000
+    out = tmp_path / "skew"
+    # its first request (the market list) moves the clock 15 minutes: fetch_time answers 23:59:59
+    with replay(start="2025-05-14T23:44:59") as fake:
+        PaperService(model, str(out), settings(fake, until="2025-05-15T04:00")).run()
+    journal = lines(out)
+    assert journal[0]["bar"] == "2025-05-14T22:00:00Z"  # not 23:00: it was still open
+    market = load_market("binance", PAIRS, start="2025-05-14T22:00", end="2025-05-15T05:00")
+    for k, line in enumerate(journal):
+        for j, pair in enumerate(PAIRS):
+            assert line["candles"][pair] == [market.open[k, j], market.high[k, j], market.low[k, j],
+                                             market.close[k, j], market.volume[k, j]]
+
+
+def test_missing_candle_no_decision_warning_and_metric(model, tmp_path):
+    """A candle the exchange never serves: after the looks, that pair's bar is held, named in the line
+    and counted; the other pair decides; the candle is never forward-filled into a decision."""
+    gone = parse_utc_ms("2025-05-15T05:00")
+    out = tmp_path / "missing"
+    with replay(missing={("ETHUSDT", gone)}) as fake:
+        service = PaperService(model, str(out), settings(fake, until="2025-05-15T08:00"))
+        service.run()
+    line = next(x for x in lines(out) if x["open_ms"] == gone)
+    assert line["candles"]["ETH/USDT"] is None and line["candles"]["BTC/USDT"] is not None
+    assert line["skipped"] == ["ETH/USDT"] and line["action"]["ETH/USDT"] == "hold"
+    assert line["fills"]["ETH/USDT"]["units"][0] == line["fills"]["ETH/USDT"]["units"][1]  # nothing filled
+    skipped = {s.labels["pair"]: s.value for m in service.metrics.registry.collect() for s in m.samples
+               if s.name == "nexlify_paper_decisions_skipped_total"}
+    assert skipped == {"ETH/USDT": 1.0}
+    assert sum(len(x["skipped"]) for x in lines(out)) == 1
+
+
+def _cli(model: str, out: Path, url: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NEXLIFY_LOG_FORMAT": "json"}
+    return subprocess.Popen([sys.executable, "-m", "controller.cli", "paper", "--model", model, "--output", str(out),
+                             "--exchange-url", url, "--until", UNTIL, "--poll-seconds", "0", "--backoff-seconds", "0",
+                             "--metrics-port", "0", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_mid_session_then_restart_gives_the_same_journal(model, clean, tmp_path):
+    """The CLI killed with SIGKILL while it journals, then started again on the same output: the closed
+    candles missed while it was down are replayed in order, and the journal equals the uninterrupted one."""
+    out = tmp_path / "killed"
+    with replay() as fake:
+        proc = _cli(model, out, fake.url)
+        deadline = time.time() + 180
+        while time.time() < deadline and len(list(out.glob("journal/*.json"))) < 12:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        written = len(list((out / "journal").glob("*.json")))
+        assert 12 <= written < len(lines(clean))  # killed mid-session
+        fake.now_ms += 6 * TF_MS  # it stays down for six hours of exchange time
+        again = _cli(model, out, fake.url)
+        stdout, stderr = again.communicate(timeout=300)
+        assert again.returncode == 0, stderr
+        assert fake.violations == []
+    assert journal_bytes(out) == journal_bytes(clean)
+    events = [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]
+    bars = [e for e in events if e.get("event") == "paper_bar"]
+    assert bars and all("action" in e and "book_equity" in e for e in bars)
+    assert any(e.get("event") == "paper_session_resumed" for e in events)
+
+
+def test_a_damaged_journal_line_is_named(model, clean, tmp_path):
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(clean, out)
+    victim = sorted((out / "journal").iterdir())[7]
+    victim.write_text(victim.read_text().replace('"hold"', '"close"', 1))
+    with replay() as fake:
+        with pytest.raises(InputError, match=victim.name):
+            PaperService(model, str(out), settings(fake)).run()
+    victim.write_text(victim.read_text()[:50])  # a torn line
+    with replay() as fake:
+        with pytest.raises(InputError, match=f"{victim.name} is damaged"):
+            PaperService(model, str(out), settings(fake)).run()
+
+
+def test_bad_symbol_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "m"
+    path.mkdir()
+    model = write_model(path, ["BTC/USDT", "SOL/USDT"])  # the replay lists BTC and ETH only
+    with replay() as fake:
+        proc = _cli(model, tmp_path / "out", fake.url)
+        _, stderr = proc.communicate(timeout=120)
+        assert fake.violations == []
+    assert proc.returncode == 2
+    errors = [json.loads(x) for x in stderr.splitlines() if x.startswith("{") and '"failed"' in x]
+    assert len(errors) == 1 and "SOL/USDT is not listed on binance" in errors[0]["error"]
+
+
+def test_metrics_and_health(model, tmp_path):
+    """/metrics serves the equity, drawdown, headroom, exposure and lag of the journal's last line; /healthz
+    fails once the last closed candle is older than a timeframe plus grace."""
+    out = tmp_path / "ops"
+    with replay() as fake:
+        service = PaperService(model, str(out), settings(fake, until="2025-05-15T06:00", metrics_port=0))
+        service.run()
+        from nexlify.paper.service import serve
+
+        server = serve(service.metrics, service.health, "127.0.0.1", 0)
+        port = server.server_address[1]
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            last = lines(out)[-1]
+            assert f"nexlify_paper_equity {last['book_equity']!r}" in text
+            for name in ("nexlify_paper_drawdown_ratio", "nexlify_paper_daily_loss_headroom_ratio",
+                         "nexlify_paper_exposure_ratio", "nexlify_paper_candle_lag_seconds",
+                         "nexlify_paper_decisions_skipped_total", "nexlify_paper_exchange_errors_total"):
+                assert name in text
+            service.health.saw_time(last["open_ms"] + TF_MS + 60_000)  # a minute after its close: healthy
+            assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).status == 200
+            service.health.saw_time(last["open_ms"] + 2 * TF_MS + service.settings.grace_s * 1000 + 60_000)
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+            assert err.value.code == 503
+        finally:
+            server.shutdown()
+            server.server_close()
