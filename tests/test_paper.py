@@ -314,3 +314,55 @@ def test_metrics_and_health(model, tmp_path):
         finally:
             server.shutdown()
             server.server_close()
+
+
+def test_an_authentication_error_is_permanent(model, tmp_path):
+    """A 401 from the exchange (ccxt AuthenticationError) is not retried: one line naming it, exit 2."""
+    t = parse_utc_ms("2025-05-15T02:00")
+    with replay(fail=[["/api/v3/klines", 401, 1, t]]) as fake:
+        with pytest.raises(InputError, match="refused fetch_ohlcv BTC/USDT.*AuthenticationError") as err:
+            PaperService(model, str(tmp_path / "out"), settings(fake)).run()
+        assert fake.fail[0][2] == 0 and fake.violations == []
+    assert err.value.exit_code == 2
+
+
+def test_one_writer_per_output(model, tmp_path):
+    """A second trader on an output whose lease is held exits 2 naming the holder, writing nothing."""
+    from controller.lease import LeaseHeld, LocalLease
+
+    out = tmp_path / "held"
+    holder = LocalLease(str(out))
+    holder.acquire()
+    try:
+        with replay() as fake:
+            with pytest.raises(LeaseHeld) as err:
+                PaperService(model, str(out), settings(fake)).run()
+            assert fake.requests == []  # it never asked the exchange
+        assert err.value.exit_code == 2
+        assert not (out / "session.json").exists()
+    finally:
+        holder.release()
+
+
+def test_s3_model_and_output_resume(model, clean, seaweed, s3_env, tmp_path):
+    """The model read from a bucket, the journal written to one; stopped after four bars and started again
+    on the same prefix, it replays and checks what is there and goes on as the uninterrupted journal."""
+    import boto3
+
+    client = boto3.client("s3")
+    client.put_object(Bucket=seaweed.bucket, Key=f"{s3_env}/model.pt", Body=Path(model).read_bytes())
+    model_url = f"s3://{seaweed.bucket}/{s3_env}/model.pt"
+    output = f"s3://{seaweed.bucket}/{s3_env}/paper"
+    with replay() as fake:
+        PaperService(model_url, output, settings(fake, until="2025-05-15T02:00")).run()
+        PaperService(model_url, output, settings(fake, until="2025-05-15T06:00")).run()
+        assert fake.violations == []
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=seaweed.bucket, Prefix=f"{s3_env}/paper/journal/",
+                                                           MaxKeys=1000)["Contents"])
+    stored = [json.loads(client.get_object(Bucket=seaweed.bucket, Key=k)["Body"].read()) for k in keys]
+    header = json.loads(client.get_object(Bucket=seaweed.bucket, Key=f"{s3_env}/paper/session.json")["Body"].read())
+    assert header["model"] == model_url
+    # the same lines; the chain differs from the first link on, as the header names another model location
+    assert [{k: v for k, v in x.items() if k != "prev_sha256"} for x in stored] == \
+        [{k: v for k, v in x.items() if k != "prev_sha256"} for x in lines(clean)[:len(stored)]]
+    assert stored[-1]["bar"] == "2025-05-15T06:00:00Z"
