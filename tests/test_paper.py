@@ -366,3 +366,82 @@ def test_s3_model_and_output_resume(model, clean, seaweed, s3_env, tmp_path):
     assert [{k: v for k, v in x.items() if k != "prev_sha256"} for x in stored] == \
         [{k: v for k, v in x.items() if k != "prev_sha256"} for x in lines(clean)[:len(stored)]]
     assert stored[-1]["bar"] == "2025-05-15T06:00:00Z"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_prometheus_scrapes_the_equity_gauge(model, tmp_path):
+    """Debian's Prometheus server on 127.0.0.1 scrapes the trader while it replays; the equity gauge read
+    back through Prometheus's query API is the journal's book equity."""
+    import shutil
+    import threading
+
+    binary = shutil.which("prometheus")
+    assert binary, "the prometheus server is needed: apt-get install prometheus (.ci/run installs it)"
+    metrics_port, prom_port = _free_port(), _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: paper\n    static_configs:\n"
+                      f"      - targets: ['127.0.0.1:{metrics_port}']\n")
+    prom = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    out = tmp_path / "scraped"
+    target = parse_utc_ms("2025-05-15T05:00")
+    read_back: dict = {}
+
+    def query(expr: str) -> list:
+        url = f"http://127.0.0.1:{prom_port}/api/v1/query?query={expr}"
+        return json.loads(urllib.request.urlopen(url, timeout=5).read())["data"]["result"]
+
+    try:
+        with replay() as fake:
+            service = PaperService(model, str(out), settings(fake, until=None, metrics_host="127.0.0.1",
+                                                             metrics_port=metrics_port))
+
+            def sleep(seconds: float) -> None:
+                if service.trader.last_ms is None or service.trader.last_ms < target:
+                    return
+                expected = lines(out)[-1]["book_equity"]
+                deadline = time.time() + 60
+                while time.time() < deadline:  # scrapes every second; the series holds the last value
+                    try:
+                        result = query("nexlify_paper_equity")
+                    except (urllib.error.URLError, ConnectionError):
+                        result = []
+                    if result and float(result[0]["value"][1]) == expected:
+                        read_back["equity"] = float(result[0]["value"][1])
+                        read_back["up"] = query("up")[0]["value"][1]
+                        break
+                    time.sleep(0.25)
+                raise _Stop()
+
+            service.sleep = sleep
+            thread_error: list = []
+
+            def run() -> None:
+                try:
+                    service.run()
+                except _Stop:
+                    pass
+                except BaseException as exc:  # noqa: BLE001 (reported below)
+                    thread_error.append(exc)
+
+            worker = threading.Thread(target=run)
+            worker.start()
+            worker.join(timeout=240)
+            assert not worker.is_alive() and not thread_error, thread_error
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+    assert read_back.get("equity") == lines(out)[-1]["book_equity"]
+    assert read_back["up"] == "1"
