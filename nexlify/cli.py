@@ -92,7 +92,8 @@ def add_paper_command(sub: argparse._SubParsersAction) -> None:
     d = PaperSettings()
     pa = sub.add_parser("paper", help="paper trading: the model on live closed candles with simulated money (no "
                         "order is ever sent)")
-    pa.add_argument("--model", required=True, help="checkpoint: a .pt path or s3://bucket/key")
+    pa.add_argument("--model", required=True, help="checkpoint: a .pt path or s3://bucket/key; or a pipeline's "
+                    "output (folder or s3://bucket/prefix): the final model of its summary")
     pa.add_argument("--output", default="./paper", help="folder or s3://bucket/prefix for the session's journal "
                     "and snapshots; an output holding a session resumes it (default: %(default)s)")
     pa.add_argument("--initial-equity", type=float, help="simulated money per pair's portfolio, in quote "
@@ -112,6 +113,8 @@ def add_paper_command(sub: argparse._SubParsersAction) -> None:
                     "its bar is decided without it (default: %(default)s)")
     pa.add_argument("--snapshot-every", type=int, default=d.snapshot_every, help="bars between two snapshots "
                     "(default: %(default)s)")
+    pa.add_argument("--session-per-model", action="store_true", help="journal under <output>/<the checkpoint's "
+                    "sha256, 16 hex digits>/, so that a new model (a retrained pipeline's) starts its own session")
     pa.add_argument("--metrics-host", default=d.metrics_host, help="address of /metrics and /healthz "
                     "(default: %(default)s)")
     pa.add_argument("--metrics-port", type=int, default=d.metrics_port, help="port of /metrics and /healthz; 0: "
@@ -133,7 +136,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
                              poll_s=args.poll_seconds, grace_s=args.grace_seconds, max_tries=args.max_tries,
                              backoff_s=args.backoff_seconds, candle_tries=args.candle_tries,
                              snapshot_every=args.snapshot_every, metrics_host=args.metrics_host,
-                             metrics_port=args.metrics_port)
+                             metrics_port=args.metrics_port, session_per_model=args.session_per_model)
     result = PaperService(args.model, args.output, settings).run()
     print(json.dumps(result))
     return 0

@@ -445,3 +445,20 @@ def test_prometheus_scrapes_the_equity_gauge(model, tmp_path):
         prom.wait(timeout=30)
     assert read_back.get("equity") == lines(out)[-1]["book_equity"]
     assert read_back["up"] == "1"
+
+
+def test_latest_model_of_a_pipeline_output_and_a_session_per_model(model, clean, tmp_path):
+    """--model naming a pipeline's output takes its summary's final model (the chart's `latest`); with
+    --session-per-model the journal goes under the checkpoint's sha256, so a retrained model starts anew."""
+    import hashlib
+
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "complete_training_summary.json").write_text(json.dumps({"final_model_path": model}))
+    out = tmp_path / "paper"
+    with replay() as fake:
+        PaperService(str(pipeline), str(out), settings(fake, until="2025-05-15T01:00", session_per_model=True)).run()
+    session = out / hashlib.sha256(Path(model).read_bytes()).hexdigest()[:16]
+    assert lines(session) == lines(clean)[:3]
+    with pytest.raises(InputError, match="neither a .pt checkpoint nor a pipeline output"):
+        PaperService(str(tmp_path / "nothing"), str(out), PaperSettings())

@@ -19,6 +19,7 @@ Operations: one JSON event per bar (`paper_bar`, with the actions and the equity
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class PaperSettings:
     metrics_host: str = "0.0.0.0"  # noqa: S104 (a pod's metrics port must answer the cluster)
     metrics_port: int = 9108  # 0: no HTTP server
     device: str = "cpu"
+    session_per_model: bool = False  # the journal in <output>/<the checkpoint's sha256, 16 hex digits>/
 
 
 class PaperMetrics:
@@ -141,6 +143,25 @@ def serve(metrics: PaperMetrics, health: Health, host: str, port: int) -> Thread
     return server
 
 
+SUMMARY_KEY = "complete_training_summary.json"  # controller.pipeline's summary, in a pipeline's output
+
+
+def resolve_model(url: str) -> str:
+    """A checkpoint's URL: `url` itself when it names a .pt file, else the final model of the pipeline
+    summary in the output `url` names (a folder or s3://bucket/prefix: the pipeline's latest model)."""
+    if url.endswith(".pt"):
+        return url
+    try:
+        summary = json.loads(read_url_bytes(url.rstrip("/") + "/" + SUMMARY_KEY))
+        return str(summary["final_model_path"])
+    except (StoreKeyMissing, FileNotFoundError, NotADirectoryError):
+        raise InputError(f"--model {url}: neither a .pt checkpoint nor a pipeline output with {SUMMARY_KEY}; "
+                         "accepted: a checkpoint .pt file (path or s3://bucket/key) or a pipeline output") from None
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"--model {url}: its {SUMMARY_KEY} names no final_model_path; accepted: the summary "
+                         "of a finished pipeline") from None
+
+
 def load_model(url: str) -> tuple[dict, bytes]:
     """The checkpoint at a path or s3:// URL and its bytes (for its sha256)."""
     try:
@@ -158,6 +179,7 @@ class PaperService:
     def __init__(self, model: str, output: str, settings: PaperSettings, *, sleep=time.sleep) -> None:
         self.settings = s = settings
         self.sleep = sleep
+        model = resolve_model(model)
         ckpt, data = load_model(model)
         cfg = checkpoint.train_config(ckpt, model)
         if s.initial_equity is not None:
@@ -172,6 +194,8 @@ class PaperService:
         self.feed = Feed(cfg.data.exchange, self.trader.pairs, cfg.data.timeframe, api_url=s.exchange_url,
                          max_tries=s.max_tries, backoff_s=s.backoff_s, sleep=sleep,
                          on_error=lambda kind: self.metrics.errors.labels(kind=kind).inc())
+        if s.session_per_model:  # a new model starts its own session beside the earlier ones
+            output = f"{output.rstrip('/')}/{hashlib.sha256(data).hexdigest()[:16]}"
         self.output = output
         self.store = open_store(output)
         self.journal = Journal(self.store)
