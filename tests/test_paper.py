@@ -224,10 +224,13 @@ def test_missing_candle_no_decision_warning_and_metric(model, tmp_path):
     assert sum(len(x["skipped"]) for x in lines(out)) == 1
 
 
+KILL_UNTIL = "2025-05-15T16:00"
+
+
 def _cli(model: str, out: Path, url: str, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NEXLIFY_LOG_FORMAT": "json"}
     return subprocess.Popen([sys.executable, "-m", "controller.cli", "paper", "--model", model, "--output", str(out),
-                             "--exchange-url", url, "--until", UNTIL, "--poll-seconds", "0", "--backoff-seconds", "0",
+                             "--exchange-url", url, "--until", KILL_UNTIL, "--poll-seconds", "0", "--backoff-seconds", "0",
                              "--metrics-port", "0", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -239,18 +242,20 @@ def test_kill_9_mid_session_then_restart_gives_the_same_journal(model, clean, tm
     with replay() as fake:
         proc = _cli(model, out, fake.url)
         deadline = time.time() + 180
-        while time.time() < deadline and len(list(out.glob("journal/*.json"))) < 12:
+        while time.time() < deadline and len(list(out.glob("journal/*.json"))) < 6:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         written = len(list((out / "journal").glob("*.json")))
-        assert 12 <= written < len(lines(clean))  # killed mid-session
+        assert 6 <= written < 18  # killed mid-session (18 lines to 16:00)
         fake.now_ms += 6 * TF_MS  # it stays down for six hours of exchange time
         again = _cli(model, out, fake.url)
         stdout, stderr = again.communicate(timeout=300)
         assert again.returncode == 0, stderr
         assert fake.violations == []
-    assert journal_bytes(out) == journal_bytes(clean)
+    n = len(list((out / "journal").glob("*.json")))
+    assert n == 18 and lines(out)[-1]["bar"] == "2025-05-15T16:00:00Z"
+    assert journal_bytes(out) == b"".join(p.read_bytes() for p in sorted((clean / "journal").iterdir())[:n])
     events = [json.loads(x) for x in stderr.splitlines() if x.startswith("{")]
     bars = [e for e in events if e.get("event") == "paper_bar"]
     assert bars and all("action" in e and "book_equity" in e for e in bars)
@@ -273,17 +278,19 @@ def test_a_damaged_journal_line_is_named(model, clean, tmp_path):
             PaperService(model, str(out), settings(fake)).run()
 
 
-def test_bad_symbol_is_one_line_and_exit_2(tmp_path):
+def test_bad_symbol_is_one_line_and_exit_2(tmp_path, capsys):
+    from controller.cli import main
+
     path = tmp_path / "m"
     path.mkdir()
     model = write_model(path, ["BTC/USDT", "SOL/USDT"])  # the replay lists BTC and ETH only
     with replay() as fake:
-        proc = _cli(model, tmp_path / "out", fake.url)
-        _, stderr = proc.communicate(timeout=120)
+        code = main(["paper", "--model", model, "--output", str(tmp_path / "out"), "--exchange-url", fake.url,
+                     "--metrics-port", "0"])
         assert fake.violations == []
-    assert proc.returncode == 2
-    errors = [json.loads(x) for x in stderr.splitlines() if x.startswith("{") and '"failed"' in x]
-    assert len(errors) == 1 and "SOL/USDT is not listed on binance" in errors[0]["error"]
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "SOL/USDT is not listed on binance" in err and len(err.strip().splitlines()) == 1
 
 
 def test_metrics_and_health(model, tmp_path):
