@@ -96,3 +96,35 @@ def test_values_yaml_documents_the_paper_values() -> None:
     assert set(values["paper"]) == {"enabled", "model", "prefix", "initialEquity", "metricsPort", "graceSeconds",
                                     "pollSeconds", "resources", "podAnnotations", "podLabels", "nodeSelector",
                                     "tolerations", "affinity", "extraEnv"}
+
+
+K8S = ROOT / "k8s"
+
+
+def test_plain_manifests_are_the_charts_and_build_with_kustomize(render) -> None:
+    chart = [d for d in render({"paper": {"enabled": True}})
+             if d["metadata"]["labels"].get("app.kubernetes.io/component") == "paper"]
+    files = [yaml.safe_load((K8S / "paper" / f"{d['kind'].lower()}.yaml").read_text()) for d in chart]
+    assert files == chart, "k8s/paper drifted from the chart: run python tools/render-k8s-paper.py"
+    out = run([str(render.tools_bin / "kubectl"), "kustomize", str(K8S / "paper")])
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, f"{KUBE_MINORS[-1]}.0", strict=True)
+    sts = one(docs, "StatefulSet")
+    account = sts["spec"]["template"]["spec"]["serviceAccountName"]
+    assert account in {sa["metadata"]["name"] for sa in by_kind(docs, "ServiceAccount")}  # the base's worker account
+    assert len(by_kind(docs, "Job")) == 1  # beside the pipeline
+
+
+def test_argocd_paper_application_renders(render) -> None:
+    app = yaml.safe_load((K8S / "gitops" / "argocd" / "paper-application.yaml").read_text())
+    assert (ROOT / app["spec"]["source"]["path"] / "Chart.yaml").is_file()
+    values = app["spec"]["source"]["helm"]["valuesObject"]
+    docs = render(values)
+    for doc in docs:
+        kubernetes_validate.validate(doc, f"{KUBE_MINORS[-1]}.0", strict=True)
+    _, container = _container(docs)
+    args = build_parser().parse_args(container["args"])
+    assert args.model == "s3://nexlify-training/pipelines/2025-06-01"
+    assert str(args.metrics_port) == values["paper"]["podAnnotations"]["prometheus.io/port"]
