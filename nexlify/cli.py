@@ -137,6 +137,12 @@ def cmd_paper(args: argparse.Namespace) -> int:
                              backoff_s=args.backoff_seconds, candle_tries=args.candle_tries,
                              snapshot_every=args.snapshot_every, metrics_host=args.metrics_host,
                              metrics_port=args.metrics_port, session_per_model=args.session_per_model)
+    import signal
+    import sys
+
+    # SIGTERM (a pod stopped) unwinds like an exit: the lease is released and the metrics server closed; the
+    # journal holds whole lines only, whenever it comes
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     result = PaperService(args.model, args.output, settings).run()
     print(json.dumps(result))
     return 0

@@ -73,6 +73,8 @@ def test_one_replica_latest_model_probes_and_metrics_port(render) -> None:
     assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert {"name": "NEXLIFY_LOG_FORMAT", "value": "json"} in container["env"]
+    owner = next(e for e in container["env"] if e["name"] == "NEXLIFY_OWNER_JOB")  # the lease's holder: the pod
+    assert owner["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
 
 
 def test_pinned_model_and_settings_reach_the_args(render) -> None:

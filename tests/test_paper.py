@@ -262,7 +262,7 @@ def test_kill_9_mid_session_then_restart_gives_the_same_journal(model, clean, tm
     assert any(e.get("event") == "paper_session_resumed" for e in events)
 
 
-def test_a_damaged_journal_line_is_named(model, clean, tmp_path):
+def test_a_damaged_journal_line_or_snapshot_is_named(model, clean, tmp_path):
     import shutil
 
     out = tmp_path / "damaged"
@@ -275,6 +275,18 @@ def test_a_damaged_journal_line_is_named(model, clean, tmp_path):
     victim.write_text(victim.read_text()[:50])  # a torn line
     with replay() as fake:
         with pytest.raises(InputError, match=f"{victim.name} is damaged"):
+            PaperService(model, str(out), settings(fake)).run()
+    shutil.rmtree(out)
+    shutil.copytree(clean, out)
+    snapshots = sorted((out / "snapshots").iterdir())
+    assert [json.loads(p.read_text())["lines"] for p in snapshots] == [24, 48]  # every 24 bars
+    snapshots[0].write_text(snapshots[0].read_text().replace('"journal_head":"', '"journal_head":"0', 1))
+    with replay() as fake:
+        with pytest.raises(InputError, match=f"{snapshots[0].name} disagrees"):
+            PaperService(model, str(out), settings(fake)).run()
+    snapshots[0].write_text("{")
+    with replay() as fake:
+        with pytest.raises(InputError, match=f"snapshot .*{snapshots[0].name} is damaged"):
             PaperService(model, str(out), settings(fake)).run()
 
 

@@ -270,7 +270,9 @@ class PaperService:
         header = {"exchange": tr.cfg.data.exchange, "pairs": tr.pairs, "timeframe": tr.cfg.data.timeframe,
                   "model": self.model_url, "checkpoint_sha256": tr.checkpoint_sha256,
                   "config_sha256": tr.config_sha256, "initial_equity": float(tr.cfg.env.initial_equity),
-                  "hold_margin": float(tr.cfg.agent.hold_margin),
+                  "hold_margin": float(tr.cfg.agent.hold_margin), "strategies": list(tr.cfg.env.strategies),
+                  # simulated at the environment's modelled rates, not live on-chain figures
+                  "modelled_yields": [s for s in tr.cfg.env.strategies if s in ("staking", "lp", "lending")],
                   "warmup": {"open_ms": stamps, "candles": [[None if np.isnan(r).any() else [float(x) for x in r]
                                                              for r in row] for row in rows]}}
         self.journal.write_header(header)
