@@ -87,7 +87,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_paper_command(sub: argparse._SubParsersAction) -> None:
-    from nexlify.paper.service import PaperSettings
+    from nexlify.paper.settings import PaperSettings
 
     d = PaperSettings()
     pa = sub.add_parser("paper", help="paper trading: the model on live closed candles with simulated money (no "
@@ -123,7 +123,8 @@ def add_paper_command(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_paper(args: argparse.Namespace) -> int:
-    from nexlify.paper.service import PaperService, PaperSettings
+    from nexlify.paper.service import PaperService
+    from nexlify.paper.settings import PaperSettings
 
     check_bounds("--poll-seconds", args.poll_seconds, 0.0, 3600.0)
     check_bounds("--grace-seconds", args.grace_seconds, 0.0, 86400.0)

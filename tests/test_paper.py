@@ -31,7 +31,8 @@ from nexlify.errors import InputError
 from nexlify.evaluate_cmd import _greedy_model, _market_window, evaluate_checkpoint
 from nexlify.evaluation import evaluate_policy
 from nexlify.features import WARMUP_BARS, Normalizer
-from nexlify.paper.service import PaperService, PaperSettings
+from nexlify.paper.service import PaperService
+from nexlify.paper.settings import PaperSettings
 from nexlify.paper.trader import warmup_bars
 from tests.fake_exchange import TF_MS, FakeBinance
 from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
