@@ -17,7 +17,7 @@ class PaperSettings:
     grace_s: float = 300.0  # /healthz tolerates the last closed candle this late beyond one timeframe
     max_tries: int = 5  # exchange calls tried per request (NetworkError family), with backoff
     backoff_s: float = 1.0  # the first wait; doubled each try, at most 60 s
-    candle_tries: int = 3  # looks for a missing candle before the bar is decided without it
+    candle_tries: int = 5  # looks for a missing candle (waits 1, 2, 4, 8 s at backoff 1 s) before its bar is decided without it
     snapshot_every: int = 24  # bars between two snapshots
     metrics_host: str = "0.0.0.0"  # noqa: S104 (a pod's metrics port must answer the cluster)
     metrics_port: int = 9108  # 0: no HTTP server
