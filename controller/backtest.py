@@ -36,6 +36,7 @@ import pandas as pd
 
 from controller.config import MAX_PIPELINE_SEED
 from controller.selection import CASH_PLUS_LENDING
+from nexlify.verdict import verdict
 from nexlify.configtools import setting
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
 from nexlify.errors import InputError
@@ -141,9 +142,16 @@ def fold_row(fold: Fold, evaluation: dict, candidates: list[dict] | None = None)
         key = "sharpe_vs_lending" if all("sharpe_vs_lending" in m for m in bnh.values()) else "sharpe"
         baselines[BUY_AND_HOLD_KEY] = {"return": _mean_over_pairs(bnh, "total_return"),
                                        "sharpe": _mean_over_pairs(bnh, key)}
+    excess = agent.get("excess_return_moments")
+    own = None if excess is None else excess.get("sharpe")
+    lending = (evaluation.get("baselines") or {}).get(CASH_PLUS_LENDING)
+    v = verdict(float(agent["avg_return"]), None if lending is None else float(lending["avg_return"]), excess,
+                [c.get("test_excess_sharpe") for c in candidates] if candidates else [own],
+                window=f"fold {fold.index}, test {fold.test_start[:10]} .. {fold.test_end[:10]}")
     return {
         "fold": fold.index,
         **{k: v for k, v in fold.as_dict().items() if k != "index"},
+        "verdict": v,
         "agent": {"return": float(agent["avg_return"]), "sharpe": _sharpe(agent),
                   "max_drawdown": float(agent["avg_drawdown"]), "trades": int(agent["total_trades"]),
                   "exposure": None if exposure is None else float(exposure)},
@@ -345,6 +353,7 @@ def render_table(rows: list[dict], agg: dict) -> str:
     if not agg["versus"]:
         lines.append("no baselines in the evaluation: nothing to compare against")
     lines += _candidate_lines(rows, agg.get("candidates"))
+    lines += [r["verdict"]["text"] for r in rows if r.get("verdict")]  # the verdict of each fold, last
     return "\n".join(lines)
 
 

@@ -229,6 +229,7 @@ def evaluate_candidates(summary: dict, cfg: PipelineConfig, fold: Fold, store, p
     return [{"source": c["source"], "val_score": c["val_score"], "selected": c["selected"], "model": url,
              "test_return": t["agent"]["avg_return"],
              "test_sharpe": t["agent"].get("avg_sharpe_vs_lending", t["agent"]["avg_sharpe"]),
+             "test_excess_sharpe": (t["agent"].get("excess_return_moments") or {}).get("sharpe"),
              "trades": t["agent"]["total_trades"]}
             for c, url, t in zip(summary["candidates"], urls, tested)]
 

@@ -157,11 +157,12 @@ def resolve_pipeline_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from controller.preflight import preflight, show_table
+    from controller.preflight import check_local_output, preflight, show_table
     from controller.run import run_pipeline
     from controller.selection import final_lines as selection_lines
 
     cfg = resolve_pipeline_config(args)
+    check_local_output(cfg.output)  # before anything loads
     ok, rows, first_error = preflight(cfg)
     if args.verbose:
         show_table(rows)
@@ -172,11 +173,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run_pipeline(cfg, force=args.force)
     final = {k: summary[k] for k in ("stop_reason", "best_initial_score", "final_best_score", "total_improvement_pct",
                                      "final_model_url")}
+    final["score_note"] = ("best_initial_score, final_best_score and total_improvement_pct are the guide's "
+                           "selection score and its change: not returns")
     chosen = summary.get("selection") or {}
-    dsr = chosen.get("deflated_sharpe") or {}
+    v = summary.get("verdict") or {}
     final.update({"winner": chosen.get("selected"), "val_return": chosen.get("val_return"),
                   "val_sharpe": chosen.get("val_sharpe"), "cash_plus_lending": chosen.get("cash_plus_lending"),
-                  "deflated_sharpe": dsr.get("value"), "models_tried": chosen.get("models_tried"),
+                  "sharpe_vs_lending": v.get("sharpe_vs_lending"), "deflated_sharpe": v.get("deflated_sharpe"),
+                  "models_tried": chosen.get("models_tried"),
                   "beats_cash_plus_lending": chosen.get("beats_cash_plus_lending"), "verdict": chosen.get("verdict")})
     # stdout stays one JSON object (with JSON logs one line, an event: kubectl logs merges stdout and stderr);
     # the same in words on stderr
@@ -211,8 +215,11 @@ def cmd_worker_train(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from controller.report import write_report
-    from controller.stores import open_store
+    from controller.stores import is_s3_url, open_store
 
+    if not is_s3_url(args.output) and not os.path.isdir(args.output):  # missing is missing, not unfinished
+        what = "is a file, not a folder" if os.path.exists(args.output) else "does not exist"
+        raise InputError(f"{args.output} {what}; accepted: the output folder or s3:// prefix of a finished pipeline")
     print(write_report(open_store(args.output)))
     return 0
 

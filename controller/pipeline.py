@@ -196,7 +196,10 @@ class Pipeline:
             train=_window(ts, windows.train, market.timeframe_ms),
             validation=_window(ts, windows.val, market.timeframe_ms),
             test=_window(ts, windows.test, market.timeframe_ms) if windows.test else None, files=files,
+            extra=window_clipped(d.start, d.end, market.start_iso, market.end_iso),
         )
+        if self.state.data.extra:  # never silent: the window typed is not the window used
+            log.warning("window_clipped", pipeline=self.pipeline_id, message=self.state.data.extra["window_note"])
         self._write_state()
         log.info("data_snapshot_written", pipeline=self.pipeline_id, bars=market.n_bars, pairs=market.pairs,
                  train=self.state.data.train, validation=self.state.data.validation)
@@ -427,12 +430,17 @@ class Pipeline:
         sources += [(retrain_run_key(e.iteration), e.seed, e.score, e.metrics, e.model_path) for e in st.retraining]
         candidates = [selection.candidate(src, seed, score, metrics, selected=key == final_key)
                       for src, seed, score, metrics, key in sources]
-        moments = {src: e.return_moments for (src, *_), e in zip(sources, entries)}
-        report = selection.selection_report(candidates, moments, final_entry.val_baselines)
+        excess = {src: e.excess_moments for (src, *_), e in zip(sources, entries)}
+        report = selection.selection_report(candidates, excess, final_entry.val_baselines)
+        verdict = report.pop("verdict_block")
 
         return {
             "pipeline_complete": True,
             "pipeline_id": self.pipeline_id,
+            # the one verdict (nexlify.verdict): beats cash plus lending or not, the Sharpe in excess of
+            # lending, its deflated Sharpe for the models tried, and the sentence every surface shows
+            "verdict": verdict,
+            "units": selection.SUMMARY_UNITS,
             "stop_reason": st.stop_reason,
             "initial_runs": [{k: getattr(e, k) for k in ("run_id", "seed", "val_score", "train_return", "val_metrics",
                                                          "model_path", "per_pair", "test_metrics", "timings")}
@@ -491,8 +499,10 @@ def _honesty_fields(result: dict) -> dict:
     book and the baselines' averages on the same window (None from a result.json that predates them)."""
     val = result["val_metrics"]
     baselines = result.get("val_baselines")
+    excess = val.get("excess_return_moments")
     return {"return_moments": val.get("return_moments"),
-            "val_baselines": {name: _avg_metrics(m) for name, m in baselines.items()} if baselines else None}
+            "val_baselines": {name: _avg_metrics(m) for name, m in baselines.items()} if baselines else None,
+            "extra": {} if excess is None else {"excess_moments": excess}}
 
 
 def _avg_metrics(val: dict) -> dict:
@@ -503,6 +513,20 @@ def _avg_metrics(val: dict) -> dict:
     if val.get("pnl_breakdown") is not None:  # PnL by source, averaged over pairs (quote currency)
         out["pnl_breakdown"] = val["pnl_breakdown"]
     return out
+
+
+def window_clipped(start: str, end: str, first: str, end_of_data: str) -> dict:
+    """When the data covers less than the window asked for ([start, end)), what the summary's `data` records
+    beside the window used (its start and end): the window asked for and a sentence naming both; else {}."""
+    from nexlify.data.timeframes import parse_utc_ms
+
+    early = parse_utc_ms(first) > parse_utc_ms(start)
+    late = parse_utc_ms(end_of_data) < parse_utc_ms(end)
+    if not (early or late):
+        return {}
+    return {"window_requested": {"start": start, "end": end},
+            "window_note": f"the window asked for, {start} .. {end}, is clipped to the candles there are: "
+                           f"{first} .. {end_of_data}; the runs train and validate on the latter"}
 
 
 def _window(ts, window: tuple[int, int], bar_ms: int) -> dict:

@@ -45,8 +45,9 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
                 f"{market.end_iso}, {market.n_bars} bars (train {windows.train[1] - windows.train[0]}, "
                 f"validation {windows.val[1] - windows.val[0]})")
 
-    items = [("python", python), ("torch", torch_version), ("device", device), ("data", data),
-             ("output", functools.partial(_output, cfg.output)), ("disk", functools.partial(_disk, cfg.output))]
+    items = [("python", python), ("output", functools.partial(_output, cfg.output)),
+             ("disk", functools.partial(_disk, cfg.output)), ("torch", torch_version), ("device", device),
+             ("data", data)]
     if cfg.executor == "kubernetes":
         def kubernetes() -> str:
             from controller.executors.kubernetes import check_cluster
@@ -55,6 +56,23 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
 
         items.append(("kubernetes", kubernetes))
     return items
+
+
+def check_local_output(output: str) -> None:
+    """A local output that cannot be a folder (a file, or under one) refused before anything loads: InputError."""
+    from controller.stores import is_s3_url
+    from nexlify.errors import InputError
+
+    if is_s3_url(output):
+        return
+    folder = os.path.abspath(output)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise InputError(f"--output {output} is a file, not a folder; accepted: a folder path or s3://bucket/prefix")
+    parent = os.path.dirname(folder)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"--output {output}: {parent} is a file, not a folder; accepted: a folder path")
 
 
 def _output(output: str) -> str:

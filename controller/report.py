@@ -83,6 +83,18 @@ def pipeline_data(summary: dict, state: dict | None) -> dict:
     }
 
 
+def summary_verdict(summary: dict) -> dict:
+    """The summary's verdict block (nexlify.verdict); from a summary of an older version, which had none, a
+    block that says so in words (its selection sentence when it has one)."""
+    v = summary.get("verdict")
+    if isinstance(v, dict) and isinstance(v.get("text"), str):
+        return v
+    said = (summary.get("selection") or {}).get("verdict")
+    return {"text": "Verdict: not recorded by the version that wrote this summary"
+                    + (f" (it said: {said})" if isinstance(said, str) else "."),
+            "beats_cash_plus_lending": (summary.get("selection") or {}).get("beats_cash_plus_lending")}
+
+
 def training_curves(store: Store, runs: list[dict]) -> dict:
     """{run key: {tag: [[step, value], ...]}} from each run's event file (runs without one are left out)."""
     from nexlify.tb import EVENTS_FILE, read_scalars
@@ -151,7 +163,7 @@ def build(store: Store) -> dict:
         raise InputError(f"{store.url(SUMMARY_KEY)} does not exist: the pipeline there has not finished; accepted: "
                          "the output folder or s3:// prefix of a finished pipeline")
     p = pipeline_data(summary, _json(store, STATE_KEY))
-    return {"title": f"nexlify pipeline {summary['pipeline_id']}", "pipeline": p,
+    return {"title": f"nexlify pipeline {summary['pipeline_id']}", "verdict": summary_verdict(summary), "pipeline": p,
             "evaluation": final_model_evaluation(store, summary), "training": training_curves(store, p["runs"])}
 
 

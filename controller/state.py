@@ -37,6 +37,12 @@ class _Record:
 
     extra: dict[str, Any]
 
+    @property
+    def excess_moments(self) -> dict | None:
+        """A run's per-bar validation return moments in excess of lending's (the verdict, nexlify.verdict): kept
+        under `extra` so that a state written before they existed writes back byte for byte; None there."""
+        return self.extra.get("excess_moments")
+
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}  # type: ignore[arg-type]
         out.update(self.extra)

@@ -38,7 +38,7 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
     """Random actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps.
 
     compile_step: the tensor step (kernel "torch") compiled with torch.compile (Inductor: C++ on the CPU,
-    Triton on a GPU), candidate (b) of issue 14 beside the fused kernel; warmup_s then holds the compile time.
+    Triton on a GPU), the other candidate beside the fused kernel; warmup_s then holds the compile time.
 
     policy "valid" draws uniformly among each slot's valid actions (agent.dqn.random_valid_actions, as
     an exploring agent does; with the fused kernels the draw costs a large part of the step); "uniform"

@@ -34,6 +34,13 @@ class DataConfig:
     test_days: int = setting(0, "held-out test window at the very end, never used for selection (0 = none)", lo=0,
                                hi=3650)
 
+    def check(self) -> None:
+        """Pairs in their canonical spelling (btc/usdt, BTC-USDT: BTC/USDT) before anything hashes or compares
+        the config, so one pipeline has one config whatever the spelling typed."""
+        from nexlify.data.candles import normalize_pair
+
+        self.pairs = [normalize_pair(p) for p in self.pairs]
+
 
 @dataclass
 class RiskConfig:

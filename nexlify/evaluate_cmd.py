@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from nexlify import checkpoint
+from nexlify.baselines import CASH_PLUS_LENDING
 from nexlify.data.candles import load_market, normalize_pair
 from nexlify.data.prepare import attach_second_venue
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
@@ -18,6 +19,7 @@ from nexlify.errors import InputError
 from nexlify.evaluation import buy_and_hold, evaluate_policy, evaluate_with_baselines
 from nexlify.features import MARKET_FEATURES, WARMUP_BARS, Normalizer, compute_features
 from nexlify.training import resolve_device
+from nexlify.verdict import verdict
 
 WARMUP_DAYS = WARMUP_BARS // 24 + 2
 
@@ -61,9 +63,21 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
         "checkpoint": {"seed": ckpt["seed"], "episodes_trained": ckpt["episodes_trained"]},
         "hold_margin": cfg.agent.hold_margin,
     }
+    report["verdict"] = model_verdict(report)
     if record:
         report["curves"] = evaluated["curves"]
     return report
+
+
+def model_verdict(report: dict) -> dict:
+    """The verdict (nexlify.verdict) on one model evaluated alone: its return beside cash plus lending's on
+    the same window, its Sharpe in excess of lending and the deflated Sharpe for the one model tried."""
+    agent = report["agent"]
+    lending = (report.get("baselines") or {}).get(CASH_PLUS_LENDING)
+    excess = agent.get("excess_return_moments")
+    w = report["window"]
+    return verdict(agent["avg_return"], None if lending is None else lending["avg_return"], excess,
+                   [None if excess is None else excess.get("sharpe")], window=f"{w['start']} .. {w['end']}")
 
 
 def evaluate_models(model_paths: list[str], *, start: str, end: str, data_dir: str | None = None,
@@ -121,10 +135,10 @@ def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | 
         end_ms = parse_utc_ms(d.end, "--end") - d.test_days * MS_PER_DAY
     start_ms = end_ms - d.val_days * MS_PER_DAY if start is None else parse_utc_ms(start, "--start")
     if end_ms is not None and start_ms >= end_ms:
-        raise InputError(f"--start {iso_utc(start_ms)} is not before --end {iso_utc(end_ms)}")
+        raise InputError(f"--start {start} is not before --end {end}; accepted: start < end (end is exclusive)")
     try:
         market = load_market(exchange, loaded, d.timeframe, data_dir, iso_utc(start_ms - WARMUP_DAYS * MS_PER_DAY),
-                             iso_utc(end_ms) if end_ms is not None else None)
+                             iso_utc(end_ms) if end_ms is not None else None, asked=_asked(start, end))
     except InputError as exc:
         if loaded == pairs:
             raise
@@ -135,14 +149,22 @@ def _market_window(cfg, pairs: list[str] | None, exchange: str, data_dir: str | 
     if loaded != pairs:
         market, raw = market.select(pairs), raw[:, :len(pairs)]
     if end_ms is None and int(market.timestamps[-1]) < start_ms:
-        raise InputError(f"--start {iso_utc(start_ms)} is after the last candle ({market.end_iso}); accepted: a "
-                         "start before the end of the data")
+        raise InputError(f"--start {start} is after the data's last candle ({iso_utc(int(market.timestamps[-1]))}, "
+                         f"its bar ending {market.end_iso}); accepted: a start before {market.end_iso}")
     attach_second_venue(cfg, market, data_dir)
     i0 = int(np.searchsorted(market.timestamps, start_ms, side="left"))
     if i0 - 1 < WARMUP_BARS:
         raise InputError(f"not enough candles before --start {iso_utc(start_ms)} for the {WARMUP_BARS}-bar "
                          f"feature warm-up; the data starts at {market.start_iso}")
     return market, (i0, market.n_bars), raw
+
+
+def _asked(start: str | None, end: str | None) -> str:
+    """The window as the user typed it, for errors (with its feature warm-up before it)."""
+    if start is None and end is None:
+        return "the checkpoint's validation window (with its feature warm-up)"
+    typed = " ".join(f"{flag} {value}" for flag, value in (("--start", start), ("--end", end)) if value is not None)
+    return f"{typed}{'' if end is not None else ' (to the end of the data)'} with its {WARMUP_DAYS}-day feature warm-up"
 
 
 def _greedy_model(ckpt: dict, cfg, market, dev, raw_features=None):
@@ -166,10 +188,13 @@ def render_table(report: dict) -> str:
                      f"{h['max_drawdown']:>7.2f}")
     a = report["agent"]
     lines.append(f"average: return {a['avg_return']:.2f} %, sharpe {a['avg_sharpe']:.2f}, drawdown "
-                 f"{a['avg_drawdown']:.2f} %, win rate {a['avg_win_rate']:.2%}, score {a['score']:.3f}")
+                 f"{a['avg_drawdown']:.2f} %, win rate {a['avg_win_rate']:.2%}; the guide's selection score {a['score']:.3f} "
+                 "(not a return)")
     if a.get("pnl_breakdown"):
         lines.append("average PnL by source: " + ", ".join(f"{k} {v:,.2f}" for k, v in a["pnl_breakdown"].items()))
     lines += ["", "the agent beside baselines in the same environment (averages over pairs):", baseline_table(report)]
+    if report.get("verdict"):
+        lines += ["", report["verdict"]["text"]]
     return "\n".join(lines)
 
 

@@ -29,7 +29,8 @@ bars keeps a few tensors per episode, with no Python loop over episodes:
   `sharpe` (rf = 0) stays the score's;
 - return_moments: n, mean, std (ddof=1), skewness and kurtosis (non-excess, population moments) of the
   per-bar returns of the policy's book (the pair portfolios' equities added up), and its per-bar Sharpe
-  (mean / std): what the deflated Sharpe ratio of a selected model needs (nexlify.metrics).
+  (mean / std); excess_return_moments: the same of the book's per-bar return minus lending's
+  (nexlify.verdict.excess_moments): what the verdict's deflated Sharpe ratio needs.
 With `record=True` each policy also returns its per-bar equity curve and positions per pair (plain lists).
 """
 
@@ -50,6 +51,7 @@ from nexlify.env.layout import HOLD
 from nexlify.env.market import MarketTensors
 from nexlify.features import WARMUP_BARS
 from nexlify.metrics import average_metrics, pair_metrics, return_moments, sharpe_from_sums, sharpe_vs_lending
+from nexlify.verdict import excess_moments
 from nexlify.strategies import aave
 from nexlify.strategies.params import HOURS_PER_YEAR, StrategyParams
 
@@ -282,7 +284,9 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
                     else {pair: _mean_of([cp[pair] for cp in copies]) for pair in market.pairs})
         metrics = _with_extras(average_metrics(per_pair))
         book = equity[:, rows].sum(1)
-        metrics["return_moments"] = return_moments((book[1:] / book[:-1] - 1.0).cpu().numpy())
+        book_returns = (book[1:] / book[:-1] - 1.0).cpu().numpy()
+        metrics["return_moments"] = return_moments(book_returns)
+        metrics["excess_return_moments"] = excess_moments(book_returns, risk_free)  # the verdict's (nexlify.verdict)
         if g.copies > 1:
             metrics["copies_avg_return"] = [sum(cp[p]["total_return"] for p in cp) / n_pairs for cp in copies]
         results[g.name] = metrics

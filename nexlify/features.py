@@ -6,8 +6,8 @@ environment computes them once and indexes them by each episode's cursor.
 
 Besides each pair's own history, four features describe the market around it and are the same for every pair
 at a bar: the mean over the pairs of the 24 h and 168 h log returns (mkt_ret_*) and the first pair's 1 h and
-24 h log returns (lead_ret_*; BTC/USDT in the default pair order). Added by evidence (issue 11's walk-forward,
-README "Does it learn?"): with them the models each fold tried averaged 0.47 % and 0.43 % on the folds' test
+24 h log returns (lead_ret_*; BTC/USDT in the default pair order). Added by evidence (the walk-forward in
+docs/studies.md): with them the models each fold tried averaged 0.47 % and 0.43 % on the folds' test
 windows over two sets of seeds, against 0.30 % and 0.19 % without.
 They are computed over the pairs a model was trained on (`compute_features(..., market=...)`): `nexlify
 evaluate --pairs` with other pairs still reads the training pairs' candles for them, so a pair's observation

@@ -115,6 +115,11 @@ FOLD = Fold(1, "2024-11-01", "2025-05-22", "2025-05-22", "2025-05-27")
 def test_fold_row_takes_every_baseline_and_averages_buy_and_hold_over_pairs():
     row = fold_row(FOLD, evaluation(2.0, 1.25, {"flat": (0.0, 0.0), "cash_plus_lending": (0.4, 9.0)},
                                     {"BTC/USDT": (3.0, 1.0), "ETH/USDT": (-1.0, -0.5)}, avg_exposure=0.25))
+    # the verdict (nexlify.verdict): 2.0 % beats lending's 0.4 %; no excess returns recorded here
+    v = row.pop("verdict")
+    assert v["beats_cash_plus_lending"] is True and v["models_tried"] == 1 and v["deflated_sharpe"] is None
+    assert v["text"].startswith("Verdict (fold 1, test 2025-05-22 .. 2025-05-27): beats cash plus lending: "
+                                "return 2.000 % against 0.400 %")
     assert row == {
         "fold": 1, "train_start": "2024-11-01", "train_end": "2025-05-22", "test_start": "2025-05-22",
         "test_end": "2025-05-27",
@@ -275,8 +280,13 @@ def test_candidates_in_the_rows_the_aggregate_and_the_table():
     assert ("  fold 1: 3 models, test return median 1.00 %, best 2.00 %; 2/3 beat cash plus lending; the selected "
             "init-1 ranks 2/3; rank correlation of validation score with test return -0.50") in text
     assert not any(line.startswith("  fold 3:") for line in text)
-    assert text[-1] == ("  all folds: 6 models, mean test return 1.75 %; 5/6 beat cash plus lending; the selected "
+    assert text[-4] == ("  all folds: 6 models, mean test return 1.75 %; 5/6 beat cash plus lending; the selected "
                         "model was the best on test in 1/2 folds; mean rank correlation 0.25")
+    # the verdict of each fold, last: 1.0 % and 4.0 % against lending's 0.86 %, each fold's models tried
+    assert [line[:60] for line in text[-3:]] == [r["verdict"]["text"][:60] for r in rows]
+    assert text[-3].startswith("Verdict (fold 1, test b .. c): beats cash plus lending: return 1.000 % against "
+                               "0.860 %")
+    assert [r["verdict"]["models_tried"] for r in rows] == [3, 3, 1]
     assert "candidates" not in aggregate(rows[2:])
 
 # ------------------------------------------------------------------------ a real backtest, end to end

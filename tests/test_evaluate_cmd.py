@@ -70,8 +70,32 @@ def test_start_and_end_and_the_default_window(model_path):
 
 
 def test_start_after_the_data_is_refused(model_path):
-    with pytest.raises(InputError, match="after the last candle"):
+    with pytest.raises(InputError, match="after the data.s last candle"):
         evaluate_checkpoint(model_path, start="2025-06-03")  # its warm-up days hold candles, the window none
+
+
+@pytest.mark.parametrize("start", ["2025-07-01", "2030-01-01", "2025-06-03"])
+def test_a_start_beyond_the_data_names_the_date_typed_and_the_datas_range(model_path, start):
+    with pytest.raises(InputError) as err:
+        evaluate_checkpoint(model_path, start=start)
+    message = str(err.value)
+    assert f"--start {start}" in message and "\n" not in message
+    assert "2025-05-31T23:00:00Z" in message  # the data's last candle (bundled: 2023-06-01 .. 2025-05-31 23:00)
+    assert "2025-06-2" not in message and "2029-12-" not in message  # never the warm-up's start, an internal date
+
+
+def test_the_verdict_of_one_model_evaluated(model_path):
+    from nexlify.evaluate_cmd import render_table
+    from nexlify.verdict import verdict
+
+    got = evaluate_checkpoint(model_path, start="2025-05-01", end="2025-05-15")
+    a, lending = got["agent"], got["baselines"]["cash_plus_lending"]
+    excess = a["excess_return_moments"]
+    assert got["verdict"] == pytest.approx(verdict(a["avg_return"], lending["avg_return"], excess, [excess["sharpe"]],
+                                                   window=f"{got['window']['start']} .. {got['window']['end']}"))
+    assert got["verdict"]["beats_cash_plus_lending"] == (a["avg_return"] > lending["avg_return"])
+    assert got["verdict"]["models_tried"] == 1
+    assert render_table(got).splitlines()[-1] == got["verdict"]["text"]
 
 
 def test_the_hold_margin_is_the_checkpoints_unless_given(model_path):

@@ -61,7 +61,7 @@ def copy_of(reference: Path, tmp_path: Path) -> Path:
 
 
 def test_concurrent_start_on_a_fresh_folder_one_runs_the_other_exits_2(tmp_path):
-    """Issue 12: two controllers with different configs on one fresh output both finished, the summary
+    """Formerly: two controllers with different configs on one fresh output both finished, the summary
     naming config B while every checkpoint was trained with config A. Now B exits 2 and A alone trains."""
     out = tmp_path / "out"
     log_a = tmp_path / "a.log"

@@ -1,6 +1,6 @@
-"""Finite by construction, and checked as a run goes (issue 11, point 1).
+"""Finite by construction, and checked as a run goes.
 
-- Random valid actions over the whole bundled training window (the reproduction of the issue: with
+- Random valid actions over the whole bundled training window (the reproduction of a former failure: with
   `spot,lp` equity used to reach -0.57 USD and the log-equity reward and observation NaN) stay finite,
   with equity > 0 everywhere.
 - The minimum notionals that keep fixed costs in proportion (LP gas, arbitrage withdrawal fees), the

@@ -104,8 +104,6 @@ def test_summary_has_the_guides_fields(out, summary):
 
 
 def test_every_run_reports_the_baselines_and_the_summary_is_honest_about_the_selection(out, summary):
-    from nexlify.metrics import deflated_sharpe
-
     runs = [("init-1", "initial_runs/run_1"), ("init-2", "initial_runs/run_2"),
             ("retrain-1", "retraining/iteration_1"), ("retrain-2", "retraining/iteration_2")]
     results = {src: read_json(out / folder / "result.json") for src, folder in runs}
@@ -140,23 +138,57 @@ def test_every_run_reports_the_baselines_and_the_summary_is_honest_about_the_sel
     assert sel["cash_plus_lending"]["avg_return"] == lending["avg_return"]
     assert sel["beats_cash_plus_lending"] == (winner["val_return"] > lending["avg_return"])
     assert ("does not beat" in sel["verdict"]) == (not sel["beats_cash_plus_lending"])
-    own = results[winner["source"]]["val_metrics"]["return_moments"]
-    if own["sharpe"] is None:
-        assert sel["deflated_sharpe"]["value"] is None
-    else:  # recomputed from the runs' result.json
-        trials = [r["val_metrics"]["return_moments"]["sharpe"] or 0.0 for r in results.values()]
-        expected = deflated_sharpe(own["sharpe"], own["n"], own["skew"], own["kurtosis"], trials)["value"]
-        assert sel["deflated_sharpe"]["value"] == pytest.approx(expected, rel=1e-12)
-        assert 0.0 <= expected <= 1.0
-    assert summary["final_val_baselines"]["cash_plus_lending"]["avg_return"] == lending["avg_return"]
+    # the verdict: the deflated Sharpe of the winner's Sharpe in excess of lending, recomputed from the runs'
+    # result.json with the rule (nexlify.verdict), for the 4 models tried
+    from nexlify.verdict import verdict
 
-    # the train command's last lines say the same
+    own = results[winner["source"]]["val_metrics"]["excess_return_moments"]
+    trials = [r["val_metrics"]["excess_return_moments"]["sharpe"] for r in results.values()]
+    expected = verdict(winner["val_return"], lending["avg_return"], own, trials,
+                       window=f"{winner['source']} on the validation window")
+    assert summary["verdict"] == pytest.approx(expected) and summary["verdict"]["models_tried"] == 4
+    assert sel["verdict"] == summary["verdict"]["text"]
+    assert sel["deflated_sharpe"]["value"] == summary["verdict"]["deflated_sharpe"]
+    if own["sharpe"] is not None:
+        assert own["n"] == 30 * 24 and 0.0 <= summary["verdict"]["deflated_sharpe"] <= 1.0
+        assert summary["verdict"]["sharpe_vs_lending"] == pytest.approx(own["sharpe"] * (24 * 365) ** 0.5)
+    assert summary["final_val_baselines"]["cash_plus_lending"]["avg_return"] == lending["avg_return"]
+    # the units of the numbers, by field name: percent, fractions, and the score that is not a return
+    units = summary["units"]
+    assert "percent" in units["avg_return"] and "fraction" in units["avg_win_rate"]
+    assert "fraction" in units["exposure"] and "not a return" in units["total_improvement_pct"]
+
+    # the train command's last lines say the same, the verdict last, word for word
     # (JSON logs here: every line is an event, the closing lines `pipeline_verdict` events in words)
     last = [json.loads(line)["line"] for line in (out.parent / "train.log").read_text().strip().splitlines()[-4:]]
     assert last[0].startswith(f"winner: {winner['source']}") and "4 models tried" in last[0]
-    assert last[1].startswith("cash plus lending, same window: return")
-    assert last[2].startswith("deflated Sharpe ratio: ")
-    assert last[3].startswith(f"beats_cash_plus_lending: {str(sel['beats_cash_plus_lending']).lower()}: ")
+    assert last[2].startswith("cash plus lending, same window: return")
+    assert last[3] == summary["verdict"]["text"]
+    assert ("does not beat cash plus lending" in last[3]) == (not sel["beats_cash_plus_lending"])
+
+
+def test_the_page_and_the_command_say_the_summarys_verdict(out, summary):
+    # report.html: the verdict is the first thing on the page, before any score, in the summary's words
+    import html as html_lib
+    import re
+
+    page = (out / "report.html").read_text()
+    shown = re.search(r'<p id="verdict" class="verdict (\w+)" data-beats="(\w+)">(.*?)</p>', page, flags=re.S)
+    assert shown, "no verdict on the page"
+    v = summary["verdict"]
+    assert html_lib.unescape(shown.group(3)) == v["text"]
+    assert shown.group(2) == json.dumps(v["beats_cash_plus_lending"])
+    body = page[page.index("<body"):]
+    assert body.index('id="verdict"') < body.index("score")
+    # the headline score is labelled as the guide's selection score, not a return
+    assert "selection score" in page and "it is not a" in page
+    # the train command: its printed result and its last line say the same
+    events = [json.loads(line) for line in (out.parent / "train.log").read_text().strip().splitlines()]
+    result = next(e for e in reversed(events) if e.get("event") == "pipeline_result")
+    assert result["verdict"] == v["text"] and result["beats_cash_plus_lending"] == v["beats_cash_plus_lending"]
+    assert result["deflated_sharpe"] == v["deflated_sharpe"] and result["sharpe_vs_lending"] == v["sharpe_vs_lending"]
+    assert "not returns" in result["score_note"]
+    assert events[-1]["line"] == v["text"]
 
 
 def test_summary_records_config_data_versions_device_and_timings(out, summary):

@@ -38,7 +38,13 @@ BAD_INPUT = [
     ("stop-loss-1", ["--stop-loss", "1"], {}, {}, ["--stop-loss", "1.0"]),
     ("stop-loss-above-1", ["--stop-loss", "1.5"], {}, {}, ["--stop-loss", "1.5"]),
     ("not-a-number", ["--initial-runs", "three"], {}, {}, ["three"]),
-    ("unknown-pair", ["--pairs", "DOGE/USDT"], {}, {}, ["DOGE/USDT"]),
+    ("unknown-pair", ["--pairs", "DOGE/USDT"], {}, {},
+     ["DOGE/USDT", "the bundled sample", "`nexlify data fetch --exchange binance --pairs DOGE/USDT --timeframe 1h "
+      "--since 2023-06-01 --until 2025-06-01 --cache-dir ./data`, then pass --data-dir ./data"]),
+    ("output-is-a-file", ["--output", "{tmp}/afile"], {"afile": "not a folder\n"}, {},
+     ["--output {tmp}/afile is a file, not a folder"]),
+    ("output-under-a-file", ["--output", "{tmp}/afile/out"], {"afile": "not a folder\n"}, {},
+     ["--output {tmp}/afile/out", "is a file, not a folder"]),
     ("unknown-exchange-data", ["--exchange", "kraken"], {}, {}, ["kraken"]),
     ("val-days-too-large", ["--val-days", "1000"], {}, {}, ["1000", "val_days"]),
     ("unreachable-bucket", ["--output", "s3://nexlify-none/prefix"], {},
@@ -104,6 +110,24 @@ def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(bad_input_resu
     assert non_json_lines(got.stderr) == []  # stderr is not a terminal: JSON mode, every line JSON
     assert not (tmp / "out").exists()  # not even an empty folder
     assert got.stdout == ""
+
+
+def test_an_output_that_is_a_file_is_refused_before_anything_loads(bad_input_results):
+    for case in ("output-is-a-file", "output-under-a-file"):
+        got, tmp = bad_input_results[case]
+        assert len(got.stderr.strip().splitlines()) == 1, got.stderr  # the error alone: no preflight, no data
+        assert (tmp / "afile").read_text() == "not a folder\n"
+
+
+def test_pairs_are_canonical_before_the_config_hash():
+    from controller.config import pipeline_hash
+    from nexlify.cli import build_config
+
+    typed = [["btc/usdt"], ["BTC/USDT"], ["btc-usdt"], [" Btc/Usdt "]]
+    cfgs = [build_config(PipelineConfig, None, None, {"pairs": pairs}) for pairs in typed]
+    assert [c.train.data.pairs for c in cfgs] == [["BTC/USDT"]] * 4
+    assert len({pipeline_hash(c) for c in cfgs}) == 1
+    assert config_show("--pairs", "eth-usdt", "sol/usdt")["data"]["pairs"] == ["ETH/USDT", "SOL/USDT"]
 
 
 # ------------------------------------------------------------------------------ presets, files, flags
@@ -207,7 +231,7 @@ def test_preflight_passes_and_writes_nothing(tmp_path):
     got = run_cli(["preflight", "--pairs", "BTC/USDT", "--output", str(tmp_path / "out")], timeout=60)
     assert got.returncode == 0, got.stderr
     rows = preflight_rows(got.stderr)
-    assert list(rows) == ["python", "torch", "device", "data", "output", "disk"]
+    assert list(rows) == ["python", "output", "disk", "torch", "device", "data"]  # the output before anything loads
     assert {status for status, _ in rows.values()} == {"pass"}
     assert "17544 bars" in rows["data"][1]  # 2023-06-01 .. 2025-06-01 hourly: 731 days * 24
     assert error_lines(got.stderr) == []

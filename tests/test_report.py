@@ -177,6 +177,18 @@ def test_nexlify_report_on_an_unfinished_output_is_bad_input(tmp_path):
     assert not (tmp_path / "report.html").exists()
 
 
+def test_nexlify_report_on_a_missing_folder_says_it_is_missing(tmp_path):
+    for target, says in ((tmp_path / "nope", "does not exist"), (tmp_path / "file", "is a file, not a folder")):
+        if target.name == "file":
+            target.write_text("x")
+        got = run_cli(["report", str(target)], timeout=60)
+        assert got.returncode == 2 and got.stdout == ""
+        (line,) = got.stderr.strip().splitlines()
+        error = json.loads(line)["error"]
+        assert error.startswith(f"{target} {says}") and "has not finished" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+
+
 def test_evaluate_report_draws_the_evaluation_it_printed(out, summary, tmp_path):
     page_path = tmp_path / "eval.html"
     got = run_cli(["evaluate", "--model", summary["final_model_path"], "--start", "2025-05-01",
@@ -238,10 +250,22 @@ def test_reported_baselines_are_drawn_per_pair():
             "position": [0, 1, 0], "trades": [], "pnl": {s: [0.0, 0.0, 0.0] for s in PNL_SOURCES},
             "exposure": {s: [0.0, 0.05, 0.0] for s in EXPOSURES}}
     figs = window_figures("w", {"pairs": {"BTC/USDT": pair}, "baselines": {"BTC/USDT": got["BTC/USDT"]}})
-    lines = {trace["name"]: list(trace["y"]) for trace in figs["w-btc-usdt-equity"]["data"]}
+    lines = {trace["name"]: list(trace["y"]) for trace in figs["w-btc-usdt-baselines"]["data"]}
     assert lines == {"agent": [100.0, 100.5, 99.0], "ma_crossover": [100.0, 101.0, 102.0]}  # flat has no curve
+    # without cash plus lending's curve: the agent alone on the equity chart, and no excess panel
+    assert [t["name"] for t in figs["w-btc-usdt-equity"]["data"]] == ["agent"] and "w-btc-usdt-excess" not in figs
+
+    # with it: the equity chart is the agent against lending alone (buy-and-hold, random... on their own panel),
+    # and the excess panel is the agent's equity less lending's, bar by bar: 100-100, 100.5-100.01, 99-100.02
+    got["BTC/USDT"]["cash_plus_lending"] = {"total_return": 0.02, "equity": [100.0, 100.01, 100.02]}
+    figs = window_figures("w", {"pairs": {"BTC/USDT": pair}, "baselines": {"BTC/USDT": got["BTC/USDT"]}})
+    lines = {trace["name"]: list(trace["y"]) for trace in figs["w-btc-usdt-equity"]["data"]}
+    assert lines == {"agent": [100.0, 100.5, 99.0], "cash_plus_lending": [100.0, 100.01, 100.02]}
+    (excess,) = figs["w-btc-usdt-excess"]["data"]
+    assert list(excess["y"]) == pytest.approx([0.0, 0.49, -1.02])
+    assert {t["name"] for t in figs["w-btc-usdt-baselines"]["data"]} == {"agent", "ma_crossover", "cash_plus_lending"}
     # per-bar series on the bar grid: the first bar and the bar's length (1 h in ms), no timestamp per point
-    for name in ("equity", "drawdown", "price", "pnl", "exposure"):
+    for name in ("equity", "excess", "baselines", "drawdown", "price", "pnl", "exposure"):
         fig = figs[f"w-btc-usdt-{name}"]
         assert fig["layout"]["xaxis"]["type"] == "date"
         for trace in fig["data"]:

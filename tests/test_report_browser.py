@@ -3,7 +3,8 @@ websocket, with websocket-client) on the tiny pipeline's report.
 
 Asserted: no console error or uncaught exception; no request leaves the file (everything is embedded);
 every chart is drawn (one drawn trace per trace of its figure, a plot area of the page's chart size, lines
-and bars with real geometry); the winner and the stop reason on the page are the summary's. A full-page
+and bars with real geometry); the verdict comes first and is the summary's, and so are the winner and the
+stop reason; on each equity chart the agent's and lending's lines are drawn apart. A full-page
 screenshot is taken (kept as report.png beside the test's files; NEXLIFY_REPORT_SCREENSHOT=path also
 copies it there, to look at)."""
 
@@ -85,6 +86,20 @@ class Browser:
                 self.proc.wait()
 
 
+# The agent and cash plus lending must be told apart on the equity chart: their drawn vertical extents (the
+# top and bottom of each line, in pixels) differ by more than this fraction of the plot area's height.
+MIN_APART = 0.05
+
+LINES_JS = """
+(() => Array.from(document.querySelectorAll('.chart[id$="-equity"]')).map(el => {
+  const names = el._fullData.map(t => t.name);
+  const boxes = Array.from(el.querySelectorAll('g.trace.scatter path.js-line')).map(p => {
+    const b = p.getBBox(); return {top: b.y, bottom: b.y + b.height};
+  });
+  return {id: el.id, names: names, boxes: boxes, plot: el._fullLayout._size.h};
+}))()
+"""
+
 CHARTS_JS = """
 (() => {
   const figures = JSON.parse(document.getElementById('report-figures').textContent);
@@ -120,8 +135,11 @@ def loaded(tmp_path_factory):
             time.sleep(0.25)
         assert ready == "yes", "the report's charts did not finish drawing"
         charts = browser.evaluate(CHARTS_JS)
+        lines = browser.evaluate(LINES_JS)
         shown = browser.evaluate("({winner: document.getElementById('winner').textContent, "
-                                 "stop: document.getElementById('stop-reason').textContent})")
+                                 "stop: document.getElementById('stop-reason').textContent, "
+                                 "verdict: document.getElementById('verdict').textContent, "
+                                 "first: document.querySelector('section').id})")
         metrics = browser.call("Page.getLayoutMetrics")
         height = int(metrics["cssContentSize"]["height"])
         browser.call("Emulation.setDeviceMetricsOverride", width=VIEWPORT_WIDTH, height=min(height, 16000),
@@ -134,7 +152,7 @@ def loaded(tmp_path_factory):
         if os.environ.get("NEXLIFY_REPORT_SCREENSHOT"):
             shutil.copy(png, os.environ["NEXLIFY_REPORT_SCREENSHOT"])
         browser.call("Runtime.evaluate", expression="0")  # collect any late events
-        return {"out": out, "charts": charts, "shown": shown, "events": list(browser.events), "png": shot,
+        return {"out": out, "charts": charts, "lines": lines, "shown": shown, "events": list(browser.events), "png": shot,
                 "height": height}
     finally:
         browser.close()
@@ -159,8 +177,8 @@ def test_every_chart_is_drawn_at_its_size(loaded):
     charts = loaded["charts"]
     summary = read_json(loaded["out"] / "complete_training_summary.json")
     n_pairs = len(summary["data"]["pairs"])
-    # runs (3) + stop rule, 5 per pair per window (validation, test), 5 training curves
-    assert len(charts) == 4 + 5 * n_pairs * 2 + 5
+    # runs (3) + stop rule, 7 per pair per window (validation, test), 5 training curves
+    assert len(charts) == 4 + 7 * n_pairs * 2 + 5
     for c in charts:
         assert c["drawn"] == "yes", c
         assert c["height"] == CHART_HEIGHT and c["width"] == c["container"] and c["width"] > 800, c
@@ -195,7 +213,24 @@ def test_the_winner_and_stop_reason_shown_are_the_summarys(loaded):
         r["model_path"] == summary["final_model_key"] for r in summary["initial_runs"]) else [
         f"retrain-{it['iteration']}" for it in summary["retraining_iterations"]
         if it["model_path"] == summary["final_model_key"]]
-    assert loaded["shown"] == {"winner": winner[0], "stop": summary["stop_reason"]}
+    shown = dict(loaded["shown"])
+    # the verdict, first on the page, in the summary's words
+    assert shown.pop("verdict") == summary["verdict"]["text"] and shown.pop("first") == "verdict-section"
+    assert shown == {"winner": winner[0], "stop": summary["stop_reason"]}
+
+
+def test_the_agent_and_lending_lines_are_told_apart(loaded):
+    # on each equity chart the agent and cash plus lending alone: their drawn vertical extents differ by more
+    # than MIN_APART of the plot's height (buy-and-hold and random actions, drawn on their own panel, no
+    # longer set a scale that flattens both into one line)
+    checked = 0
+    for chart in loaded["lines"]:
+        assert chart["names"] == ["agent", "cash_plus_lending"], chart
+        agent, lending = chart["boxes"]
+        apart = max(abs(agent["top"] - lending["top"]), abs(agent["bottom"] - lending["bottom"]))
+        assert apart > MIN_APART * chart["plot"], chart
+        checked += 1
+    assert checked >= 2
 
 
 def test_the_screenshot_is_the_whole_page(loaded):

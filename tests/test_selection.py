@@ -99,9 +99,9 @@ def test_the_flag_and_its_sentence(ret, baselines, beats, words):
         assert report["beats_baselines"]["cash_plus_lending"] == {"return": beats, "sharpe": False}
         assert report["beats_baselines"]["flat"] == {"return": ret > 0.0, "sharpe": True}
     lines = selection.final_lines({"selection": report})
-    assert lines[0].startswith("winner: init-1") and "2 models tried" in lines[0]
-    assert lines[-1].startswith(f"beats_cash_plus_lending: {'unknown' if beats is None else str(beats).lower()}")
-    assert any(line.startswith("deflated Sharpe ratio: ") for line in lines)
+    assert lines[0].startswith("winner: init-1") and "2 models tried" in lines[0] and "not a return" in lines[0]
+    assert lines[-1] == report["verdict"] and lines[-1].startswith("Verdict (init-1 on the validation window): ")
+    assert "deflated Sharpe " in lines[-1] and "for 2 models tried" in lines[-1]
 
 
 @pytest.mark.parametrize("own_excess, lending_excess, beats_sharpe", [
@@ -120,7 +120,7 @@ def test_sharpe_is_compared_in_excess_of_the_lending_rate_where_recorded(own_exc
     assert report["beats_baselines"]["cash_plus_lending"] == {"return": True, "sharpe": beats_sharpe}
     assert report["val_sharpe_vs_lending"] == own_excess
     assert report["cash_plus_lending"]["avg_sharpe_vs_lending"] == lending_excess
-    line = selection.final_lines({"selection": report})[0]
+    line = selection.final_lines({"selection": report})[1]
     assert ("in excess of the lending rate" in line) == (own_excess is not None)
 
 
@@ -136,9 +136,9 @@ def test_deflated_sharpe_in_the_report_uses_every_candidate():
 
     moments["retrain-1"] = {**NORMAL, "sharpe": None, "std": 0.0}
     d = selection.selection_report(cands, moments, LENDING)["deflated_sharpe"]
-    assert d["value"] is None and "never varied" in d["reason"]
+    assert d["value"] is None and "never differed from lending" in d["reason"]
     moments["retrain-1"] = None
-    assert "no return moments" in selection.selection_report(cands, moments, LENDING)["deflated_sharpe"]["reason"]
+    assert "no excess returns" in selection.selection_report(cands, moments, LENDING)["deflated_sharpe"]["reason"]
 
 
 def test_exactly_one_candidate_is_selected():

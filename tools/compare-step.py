@@ -1,4 +1,4 @@
-"""Issue 14's two candidates for one step source, side by side on this machine: the tensor step compiled with
+"""Two candidates for one step source, side by side on this machine: the tensor step compiled with
 torch.compile (Inductor) against the fused numba kernel (and the tensor step uncompiled), env steps/s with random
 valid actions on 3 pairs, spot alone and every strategy. Prints one JSON object per line (warmup_s holds
 torch.compile's compile time; cpu_seconds the process's CPU time, steadier than the wall clock on shared cores).

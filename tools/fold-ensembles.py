@@ -1,4 +1,4 @@
-"""Issue 11's ensemble question, after the fact: for each fold of a walk-forward output, ensembles of the
+"""The ensemble question, after the fact: for each fold of a walk-forward output, ensembles of the
 models its pipeline tried, greedy on the fold's test window in the same environment (nexlify.evaluation),
 beside the selected model. Variants: the mean Q of the k best by the guide's score (k = 3, 5, all), greedy
 with the models' hold margin (agent.hold_margin; 0 for models made before it), and a vote of the five best (an

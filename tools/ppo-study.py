@@ -1,4 +1,4 @@
-"""Issue 11's method question: PPO (CleanRL's ppo.py, with invalid actions masked) on the same batched
+"""A method question: PPO (CleanRL's ppo.py, with invalid actions masked) on the same batched
 environment, trained per walk-forward fold on the train_days before the fold's test window, then tested greedily
 on that window with nexlify.evaluation.evaluate_policy (the same costs and risk rules as the DQN's folds). A
 study, not the product: it prints one JSON object per fold and seed, to set beside `nexlify backtest

@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+import shlex
 import tempfile
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -62,6 +63,17 @@ def normalize_pair(pair: str) -> str:
     """The canonical spelling "BASE/QUOTE" of a pair."""
     base, quote = parse_pair(pair)
     return f"{base}/{quote}"
+
+
+def fetch_hint(exchange: str, pair: str, timeframe: str, data_dir, start: str | None, end: str | None) -> str:
+    """The exact command that fetches a missing pair's candles, and how to use them."""
+    folder = "./data" if data_dir is None else str(data_dir)
+    since = (start or "2023-06-01")[:10]
+    cmd = (f"nexlify data fetch --exchange {exchange} --pairs {pair} --timeframe {timeframe} --since {since}"
+           + (f" --until {end[:10]}" if end else "") + f" --cache-dir {shlex.quote(folder)}")
+    if data_dir is None:
+        return f"fetch them with `{cmd}`, then pass --data-dir {shlex.quote(folder)}"
+    return f"fetch them with `{cmd}`"
 
 
 def _check_exchange(exchange: str) -> str:
@@ -524,10 +536,12 @@ def load_market(
     end: str | None = None,
     *,
     min_bars: int = 1,
+    asked: str | None = None,
 ) -> MarketData:
     """Read, check, gap-fill and align the candles of `pairs`, keeping bars with start <= t < end.
 
-    `data_dir` None reads the bundled sample. `start`/`end` are ISO dates or datetimes (UTC).
+    `data_dir` None reads the bundled sample. `start`/`end` are ISO dates or datetimes (UTC); `asked` names
+    the window in errors when they are derived from what the user typed (a warm-up before --start).
     InputError when a pair has no file (listing the files present), a file breaks a rule, a pair
     has no candles in [start, end) (naming the range its file covers), or fewer than `min_bars`
     bars remain.
@@ -547,15 +561,18 @@ def load_market(
     if start_ms is not None and end_ms is not None and start_ms >= end_ms:
         raise InputError(f"start {start} is not before end {end}; accepted: start < end (end is exclusive)")
     folder = bundled_dir() if data_dir is None else Path(data_dir)
-    window = f"[{start or 'first candle'}, {end or 'last candle'})"
+    # the window as the user typed it (`asked`, e.g. "--start 2025-07-01"), when start / end are derived from it
+    window = asked or f"[{start or 'first candle'}, {end or 'last candle'})"
 
     frames: dict[str, pd.DataFrame] = {}
     sources: dict[str, dict] = {}
     for pair in names:
         path = find_candle_file(folder, exchange, pair, timeframe)
         if path is None:
-            raise InputError(f"no candles for {pair} on {exchange} {timeframe} in {folder} "
-                             f"(expected {accepted_names(exchange, pair, timeframe)}); {_present_files(folder)}")
+            where = "the bundled sample" if data_dir is None else folder
+            raise InputError(f"no candles for {pair} on {exchange} {timeframe} in {where} "
+                             f"(expected {accepted_names(exchange, pair, timeframe)}); {_present_files(folder)}; "
+                             + fetch_hint(exchange, pair, timeframe, data_dir, start, end))
         raw = read_candles(path)
         validate_candles(raw, str(path), tf_ms)
         filled, file_gaps = fill_gaps(raw, tf_ms)

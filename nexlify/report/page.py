@@ -26,6 +26,7 @@ CHART_HEIGHT = 320
 COLORS = {"agent": "#1f77b4", "flat": "#7f7f7f", "cash_plus_lending": "#17becf", "buy_and_hold_full": "#ff7f0e",
           "buy_and_hold_sized": "#bcbd22", "ma_crossover": "#9467bd", "random_valid": "#e377c2",
           "buy_and_hold (no fees)": "#8c564b"}
+LENDING = "cash_plus_lending"
 TRADE_MARKERS = {"entry": ("triangle-up", "#2ca02c"), "close": ("x", "#1f77b4"), "stop": ("triangle-down", "#d62728"),
                  "trailing": ("triangle-down", "#ff7f0e"), "target": ("star", "#9467bd"), "exit": ("circle", "#8c564b")}
 TRAINING_TAGS = (("train/episode_return", "episode return %"), ("train/loss", "loss"), ("train/epsilon", "epsilon"),
@@ -115,12 +116,26 @@ def window_figures(prefix: str, w: dict) -> dict[str, dict]:
         t = p["time"]
         grid = dict(x0=t[0], dx=parse_utc_ms(t[1]) - parse_utc_ms(t[0]) if len(t) > 1 else 1)
         dates = dict(xaxis=dict(type="date"))
-        eq = [go.Scatter(**grid, y=p["equity"], name="agent", line=dict(color=COLORS["agent"], width=2))]
-        for name, b in (w.get("baselines", {}).get(pair) or {}).items():
-            if b.get("equity"):
-                eq.append(go.Scatter(**grid, y=b["equity"], name=name,
-                                     line=dict(color=COLORS.get(name), width=1, dash="dot")))
-        figs[f"{key}-equity"] = _fig(eq, f"{pair}: equity beside the baselines", yaxis=dict(title="equity"), **dates)
+        agent = go.Scatter(**grid, y=p["equity"], name="agent", line=dict(color=COLORS["agent"], width=2))
+        curves = {name: b["equity"] for name, b in (w.get("baselines", {}).get(pair) or {}).items() if b.get("equity")}
+        lending = curves.get(LENDING)
+        # the agent against cash plus lending alone, on a scale their difference sets (buy-and-hold and random
+        # actions swing far more and would flatten both into one line), then the agent's equity less
+        # lending's, then every baseline on a panel of its own
+        eq = [agent] + ([go.Scatter(**grid, y=lending, name=LENDING, line=dict(color=COLORS[LENDING], width=2,
+                                                                                  dash="dot"))] if lending else [])
+        figs[f"{key}-equity"] = _fig(eq, f"{pair}: equity, the agent against cash plus lending",
+                                     yaxis=dict(title="equity"), **dates)
+        if lending and len(lending) == len(p["equity"]):
+            excess = [a - b for a, b in zip(p["equity"], lending)]
+            figs[f"{key}-excess"] = _fig([go.Scatter(**grid, y=excess, name="agent - cash_plus_lending",
+                                                     fill="tozeroy", line=dict(color=COLORS["agent"]))],
+                                         f"{pair}: the agent's equity less cash plus lending's (above 0: ahead)",
+                                         yaxis=dict(title="quote currency"), **dates)
+        figs[f"{key}-baselines"] = _fig(
+            [agent] + [go.Scatter(**grid, y=y, name=name, line=dict(color=COLORS.get(name), width=1, dash="dot"))
+                       for name, y in curves.items()], f"{pair}: equity beside every baseline",
+            yaxis=dict(title="equity"), **dates)
         figs[f"{key}-drawdown"] = _fig([go.Scatter(**grid, y=p["drawdown"], fill="tozeroy", name="drawdown %",
                                                    line=dict(color="#d62728"))], f"{pair}: drawdown %", **dates)
         price = [go.Scatter(**grid, y=p["close"], name="close", line=dict(color="#555", width=1))]
@@ -140,7 +155,7 @@ def window_figures(prefix: str, w: dict) -> dict[str, dict]:
     return figs
 
 
-def _window_section(name: str, prefix: str, w: dict) -> str:
+def _window_section(name: str, prefix: str, w: dict, figs: dict) -> str:
     m = w["metrics"]
     head = ("pair", "return %", "Sharpe", "Sortino", "Calmar", "max drawdown %", "win rate", "trades", "exposure",
             "fees paid")
@@ -154,8 +169,8 @@ def _window_section(name: str, prefix: str, w: dict) -> str:
     parts = [f'<h3>{html.escape(name)}: {html.escape(w["start"])} .. {html.escape(w["end"])} ({w["bars"]} bars)</h3>',
              f'<p class="metrics">average return <b>{_num(m["avg_return"])} %</b>, '
              f'Sharpe <b>{_num(m["avg_sharpe"])}</b>, '
-             f'max drawdown {_num(m["avg_drawdown"])} %, win rate {m["avg_win_rate"]:.1%}, score '
-             f'<b>{_num(m["score"])}</b></p>', _table(head, rows, f"{prefix}-metrics")]
+             f'max drawdown {_num(m["avg_drawdown"])} %, win rate {m["avg_win_rate"]:.1%}; the guide\'s '
+             f'selection score {_num(m["score"])} (not a return)</p>', _table(head, rows, f"{prefix}-metrics")]
     baseline_rows = []
     for pair, table in (w.get("baselines") or {}).items():
         for bname, b in table.items():
@@ -175,7 +190,8 @@ def _window_section(name: str, prefix: str, w: dict) -> str:
     for pair in w["pairs"]:
         key = f"{prefix}-{_slug(pair)}"
         parts.append(f"<h4>{html.escape(pair)}</h4>")
-        parts += [_chart(f"{key}-{kind}") for kind in ("equity", "drawdown", "price", "pnl", "exposure")]
+        parts += [_chart(f"{key}-{kind}") for kind in ("equity", "excess", "baselines", "drawdown", "price", "pnl",
+                                                          "exposure") if f"{key}-{kind}" in figs]
     return "\n".join(parts)
 
 
@@ -184,7 +200,7 @@ def evaluation_section(evaluation: dict) -> tuple[str, dict]:
     for name, w in evaluation["windows"].items():
         prefix = f"eval-{_slug(name)}"
         figs.update(window_figures(prefix, w))
-        parts.append(_window_section(name, prefix, w))
+        parts.append(_window_section(name, prefix, w, figs))
     title = evaluation.get("title", "The final model")
     return f'<section id="evaluation"><h2>{html.escape(title)}</h2>\n' + "\n".join(parts) + "</section>", figs
 
@@ -209,7 +225,7 @@ def training_figures(training: dict) -> dict[str, dict]:
 def render(data: dict) -> str:
     """The page for `data`: {"title", "pipeline"?: ..., "evaluation"?: ..., "training"?: ...}."""
     figs: dict[str, dict] = {}
-    body = []
+    body = [_verdict_section(data["verdict"])] if data.get("verdict") else []
     p = data.get("pipeline")
     if p:
         figs.update(pipeline_figures(p))
@@ -229,6 +245,14 @@ def render(data: dict) -> str:
                            plotly=get_plotlyjs(), script=SCRIPT)
 
 
+def _verdict_section(v: dict) -> str:
+    """The verdict (nexlify.verdict), first on the page, before any score: its sentence as every surface says it."""
+    beats = v.get("beats_cash_plus_lending")
+    cls = {True: "beats", False: "loses"}.get(beats, "unknown")
+    return (f'<section id="verdict-section"><p id="verdict" class="verdict {cls}" '
+            f'data-beats="{json.dumps(beats)}">{html.escape(v["text"])}</p></section>')
+
+
 def _pipeline_section(p: dict) -> str:
     d = p["data"]
     windows = "".join(f"<li>{k}: {html.escape(str(d[k]['start']))} .. {html.escape(str(d[k]['end']))} "
@@ -239,10 +263,11 @@ def _pipeline_section(p: dict) -> str:
                      for k, v in _flatten(p["config"]).items())
     w = p["winner"]
     return f"""<section id="pipeline"><h2>The pipeline at a glance</h2>
-<p class="verdict">Winner: <b id="winner">{html.escape(w['key'])}</b> (score <span id="winner-score">{_num(w['score'])}</span>,
-model <code>{html.escape(w['model_path'])}</code>). Stopped: <b id="stop-reason">{html.escape(p['stop_reason'])}</b>.
-Best initial score {_num(p['best_initial_score'])}, final {_num(p['final_best_score'])}
-({_num(p['total_improvement_pct'])} %).</p>
+<p>Winner: <b id="winner">{html.escape(w['key'])}</b>, model <code>{html.escape(w['model_path'])}</code>.
+Stopped: <b id="stop-reason">{html.escape(p['stop_reason'])}</b>.</p>
+<p class="score-note">The guide's selection score (it ranks models and decides when to stop; it is not a
+return): winner <span id="winner-score">{_num(w['score'])}</span>, best initial {_num(p['best_initial_score'])},
+final {_num(p['final_best_score'])}, a change of {_num(p['total_improvement_pct'])} % in the score.</p>
 <p>Pipeline <code>{html.escape(p['pipeline_id'])}</code>, {html.escape(d['exchange'])} {html.escape(", ".join(d['pairs']))}
 {html.escape(d['timeframe'])}, {d['bars']} bars from {html.escape(d['start'])} to {html.escape(d['end'])}.</p>
 <ul>{windows}</ul>

@@ -243,7 +243,7 @@ class AaveParams:
       WITHDRAW are then masked. Without it the agent lends by hand with LEND and WITHDRAW. Why the default:
       the interest on one bar (about 4e-6 of equity) is far below a learner's Q noise, so a learner left to
       lend by hand churned in and out of the supply and gave up a third of the lending return
-      (README, "Does it learn?").
+      (docs/studies.md).
     """
 
     optimal_usage_ratio: float = 0.92
