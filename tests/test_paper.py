@@ -490,6 +490,33 @@ def _page_data(page: str) -> dict:
     return json.loads(body.replace("<\\/", "</"))
 
 
+def _drawn_in_chromium(page: Path, profile: Path) -> None:
+    """The page in headless chromium (tests/test_report_browser.py's Browser): every chart drawn, one drawn
+    trace per figure trace, no console error or exception, the verdict's section first."""
+    from tests.test_report_browser import CHARTS_JS, LOAD_TIMEOUT_S, Browser
+
+    browser = Browser(profile)
+    try:
+        for domain in ("Runtime", "Log", "Page"):
+            browser.call(f"{domain}.enable")
+        browser.call("Page.navigate", url=page.as_uri())
+        deadline, ready = time.monotonic() + LOAD_TIMEOUT_S, None
+        while time.monotonic() < deadline and ready != "yes":
+            time.sleep(0.25)
+            ready = browser.evaluate("document.body ? document.body.getAttribute('data-ready') : null")
+        assert ready == "yes", "the paper report's charts did not finish drawing"
+        charts = browser.evaluate(CHARTS_JS)
+        first = browser.evaluate("document.querySelector('section').id")
+        browser.call("Runtime.evaluate", expression="0")  # collect any late events
+    finally:
+        browser.close()
+    assert first == "verdict-section"
+    assert len(charts) >= 2 * 7 and all(c["drawn"] == "yes" and c["traces"] == c["figureTraces"] > 0
+                                        and c["height"] > 0 for c in charts), charts
+    assert [e for e in browser.events if e["method"] == "Runtime.exceptionThrown"
+            or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))] == []
+
+
 def test_report_of_a_paper_session(model, clean, tmp_path, capsys):
     """`nexlify report` on a session's output: the verdict first, the agent's equity the journal's, each
     baseline's figures and curve those `nexlify evaluate` steps over the same bars, the one verdict sentence,
@@ -536,6 +563,7 @@ def test_report_of_a_paper_session(model, clean, tmp_path, capsys):
     assert statement.startswith('id="paper-statement">Simulated') and "no order was\nplaced" in statement
     assert "It models no DeFi yield" in statement  # the model trades spot alone
     assert data["paper"]["book_equity"] == journal[-1]["book_equity"]
+    _drawn_in_chromium(out / "report.html", tmp_path / "browser")
 
     capsys.readouterr()
     last = sorted((out / "journal").iterdir())[-1]  # no line after it: its chain holds, its replay does not
