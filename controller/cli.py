@@ -5,7 +5,7 @@
     nexlify backtest --walk-forward ...  folds: the pipeline on the past only, tested on the window after
     nexlify worker train ...     one training run (what the pipeline starts locally or in a pod)
     nexlify evaluate|data|bench  the trainer's own commands (nexlify.cli)
-    nexlify report OUTPUT        (re)build report.html of a finished pipeline (a folder or s3://)
+    nexlify report OUTPUT        (re)build report.html of a finished pipeline or a paper session (a folder or s3://)
     nexlify config schema        the JSON schema of the pipeline config (used by the Helm chart)
 
 Bad input exits with code 2 and one line naming the bad value and what is accepted, before anything
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_backtest_parser(sub, _add_pipeline_args)
 
-    rep = sub.add_parser("report", help="(re)build report.html of a finished pipeline's output")
-    rep.add_argument("output", help="the pipeline's output folder or s3://bucket/prefix")
+    rep = sub.add_parser("report", help="(re)build report.html of a finished pipeline's output or a paper session's")
+    rep.add_argument("output", help="the pipeline's (or the paper session's) output folder or s3://bucket/prefix")
     rep.add_argument("--log-format", choices=logs.FORMATS, default=None)
     rep.set_defaults(handler=cmd_report)
 
@@ -219,7 +219,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not is_s3_url(args.output) and not os.path.isdir(args.output):  # missing is missing, not unfinished
         what = "is a file, not a folder" if os.path.exists(args.output) else "does not exist"
-        raise InputError(f"{args.output} {what}; accepted: the output folder or s3:// prefix of a finished pipeline")
+        raise InputError(f"{args.output} {what}; accepted: the output folder or s3:// prefix of a finished pipeline or a paper session")
     print(write_report(open_store(args.output)))
     return 0
 

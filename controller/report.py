@@ -1,5 +1,7 @@
 """report.html of a pipeline output (a folder or s3://): written after the summary, and rebuilt by
-`nexlify report OUTPUT`.
+`nexlify report OUTPUT`. An output holding a paper session (`nexlify paper`'s session.json) gets the same
+page for the session: its verdict, the agent's equity from the journal beside the baselines over the same
+bars (nexlify.report.paper, in a child process like the final model's evaluation).
 
 Everything comes from the output itself, through its store: the summary and the state (runs, scores,
 decisions), each run's TensorBoard event file (training curves), and the final model and the data
@@ -28,6 +30,7 @@ log = structlog.get_logger("nexlify.report")
 REPORT_KEY = "report.html"
 SUMMARY_KEY = "complete_training_summary.json"  # controller.pipeline's keys (it imports this module lazily)
 STATE_KEY = "pipeline_state.json"
+PAPER_HEADER_KEY = "session.json"  # nexlify.paper.journal.HEADER_KEY (that module imports torch)
 
 
 def _json(store: Store, key: str) -> dict | None:
@@ -109,6 +112,27 @@ def training_curves(store: Store, runs: list[dict]) -> dict:
     return out
 
 
+def _child(module: str, args: list[str], what: str) -> dict:
+    """Run `python -m module *args OUT_JSON` (a torch process of the report), relay its events and return its
+    JSON; its error as ours (exit code 2: InputError)."""
+    with tempfile.TemporaryDirectory(prefix="nexlify-report-") as tmp:
+        out_path = os.path.join(tmp, "out.json")
+        child = subprocess.run([sys.executable, "-m", module, *args, out_path], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cause = _relay_events(child.stderr, module)
+        if child.returncode != 0:
+            error = InputError if child.returncode == 2 else PermanentError
+            raise error(cause or f"{what} failed (exit code {child.returncode})")
+        with open(out_path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+
+def paper_data(store: Store) -> dict:
+    """The page's data for the paper session in the output (nexlify.report.paper)."""
+    root = store.url(PAPER_HEADER_KEY)[:-len(PAPER_HEADER_KEY)].rstrip("/")
+    return _child("nexlify.report.paper", [root], "the paper session's replay")
+
+
 def final_model_evaluation(store: Store, summary: dict) -> dict:
     """The final model stepped through the pipeline's validation and test windows, on the output's own data
     snapshot and with the model's own config and normaliser. The stepping needs torch, so it runs in a
@@ -132,7 +156,7 @@ def final_model_evaluation(store: Store, summary: dict) -> dict:
             return json.load(fh)
 
 
-def _relay_events(stderr: str) -> str | None:
+def _relay_events(stderr: str, process: str = "nexlify.report.final_model") -> str | None:
     """Log the evaluation process's JSON events as ours; return its error: the `failed` event's, or the
     last line of a traceback."""
     cause = None
@@ -152,16 +176,19 @@ def _relay_events(stderr: str) -> str | None:
             continue
         level = event.pop("level", "info")
         event.pop("timestamp", None)
-        event.setdefault("process", "nexlify.report.final_model")
+        event.setdefault("process", process)
         getattr(log, level if level in ("debug", "info", "warning", "error") else "info")(name, **event)
     return cause
 
 
 def build(store: Store) -> dict:
     summary = _json(store, SUMMARY_KEY)
+    if summary is None and store.exists(PAPER_HEADER_KEY):
+        return paper_data(store)
     if summary is None:
         raise InputError(f"{store.url(SUMMARY_KEY)} does not exist: the pipeline there has not finished; accepted: "
-                         "the output folder or s3:// prefix of a finished pipeline")
+                         "the output folder or s3:// prefix of a finished pipeline, or of a paper session "
+                         f"(with {PAPER_HEADER_KEY})")
     p = pipeline_data(summary, _json(store, STATE_KEY))
     return {"title": f"nexlify pipeline {summary['pipeline_id']}", "verdict": summary_verdict(summary), "pipeline": p,
             "evaluation": final_model_evaluation(store, summary), "training": training_curves(store, p["runs"])}

@@ -482,3 +482,103 @@ def test_latest_model_of_a_pipeline_output_and_a_session_per_model(model, clean,
     assert lines(session) == lines(clean)[:3]
     with pytest.raises(InputError, match="neither a .pt checkpoint nor a pipeline output"):
         PaperService(str(tmp_path / "nothing"), str(out), PaperSettings())
+
+
+def _page_data(page: str) -> dict:
+    start = page.index('<script type="application/json" id="report-data">')
+    body = page[page.index(">", start) + 1:page.index("</script>", start)]
+    return json.loads(body.replace("<\\/", "</"))
+
+
+def _drawn_in_chromium(page: Path, profile: Path) -> None:
+    """The page in headless chromium (tests/test_report_browser.py's Browser): every chart drawn, one drawn
+    trace per figure trace, no console error or exception, the verdict's section first."""
+    from tests.test_report_browser import CHARTS_JS, LOAD_TIMEOUT_S, Browser
+
+    browser = Browser(profile)
+    try:
+        for domain in ("Runtime", "Log", "Page"):
+            browser.call(f"{domain}.enable")
+        browser.call("Page.navigate", url=page.as_uri())
+        deadline, ready = time.monotonic() + LOAD_TIMEOUT_S, None
+        while time.monotonic() < deadline and ready != "yes":
+            time.sleep(0.25)
+            ready = browser.evaluate("document.body ? document.body.getAttribute('data-ready') : null")
+        assert ready == "yes", "the paper report's charts did not finish drawing"
+        charts = browser.evaluate(CHARTS_JS)
+        first = browser.evaluate("document.querySelector('section').id")
+        browser.call("Runtime.evaluate", expression="0")  # collect any late events
+    finally:
+        browser.close()
+    assert first == "verdict-section"
+    assert len(charts) >= 2 * 7 and all(c["drawn"] == "yes" and c["traces"] == c["figureTraces"] > 0
+                                        and c["height"] > 0 for c in charts), charts
+    assert [e for e in browser.events if e["method"] == "Runtime.exceptionThrown"
+            or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))] == []
+
+
+def test_report_of_a_paper_session(model, clean, tmp_path, capsys):
+    """`nexlify report` on a session's output: the verdict first, the agent's equity the journal's, each
+    baseline's figures and curve those `nexlify evaluate` steps over the same bars, the one verdict sentence,
+    and a statement that the session is simulated. A damaged line: one line naming it, exit 2."""
+    import html
+    import shutil
+
+    from controller.cli import main
+    from nexlify.verdict import verdict_text
+
+    out = tmp_path / "session"
+    shutil.copytree(clean, out)
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    data = _page_data(page)
+    journal = lines(clean)
+    w = data["evaluation"]["windows"]["session"]
+    end = iso_utc(parse_utc_ms(UNTIL) + TF_MS)
+    assert (w["start"], w["end"], w["bars"]) == ("2025-05-15T00:00:00Z", end, len(journal) - 1)
+    for pair in PAIRS:
+        assert w["pairs"][pair]["equity"][-1] == journal[-1]["equity"][pair]
+        assert w["pairs"][pair]["equity"] == [x["equity"][pair] for x in journal]
+    # the same bars through `nexlify evaluate`: its baselines, and (no candle was missing) its agent
+    ev = evaluate_checkpoint(model, start="2025-05-15", end=end, record=True)
+    assert ev["window"]["bars"] == w["bars"]
+    names = set(ev["baselines"])
+    assert {"cash_plus_lending", "buy_and_hold_full", "flat"} <= names
+    for pair in PAIRS:
+        shown = w["baselines"][pair]
+        assert names <= set(shown) and "buy_and_hold (no fees)" in shown
+        for name in names:
+            want = ev["baselines"][name]["per_pair"][pair]
+            for key in ("total_return", "sharpe", "max_drawdown", "trades"):
+                assert shown[name][key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), (pair, name, key)
+            assert shown[name]["equity"] == pytest.approx(ev["curves"][name]["equity"][pair], rel=1e-12)
+        for key in ("total_return", "sharpe", "max_drawdown", "trades", "win_rate"):
+            assert w["metrics"]["per_pair"][pair][key] == pytest.approx(ev["agent"]["per_pair"][pair][key],
+                                                                        rel=1e-12, abs=1e-12), (pair, key)
+    # one verdict: the page's sentence is verdict_text of its block, and evaluate's on the same bars
+    assert data["verdict"]["text"] == verdict_text(data["verdict"]) == ev["verdict"]["text"]
+    assert page.index('id="verdict"') < page.index('id="paper"') < page.index('id="evaluation"')
+    assert f">{html.escape(ev['verdict']['text'])}</p>" in page
+    statement = page[page.index('id="paper-statement"'):]
+    assert statement.startswith('id="paper-statement">Simulated') and "no order was\nplaced" in statement
+    assert "It models no DeFi yield" in statement  # the model trades spot alone
+    assert data["paper"]["book_equity"] == journal[-1]["book_equity"]
+    _drawn_in_chromium(out / "report.html", tmp_path / "browser")
+
+    capsys.readouterr()
+    last = sorted((out / "journal").iterdir())[-1]  # no line after it: its chain holds, its replay does not
+    text = last.read_text()
+    last.write_text(text.replace('"hold"', '"close"', 1))
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{last.name} differs from its replay" in err[0]
+    last.write_text(text)
+    victim = sorted((out / "journal").iterdir())[5]  # the next line's chain link no longer holds
+    victim.write_text(victim.read_text().replace('"hold"', '"close"', 1))
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and victim.name in err[0] and "is damaged" in err[0]
+    victim.write_text("{")
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{victim.name} is damaged" in err[0]

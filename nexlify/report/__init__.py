@@ -22,11 +22,14 @@ if TYPE_CHECKING:  # this package stays torch-free: the controller draws pages (
 
 
 def evaluation(model: torch.nn.Module, tensors: MarketTensors, windows: dict[str, tuple[int, int]], cfg: TrainConfig,
-               evaluated: dict[str, dict] | None = None, title: str = "The final model") -> dict:
+               evaluated: dict[str, dict] | None = None, title: str = "The final model",
+               traces: dict[str, dict] | None = None) -> dict:
     """{"title", "windows": {name: ...}} for each named window (e.g. validation, test): the trace of what the
     agent did bar by bar (nexlify.report.trace), with the metrics of the evaluation itself
     (nexlify.evaluation.evaluate_with_baselines: the agent's, and every baseline's with its per-bar curve).
-    `evaluated`: that evaluation's result per window when the caller already has it (with its curves)."""
+    `evaluated`: that evaluation's result per window when the caller already has it (with its curves);
+    `traces`: what the agent did per window when it was not the greedy policy stepped here (a paper
+    session's replayed journal, nexlify.report.paper), its metrics included."""
     from nexlify.evaluation import evaluate_with_baselines
     from nexlify.report.trace import buy_and_hold_curves, trace_policy
 
@@ -36,10 +39,12 @@ def evaluation(model: torch.nn.Module, tensors: MarketTensors, windows: dict[str
         if ev is None:
             ev = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
                                          margin=cfg.agent.hold_margin, record=True)
-        trace = trace_policy(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
-                             margin=cfg.agent.hold_margin)
-        trace["trace_metrics"] = trace.pop("metrics")
-        trace["metrics"] = ev["agent"]  # the evaluation's numbers, as the summary and `nexlify evaluate` give them
+        trace = (traces or {}).get(name)
+        if trace is None:
+            trace = trace_policy(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
+                                 margin=cfg.agent.hold_margin)
+            trace["trace_metrics"] = trace.pop("metrics")
+            trace["metrics"] = ev["agent"]  # the evaluation's numbers, as the summary and `nexlify evaluate` give them
         baselines = per_pair_baselines(ev.get("baselines"), list(tensors.pairs), ev.get("curves"))
         for pair, table in buy_and_hold_curves(trace, float(cfg.env.initial_equity)).items():
             baselines.setdefault(pair, {}).update(table)

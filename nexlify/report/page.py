@@ -223,9 +223,12 @@ def training_figures(training: dict) -> dict[str, dict]:
 
 
 def render(data: dict) -> str:
-    """The page for `data`: {"title", "pipeline"?: ..., "evaluation"?: ..., "training"?: ...}."""
+    """The page for `data`: {"title", "verdict"?: ..., "paper"?: ..., "pipeline"?: ..., "evaluation"?: ...,
+    "training"?: ...}."""
     figs: dict[str, dict] = {}
     body = [_verdict_section(data["verdict"])] if data.get("verdict") else []
+    if data.get("paper"):
+        body.append(_paper_section(data["paper"]))
     p = data.get("pipeline")
     if p:
         figs.update(pipeline_figures(p))
@@ -251,6 +254,27 @@ def _verdict_section(v: dict) -> str:
     cls = {True: "beats", False: "loses"}.get(beats, "unknown")
     return (f'<section id="verdict-section"><p id="verdict" class="verdict {cls}" '
             f'data-beats="{json.dumps(beats)}">{html.escape(v["text"])}</p></section>')
+
+
+def _paper_section(s: dict) -> str:
+    """What a paper session is: simulated money on real closed candles, and which yields are modelled."""
+    yields = s.get("modelled_yields") or []
+    said = (f"The DeFi yields in it ({html.escape(', '.join(yields))}) are modelled at the environment's rates "
+            "and parameters, not earned on-chain." if yields else "It models no DeFi yield (staking, liquidity "
+            "provision, lending: none was in the model's strategies; cash plus lending's yield is the baseline's "
+            "model).")
+    skipped = (f" {s['skipped']} pair decision(s) were not taken: the candle was missing after the retries."
+               if s.get("skipped") else "")
+    return f"""<section id="paper"><h2>A simulated paper session</h2>
+<p id="paper-statement">Simulated: the model traded paper money on the exchange's closed candles; no order was
+placed. Fills, fees, slippage and every risk rule are the environment's, as in a backtest. {said}</p>
+<p>{html.escape(str(s.get('exchange')))} {html.escape(", ".join(s.get('pairs') or []))}
+{html.escape(str(s.get('timeframe')))}, first decision at the close of {html.escape(str(s.get('first_decision')))},
+last bar {html.escape(str(s.get('last_bar')))} ({s.get('bars')} bars journaled), initial equity
+{_num(s.get('initial_equity'))} per pair, book equity now <span id="paper-book-equity">{_num(s.get('book_equity'))}</span>.{skipped}
+Model <code>{html.escape(str(s.get('model')))}</code> (sha256 <code>{html.escape(str(s.get('checkpoint_sha256')))}</code>),
+strategies {html.escape(", ".join(s.get('strategies') or []))}; the baselines below were stepped over the
+same bars, in the same environment.</p></section>"""
 
 
 def _pipeline_section(p: dict) -> str:

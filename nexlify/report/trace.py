@@ -36,11 +36,24 @@ def trace_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[in
     {"start", "end", "bars", "metrics": evaluate_policy's dict (averages, score, per_pair), "pairs": {pair:
     {"time": [iso...], "close", "equity", "drawdown", "position", "exposure": {strategy: [...]},
     "pnl": {source: [...]}, "trades": [{"bar", "time", "side", "kind", "price"}], "tear_sheet": {...}}}}."""
-    i0, i1 = window
-    rec: dict[str, list] = {k: [] for k in ("equity", "holding", "action", "entry", "highest", "pnl", *EXPOSURES)}
+    rec = Recorder()
+    metrics = evaluate_policy(model, market, window, env_cfg, risk_cfg, strategy_params, margin=margin,
+                              observer=rec)
+    return rec.trace(market, window, metrics, env_cfg, risk_cfg)
 
-    def record(env: BatchedTradingEnv, actions: torch.Tensor | None) -> None:
+
+class Recorder:
+    """The observer that records a policy's steps (evaluate_policy's `observer`; the paper report replays a
+    session's journal through it): called with the environment before each step and the actions that step
+    takes, and once after the last step with None."""
+
+    def __init__(self) -> None:
+        self.rec: dict[str, list] = {k: [] for k in ("equity", "holding", "action", "entry", "highest", "pnl",
+                                                     *EXPOSURES)}
+
+    def __call__(self, env: BatchedTradingEnv, actions: torch.Tensor | None) -> None:
         """The state before each step (and after the last one), and the action each step takes."""
+        rec = self.rec
         if actions is not None:
             valid = env.mask.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
             rec["action"].append(torch.where(valid, actions, 0)[:, 0].clone())
@@ -60,35 +73,38 @@ def trace_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[in
         for name in EXPOSURES:
             rec[name].append(held[name].to(torch.float64) / eq)
 
-    metrics = evaluate_policy(model, market, window, env_cfg, risk_cfg, strategy_params, margin=margin,
-                              observer=record)
-    per_pair = metrics["per_pair"]
-
-    stack = {k: torch.stack(v).cpu().numpy() for k, v in rec.items() if k != "pnl"}  # [bars(+1), pairs]
-    pnl = torch.stack(rec["pnl"]).cpu().numpy()  # [bars+1, sources, pairs]
-    bars = np.arange(i0 - 1, i1)
-    times = [iso_utc(int(t)) for t in market.timestamps[bars]]
-    prices = market.prices[i0 - 1:i1].to(torch.float64).cpu().numpy()  # [bars+1, pairs, 4]
-    pairs = {}
-    for i, pair in enumerate(market.pairs):
-        equity = stack["equity"][:, i]
-        peak = np.maximum.accumulate(equity)
-        trades = _trades(stack, prices[:, i], i, times, risk_cfg, env_cfg.slippage_bps / 10_000.0)
-        pairs[pair] = {
-            "time": times,
-            "close": prices[:, i, 3].tolist(),
-            "first_open": float(prices[1, i, 0]),  # the first fill's open (buy-and-hold starts there)
-            "equity": equity.tolist(),
-            "drawdown": (100.0 * (equity / peak - 1.0)).tolist(),
-            "position": stack["holding"][:, i].astype(int).tolist(),
-            "exposure": {name: stack[name][:, i].tolist() for name in EXPOSURES},
-            "pnl": {source: pnl[:, s, i].tolist() for s, source in enumerate(PNL_SOURCES)},
-            "trades": trades,
-            "tear_sheet": tear_sheet(equity, stack["holding"][1:, i], per_pair[pair]["costs_paid"]),
-        }
-    bar_ms = int(market.timestamps[1] - market.timestamps[0])
-    return {"start": times[1], "end": iso_utc(int(market.timestamps[i1 - 1]) + bar_ms), "bars": i1 - i0,
-            "metrics": metrics, "pairs": pairs}
+    def trace(self, market: MarketTensors, window: tuple[int, int], metrics: dict, env_cfg: EnvConfig,
+              risk_cfg: RiskConfig) -> dict:
+        """trace_policy's dict from what was recorded over bars [i0, i1) of `market`; `metrics`: the policy's
+        (evaluate_policy's dict: averages, score, per_pair with costs_paid)."""
+        i0, i1 = window
+        rec = self.rec
+        per_pair = metrics["per_pair"]
+        stack = {k: torch.stack(v).cpu().numpy() for k, v in rec.items() if k != "pnl"}  # [bars(+1), pairs]
+        pnl = torch.stack(rec["pnl"]).cpu().numpy()  # [bars+1, sources, pairs]
+        bars = np.arange(i0 - 1, i1)
+        times = [iso_utc(int(t)) for t in market.timestamps[bars]]
+        prices = market.prices[i0 - 1:i1].to(torch.float64).cpu().numpy()  # [bars+1, pairs, 4]
+        pairs = {}
+        for i, pair in enumerate(market.pairs):
+            equity = stack["equity"][:, i]
+            peak = np.maximum.accumulate(equity)
+            trades = _trades(stack, prices[:, i], i, times, risk_cfg, env_cfg.slippage_bps / 10_000.0)
+            pairs[pair] = {
+                "time": times,
+                "close": prices[:, i, 3].tolist(),
+                "first_open": float(prices[1, i, 0]),  # the first fill's open (buy-and-hold starts there)
+                "equity": equity.tolist(),
+                "drawdown": (100.0 * (equity / peak - 1.0)).tolist(),
+                "position": stack["holding"][:, i].astype(int).tolist(),
+                "exposure": {name: stack[name][:, i].tolist() for name in EXPOSURES},
+                "pnl": {source: pnl[:, s, i].tolist() for s, source in enumerate(PNL_SOURCES)},
+                "trades": trades,
+                "tear_sheet": tear_sheet(equity, stack["holding"][1:, i], per_pair[pair]["costs_paid"]),
+            }
+        bar_ms = int(market.timestamps[1] - market.timestamps[0])
+        return {"start": times[1], "end": iso_utc(int(market.timestamps[i1 - 1]) + bar_ms), "bars": i1 - i0,
+                "metrics": metrics, "pairs": pairs}
 
 
 def _trades(stack: dict, prices: np.ndarray, i: int, times: list[str], risk_cfg: RiskConfig,
