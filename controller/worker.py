@@ -118,7 +118,7 @@ class RunOutputs:
         except StoreKeyMissing:
             return None
         try:
-            state = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+            state = checkpoint.safe_torch_load(io.BytesIO(blob), map_location=device)
             if not isinstance(state, dict) or "episodes_done" not in state:
                 raise ValueError("not a resume checkpoint (no episodes_done)")
             return state
