@@ -8,7 +8,6 @@ strings). Users of the original guide can keep writing
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tempfile
@@ -79,15 +78,6 @@ def load_failure(exc: BaseException) -> str:
                 "code when loaded); not a nexlify checkpoint")
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def sha256_file(path: str | Path) -> str:
-    """The hex sha256 of a file, read in chunks (what a state or summary records of the file it names)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_zip(fh) -> None:
