@@ -372,8 +372,10 @@ class Pipeline:
                 log.warning("summary_rewritten", reason=f"{self.store.url(SUMMARY_KEY)} is not the summary this "
                             "pipeline wrote (sha256 differs); it is written again from the state")
                 done = None
-            missing = self._missing_files(done) if done is not None else []
-            missing = list(dict.fromkeys(missing + self.verify_recorded()))
+            missing = self.verify_recorded()  # "<url> is missing", "<url> is damaged: ..."
+            for url in self._missing_files(done) if done is not None else []:
+                if not any(p.startswith(f"{url} ") for p in missing):
+                    missing.append(f"{url} is missing")
             if done is not None and not missing:
                 log.info("pipeline_already_done", pipeline=self.pipeline_id, final_best_score=done["final_best_score"])
                 if not self.store.exists(REPORT_KEY):  # the last step, resumed like the others
