@@ -30,6 +30,7 @@ import structlog
 
 from controller.backtest import Fold, WalkForwardConfig, aggregate, combine_seeds, fold_row, plan_folds
 from controller.config import PipelineConfig, pipeline_hash
+from controller.lease import LeaseHeld, acquire_output_lease
 from controller.pipeline import SUMMARY_KEY
 from controller.state import initial_run_key, retrain_run_key
 from nexlify.configtools import add_flags, config_hash, flags_to_mapping, to_dict
@@ -171,6 +172,8 @@ def _run_fold(cfg: PipelineConfig, fold: Fold, store, *, force: bool) -> dict:
     t0 = time.perf_counter()
     try:
         summary = run_pipeline(fcfg, force=force)
+    except LeaseHeld:  # another writer on the fold's output: exit 2 naming it
+        raise
     except InputError as exc:
         raise InputError(f"{what}: {exc}") from exc
     except NexlifyError as exc:
@@ -310,21 +313,30 @@ def check_inputs(cfg: PipelineConfig, wf: WalkForwardConfig) -> list[Fold]:
 
 
 def cmd_backtest(args) -> int:
-    from controller.backtest import render_seeds, render_table
     from controller.cli import _raise_terminated, resolve_pipeline_config
-    from controller.preflight import run_preflight
+    from controller.preflight import preflight, show_table
+    from controller.stores import open_store
 
     if not args.walk_forward:
         raise InputError("backtest needs --walk-forward; accepted: nexlify backtest --walk-forward [flags]")
     cfg = resolve_pipeline_config(args)
     wf = resolve_walk_forward(args)
     plan_folds(cfg.train.data.start, cfg.train.data.end, wf, val_days=cfg.train.data.val_days)
-    if not run_preflight(cfg, print_table=True):
-        return 2
+    ok, rows, first_error = preflight(cfg)
+    show_table(rows)
+    if not ok:  # the table, then the one line (an `error:` line, or the `failed` event in JSON mode)
+        raise InputError(f"preflight failed: {first_error}")
     check_inputs(cfg, wf)
     signal.signal(signal.SIGTERM, _raise_terminated)  # stop like Ctrl-C: workers save, training.log is published
+    with acquire_output_lease(open_store(cfg.output), command="backtest"):  # one writer per output
+        return _backtest(cfg, wf, args.force)
+
+
+def _backtest(cfg: PipelineConfig, wf: WalkForwardConfig, force: bool) -> int:
+    from controller.backtest import render_seeds, render_table
+
     if wf.seeds:
-        combined = run_walk_forward_seeds(cfg, wf, force=args.force)
+        combined = run_walk_forward_seeds(cfg, wf, force=force)
         for seed, report in combined["reports"].items():
             print(f"seed {seed}:")
             print(render_table(report["folds"], report["aggregate"]))
@@ -334,7 +346,7 @@ def cmd_backtest(args) -> int:
         print(f"walk-forward tables: {root}/{WALK_FORWARD_KEY} (the seeds combined) and {root}/seed_<s>/"
               f"{WALK_FORWARD_KEY} (each seed's)")
         return 0
-    report = run_walk_forward(cfg, wf, force=args.force)
+    report = run_walk_forward(cfg, wf, force=force)
     print(render_table(report["folds"], report["aggregate"]))
     print(f"walk-forward table: {report['output'].rstrip('/')}/{WALK_FORWARD_KEY}")
     return 0

@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import typing
 
 import structlog
 
@@ -35,8 +36,18 @@ from nexlify.errors import InputError, NexlifyError
 log = structlog.get_logger("nexlify")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (no usage block of up to 80 lines before it), with
+    the way to the usage: `error: nexlify train: argument --seed: invalid int value: 'x'; see nexlify
+    train --help`. Exit code 2, as argparse's. Sub-parsers are of this class too (add_subparsers)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        line = " ".join(f"{self.prog}: {message}".split())
+        self.exit(2, f"error: {_capped(line)}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nexlify", description="Train RL crypto-trading agents as a pipeline.")
+    parser = OneLineParser(prog="nexlify", description="Train RL crypto-trading agents as a pipeline.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run the pipeline: multi-start, selection, auto-retraining, summary")
@@ -214,13 +225,17 @@ def cmd_worker_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from controller.report import write_report
+    from controller.lease import acquire_output_lease
+    from controller.report import read_summary, write_report
     from controller.stores import is_s3_url, open_store
 
     if not is_s3_url(args.output) and not os.path.isdir(args.output):  # missing is missing, not unfinished
         what = "is a file, not a folder" if os.path.exists(args.output) else "does not exist"
         raise InputError(f"{args.output} {what}; accepted: the output folder or s3:// prefix of a finished pipeline or a paper session")
-    print(write_report(open_store(args.output)))
+    store = open_store(args.output)
+    read_summary(store)  # not a finished output, or a damaged summary: one line, before the lease is written
+    with acquire_output_lease(store, command="report"):  # never beside another command writing this output
+        print(write_report(store))
     return 0
 
 
@@ -263,12 +278,21 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(message: str, code: int, as_json: bool) -> int:
     """One line on stderr: `error: ...` on a terminal, one JSON event under --log-format json (every line of
     JSON mode is JSON, so a log collector and the local executor parse the cause)."""
-    message = " ".join(message.split())  # one line, whatever the message held
+    message = _capped(" ".join(message.split()))  # one line, whatever the message held
     if as_json:
         log.error("failed", error=message, exit_code=code)
     else:
         print(f"error: {message}", file=sys.stderr)
     return code
+
+
+MAX_ERROR_CHARS = 2000  # a message quoting a huge value (each quoted value is cut at 200 already) is cut here
+
+
+def _capped(message: str) -> str:
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}... (cut: {len(message)} characters)"
 
 
 class Terminated(BaseException):

@@ -78,7 +78,8 @@ class PipelineConfig:
     initial_episodes: int = setting(1000, "episodes per initial run (an episode is env.episode_bars bars)", lo=1,
                                     hi=MAX_EPISODES)
     retrain_episodes: int = setting(400, "episodes per retraining iteration", lo=1, hi=MAX_EPISODES)
-    improvement_threshold: float = setting(1.0, "minimum improvement in % that keeps retraining going", lo=0.0)
+    improvement_threshold: float = setting(1.0, "minimum improvement in % that keeps retraining going", lo=0.0,
+                                          hi=1e6)
     patience: int = setting(3, "retraining iterations without improvement before stopping", lo=1, hi=1000)
     max_iterations: int = setting(10, "retraining iterations at most (0 = no retraining)", lo=0, hi=1000)
     output: str = setting(DEFAULT_OUTPUT, "output folder or s3://bucket/prefix")

@@ -1,4 +1,5 @@
-"""One live pipeline per output: a lease named `pipeline.lease` in the output.
+"""One writer per output: a lease named `pipeline.lease` in the output, taken by every command that writes
+there (`nexlify train`, `backtest`, `report`, paper trading) through `acquire_output_lease`.
 
 The rule is written once, in `verdict`, a pure function of the lease record found, who asks, the time,
 and what the backend knows about the holder's liveness. The backends only read and write the record
@@ -53,11 +54,13 @@ class LeaseLost(NexlifyError):
     """This controller's lease was taken over (it was not renewed in time): stop before writing more."""
 
 
-def new_holder(job: str | None = None) -> dict:
-    """Who this controller is: host, pid, start time, a random token, and its Kubernetes Job if any."""
+def new_holder(job: str | None = None, command: str = "train") -> dict:
+    """Who this controller is: host, pid, start time, a random token, its Kubernetes Job if any, and the
+    command that writes the output (train, backtest, report, ...)."""
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "token": uuid.uuid4().hex, "job": job if job is not None else os.environ.get("NEXLIFY_OWNER_JOB", "")}
+            "token": uuid.uuid4().hex, "job": job if job is not None else os.environ.get("NEXLIFY_OWNER_JOB", ""),
+            "command": command}
 
 
 def lease_record(holder: dict, now: float, ttl: float) -> dict:
@@ -92,6 +95,8 @@ def verdict(record: Any, me: dict, now: float, alive: bool | None = None) -> str
 def describe(record: Any, output: str, now: float | None = None) -> str:
     """The one line a second controller prints: who holds `output`."""
     holder = record.get("holder") if isinstance(record, dict) else None
+    command = holder.get("command") if isinstance(holder, dict) else None
+    what = "pipeline controller" if command in (None, "train") else f"`nexlify {command}`"
     if not isinstance(holder, dict):
         who = "another controller (its lease record is unreadable)"
     else:
@@ -101,7 +106,7 @@ def describe(record: Any, output: str, now: float | None = None) -> str:
     until = ""
     if isinstance(record, dict) and isinstance(record.get("expires_at"), (int, float)) and now is not None:
         until = f"; the lease expires in {max(0.0, record['expires_at'] - now):.0f} s unless renewed"
-    return (f"output {output} is in use by another pipeline controller ({who}){until}; wait for it to finish, "
+    return (f"output {output} is in use by another {what} ({who}){until}; wait for it to finish, "
             "or use another --output")
 
 
@@ -280,6 +285,20 @@ class S3Lease:
             with contextlib.suppress(NexlifyError, FileNotFoundError):
                 self.store.delete(LEASE_KEY)
         self.etag = None
+
+
+@contextlib.contextmanager
+def acquire_output_lease(store, *, command: str):
+    """Hold `store`'s output lease while the block writes there: every command that writes an output
+    (train, backtest, report, paper trading) takes this one lease, so two writers never meet; a second
+    one gets LeaseHeld (exit 2) naming the holder and its command. Released on every exit path (a
+    process killed with -9 loses its flock at once; an S3 lease expires)."""
+    lease = open_lease(store, new_holder(command=command))
+    lease.acquire()
+    try:
+        yield lease
+    finally:
+        lease.release()
 
 
 def open_lease(store, holder: dict | None = None):

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ SUMMARY_KEY = "complete_training_summary.json"
 REPORT_KEY = "report.html"  # written after the summary (controller.report)
 CONFIG_KEY = "pipeline_config.json"
 DATA_PREFIX = "data"
+LOG_KEY = "training.log"  # controller.run publishes it
+REPLACED_PREFIX = ".replaced-"  # --force moves another pipeline's results here until a new model exists
 LAYOUT_PREFIXES = (f"{DATA_PREFIX}/", "initial_runs/", "retraining/")  # what a pipeline writes besides its files
 
 
@@ -58,6 +61,7 @@ class Pipeline:
         self.state = PipelineState()
         self._outputs: dict[str, str] = {}  # run key -> store key of its folder
         self.on_transition = None  # called after every state transition (publishes training.log)
+        self._replaced: str | None = None  # where --force moved another pipeline's results (.replaced-<time>)
 
     # ------------------------------------------------------------------------------------ state i/o
 
@@ -92,6 +96,7 @@ class Pipeline:
         """Enter `phase`, setting the given PipelineState fields, and write the state."""
         if self.lease is not None:
             self.lease.check()
+        self._drop_replaced()
         self.state.phase = phase
         for name, value in fields.items():
             if not hasattr(self.state, name):
@@ -123,18 +128,38 @@ class Pipeline:
         return True
 
     def _discard_previous(self, previous_hash: str | None) -> None:
-        """--force on another config's output: remove its summary, runs and data, the state last.
+        """--force on another config's output: its summary, report, runs, data, config and log are moved
+        aside to `.replaced-<time>/` (nothing is deleted), the state last; they are deleted only once the new
+        pipeline has written its first model (`_drop_replaced`), so a new config that fails in its workers
+        costs nothing of the old results.
 
-        Deleting the state last keeps a crash in the middle safe: the next start still finds the other
+        Moving the state last keeps a crash in the middle safe: the next start still finds the other
         config's state and asks for --force again, so no run of the old config is ever adopted."""
-        log.warning("pipeline_forced", pipeline=self.pipeline_id, previous_hash=previous_hash)
-        self.store.delete(SUMMARY_KEY)
-        self.store.delete(REPORT_KEY)
-        for prefix in LAYOUT_PREFIXES:
-            for key in self.store.list(prefix):
-                self.store.delete(key)
-        self.store.delete(CONFIG_KEY)
-        self.store.delete(STATE_KEY)
+        aside = f"{REPLACED_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        log.warning("pipeline_forced", pipeline=self.pipeline_id, previous_hash=previous_hash,
+                    moved_aside=self.store.url(aside),
+                    until="the new pipeline has written its first model; then it is deleted")
+        keys = [SUMMARY_KEY, REPORT_KEY, LOG_KEY]
+        keys += [k for prefix in LAYOUT_PREFIXES for k in self.store.list(prefix)]
+        for key in [*keys, CONFIG_KEY, STATE_KEY]:
+            if self.store.exists(key):
+                self.store.move(key, f"{aside}/{key}")
+        self._replaced = aside
+
+    def _drop_replaced(self) -> None:
+        """The results a --force set aside, deleted once this pipeline has a model of its own (a start that
+        died while moving them leaves them there: they go at the same point of the next start)."""
+        aside = self.store.list(REPLACED_PREFIX)
+        if not aside or not any(k.endswith(".pt") for k in self.store.list("initial_runs/")):
+            return
+        for key in aside:
+            self.store.delete(key)
+        root = getattr(self.store, "root", None)  # a folder: its emptied sub-folders too
+        for folder in {k.split("/", 1)[0] for k in aside} if root else ():
+            shutil.rmtree(Path(root) / folder, ignore_errors=True)
+        self.state.extra.pop("replaced", None)
+        log.info("replaced_results_deleted", pipeline=self.pipeline_id,
+                 folders=sorted({self.store.url(k.split("/", 1)[0]) for k in aside}))
 
     def load_or_plan(self) -> None:
         """Adopt the state in the store, or plan a new pipeline. Refuses another config's output."""
@@ -148,6 +173,8 @@ class Pipeline:
             return
         self.state = PipelineState(pipeline_id=self.pipeline_id, config_hash=self.hash,
                                    started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if self._replaced:  # named in the state until deleted: a crash before then still deletes it later
+            self.state.extra["replaced"] = self._replaced
         self._publish_config()
         self._transition("PLANNED")
 
@@ -275,11 +302,62 @@ class Pipeline:
         return results
 
     def _result(self, spec: RunSpec) -> dict | None:
-        """The run's result if it succeeded with a finite score: only such a run can be selected."""
-        result = self._read_json(f"{self._outputs[spec.run_key]}/result.json")
-        if result is not None and result.get("status") == "succeeded" and _finite(result.get("val_score")):
-            return result
-        return None
+        """The run's result if it succeeded with a finite score: only such a run can be selected. Its
+        model is checked against the sha256 the worker recorded (a mismatch is named, never trained on);
+        the digests of both go into the state (`digests`), which checks them on every later start."""
+        key = f"{self._outputs[spec.run_key]}/result.json"
+        result = self._read_json(key)
+        if result is None or result.get("status") != "succeeded" or not _finite(result.get("val_score")):
+            return None
+        model = f"{self._outputs[spec.run_key]}/{result['model_file']}"
+        want = result.get("model_sha256")
+        if want is not None:
+            self._check_digest(model, want, "its run's result.json")
+        result["digests"] = {"result_sha256": hashlib.sha256(self.store.read_bytes(key)).hexdigest(),
+                             "model_sha256": want}
+        return result
+
+    def _check_digest(self, key: str, want: str, recorded_in: str) -> None:
+        """PermanentError naming the file when it is missing or its sha256 is not the recorded one."""
+        try:
+            blob = self.store.read_bytes(key)
+        except StoreKeyMissing:
+            raise PermanentError(f"{self.store.url(key)} is missing (recorded in {recorded_in}); restore it, or "
+                                 "use --force to train this output again") from None
+        got = hashlib.sha256(blob).hexdigest()
+        if got != want:
+            what = "empty" if not blob else f"{len(blob)} bytes"
+            raise PermanentError(f"{self.store.url(key)} is damaged: its sha256 {got[:16]} ({what}) is not the "
+                                 f"{want[:16]} recorded in {recorded_in}; restore it, or use --force to train "
+                                 "this output again")
+
+    def verify_recorded(self) -> list[str]:
+        """Every file the state names, checked against the sha256 recorded when it was written (cheap:
+        digests, no weights loaded): each run's result.json and model, and the data snapshot. Returns one
+        line per problem (missing or changed)."""
+        st = self.state
+        files: list[tuple[str, str | None, str]] = []
+        for k in sorted(st.initial_runs, key=int):
+            e = st.initial_runs[k]
+            folder = f"initial_runs/run_{e.run_id}"
+            files += [(f"{folder}/result.json", e.result_sha256, "the state"), (e.model_key, e.model_sha256, "the state")]
+        for e in st.retraining:
+            folder = f"retraining/iteration_{e.iteration}"
+            files += [(f"{folder}/result.json", e.result_sha256, "the state"),
+                      (e.model_path, e.model_sha256, "the state")]
+        for f in (st.data.files if st.data is not None else []):
+            files.append((f["key"], f.get("sha256"), "the state's data snapshot"))
+        problems = []
+        for key, want, where in files:
+            try:
+                if want is None:
+                    if not self.store.exists(key):
+                        problems.append(f"{self.store.url(key)} is missing")
+                else:
+                    self._check_digest(key, want, where)
+            except PermanentError as exc:
+                problems.append(str(exc).split("; restore it")[0])
+        return problems
 
     # ---------------------------------------------------------------------------------------- phases
 
@@ -292,16 +370,36 @@ class Pipeline:
             except DamagedFile as damaged:
                 log.warning("summary_rewritten", reason=str(damaged))
                 done = None
-            missing = self._missing_files(done) if done is not None else []
+            want = self.state.extra.get("summary_sha256")
+            if done is not None and want and hashlib.sha256(self.store.read_bytes(SUMMARY_KEY)).hexdigest() != want:
+                log.warning("summary_rewritten", reason=f"{self.store.url(SUMMARY_KEY)} is not the summary this "
+                            "pipeline wrote (sha256 differs); it is written again from the state")
+                done = None
+            missing = self.verify_recorded()  # "<url> is missing", "<url> is damaged: ..."
+            for url in self._missing_files(done) if done is not None else []:
+                if not any(p.startswith(f"{url} ") for p in missing):
+                    missing.append(f"{url} is missing")
             if done is not None and not missing:
                 log.info("pipeline_already_done", pipeline=self.pipeline_id, final_best_score=done["final_best_score"])
+                if not self.store.exists(REPORT_KEY):  # the last step, resumed like the others
+                    self._write_report()
                 return done
             if missing and not self.force:
                 raise PermanentError(
                     f"the pipeline at {self.store.root_url} finished, but {len(missing)} file(s) its summary names "
-                    f"are missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; restore them, or use "
-                    "--force to train this output again")
+                    f"are missing or damaged: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; restore "
+                    "them, or use --force to train this output again")
             if missing:
+                self._discard_previous(self.hash)
+                self.load_or_plan()
+        elif self.state.phase not in (None, "PLANNED"):
+            damaged = self.verify_recorded()
+            if damaged and not self.force:
+                raise PermanentError(
+                    f"the pipeline at {self.store.root_url} cannot resume: {len(damaged)} file(s) it recorded are "
+                    f"missing or damaged: {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''}; restore "
+                    "them, or use --force to train this output again")
+            if damaged:
                 self._discard_previous(self.hash)
                 self.load_or_plan()
         self.snapshot_data()
@@ -310,6 +408,8 @@ class Pipeline:
         summary = self._summary()
         self._transition("DONE", stop_reason=self.state.stop_reason)
         self._write_json(SUMMARY_KEY, summary)
+        self.state.extra["summary_sha256"] = hashlib.sha256(self.store.read_bytes(SUMMARY_KEY)).hexdigest()
+        self._write_state()
         self._write_report()
         log.info("pipeline_complete", pipeline=self.pipeline_id, stop_reason=self.state.stop_reason,
                  best_initial_score=summary["best_initial_score"], final_best_score=summary["final_best_score"],
@@ -396,7 +496,7 @@ class Pipeline:
                 new_best=decision.new_best, patience_count=decision.patience_count,
                 continued_from=best.model_key, test_metrics=result.get("test_metrics"),
                 timings=result.get("timings"), device=result.get("device"), versions=result.get("versions"),
-                **_honesty_fields(result),
+                **_honesty_fields(result), **result.get("digests", {}),
             )
             st.retraining.append(entry)
             if decision.new_best:
@@ -443,12 +543,14 @@ class Pipeline:
             "units": selection.SUMMARY_UNITS,
             "stop_reason": st.stop_reason,
             "initial_runs": [{k: getattr(e, k) for k in ("run_id", "seed", "val_score", "train_return", "val_metrics",
-                                                         "model_path", "per_pair", "test_metrics", "timings")}
+                                                         "model_path", "per_pair", "test_metrics", "timings",
+                                                         "result_sha256", "model_sha256")}
                              for e in initial],
             "best_initial_run": st.best_initial_run,
             "retraining_iterations": [{k: getattr(e, k) for k in ("iteration", "seed", "score", "improvement_pct",
                                                                   "metrics", "model_path", "new_best", "train_return",
-                                                                  "per_pair", "test_metrics", "timings")}
+                                                                  "per_pair", "test_metrics", "timings",
+                                                                  "result_sha256", "model_sha256")}
                                       for e in st.retraining],
             "best_initial_score": best_initial,
             "final_best_score": final,
@@ -457,6 +559,7 @@ class Pipeline:
             "final_model_path": self.store.url(final_key),
             "final_model_key": final_key,  # the same file relative to the output
             "final_model_url": self.store.url(final_key),
+            "final_model_sha256": final_entry.model_sha256,  # checked by `nexlify report` before the model is used
             "final_test_metrics": final_entry.test_metrics,
             "candidates": candidates,
             "selection": report,
@@ -490,7 +593,7 @@ def _run_entry(run_id: int, spec: RunSpec, result: dict, output: str) -> Initial
         per_pair=result["val_metrics"].get("per_pair"), model_key=f"{output}/{result['model_file']}",
         model_path=f"{output}/{result['model_file']}", test_metrics=result.get("test_metrics"),
         timings=result.get("timings"), device=result.get("device"), versions=result.get("versions"),
-        **_honesty_fields(result),
+        **_honesty_fields(result), **result.get("digests", {}),
     )
 
 

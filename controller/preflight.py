@@ -41,6 +41,7 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
 
         market, windows = prepare_data(cfg.train)
         src = cfg.train.data.data_dir or "bundled sample"
+        _named_files(cfg)
         return (f"{', '.join(market.pairs)} on {cfg.train.data.exchange} from {src}: {market.start_iso} .. "
                 f"{market.end_iso}, {market.n_bars} bars (train {windows.train[1] - windows.train[0]}, "
                 f"validation {windows.val[1] - windows.val[0]})")
@@ -73,6 +74,17 @@ def check_local_output(output: str) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise InputError(f"--output {output}: {parent} is a file, not a folder; accepted: a folder path")
+
+
+def _named_files(cfg: PipelineConfig) -> None:
+    """Every file the config names is read and checked now (by the same function the runs use), so a bad
+    one is refused before anything is written or `--force` moves an output's results aside. A path in a
+    cluster's config is the pods' (the image's or a volume's): it is checked where the workers run."""
+    csv = cfg.train.lending.utilization_csv
+    if csv is not None and cfg.executor == "local":
+        from nexlify.strategies.utilization import load_utilization_csv
+
+        load_utilization_csv(csv)
 
 
 def _output(output: str) -> str:

@@ -13,13 +13,14 @@ stepping needs torch and runs in a child process (nexlify.report.final_model): t
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
-import tempfile
 
 import structlog
 
+from controller.scratch import scratch_dir, sha256_file
 from controller.state import initial_run_key, retrain_run_key
 from controller.stores import StoreKeyMissing
 from controller.stores.base import Store
@@ -31,13 +32,99 @@ REPORT_KEY = "report.html"
 SUMMARY_KEY = "complete_training_summary.json"  # controller.pipeline's keys (it imports this module lazily)
 STATE_KEY = "pipeline_state.json"
 PAPER_HEADER_KEY = "session.json"  # nexlify.paper.journal.HEADER_KEY (that module imports torch)
+REPORT_SCRATCH_PREFIX = "nexlify-report-"  # + <pid>-: the model and data copies, removed by the next report if left
 
 
 def _json(store: Store, key: str) -> dict | None:
+    """The JSON object at key (None if absent); DamagedSummary naming the file if it is not one."""
     try:
-        return json.loads(store.read_bytes(key))
+        blob = store.read_bytes(key)
     except StoreKeyMissing:
         return None
+    try:
+        data = json.loads(blob)
+    except (ValueError, UnicodeDecodeError) as exc:
+        what = "empty" if not blob.strip() else f"not valid JSON ({str(exc).splitlines()[0]})"
+        raise DamagedSummary(store.url(key), what) from None
+    if not isinstance(data, dict):
+        raise DamagedSummary(store.url(key), f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+class DamagedSummary(PermanentError):
+    """A file of a finished output that exists but cannot be drawn: one line naming the file and the field.
+    Exit code 1 (a damaged output, like a damaged state), not 2: the output given was a finished one."""
+
+    def __init__(self, url: str, what: str) -> None:
+        super().__init__(f"{url} is damaged: {what}; run `nexlify train` with the same settings and output to "
+                         "write it again from the pipeline's state, or restore it")
+
+
+_NUMBER = (int, float)
+
+
+def _field(where: str, value: object, kinds: tuple, url: str, *, finite: bool = False) -> None:
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+                 bool: "true/false"}
+        wanted = " or ".join(dict.fromkeys(names[k] for k in kinds))
+        got = "missing" if value is None else f"{type(value).__name__} {value!r:.60}"
+        raise DamagedSummary(url, f"field '{where}' is {got}; expected {wanted}")
+    if finite and not math.isfinite(value):
+        raise DamagedSummary(url, f"field '{where}' is {value!r}; expected a finite number")
+
+
+def check_summary(summary: dict, url: str) -> None:
+    """What the report draws, checked before it draws anything: a finished pipeline's summary with the
+    fields and types it needs, finite scores, a selection report, and a final model that is one of its runs.
+    DamagedSummary naming the first bad field."""
+    if summary.get("pipeline_complete") is not True:
+        raise DamagedSummary(url, f"field 'pipeline_complete' is {summary.get('pipeline_complete')!r:.60}; "
+                             "a finished pipeline's summary says true")
+    for name, kinds in (("pipeline_id", (str,)), ("stop_reason", (str,)), ("initial_runs", (list,)),
+                        ("retraining_iterations", (list,)), ("best_initial_run", (int,)),
+                        ("final_model_path", (str,)), ("config", (dict,)), ("data", (dict,)),
+                        ("selection", (dict,))):
+        _field(name, summary.get(name), kinds, url)
+    for name in ("best_initial_score", "final_best_score", "total_improvement_pct"):
+        _field(name, summary.get(name), _NUMBER, url, finite=True)
+    _check_runs(summary, url)
+    for name in ("improvement_threshold", "patience", "max_iterations"):
+        _field(f"config.{name}", summary["config"].get(name), _NUMBER, url, finite=True)
+    _field("data.files", summary["data"].get("files"), (list,), url)
+    for i, f in enumerate(summary["data"]["files"]):
+        _field(f"data.files[{i}]", f, (dict,), url)
+        _field(f"data.files[{i}].key", f.get("key"), (str,), url)
+    final = summary.get("final_model_key") or summary["final_model_path"]
+    models = [r["model_path"] for r in summary["initial_runs"]] + [
+        it["model_path"] for it in summary["retraining_iterations"]]
+    if final not in models:
+        name = "final_model_key" if summary.get("final_model_key") else "final_model_path"
+        raise DamagedSummary(url, f"field '{name}' is {final!r:.200}, which names none of its runs' models")
+
+
+def _check_runs(summary: dict, url: str) -> None:
+    if not summary["initial_runs"]:
+        raise DamagedSummary(url, "field 'initial_runs' is an empty list; expected one entry per initial run")
+    for i, run in enumerate(summary["initial_runs"]):
+        where = f"initial_runs[{i}]"
+        _field(where, run, (dict,), url)
+        for name, kinds in (("run_id", (int,)), ("seed", (int,)), ("model_path", (str,)), ("val_metrics", (dict,))):
+            _field(f"{where}.{name}", run.get(name), kinds, url)
+        for name in ("val_score", "train_return"):
+            _field(f"{where}.{name}", run.get(name), _NUMBER, url, finite=True)
+        for name in ("avg_return", "avg_sharpe"):
+            _field(f"{where}.val_metrics.{name}", run["val_metrics"].get(name), _NUMBER, url, finite=True)
+    for i, it in enumerate(summary["retraining_iterations"]):
+        where = f"retraining_iterations[{i}]"
+        _field(where, it, (dict,), url)
+        for name, kinds in (("iteration", (int,)), ("seed", (int,)), ("model_path", (str,)), ("metrics", (dict,)),
+                            ("new_best", (bool,))):
+            _field(f"{where}.{name}", it.get(name), kinds, url)
+        for name in ("score", "train_return", "improvement_pct"):
+            _field(f"{where}.{name}", it.get(name), _NUMBER, url, finite=True)
+        for name in ("avg_return", "avg_sharpe"):
+            _field(f"{where}.metrics.{name}", it["metrics"].get(name), _NUMBER, url, finite=True)
 
 
 def model_key(summary: dict) -> str:
@@ -114,8 +201,8 @@ def training_curves(store: Store, runs: list[dict]) -> dict:
 
 def _child(module: str, args: list[str], what: str) -> dict:
     """Run `python -m module *args OUT_JSON` (a torch process of the report), relay its events and return its
-    JSON; its error as ours (exit code 2: InputError)."""
-    with tempfile.TemporaryDirectory(prefix="nexlify-report-") as tmp:
+    JSON; its error as ours (exit code 2: InputError). `what` names it in an error without a cause."""
+    with scratch_dir(REPORT_SCRATCH_PREFIX) as tmp:
         out_path = os.path.join(tmp, "out.json")
         child = subprocess.run([sys.executable, "-m", module, *args, out_path], stdin=subprocess.DEVNULL,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -137,23 +224,33 @@ def final_model_evaluation(store: Store, summary: dict) -> dict:
     """The final model stepped through the pipeline's validation and test windows, on the output's own data
     snapshot and with the model's own config and normaliser. The stepping needs torch, so it runs in a
     process of its own (nexlify.report.final_model); the controller reads its JSON and relays its events."""
-    with tempfile.TemporaryDirectory(prefix="nexlify-report-") as tmp:
+    with scratch_dir(REPORT_SCRATCH_PREFIX) as tmp:
         data_dir = os.path.join(tmp, "data")
         os.mkdir(data_dir)
         for f in summary["data"]["files"]:
-            store.download_file(f["key"], os.path.join(data_dir, os.path.basename(f["key"])))
+            local = os.path.join(data_dir, os.path.basename(f["key"]))
+            _download_checked(store, f["key"], local, f.get("sha256"), "the summary's data snapshot")
         model_path = os.path.join(tmp, "model.pt")
-        store.download_file(model_key(summary), model_path)
-        out_path = os.path.join(tmp, "evaluation.json")
-        child = subprocess.run([sys.executable, "-m", "nexlify.report.final_model", model_path, data_dir, out_path,
-                                "--name", store.url(model_key(summary))],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        cause = _relay_events(child.stderr)
-        if child.returncode != 0:
-            error = InputError if child.returncode == 2 else PermanentError
-            raise error(cause or f"the final model's evaluation failed (exit code {child.returncode})")
-        with open(out_path, encoding="utf-8") as fh:
-            return json.load(fh)
+        _download_checked(store, model_key(summary), model_path, summary.get("final_model_sha256"), "the summary")
+        return _child("nexlify.report.final_model", ["--name", store.url(model_key(summary)), model_path, data_dir],
+                      "the final model's evaluation")
+
+
+def _download_checked(store: Store, key: str, local: str, want: str | None, recorded_in: str) -> None:
+    """Copy an output's file to a scratch path and check it against its recorded sha256: a damaged file is
+    named by its place in the output, never by the scratch copy (which is gone once the report fails)."""
+    try:
+        store.download_file(key, local)
+    except StoreKeyMissing:
+        raise PermanentError(f"{store.url(key)} is missing (named in {recorded_in}); restore it, or run "
+                             "`nexlify train` on this output to train it again") from None
+    if want is None:
+        return
+    got = sha256_file(local)
+    if got != want:
+        raise PermanentError(f"{store.url(key)} is damaged: its sha256 {got[:16]} ({os.path.getsize(local)} bytes) "
+                             f"is not the {want[:16]} recorded in {recorded_in}; restore it, or run `nexlify "
+                             "train --force` on this output to train it again")
 
 
 def _relay_events(stderr: str, process: str = "nexlify.report.final_model") -> str | None:
@@ -181,15 +278,30 @@ def _relay_events(stderr: str, process: str = "nexlify.report.final_model") -> s
     return cause
 
 
-def build(store: Store) -> dict:
+def read_summary(store: Store) -> dict | None:
+    """The output's summary, checked (check_summary); None for a paper session (drawn from its journal);
+    InputError (exit 2) if there is neither: not the output of a finished pipeline; DamagedSummary (exit 1)
+    if it cannot be drawn."""
     summary = _json(store, SUMMARY_KEY)
     if summary is None and store.exists(PAPER_HEADER_KEY):
-        return paper_data(store)
+        return None
     if summary is None:
         raise InputError(f"{store.url(SUMMARY_KEY)} does not exist: the pipeline there has not finished; accepted: "
                          "the output folder or s3:// prefix of a finished pipeline, or of a paper session "
                          f"(with {PAPER_HEADER_KEY})")
-    p = pipeline_data(summary, _json(store, STATE_KEY))
+    check_summary(summary, store.url(SUMMARY_KEY))
+    return summary
+
+
+def build(store: Store) -> dict:
+    summary = read_summary(store)
+    if summary is None:
+        return paper_data(store)
+    try:
+        state = _json(store, STATE_KEY)
+    except DamagedSummary:  # the state only adds each iteration's patience count: drawn without it
+        state = None
+    p = pipeline_data(summary, state)
     return {"title": f"nexlify pipeline {summary['pipeline_id']}", "verdict": summary_verdict(summary), "pipeline": p,
             "evaluation": final_model_evaluation(store, summary), "training": training_curves(store, p["runs"])}
 

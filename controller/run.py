@@ -6,7 +6,7 @@ import os
 import tempfile
 
 from controller.config import PipelineConfig, pipeline_hash, pipeline_id
-from controller.lease import open_lease
+from controller.lease import new_holder, open_lease
 from controller.pipeline import Pipeline
 from controller.stores import Store, open_store
 from nexlify import logs
@@ -29,7 +29,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: bool = False) -> dict:
     # The Jobs' identity covers the output too: one config run to two prefixes never shares a Job.
     executor = make_executor(cfg, pipeline_id(cfg, store.root_url), pipeline_hash(cfg))
     pipeline = Pipeline(cfg, store, executor, force=force)
-    lease = open_lease(store)
+    lease = open_lease(store, new_holder(command="train"))
     try:
         # Another config's output is refused here, before anything (training.log included) is written;
         # then the output is locked: one live controller per output (a second one exits 2).

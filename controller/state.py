@@ -83,6 +83,8 @@ class InitialRun(_Record):
     versions: dict | None = None  # the worker's nexlify, python and torch
     return_moments: dict | None = None  # per-bar validation return moments (selection honesty); None from an old run
     val_baselines: dict | None = None  # the baselines' averages on the validation window; None from an old run
+    result_sha256: str | None = None  # sha256 of its result.json as the pipeline read it (checked on every start)
+    model_sha256: str | None = None  # sha256 of its model as the worker wrote it (checked on every start)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,6 +109,8 @@ class Iteration(_Record):
     versions: dict | None = None  # the worker's nexlify, python and torch
     return_moments: dict | None = None  # per-bar validation return moments; None from an old run
     val_baselines: dict | None = None  # the baselines' averages on the validation window; None from an old run
+    result_sha256: str | None = None  # sha256 of its result.json as the pipeline read it (checked on every start)
+    model_sha256: str | None = None  # sha256 of its model as the worker wrote it (checked on every start)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

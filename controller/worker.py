@@ -11,6 +11,7 @@ saving its resume checkpoint (preemption: a replacement pod continues from it).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from nexlify.logs import BAR_FORMAT
 from nexlify.tb import EVENTS_FILE, RunBoard
 from nexlify.training import Preempted, prepare_data, resolve_device, train_run
 
+from controller.scratch import SCRATCH_PREFIX, clean_stale_scratch  # noqa: F401 (re-exported)
 from controller.stores import StoreKeyMissing, open_store
 
 log = structlog.get_logger("nexlify.worker")
@@ -106,8 +108,11 @@ class RunOutputs:
     def write_json(self, key: str, data: dict) -> None:
         self.store.write_bytes(key, json.dumps(data, indent=2, sort_keys=False).encode())
 
-    def save_torch(self, key: str, obj: dict) -> None:
-        self.store.write_bytes(key, checkpoint.to_bytes(obj))
+    def save_torch(self, key: str, obj: dict) -> str:
+        """Write the checkpoint; returns the sha256 of its bytes (result.json records the model's)."""
+        blob = checkpoint.to_bytes(obj)
+        self.store.write_bytes(key, blob)
+        return hashlib.sha256(blob).hexdigest()
 
     def load_resume(self, device: torch.device) -> dict | None:
         """The run's resume checkpoint, or None. A damaged or hostile one (truncated, not a torch file, a
@@ -118,7 +123,7 @@ class RunOutputs:
         except StoreKeyMissing:
             return None
         try:
-            state = torch.load(io.BytesIO(blob), map_location=device, weights_only=True)
+            state = checkpoint.safe_torch_load(io.BytesIO(blob), map_location=device)
             if not isinstance(state, dict) or "episodes_done" not in state:
                 raise ValueError("not a resume checkpoint (no episodes_done)")
             return state
@@ -236,7 +241,7 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                 extra={"run_key": run_key, "versions": versions()},
             )
             model_name = checkpoint.checkpoint_name(output.val_metrics["avg_return"])
-            outputs.save_torch(model_name, ckpt)
+            model_sha256 = outputs.save_torch(model_name, ckpt)
             board.metrics("val", output.val_metrics, output.episodes_trained)
             board.metrics("test", output.test_metrics, output.episodes_trained)
             board.close()
@@ -256,6 +261,7 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                 "train_return": output.train_return,
                 "model_file": model_name,
                 "model_url": f"{outputs.url}/{model_name}",
+                "model_sha256": model_sha256,  # the pipeline checks the model against it before using it
                 "init_from": init_from,
                 "episodes_trained": output.episodes_trained,
                 "episodes_total": previous_episodes + output.episodes_trained,
@@ -280,46 +286,6 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
         raise error from None
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-SCRATCH_PREFIX = "nexlify-worker-"  # + <pid>-<random>: the owner's pid tells a live copy from a stale one
-
-
-def clean_stale_scratch(tmp_root: str | None = None) -> list[str]:
-    """Remove the snapshot copies (<tmp>/nexlify-worker-<pid>-*) of workers that are gone: a worker killed
-    with -9 cannot clean its own. A folder whose owning pid is alive (another worker) is left alone, and
-    so is one not named by this scheme. Returns the folders removed."""
-    import shutil
-
-    tmp_root = tmp_root or tempfile.gettempdir()
-    removed = []
-    try:
-        names = os.listdir(tmp_root)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(SCRATCH_PREFIX):
-            continue
-        pid_text = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
-            continue
-        path = os.path.join(tmp_root, name)
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.exists(path):
-            removed.append(path)
-    if removed:
-        log.info("stale_scratch_removed", folders=removed)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def _events_of(resume: dict | None) -> bytes | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -70,11 +71,36 @@ def load_failure(exc: BaseException) -> str:
     """Why torch.load(weights_only=True) refused a file, in one line, WITHOUT torch's advice to retry with
     weights_only=False (never safe for a file from elsewhere)."""
     text = str(exc)
+    if isinstance(exc, ValueError) and ("CRC-32" in text or "torch file" in text or "damaged member" in text):
+        return text
     if "weights_only" in text or "Weights only load failed" in text:
         return ("it holds objects other than tensors and plain data (refused by weights_only=True: it could run "
                 "code when loaded); not a nexlify checkpoint")
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def check_zip(fh) -> None:
+    """Read every member of a torch file (a zip) and check its CRC-32: torch.load does not, so a checkpoint
+    with flipped bytes inside its tensors would load with other weights. ValueError naming the member."""
+    try:
+        with zipfile.ZipFile(fh) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"not a complete torch file (truncated or not a zip: {exc})") from None
+    except (EOFError, zipfile.LargeZipFile, NotImplementedError) as exc:
+        raise ValueError(f"not a readable torch file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - zlib.error, struct.error from a damaged member
+        raise ValueError(f"a damaged member ({type(exc).__name__}: {exc})") from None
+    if bad is not None:
+        raise ValueError(f"member {bad} fails its CRC-32 check (the file's bytes changed after it was written)")
+    fh.seek(0)
+
+
+def safe_torch_load(fh, map_location: str | torch.device = "cpu"):
+    """torch.load(weights_only=True) of an open binary file, after every member's CRC-32 is checked."""
+    check_zip(fh)
+    return torch.load(fh, map_location=map_location, weights_only=True)
 
 
 def load(source: str | Path | bytes, map_location: str | torch.device = "cpu", *, name: str | None = None) -> dict:
@@ -92,7 +118,7 @@ def load(source: str | Path | bytes, map_location: str | torch.device = "cpu", *
                          "written by nexlify") from None
     try:
         with fh:
-            ckpt = torch.load(fh, map_location=map_location, weights_only=True)
+            ckpt = safe_torch_load(fh, map_location)
     except Exception as exc:  # a pickle with code in it, a truncated file, not a torch file at all
         raise InputError(f"checkpoint {name} cannot be loaded safely: {load_failure(exc)}") from None
     missing = [k for k in REQUIRED_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(REQUIRED_KEYS)

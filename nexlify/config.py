@@ -47,7 +47,7 @@ class RiskConfig:
     """Risk rules enforced by the environment. A fraction of 0 switches a rule off."""
 
     stop_loss: float = setting(0.02, "stop-loss below entry, as a fraction (0 = off)", lo=0.0, hi=1.0, hi_open=True)
-    take_profit: float = setting(0.05, "take-profit above entry, as a fraction (0 = off)", lo=0.0)
+    take_profit: float = setting(0.05, "take-profit above entry, as a fraction (0 = off)", lo=0.0, hi=100.0)
     trailing_stop: float = setting(0.03, "trailing stop below the highest price since entry (0 = off)",
                                    lo=0.0, hi=1.0, hi_open=True)
     max_position: float = setting(0.05, "at most this fraction of equity per trade", lo=0.0, hi=1.0, lo_open=True)
@@ -71,12 +71,14 @@ class RiskConfig:
 
 @dataclass
 class EnvConfig:
-    initial_equity: float = setting(10_000.0, "starting equity in quote currency", lo=0.0, lo_open=True)
+    initial_equity: float = setting(10_000.0, "starting equity in quote currency", lo=0.0, lo_open=True,
+                                   hi=1e12)
     fee: float = setting(0.001, "exchange fee per side, as a fraction of notional", lo=0.0, hi=0.1)
     slippage_bps: float = setting(5.0, "slippage against us on every fill, in basis points", lo=0.0, hi=1000.0)
     episode_bars: int = setting(720, "bars per training episode, each from a seeded random start in the training "
                                 "window (0 = the whole window, every episode the same pass)", lo=0, hi=10_000_000)
-    drawdown_penalty: float = setting(0.0, "reward penalty per unit of new drawdown (0 = pure log-equity reward)", lo=0.0)
+    drawdown_penalty: float = setting(0.0, "reward penalty per unit of new drawdown (0 = pure log-equity reward)", lo=0.0,
+                                     hi=1000.0)
     num_envs: int = setting(32, "training episodes stepped together as one batch, each at its own random offset "
                             "(0 = all of a run's episodes, up to 1024)", lo=0, hi=65536)
     precision: str = setting("float64", "accounting precision: float64 (exact) or float32 (faster)",
@@ -151,15 +153,17 @@ class LPConfig:
     range_width: float = setting(LPParams.range_width, "position range: +- this fraction around the price at "
                                  "opening (0.05, 0.10, 0.25 ...)", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     dex_volume_share: float = setting(LPParams.dex_volume_share, "pool volume as a fraction of the candle's volume "
-                                      "(assumption)", lo=0.0, lo_open=True)
-    pool_tvl_usd: float = setting(LPParams.pool_tvl_usd, "the pool's other liquidity in USD (assumption)", lo=0.0)
+                                      "(assumption)", lo=0.0, lo_open=True, hi=1000.0)
+    pool_tvl_usd: float = setting(LPParams.pool_tvl_usd, "the pool's other liquidity in USD (assumption)", lo=0.0,
+                                 hi=1e13)
     pool_range_width: float = setting(LPParams.pool_range_width, "the pool's liquidity is spread like one position "
                                       "over +- this fraction", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-    gas_units_open: float = setting(LPParams.gas_units_open, "gas used by opening (mint)", lo=0.0)
+    gas_units_open: float = setting(LPParams.gas_units_open, "gas used by opening (mint)", lo=0.0, hi=1e8)
     gas_units_close: float = setting(LPParams.gas_units_close, "gas used by closing (decrease + collect + burn)",
-                                     lo=0.0)
-    gas_price_gwei: float = setting(LPParams.gas_price_gwei, "gas price in gwei", lo=0.0)
-    eth_usd_for_gas: float = setting(LPParams.eth_usd_for_gas, "ETH price in USD that converts gas to USD", lo=0.0)
+                                     lo=0.0, hi=1e8)
+    gas_price_gwei: float = setting(LPParams.gas_price_gwei, "gas price in gwei", lo=0.0, hi=1e6)
+    eth_usd_for_gas: float = setting(LPParams.eth_usd_for_gas, "ETH price in USD that converts gas to USD", lo=0.0,
+                                    hi=1e9)
     max_gas_share: float = setting(LPParams.max_gas_share, "an LP action's gas is at most this share of the value "
                                    "it moves: positions start at (gas open + close) / share (sized up within the "
                                    "per-trade cap, else masked), close only while worth gas close / share",
@@ -218,10 +222,12 @@ class ArbitrageConfig:
     rebalance_delay_hours: dict = setting(dict(ArbParams().rebalance_delay_hours), "hours a transfer between the "
                                           "venues takes, per coin (replaces the whole table)", cli=False)
     rebalance_notional_usd: float = setting(ArbParams.rebalance_notional_usd, "arbitrage volume one transfer "
-                                            "serves (amortises the withdrawal fee in the edge)", lo=0.0, lo_open=True)
-    min_edge_bps: float = setting(ArbParams.min_edge_bps, "net edge needed on top of all costs, in bps", lo=0.0)
+                                            "serves (amortises the withdrawal fee in the edge)", lo=0.0, lo_open=True,
+                                            hi=1e12)
+    min_edge_bps: float = setting(ArbParams.min_edge_bps, "net edge needed on top of all costs, in bps", lo=0.0,
+                                 hi=10000.0)
     max_notional_usd: float = setting(ArbParams.max_notional_usd, "largest arbitrage per pair and bar, in USD",
-                                      lo=0.0, lo_open=True)
+                                      lo=0.0, lo_open=True, hi=1e12)
     rebalance_below: float = setting(ArbParams.rebalance_below, "rebalance the inventory when a venue holds at "
                                      "most this fraction of the book's coins or quote", lo=0.0, hi=0.5, hi_open=True)
     max_withdrawal_share: float = setting(ArbParams.max_withdrawal_share, "a book is funded only when one withdrawal "
@@ -251,7 +257,7 @@ class AgentConfig:
     hidden: int = setting(64, "units per hidden layer", lo=8, hi=4096)
     gamma: float = setting(0.99, "discount per bar", lo=0.0, hi=1.0)
     n_step: int = setting(3, "n-step return length", lo=1, hi=64)
-    learning_rate: float = setting(5e-4, "Adam learning rate", lo=0.0, lo_open=True)
+    learning_rate: float = setting(5e-4, "Adam learning rate", lo=0.0, lo_open=True, hi=1.0)
     batch_size: int = setting(256, "transitions per gradient step", lo=1, hi=65536)
     buffer_size: int = setting(200_000, "replay capacity in transitions (one per pair and episode and bar)", lo=1,
                                hi=100_000_000)
@@ -259,7 +265,7 @@ class AgentConfig:
                                    hi=100_000_000)
     train_every: int = setting(1, "batched environment steps per gradient step", lo=1, hi=100_000)
     target_update: int = setting(500, "gradient steps between target-network copies", lo=1, hi=10_000_000)
-    grad_clip: float = setting(10.0, "max gradient norm", lo=0.0, lo_open=True)
+    grad_clip: float = setting(10.0, "max gradient norm", lo=0.0, lo_open=True, hi=1e6)
     eps_start: float = setting(1.0, "initial exploration rate of a fresh run", lo=0.0, hi=1.0)
     eps_end: float = setting(0.05, "final exploration rate", lo=0.0, hi=1.0)
     eps_continue: float = setting(0.2, "initial exploration rate of a run that continues from a checkpoint",

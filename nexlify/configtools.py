@@ -130,11 +130,23 @@ def type_name(t: Any) -> str:
     origin = typing.get_origin(base)
     if origin is list:
         name = f"list of {type_name(typing.get_args(base)[0])}"
-    elif origin is dict:
+    elif origin is dict or base is dict:
         name = "mapping"
     else:
         name = {int: "integer", float: "number", str: "string", bool: "true/false"}.get(base, str(base))
     return name + (" or null" if optional else "")
+
+
+MAX_ECHO = 200  # characters of a bad value an error message repeats
+
+
+def shown(value: Any, limit: int = MAX_ECHO) -> str:
+    """repr(value) for an error message, cut to `limit` characters (a 28 MB value must not become a 28 MB
+    line): the cut is marked with the value's full length."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _a(noun: str) -> str:
@@ -165,7 +177,7 @@ def coerce(leaf: Leaf, value: Any, source: str) -> Any:
             return dict(value)
         return _coerce_scalar(base, value)
     except (ValueError, TypeError):
-        raise InputError(f"{where} must be {_a(type_name(leaf.type))}, got {value!r}") from None
+        raise InputError(f"{where} must be {_a(type_name(leaf.type))}, got {shown(value)}") from None
 
 
 def _coerce_scalar(t: Any, value: Any) -> Any:
@@ -196,6 +208,8 @@ def _coerce_scalar(t: Any, value: Any) -> Any:
         if isinstance(value, (dict, list)):
             raise ValueError
         return str(value)
+    if t is dict and not isinstance(value, dict):  # list[dict] items (tolerations): a mapping each
+        raise ValueError
     return value
 
 
@@ -209,7 +223,7 @@ def check_leaf(leaf: Leaf, value: Any) -> None:
         for v in values:
             if v not in m["choices"]:
                 accepted = ", ".join(str(c) for c in m["choices"])
-                raise InputError(f"{leaf.flag}: {v!r} is not accepted; accepted: {accepted}")
+                raise InputError(f"{leaf.flag}: {shown(v)} is not accepted; accepted: {accepted}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         lo, hi = m.get("lo"), m.get("hi")
         bad_lo = lo is not None and (value <= lo if m.get("lo_open") else value < lo)
@@ -267,6 +281,9 @@ def apply_mapping(cfg: Any, mapping: dict, source: str) -> set[str]:
         if k in sections and isinstance(value, dict):
             new = apply_mapping(sections[k], value, f"{source}: section '{k}'")
             how = f"in section '{k}'"
+        elif k in sections and k not in index:
+            raise InputError(f"{source}: '{k}' must be a mapping of its settings ({k}: {{name: value, ...}}), "
+                             f"got {shown(value)}")
         elif k in index:
             leaf = index[k]
             set_path(cfg, leaf.path, coerce(leaf, value, source))
@@ -274,7 +291,7 @@ def apply_mapping(cfg: Any, mapping: dict, source: str) -> set[str]:
             how = f"as '{key}'"
         else:
             accepted = ", ".join(sorted(list(index) + list(sections)))
-            raise InputError(f"{source}: unknown setting {key!r}; accepted: {accepted}")
+            raise InputError(f"{source}: unknown setting {shown(key)}; accepted: {accepted}")
         twice = sorted(new & touched)
         if twice:  # flat `stop_loss` and `risk: {stop_loss}`: which one was meant? never last-wins
             name = twice[0]
@@ -297,24 +314,33 @@ def load_yaml(text: str, source: str) -> Any:
 
     if _UniqueKeyLoader.loader is None:
         class Loader(yaml.SafeLoader):
-            pass
+            def compose_node(self, parent, index):  # anchors and aliases: a 300-byte file must not expand to GB
+                if self.check_event(yaml.AliasEvent):
+                    mark = self.peek_event().start_mark
+                    raise InputError(f"{self.source}: line {mark.line + 1} uses a YAML alias (*name); accepted: "
+                                     "plain values (anchors and aliases are refused)")
+                return super().compose_node(parent, index)
 
         def construct_mapping(loader, node, deep=False):
             seen: dict = {}
             for key_node, _ in node.value:
                 key = loader.construct_object(key_node, deep=deep)
                 if key in seen:
-                    raise InputError(f"{source}: key {key!r} appears twice in one mapping (lines "
+                    raise InputError(f"{loader.source}: key {shown(key)} appears twice in one mapping (lines "
                                      f"{seen[key] + 1} and {key_node.start_mark.line + 1}); accepted: each key once")
                 seen[key] = key_node.start_mark.line
             return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
         Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
         _UniqueKeyLoader.loader = Loader
+    loader = _UniqueKeyLoader.loader(text)
+    loader.source = source
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader.loader)  # noqa: S506 - a SafeLoader subclass
+        return loader.get_single_data()  # a SafeLoader subclass: plain data only
     except yaml.YAMLError as exc:
         raise InputError(f"{source} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
 
 
 def _sections(cfg: Any) -> dict[str, Any]:

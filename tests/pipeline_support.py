@@ -194,8 +194,8 @@ def sigkill_pipeline(proc: subprocess.Popen) -> list[int]:
 
 
 def comparable(summary: dict) -> dict:
-    """The summary less what legitimately differs between two runs of one pipeline: timings, and where
-    the output lives (the config's output, the final model's absolute path or URL, and the pipeline id,
+    """The summary less what legitimately differs between two runs of one pipeline: timings (and the
+    digests of the result.json files that hold them), and where the output lives (the config's output, the final model's absolute path or URL, and the pipeline id,
     which covers the output so that one config run to two outputs never shares a Kubernetes Job)."""
     s = copy.deepcopy(summary)
     s.pop("timings", None)
@@ -205,6 +205,7 @@ def comparable(summary: dict) -> dict:
     s["config"].pop("output", None)
     for entry in s["initial_runs"] + s["retraining_iterations"]:
         entry.pop("timings", None)
+        entry.pop("result_sha256", None)  # the digest of a result.json, which holds the timings and the output
     return s
 
 

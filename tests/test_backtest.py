@@ -473,7 +473,7 @@ def test_interrupted_fold_resumes_its_pipeline_without_training_again(wf_out, tm
 
 def test_a_failing_fold_stops_the_backtest_naming_the_fold(wf_out, tmp_path):
     out = _copy(wf_out, tmp_path)
-    # fold 2's pipeline finds its data snapshot changed since it started: a permanent error of the pipeline
+    # fold 2's pipeline finds its data snapshot changed since it was recorded: a permanent error of the pipeline
     (out / "fold_2" / "test_result.json").unlink()
     (out / "fold_2" / "complete_training_summary.json").unlink()
     snapshot = next((out / "fold_2" / "data").iterdir())
@@ -482,7 +482,8 @@ def test_a_failing_fold_stops_the_backtest_naming_the_fold(wf_out, tmp_path):
     assert proc.returncode == 1
     last = error_lines(proc.stderr)[-1]
     assert last.startswith("error: fold 2 (train 2024-11-01 .. 2025-05-27, test 2025-05-27 .. 2025-06-01): "
-                           "its pipeline failed: data snapshot ")
+                           f"its pipeline failed: the pipeline at {out / 'fold_2'} finished, but 1 file(s)"), last
+    assert f"{snapshot} is damaged: its sha256" in last  # checked by digest before anything is adopted
     wf = read_json(out / "walk_forward.json")
     assert not (out / "fold_2" / "test_result.json").exists()
     assert wf["complete"] is False and [r["fold"] for r in wf["folds"]] == [1]  # the progress so far

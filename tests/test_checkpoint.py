@@ -224,3 +224,33 @@ def test_train_config_keeps_the_acting_rule_a_checkpoint_was_trained_under(agent
     cfg = checkpoint.train_config({"config": stored}, "old.pt")
     assert cfg.agent.hold_margin == margin
     assert cfg.agent.hidden == (32 if agent is not None else AgentConfig().hidden)
+
+
+def _flip_inside_tensor_data(blob: bytes) -> bytes:
+    """8 bytes inverted in the middle of the largest tensor's stored bytes (the zip's headers intact)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    # local header: 30 bytes + name + extra, then the member's stored bytes
+    name_len = int.from_bytes(blob[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(blob[info.header_offset + 28:info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    return blob[:start] + bytes(b ^ 0xFF for b in blob[start:start + 8]) + blob[start + 8:]
+
+
+@pytest.mark.parametrize("damage, named", [
+    (_flip_inside_tensor_data, "fails its CRC-32 check"),
+    (lambda blob: blob[: len(blob) // 2], "not a complete torch file"),
+    (lambda blob: blob[:-7], "not a complete torch file"),
+    (lambda blob: b"", "not a complete torch file"),
+])
+def test_a_damaged_checkpoint_is_named_never_loaded_with_other_weights(tmp_path, damage, named):
+    path = tmp_path / "model.pt"
+    path.write_bytes(damage(checkpoint.to_bytes(make_checkpoint(trained_agent()))))
+    with pytest.raises(InputError) as info:
+        checkpoint.load(path)
+    message = str(info.value)
+    assert f"checkpoint {path} cannot be loaded safely" in message and named in message, message
+    assert "\n" not in message

@@ -102,6 +102,8 @@ def test_a_final_model_that_cannot_be_loaded_fails_the_report_naming_it(trained,
     shutil.copytree(out, copy)
     (copy / "report.html").unlink()
     summary = read_json(copy / "complete_training_summary.json")
+    summary.pop("final_model_sha256")  # a summary without the model's digest: the loader itself must refuse it
+    (copy / "complete_training_summary.json").write_text(json.dumps(summary))
     (copy / summary["final_model_key"]).write_bytes(b"not a checkpoint")
     got = run_cli(["report", str(copy)], timeout=120)
     assert got.returncode == 2

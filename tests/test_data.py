@@ -427,6 +427,11 @@ BAD_ROWS = {
     "zero price": (1, f"{T0 + H},0,102,0,101,11", "prices > 0"),
     "negative price": (1, f"{T0 + H},-101,102,-101.5,-101,11", "prices > 0"),
     "negative volume": (2, f"{T0 + 2 * H},102,104,101,103,-1", "volume >= 0"),
+    # values that pass every rule above yet overflow the arithmetic: refused before any training
+    "infinite high": (2, f"{T0 + 2 * H},102,inf,101,103,12", "prices finite and below 1e12"),
+    "1e308 prices": (1, f"{T0 + H},1e308,1e308,1e308,1e308,11", "prices finite and below 1e12"),
+    "price 1e12": (3, f"{T0 + 3 * H},103,1e12,102,104,13", "prices finite and below 1e12"),
+    "infinite volume": (2, f"{T0 + 2 * H},102,104,101,103,inf", "volume finite"),
 }
 
 
@@ -500,7 +505,21 @@ def test_timestamps_in_seconds_get_a_hint(tmp_path):
     path = candle_file(tmp_path, rows)
     with pytest.raises(InputError) as info:
         validate_candles(read_candles(path), str(path), H)
-    assert "1h grid" in str(info.value) and "look like seconds" in str(info.value)
+    assert "within 2009-01-01T00:00:00Z .. 2100-01-01T00:00:00Z" in str(info.value)
+    assert "look like seconds" in str(info.value) and "timestamp 1704067200 (row 1, line 2)" in str(info.value)
+
+
+@pytest.mark.parametrize("stamp", [10**15, 4_102_444_800_000, 1_230_764_400_000])
+def test_a_timestamp_beyond_2009_2100_names_file_line_and_what_is_accepted(tmp_path, stamp):
+    """10**15 ms is the year 33658: named as the number it is (no date can be printed for it)."""
+    rows = good_rows(4)
+    rows[2] = f"{stamp},102,104,101,103,12"
+    path = candle_file(tmp_path, rows)
+    with pytest.raises(InputError) as info:
+        load_market("binance", ["BTC/USDT"], data_dir=tmp_path)
+    message = str(info.value)
+    assert str(path) in message and f"timestamp {stamp} (row 3, line 4)" in message, message
+    assert "timestamps in ms since the epoch within 2009-01-01T00:00:00Z .. 2100-01-01T00:00:00Z" in message
 
 
 # ---- --data-dir formats: .csv.gz, .csv and Parquet --------------------------------------------

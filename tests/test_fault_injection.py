@@ -8,7 +8,13 @@
 - a damaged checkpoint: a truncated or hostile resume.pt is set aside and the run starts again; a
   hostile --init-from fails the run with a reason naming the file;
 - a finished pipeline whose final model was deleted says what is missing instead of "done";
-- workers killed with -9 leave snapshot copies in /tmp: the next worker removes them.
+- workers killed with -9 leave snapshot copies in /tmp: the next worker removes them;
+- --force moves the old results aside until the new pipeline has a model, and a config naming a missing
+  file is refused before it touches anything;
+- integrity by digest: a truncated or flipped model, result.json or data snapshot of a finished (or a
+  resuming) output is named, never answered "done";
+- the report is a resumable step; on a damaged summary it is one line naming the file and the field;
+- one lease per output, whatever the command (train, backtest, report).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from controller.worker import clean_stale_scratch
 from nexlify.data import bundled_dir
 from nexlify.errors import PermanentError
 from tests.pipeline_support import (
-    REPO, Reference, error_lines, finish, folder_tree, log_events, non_json_lines, read_json, run_cli, start_cli,
+    REPO, Reference, error_lines, finish, folder_tree, log_events, log_events_text, non_json_lines, read_json, run_cli,
+    start_cli,
     train_args,
 )
 from tests.test_kubernetes_executor import (  # noqa: F401 - make_cluster is a fixture used below
@@ -329,3 +336,277 @@ def test_worker_failures_carry_their_cause_not_just_the_exit_code(monkeypatch, t
                            "device (exit code 1)")
     assert crash.reason == ("worker failed: RuntimeError: CUDA error: an illegal memory access was encountered "
                             "(exit code 1)")
+
+
+# ---- --force: everything validated first, the old results moved aside until a new model exists ----------
+
+
+def test_force_with_a_config_naming_a_missing_file_changes_nothing(reference, tmp_path):
+    """utilization_csv is read by the workers: it is checked before --force touches the output."""
+    out = copy_of(reference, tmp_path)
+    before = folder_tree(out)
+    config = tmp_path / "bad.yaml"
+    config.write_text(f"lending:\n  utilization_csv: {tmp_path}/nonexistent/util.csv\n")
+    got = run_cli(train_args(str(out), "--config", str(config), "--force"), timeout=120)
+    assert got.returncode == 2, got.stderr[-3000:]
+    [line] = error_lines(got.stderr)
+    assert f"{tmp_path}/nonexistent/util.csv" in line and "does not exist" in line, line
+    assert folder_tree(out) == before
+
+
+def test_force_moves_the_old_results_aside_until_the_new_pipeline_has_a_model(reference, tmp_path):
+    """--force killed (-9) before any new model: the old summary, models and data are all in
+    .replaced-<time>/, byte for byte; the restart (no --force: the state is the new config's) deletes them
+    once its first model exists."""
+    out = copy_of(reference, tmp_path)
+    before = folder_tree(out)
+    changed = ["--initial-episodes", "4", "--max-iterations", "0"]
+    log_path = tmp_path / "forced.log"
+    proc = start_cli(train_args(str(out), *changed, "--force"), log_path, kill_at_phase="INITIAL_RUNNING")
+    assert finish(proc, log_path) == -9
+    [aside] = [p for p in out.iterdir() if p.name.startswith(".replaced-")]
+    moved = {k.split("/", 1)[1]: v for k, v in folder_tree(out).items() if k.startswith(".replaced-")}
+    kept = {k: v for k, v in before.items() if k not in ("pipeline.lease",)}
+    assert moved == kept, set(kept) ^ set(moved)  # every file of the old pipeline, unchanged
+    assert not (out / SUMMARY).exists()
+    assert read_json(out / STATE)["replaced"] == aside.name
+
+    got = run_cli(train_args(str(out), *changed), timeout=180)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert not aside.exists()
+    assert "replaced" not in read_json(out / STATE)
+    assert read_json(out / SUMMARY)["config"]["initial_episodes"] == 4
+    assert "replaced_results_deleted" in [e["event"] for e in log_events(out / "training.log")]
+
+
+# ---- integrity by digest: a finished output is verified on every rerun ---------------------------------------
+
+
+def _final_model(out: Path) -> Path:
+    return out / read_json(out / SUMMARY)["final_model_key"]
+
+
+def _flip(path: Path) -> None:
+    blob = path.read_bytes()
+    middle = len(blob) // 2
+    path.write_bytes(blob[:middle] + bytes(b ^ 0xFF for b in blob[middle:middle + 8]) + blob[middle + 8:])
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# (case, what to damage in a copy of the finished reference, the file the one error line must name)
+DONE_DAMAGE = [
+    ("final model truncated", lambda out: _truncate(_final_model(out)), _final_model),
+    ("final model with 8 bytes flipped", lambda out: _flip(_final_model(out)), _final_model),
+    ("a run's result.json truncated", lambda out: _truncate(out / "initial_runs/run_2/result.json"),
+     lambda out: out / "initial_runs/run_2/result.json"),
+    ("a retraining result.json emptied", lambda out: (out / "retraining/iteration_1/result.json").write_bytes(b""),
+     lambda out: out / "retraining/iteration_1/result.json"),
+    ("the data snapshot truncated", lambda out: _truncate(next((out / "data").iterdir())),
+     lambda out: next((out / "data").iterdir())),
+]
+
+
+@pytest.fixture(scope="module")
+def done_damage_results(reference, tmp_path_factory) -> dict:
+    """Every damaged copy rerun at once: {case: (completed process, output, tree before)}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = tmp_path_factory.mktemp("done-damage")
+
+    def run(case):
+        name, damage, _ = case
+        out = base / name.replace(" ", "-").replace("'", "") / "out"
+        shutil.copytree(reference, out)
+        damage(out)
+        before = folder_tree(out)
+        return name, (run_cli(train_args(str(out)), timeout=180), out, before)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(run, DONE_DAMAGE))
+
+
+@pytest.mark.parametrize("case", DONE_DAMAGE, ids=[c[0] for c in DONE_DAMAGE])
+def test_a_damaged_file_of_a_finished_output_is_named_never_done(done_damage_results, case):
+    name, _, named = case
+    got, out, before = done_damage_results[name]
+    assert got.returncode == 1, got.stderr[-3000:]
+    [line] = error_lines(got.stderr)
+    assert str(named(out)) in line and "is damaged: its sha256" in line and "--force" in line, line
+    assert "pipeline_already_done" not in got.stderr and "Traceback" not in got.stderr
+    tree = folder_tree(out)
+    for key in ("training.log", "pipeline_config.json"):  # this start's log, and its config naming the copy's folder
+        tree.pop(key), before.pop(key)
+    assert tree == before  # named; no run, model, data or summary changed
+
+
+def test_a_damaged_result_of_the_selected_run_stops_a_resume(reference, tmp_path):
+    """Mid-pipeline (SELECTED, retraining to come): the selected run's result.json was truncated after the
+    state recorded it. The resume names it instead of retraining from a model nobody can vouch for."""
+    out = copy_of(reference, tmp_path)
+    state = read_json(out / STATE)
+    for key in ("stop_reason", "iteration", "summary_sha256"):
+        state.pop(key, None)
+    state.update(phase="SELECTED", retraining=[], patience_count=0)
+    (out / STATE).write_text(json.dumps(state))
+    for p in [out / SUMMARY, out / "report.html", *[p for p in (out / "retraining").rglob("*") if p.is_file()]]:
+        p.unlink()
+    selected = out / f"initial_runs/run_{state['best_initial_run']}/result.json"
+    _truncate(selected)
+    got = run_cli(train_args(str(out)), timeout=120)
+    assert got.returncode == 1, got.stderr[-3000:]
+    [line] = error_lines(got.stderr)
+    assert "cannot resume" in line and f"{selected} is damaged: its sha256" in line, line
+    assert "run_started" not in got.stderr
+
+
+def test_the_report_is_a_resumable_step_and_stale_temp_folders_go(reference, tmp_path):
+    """kill -9 while report.html was being built leaves no report and a nexlify-report-<pid>-* folder: the
+    rerun builds the report (it never answers 'done' without one) and removes the dead process's folder."""
+    out = copy_of(reference, tmp_path)
+    (out / "report.html").unlink()
+    scratch = tmp_path / "tmp"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = scratch / f"nexlify-report-{dead.pid}-abc123"
+    (stale / "data").mkdir(parents=True)
+    (stale / "model.pt").write_bytes(b"x" * 1000)
+    got = run_cli(train_args(str(out)), timeout=180, env={"TMPDIR": str(scratch)})
+    assert got.returncode == 0, got.stderr[-3000:]
+    names = [e["event"] for e in log_events(out / "training.log")]
+    assert "pipeline_already_done" in names and "report_written" in names
+    assert (out / "report.html").stat().st_size > 10_000
+    assert not stale.exists()  # the dead process's folder, and this one's own:
+    assert not [p for p in scratch.iterdir() if p.name.startswith("nexlify-report-")]
+
+
+# ---- one writer per output, whatever the command -----------------------------------------------------------
+
+
+def _hold(out: Path, command: str) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom controller.lease import LocalLease, new_holder\n"
+         "LocalLease(sys.argv[1], new_holder(command=sys.argv[2])).acquire()\nprint('held', flush=True)\n"
+         "time.sleep(300)\n", str(out), command],
+        cwd=str(REPO), stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_every_command_that_writes_an_output_meets_the_same_lease(reference, tmp_path):
+    """train holds an output: backtest and report exit 2 naming it; backtest holds one: train and a second
+    backtest exit 2 naming `nexlify backtest`. Nothing is written by the refused command."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_backtest import TINY_WF
+
+    out = copy_of(reference, tmp_path)
+    wf = tmp_path / "wf"
+    wf.mkdir()
+    holders = [_hold(out, "train"), _hold(wf, "backtest")]
+    try:
+        before = (folder_tree(out), folder_tree(wf))
+        commands = {
+            "backtest into train's output": ["backtest", "--walk-forward", *TINY_WF, "--output", str(out)],
+            "report into train's output": ["report", str(out)],
+            "a second backtest": ["backtest", "--walk-forward", *TINY_WF, "--output", str(wf)],
+            "train into a backtest's output": train_args(str(wf)),
+        }
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            got = dict(zip(commands, pool.map(lambda args: run_cli([*args, "--log-format", "json"]
+                                                                    if args[0] != "train" else args, timeout=180),
+                                              commands.values())))
+        after = (folder_tree(out), folder_tree(wf))
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+    for name, proc in got.items():
+        assert proc.returncode == 2, (name, proc.stderr[-3000:])
+        [line] = error_lines(proc.stderr)
+        holder = holders[0] if "train's" in name else holders[1]
+        what = "pipeline controller" if "train's" in name else "`nexlify backtest`"
+        assert f"is in use by another {what} (pid {holder.pid} on host" in line, (name, line)
+    assert after == before
+
+
+def test_backtest_preflight_failure_is_one_error_line_and_a_failed_event(tmp_path):
+    from tests.test_backtest import TINY_WF
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for fmt in ("json", "console"):
+        got = run_cli(["backtest", "--walk-forward", *TINY_WF, "--output", str(blocker / "out"), "--log-format", fmt],
+                      timeout=120)
+        assert got.returncode == 2, got.stderr[-3000:]
+        [line] = error_lines(got.stderr)
+        assert line.startswith("error: preflight failed: output") and str(blocker) in line, line
+        if fmt == "json":
+            assert [e["event"] for e in log_events_text(got.stderr)][-1] == "failed"
+
+
+# ---- the report on a damaged summary: one line naming the file and the field, exit 1 ------------------------
+
+
+def _edit(change):
+    def damage(out: Path) -> None:
+        summary = read_json(out / SUMMARY)
+        change(summary)
+        (out / SUMMARY).write_text(json.dumps(summary))
+    return damage
+
+
+REPORT_DAMAGE = [
+    ("truncated", lambda out: _truncate(out / SUMMARY), "not valid JSON"),
+    ("empty", lambda out: (out / SUMMARY).write_bytes(b""), "is damaged: empty"),
+    ("binary", lambda out: (out / SUMMARY).write_bytes(bytes(range(256)) * 4), "not valid JSON"),
+    ("a JSON list", lambda out: (out / SUMMARY).write_text("[1, 2]"), "a JSON list, not an object"),
+    ("no initial_runs", _edit(lambda s: s.pop("initial_runs")), "field 'initial_runs' is missing; expected a list"),
+    ("initial_runs of the wrong type", _edit(lambda s: s.update(initial_runs="x")),
+     "field 'initial_runs' is str 'x'; expected a list"),
+    ("final_model_key naming no run", _edit(lambda s: s.update(final_model_key="initial_runs/run_9/model.pt")),
+     "field 'final_model_key' is 'initial_runs/run_9/model.pt', which names none of its runs' models"),
+    ("no selection", _edit(lambda s: s.pop("selection")), "field 'selection' is missing"),
+    ("a NaN score", _edit(lambda s: s["initial_runs"][1].update(val_score=float("nan"))),
+     "field 'initial_runs[1].val_score' is nan; expected a finite number"),
+    ("pipeline_complete false", _edit(lambda s: s.update(pipeline_complete=False)),
+     "field 'pipeline_complete' is False"),
+    ("the data snapshot truncated", lambda out: _truncate(next((out / "data").iterdir())), "is damaged: its sha256"),
+]
+
+
+@pytest.fixture(scope="module")
+def report_damage_results(reference, tmp_path_factory) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = tmp_path_factory.mktemp("report-damage")
+
+    def run(case):
+        name, damage, _ = case
+        root = base / name.replace(" ", "-")
+        out = root / "out"
+        shutil.copytree(reference, out)
+        (out / "report.html").unlink()
+        damage(out)
+        (root / "tmp").mkdir()
+        before = folder_tree(out)
+        got = run_cli(["report", str(out), "--log-format", "json"], timeout=180, env={"TMPDIR": str(root / "tmp")})
+        return name, (got, out, before, root / "tmp")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return dict(pool.map(run, REPORT_DAMAGE))
+
+
+@pytest.mark.parametrize("case", REPORT_DAMAGE, ids=[c[0] for c in REPORT_DAMAGE])
+def test_report_on_a_damaged_output_is_one_line_naming_file_and_field(report_damage_results, case):
+    name, _, text = case
+    got, out, before, scratch = report_damage_results[name]
+    assert got.returncode == 1, got.stderr[-3000:]
+    [line] = error_lines(got.stderr)
+    named = next((out / "data").iterdir()) if "snapshot" in name else out / SUMMARY
+    assert f"{named} " in line and text in line, line  # the output's own file, never a temporary copy
+    assert "Traceback" not in got.stderr and non_json_lines(got.stderr) == []
+    assert folder_tree(out) == before  # no report, no lease file left
+    assert not [p for p in scratch.iterdir() if p.name.startswith("nexlify-report-")]  # no temp folder

@@ -73,6 +73,26 @@ BAD_INPUT = [
     ("yaml-flat-and-nested", ["--config", "{tmp}/both.yaml"],
      {"both.yaml": "stop_loss: 0.02\nrisk:\n  stop_loss: 0.03\n"}, {},
      ["'stop_loss' is set twice", "as 'stop_loss'", "in section 'risk'"]),
+    # every number has an upper bound: none of these may start a run (each wrote files and failed in a worker)
+    ("initial-equity-1e308", ["--initial-equity", "1e308"], {}, {}, ["--initial-equity", "1e+308", "out of range"]),
+    ("learning-rate-1e300", ["--learning-rate", "1e300"], {}, {}, ["--learning-rate", "1e+300", "(0.0, 1.0]"]),
+    ("drawdown-penalty-1e300", ["--drawdown-penalty", "1e300"], {}, {}, ["--drawdown-penalty", "[0.0, 1000.0]"]),
+    ("take-profit-1e300", ["--take-profit", "1e300"], {}, {}, ["--take-profit", "[0.0, 100.0]"]),
+    # a file the config names is read before anything is written (the workers would fail on it)
+    ("utilization-csv-missing", ["--config", "{tmp}/util.yaml"],
+     {"util.yaml": "lending:\n  utilization_csv: /nonexistent/util.csv\n"}, {},
+     ["/nonexistent/util.csv", "does not exist", "timestamp,utilization"]),
+    # YAML: no aliases (a 300-byte file expanding to gigabytes), sections are mappings, lists are lists
+    ("yaml-alias-bomb", ["--config", "{tmp}/bomb.yaml"],
+     {"bomb.yaml": "a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+                   "c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\npairs: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n"}, {},
+     ["{tmp}/bomb.yaml", "line 2 uses a YAML alias", "anchors and aliases are refused"]),
+    ("yaml-section-not-a-mapping", ["--config", "{tmp}/risk.yaml"], {"risk.yaml": "risk: 5\n"}, {},
+     ["'risk' must be a mapping", "got 5"]),
+    ("yaml-tolerations-a-string", ["--config", "{tmp}/k8s.yaml"], {"k8s.yaml": "kubernetes:\n  tolerations: x\n"},
+     {}, ["'tolerations'", "must be a list of mapping", "got 'x'"]),
+    ("yaml-huge-value", ["--config", "{tmp}/huge.yaml"], {"huge.yaml": f"initial_runs: {'x' * 100_000}\n"}, {},
+     ["'initial_runs'", "must be an integer", "... (100002 characters)"]),
 ]
 
 
@@ -106,7 +126,7 @@ def test_bad_input_exits_2_with_one_clear_line_and_writes_nothing(bad_input_resu
     assert len(lines) == 1, got.stderr
     for text in named:
         assert text.replace("{tmp}", str(tmp)) in lines[0], lines[0]
-    assert "Traceback" not in got.stderr
+    assert "Traceback" not in got.stderr and len(lines[0]) < 2500  # a value echoed is cut at 200 characters
     assert non_json_lines(got.stderr) == []  # stderr is not a terminal: JSON mode, every line JSON
     assert not (tmp / "out").exists()  # not even an empty folder
     assert got.stdout == ""
@@ -312,3 +332,17 @@ def test_an_oserror_reaching_main_is_one_line(monkeypatch, capsys):
     assert cli.main(["config", "schema"]) == 1
     err = capsys.readouterr().err
     assert non_json_lines(err) == [] and error_lines(err) == ["error: No space left on device: /data/out/model.pt"]
+
+
+@pytest.mark.parametrize("args, named", [
+    (["train", "--seed"], "nexlify train: argument --seed: expected one argument"),
+    (["train", "--no-such-flag"], "nexlify: unrecognized arguments: --no-such-flag"),
+    (["backtest", "--walk-forward", "--log-format", "xml"], "nexlify backtest: argument --log-format: invalid choice"),
+    (["bogus"], "nexlify: argument command: invalid choice: 'bogus'"),
+])
+def test_a_bad_command_line_is_one_line_with_a_hint_to_help(args, named):
+    """argparse's own errors: one line (not the usage block of up to 80 lines before it), exit 2."""
+    got = run_cli(args, timeout=60)
+    assert got.returncode == 2 and got.stdout == ""
+    [line] = got.stderr.splitlines()
+    assert line.startswith("error: ") and named in line and line.endswith(" --help"), line

@@ -71,9 +71,10 @@ def pause_after_resume_env(tmp_path: Path, seconds: float) -> dict:
         "    from controller import worker\n"
         "    original = worker.RunOutputs.save_torch\n"
         "    def save_torch(self, key, obj):\n"
-        "        original(self, key, obj)\n"
+        "        digest = original(self, key, obj)\n"
         "        if key == worker.RESUME:\n"
         "            time.sleep(float(os.environ['NEXLIFY_TEST_PAUSE_AFTER_RESUME']))\n"
+        "        return digest\n"
         "    worker.RunOutputs.save_torch = save_torch\n")
     return {"PYTHONPATH": os.pathsep.join([str(REPO), str(hooks)]), "NEXLIFY_TEST_PAUSE_AFTER_RESUME": str(seconds)}
 

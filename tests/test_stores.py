@@ -74,6 +74,15 @@ def test_exists_and_delete(store) -> None:
     assert store.list() == []
 
 
+def test_move_renames_one_object_and_names_a_missing_one(store) -> None:
+    store.write_bytes("a/model.pt", b"weights")
+    store.move("a/model.pt", ".replaced-20260101T000000Z/a/model.pt")
+    assert store.list() == [".replaced-20260101T000000Z/a/model.pt"]
+    assert store.read_bytes(".replaced-20260101T000000Z/a/model.pt") == b"weights"
+    with pytest.raises(StoreKeyMissing):
+        store.move("a/model.pt", "b/model.pt")
+
+
 def test_missing_key_raises_store_key_missing(store, tmp_path: Path) -> None:
     with pytest.raises(StoreKeyMissing):
         store.read_bytes("nothing/here.json")

@@ -31,6 +31,10 @@ class Store(Protocol):
     def delete(self, key: str) -> None:
         """Remove one key; no error if absent."""
 
+    def move(self, key: str, new_key: str) -> None:
+        """Move one object to another key (a rename in a folder, copy then delete in a bucket);
+        StoreKeyMissing if absent."""
+
     def upload_file(self, key: str, local_path: str) -> None:
         """Copy a local file into the store (multipart for large files on S3), atomically."""
 

@@ -80,6 +80,14 @@ class LocalStore:
         except OSError as error:
             raise PermanentError(f"cannot delete {path}: {error.strerror or error}") from error
 
+    def move(self, key: str, new_key: str) -> None:
+        path, new_path = self._path(key), self._path(new_key)
+        if not os.path.isfile(path):
+            raise StoreKeyMissing(f"{path} does not exist")
+        with _as_permanent(f"cannot move {path} to {new_path}"):
+            os.makedirs(os.path.dirname(new_path), exist_ok=True)
+            os.replace(path, new_path)
+
     def upload_file(self, key: str, local_path: str) -> None:
         path = self._path(key)
         try:

@@ -278,6 +278,12 @@ class S3Store:
         with self._errors("deleting", self.url(key)):
             self.client.delete_object(Bucket=self.bucket, Key=object_key)
 
+    def move(self, key: str, new_key: str) -> None:
+        with self._errors("moving", self.url(key)):
+            self.client.copy_object(Bucket=self.bucket, Key=self._object_key(new_key),
+                                    CopySource={"Bucket": self.bucket, "Key": self._object_key(key)})
+        self.delete(key)
+
     def upload_file(self, key: str, local_path: str) -> None:
         object_key = self._object_key(key)
         if not os.path.isfile(local_path):

@@ -253,12 +253,18 @@ def write_gzip_text(text: str, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
+MIN_TIMESTAMP_MS = 1_230_768_000_000  # 2009-01-01T00:00:00Z: no crypto candle is older
+MAX_TIMESTAMP_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z: beyond it, a timestamp is a unit mistake
+MAX_PRICE = 1e12  # a price at or above it (or inf, 1e308) is a corrupt row: float64 arithmetic would overflow
+
+
 def validate_candles(df: pd.DataFrame, source: str, timeframe_ms: int) -> None:
     """Refuse candles that would corrupt training; InputError names the source, row and rule.
 
-    Rules: no NaN; timestamps unique, strictly increasing and on the timeframe grid; prices > 0;
-    volume >= 0; high >= max(open, close); low <= min(open, close). The error reports the earliest
-    offending row (its open time in ISO UTC and its line in the file) and the first rule it breaks.
+    Rules: no NaN; timestamps within 2009-01-01 .. 2100-01-01, unique, strictly increasing and on the
+    timeframe grid; prices > 0, finite and below 1e12; volume >= 0 and finite; high >= max(open, close);
+    low <= min(open, close). The error reports the earliest offending row (its open time in ISO UTC and
+    its line in the file) and the first rule it breaks.
     """
     if len(df) == 0:
         raise InputError(f"{source}: no candles (the file has a header but no rows)")
@@ -271,12 +277,16 @@ def validate_candles(df: pd.DataFrame, source: str, timeframe_ms: int) -> None:
     with np.errstate(invalid="ignore"):
         rules: list[tuple[str, np.ndarray]] = [
             ("no NaN values", df.loc[:, list(COLUMNS)].isna().any(axis=1).to_numpy()),
+            (f"timestamps in ms since the epoch within {iso_utc(MIN_TIMESTAMP_MS)} .. {iso_utc(MAX_TIMESTAMP_MS)}",
+             (ts < MIN_TIMESTAMP_MS) | (ts >= MAX_TIMESTAMP_MS)),
             ("timestamps unique (duplicate timestamp)", np.r_[False, step == 0]),
             ("timestamps strictly increasing", np.r_[False, step < 0]),
             (f"timestamps on the {timeframe_text(timeframe_ms)} grid (a multiple of {timeframe_ms} ms)",
              ts % timeframe_ms != 0),
             ("prices > 0", (o <= 0) | (h <= 0) | (l <= 0) | (c <= 0)),
+            ("prices finite and below 1e12", ~(np.abs(np.stack([o, h, l, c])) < MAX_PRICE).all(axis=0)),
             ("volume >= 0", v < 0),
+            ("volume finite", np.isinf(v)),
             ("high >= max(open, close)", h < np.maximum(o, c)),
             ("low <= min(open, close)", l > np.minimum(o, c)),
         ]
@@ -291,8 +301,9 @@ def validate_candles(df: pd.DataFrame, source: str, timeframe_ms: int) -> None:
     hint = ""
     if np.isfinite(ts[row]) and 0 < ts[row] < 100_000_000_000:  # before 1973 in ms: likely seconds
         hint = "; the timestamps look like seconds, expected milliseconds since the epoch"
+    when = iso_utc(ts[row]) if MIN_TIMESTAMP_MS <= ts[row] < MAX_TIMESTAMP_MS else f"timestamp {int(ts[row]) if np.isfinite(ts[row]) else float(ts[row])}"
     raise InputError(
-        f"{source}: candle at {iso_utc(ts[row])} (row {row + 1}, line {row + 2}) breaks the rule '{name}' "
+        f"{source}: candle at {when} (row {row + 1}, line {row + 2}) breaks the rule '{name}' "
         f"[{values}]; {int(broken[rule_index].sum())} row(s) break this rule, "
         f"{int(any_broken.sum())} row(s) break some rule{hint}"
     )
