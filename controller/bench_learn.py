@@ -124,10 +124,10 @@ def oracle_returns(family: str, tensors, window, train_cfg) -> dict:
 
 def oracle_table(cfg: PipelineConfig, families: list[str], strengths: list[float], root: Path,
                  start: str = ORACLE_START, end: str = ORACLE_END) -> list[dict]:
-    """`--oracle-only`: each family's oracle at each strength, and on the real candles (strength 0)."""
+    """`--oracle-only`: each family's oracle at each strength (0: on the real candles)."""
     rows = []
     for family in families:
-        for strength in [0.0, *strengths]:
+        for strength in strengths:
             data = planted_dir(root, CONTROL if strength == 0 else family, strength)
             tensors, window = _tensors(cfg.train, data, start, end)
             r = oracle_returns(family, tensors, window, cfg.train)
@@ -299,7 +299,7 @@ def cmd_bench_learn(args) -> int:
         raise InputError("--output for bench learn: accepted: a local folder (its pipelines may still run as "
                          "Kubernetes Jobs with --executor kubernetes)")
     if args.oracle_only:
-        rows = oracle_table(cfg, args.families, args.strengths, root, args.oracle_start, args.oracle_end)
+        rows = oracle_table(cfg, args.families, [0.0, *args.strengths], root, args.oracle_start, args.oracle_end)
         print(json.dumps({"rows": rows}) if args.json else render_oracles(rows))
         return 0
     report = run_bench(cfg, args.families, args.strengths, args.seeds, root, control=not args.no_control,
