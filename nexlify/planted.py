@@ -65,10 +65,10 @@ HOUR_MS = 3_600_000
 # strength 1: log drift per bar (calibrated: docs/planted-edges.md, "Reference strength")
 REFERENCE_DRIFT = {
     "calendar": 0.0006,
-    "lead_lag": 0.0015,
-    "momentum": 0.0013,
-    "reversion": 0.0023,
-    "vol_regime": 0.0010,
+    "lead_lag": 0.00095,
+    "momentum": 0.0009,
+    "reversion": 0.0020,
+    "vol_regime": 0.00085,
 }
 
 
