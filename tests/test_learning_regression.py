@@ -2,7 +2,7 @@
 
 The market is the bundled BTC/USDT candles (and Coinbase's) with the calendar edge planted at 8x its
 reference strength (nexlify.planted). One training run of 32 episodes of 720 bars (spot and lending, the
-rest of the config the defaults) on 2024-09-01 .. 2025-02-28 (its last 30 days validate), then its greedy
+rest of the config the defaults) on 2024-09-01 .. 2025-04-01 (its last 30 days validate), then its greedy
 policy, the family's oracle and cash plus lending are stepped together on the later planted window
 2025-04-01 .. 2025-06-01. Measured: agent +14.68 %, oracle +18.48 %, lending +0.58 %, captured 0.79.
 A floor of 0.40 leaves room; the same network untrained stays below it (checked here), and a run trained
