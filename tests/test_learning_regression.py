@@ -5,8 +5,8 @@ reference strength (nexlify.planted). One training run of 32 episodes of 720 bar
 rest of the config the defaults) on 2024-09-01 .. 2025-04-01 (its last 30 days validate), then its greedy
 policy, the family's oracle and cash plus lending are stepped together on the later planted window
 2025-04-01 .. 2025-06-01. Measured: agent +14.68 %, oracle +18.48 %, lending +0.58 %, captured 0.79.
-A floor of 0.40 leaves room; the same network untrained stays below it (checked here), and a run trained
-on the unplanted candles captured -0.04 on the same window (docs/planted-edges.md)."""
+A floor of 0.40 leaves room; the same network untrained stays below it (checked here), and a run of these
+settings trained on the unplanted candles captured -0.04 on the calendar-5 window (docs/planted-edges.md)."""
 
 from __future__ import annotations
 
