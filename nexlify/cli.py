@@ -11,7 +11,9 @@ from nexlify.config import ArbitrageConfig, DataConfig, EnvConfig, TrainConfig
 from nexlify.configtools import apply_mapping, check_bounds, validate_tree
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction, bench_extra=None) -> None:
+    """The trainer's commands; `bench_extra(bench_subparsers)` adds the bench commands that run pipelines
+    (controller.bench_learn), which the controller owns."""
     # Defaults shared with training are the config dataclasses' own (one place): a fresh instance each, so a
     # parsed list is never the dataclass's.
     data_cfg, env_cfg, arb_cfg, train_cfg = DataConfig(), EnvConfig(), ArbitrageConfig(), TrainConfig()
@@ -84,6 +86,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                            help="random valid actions, or uniform over all actions (invalid ones act as hold)")
         b.add_argument("--json", action="store_true")
         b.set_defaults(handler=cmd_bench_env if name == "env" else cmd_bench_train)
+    if bench_extra is not None:
+        bench_extra(bench_sub)
 
 
 def add_paper_command(sub: argparse._SubParsersAction) -> None:

@@ -185,6 +185,17 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
     return report
 
 
+def evaluate_rules(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig, risk_cfg: RiskConfig,
+                   strategy_params: StrategyParams | None, rules: dict[str, Policy]) -> dict[str, dict]:
+    """Fixed rules over rows (each a Policy; the planted markets' oracles, nexlify.oracles), each pair in its
+    own portfolio, stepped together in one batch through the same environment as the agent and the baselines:
+    {name: metrics as evaluate_policy's}."""
+    _check_window(window)
+    groups = [Group(name, policy) for name, policy in rules.items()]
+    with torch.no_grad():
+        return _simulate(market, window, env_cfg, risk_cfg, strategy_params, groups, False)["results"]
+
+
 def greedy_policy(model: torch.nn.Module, margin: float) -> Policy:
     """The agent's greedy choice among the valid actions (the model in eval mode for the call), taken only
     when its Q-value beats hold's by at least `margin` (AgentConfig.hold_margin), else hold."""

@@ -7,7 +7,7 @@ import pytest
 
 COMMANDS = [
     [], ["train"], ["preflight"], ["worker", "train"], ["evaluate"], ["data", "fetch"], ["data", "info"],
-    ["bench", "env"], ["bench", "train"], ["config", "schema"], ["config", "show"], ["report"],
+    ["bench", "env"], ["bench", "train"], ["bench", "learn"], ["config", "schema"], ["config", "show"], ["report"],
 ]
 
 

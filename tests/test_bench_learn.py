@@ -1,0 +1,41 @@
+"""`nexlify bench learn` (controller.bench_learn): its arithmetic by hand and its bad flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller import bench_learn as bl
+from controller.cli import main
+
+
+@pytest.mark.parametrize("agent, oracle, lending, expected", [
+    (3.0, 5.0, 1.0, 0.5),  # half of the oracle's 4 points over lending
+    (1.0, 5.0, 1.0, 0.0),  # the agent earns lending: nothing captured
+    (0.0, 3.0, 1.0, -0.5),  # below lending: negative
+    (2.0, 1.0, 1.0, None),  # the oracle does not beat lending: nothing to capture
+    (2.0, None, 1.0, None),  # no oracle (the control)
+])
+def test_captured(agent, oracle, lending, expected):
+    assert bl.captured(agent, oracle, lending) == expected
+
+
+def test_summary_takes_medians_over_seeds():
+    rows = [{"market": "calendar-1", "seed": s, "agent": a, "oracle": 5.0, "lending": 1.0,
+             "captured": bl.captured(a, 5.0, 1.0)} for s, a in ((1, 1.0), (2, 3.0), (3, 5.0))]
+    (s,) = bl.summarize(rows)
+    assert s["agent"] == 3.0 and s["captured"] == 0.5 and s["captured_each"] == [0.0, 0.5, 1.0]
+    assert "| calendar-1 | 3 | +3.00% | +5.00% | +1.00% | 0.50 | 0.00 0.50 1.00 |" in bl.render([s])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--families", "weekday"], "--families 'weekday' is unknown; accepted: calendar, lead_lag"),
+    (["--strengths", "0"], "--strengths 0.0 is out of range"),
+    (["--strengths", "nan"], "--strengths nan is out of range"),
+    (["--seeds", "-1"], "--seeds -1 is out of range"),
+    (["--output", "s3://bucket/x", "--oracle-only"], "accepted: a local folder"),
+])
+def test_bad_flags_one_line_exit_2(argv, message, capsys, tmp_path):
+    assert main(["bench", "learn", "--log-format", "console", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
