@@ -115,6 +115,49 @@ def bench_train(pairs: list[str], batch_size: int, steps: int, device: str = "cp
             "grad_steps": out.agent.grad_steps, "train_env_steps_per_s": round(t["train_env_steps_per_s"])}
 
 
+def bench_eval(pairs: list[str], bars: int, threads: int = TrainConfig.threads, strategies: list[str] | None = None,
+               seeds: int = 5, env_batch: int = 4096, env_steps: int = 300, grouped: bool = False) -> dict:
+    """Evaluation as `nexlify evaluate` runs it (nexlify.evaluation.evaluate_with_baselines): an agent (an untrained
+    Q-network, seeded) and every baseline, random over `seeds` seeds, on the last `bars` bars of the candles
+    before the test window. policy-steps = rows (policies x copies x pairs) x bars. Beside it, bench env's figure
+    (random valid actions, `env_batch` episodes, `env_steps` steps) on the same machine and threads. grouped: also
+    time the evaluation stepped one batch per config (evaluate_with_baselines_grouped) with the same numbers."""
+    from nexlify.agent.dqn import DuelingQNet
+    from nexlify.env.batched import observation_size
+    from nexlify.evaluation import evaluate_with_baselines, evaluate_with_baselines_grouped
+
+    cfg, market, windows = _setup(pairs, "cpu", threads, strategies)
+    raw = market_features(market)
+    tensors = MarketTensors.build(market, Normalizer.fit(raw, WARMUP_BARS, windows.train[1]), torch.device("cpu"), raw)
+    i1 = windows.test[0] if windows.test else windows.val[1]
+    i0 = max(WARMUP_BARS + 1, i1 - bars)
+    seeds_used = tuple(range(seeds))  # RANDOM_SEEDS are 0 .. 4
+    torch.manual_seed(0)
+    model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden)
+    rows = (6 + seeds) * len(market.pairs)  # the agent, five baselines, and random over the seeds, per pair
+
+    def timed(evaluate) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        evaluate(model, tensors, (i0, i1), cfg.env, cfg.risk, cfg.strategy_params(), margin=cfg.agent.hold_margin,
+                 seeds=seeds_used)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    evaluate_with_baselines(model, tensors, (i0, min(i1, i0 + 20)), cfg.env, cfg.risk, cfg.strategy_params(),
+                            margin=0.0, seeds=seeds_used)  # warm-up: the kernel loaded or compiled
+    seconds, cpu_seconds = timed(evaluate_with_baselines)
+    n = i1 - i0
+    out = {"bench": "eval", "pairs": len(market.pairs), "bars": n, "rows": rows, "threads": threads,
+           "strategies": ",".join(cfg.env.strategies), "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
+           "policy_steps_per_s": round(rows * n / seconds)}
+    if grouped:
+        g_seconds, g_cpu = timed(evaluate_with_baselines_grouped)
+        out.update({"grouped_seconds": round(g_seconds, 3), "grouped_cpu_seconds": round(g_cpu, 3),
+                    "grouped_policy_steps_per_s": round(rows * n / g_seconds)})
+    env = bench_env(pairs, env_batch, env_steps, "cpu", threads, strategies)
+    out.update({"env_batch_size": env_batch, "env_steps_per_s": env["env_steps_per_s"]})
+    return out
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()

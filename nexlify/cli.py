@@ -86,6 +86,18 @@ def add_commands(sub: argparse._SubParsersAction, bench_extra=None) -> None:
                            help="random valid actions, or uniform over all actions (invalid ones act as hold)")
         b.add_argument("--json", action="store_true")
         b.set_defaults(handler=cmd_bench_env if name == "env" else cmd_bench_train)
+    b = bench_sub.add_parser("eval", help="evaluation policy-steps per second (the agent and every baseline), beside "
+                                          "bench env's environment steps per second")
+    b.add_argument("--pairs", nargs="+", default=["BTC/USDT", "ETH/USDT", "SOL/USDT"])
+    b.add_argument("--bars", type=int, default=8616, help="bars evaluated (the last before the test window)")
+    b.add_argument("--seeds", type=int, default=5, help="seeds of the random baseline")
+    b.add_argument("--threads", type=int, default=train_cfg.threads)
+    b.add_argument("--strategies", nargs="+", default=None, metavar="STRATEGY",
+                   help="strategies on (default: the config default, all of them)")
+    b.add_argument("--grouped", action="store_true",
+                   help="also time the evaluation stepped one batch per config, each policy called for its rows")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(handler=cmd_bench_eval)
     if bench_extra is not None:
         bench_extra(bench_sub)
 
@@ -237,6 +249,17 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     _check_bench(args)
     result = bench_train(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args),
                          args.kernel)
+    _print_bench(result, args.json)
+    return 0
+
+
+def cmd_bench_eval(args: argparse.Namespace) -> int:
+    from nexlify.bench import bench_eval
+
+    check_bounds("--bars", args.bars, 2, BENCH_MAX_STEPS)
+    check_bounds("--seeds", args.seeds, 0, 64)
+    check_bounds("--threads", args.threads, 1, 256)
+    result = bench_eval(args.pairs, args.bars, args.threads, _strategies(args), args.seeds, grouped=args.grouped)
     _print_bench(result, args.json)
     return 0
 

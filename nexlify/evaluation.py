@@ -37,7 +37,7 @@ With `record=True` each policy also returns its per-bar equity curve and positio
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from torch import Tensor
 from nexlify import baselines as bl
 from nexlify.agent.dqn import NEG_INF, random_valid_actions
 from nexlify.config import EnvConfig, RiskConfig
+from nexlify.env import fused_portfolio
 from nexlify.env.batched import PNL_SOURCES, BatchedTradingEnv
 from nexlify.env.layout import HOLD
 from nexlify.env.market import MarketTensors
@@ -71,6 +72,7 @@ class Group:
     name: str
     policy: Policy
     copies: int = 1
+    rule: str = "policy"  # how the one pass decides for its rows: see BatchDecisions
 
 
 def _check_window(window: tuple[int, int]) -> None:
@@ -90,8 +92,12 @@ def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple
     and the return moments (see the module doc); with `record`, the curves under "curves"; `observer` sees
     every step (see `_simulate`). `margin`: the policy's hold margin (greedy_policy)."""
     _check_window(window)
-    agent = Group(AGENT, greedy_policy(model, margin))
-    out = _simulate(market, window, env_cfg, risk_cfg, strategy_params, [agent], record, observer)
+    agent = Group(AGENT, greedy_policy(model, margin), rule="model")
+    if fused_pass_possible(market, [env_cfg]):
+        out = _one_pass(market, window, [(env_cfg, risk_cfg, agent)], strategy_params, record, model=model,
+                        margin=margin, observer=observer)
+    else:
+        out = _simulate(market, window, env_cfg, risk_cfg, strategy_params, [agent], record, observer)
     metrics = out["results"][AGENT]
     if record:
         metrics["curves"] = {"bar_ms": out["bar_ms"], **out["curves"][AGENT]}
@@ -108,6 +114,33 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
     evaluate_policy), "baselines": {name: metrics}, "baseline_notes": {name: what it does and what was
     changed for it}} and, with `record`, "curves": {"bar_ms": [...], name: {...}} (see `_curves`)."""
     _check_window(window)
+    plans, notes = _plans(model, market, env_cfg, risk_cfg, margin, seeds)
+    if fused_pass_possible(market, [cfg for cfg, _, _ in plans]):
+        out = _one_pass(market, window, plans, strategy_params, record, model=model, margin=margin, seeds=seeds)
+        results, curves, bar_ms = out["results"], out["curves"], out["bar_ms"]
+    else:
+        results, curves, bar_ms = _grouped(market, window, plans, strategy_params, record)
+    return _baseline_report(results, curves, bar_ms, notes, seeds, record)
+
+
+@torch.no_grad()
+def evaluate_with_baselines_grouped(model: torch.nn.Module | None, market: MarketTensors, window: tuple[int, int],
+                                    env_cfg: EnvConfig, risk_cfg: RiskConfig,
+                                    strategy_params: StrategyParams | None = None, *, margin: float,
+                                    record: bool = False, seeds: tuple[int, ...] = bl.RANDOM_SEEDS) -> dict:
+    """evaluate_with_baselines the way it is computed without the fused CPU kernel: one batch per distinct
+    (environment config, risk config), each policy called for its own rows at every step. The same numbers as
+    the one pass (the tests compare the two)."""
+    _check_window(window)
+    plans, notes = _plans(model, market, env_cfg, risk_cfg, margin, seeds)
+    results, curves, bar_ms = _grouped(market, window, plans, strategy_params, record)
+    return _baseline_report(results, curves, bar_ms, notes, seeds, record)
+
+
+def _plans(model: torch.nn.Module | None, market: MarketTensors, env_cfg: EnvConfig, risk_cfg: RiskConfig,
+           margin: float, seeds: tuple[int, ...]) -> tuple[list[tuple[EnvConfig, RiskConfig, Group]], dict[str, str]]:
+    """Every policy of evaluate_with_baselines with the environment and risk config it runs under, and the
+    notes that say what each baseline does."""
     pairs = market.pairs
     n_pairs = len(pairs)
     notes: dict[str, str] = {}
@@ -129,34 +162,42 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
 
     plans: list[tuple[EnvConfig, RiskConfig, Group]] = []
     if model is not None:
-        plans.append((env_cfg, risk_cfg, Group(AGENT, greedy_policy(model, margin))))
+        plans.append((env_cfg, risk_cfg, Group(AGENT, greedy_policy(model, margin), rule="model")))
     plans.append((bl.without_strategy(env_cfg, "lending"), risk_cfg,
-                  Group(bl.FLAT, lambda obs, mask, env, rows: bl.flat(mask))))
+                  Group(bl.FLAT, lambda obs, mask, env, rows: bl.flat(mask), rule="hold")))
     notes[bl.FLAT] = "Always hold with lending off (no sweep): all cash, no costs."
-    plans.append((lend_cfg, risk_cfg, Group(bl.CASH_PLUS_LENDING, lambda obs, mask, env, rows: bl.take_lend(mask))))
+    plans.append((lend_cfg, risk_cfg, Group(bl.CASH_PLUS_LENDING, lambda obs, mask, env, rows: bl.take_lend(mask),
+                                                      rule="lend")))
     notes[bl.CASH_PLUS_LENDING] = ("Hold and let the sweep lend (with the sweep off: LEND whenever the mask "
                                    "allows it; the environment decides how much).") + (
         " Lending was off in the model's config; this baseline ran with lending switched on." if lend_added else "")
     def buy(obs: Tensor, mask: Tensor, env: BatchedTradingEnv, rows: slice) -> Tensor:
         return bl.buy_when_flat(mask)
 
-    plans.append((spot_cfg, full_risk, Group(bl.BUY_AND_HOLD_FULL, buy)))
+    plans.append((spot_cfg, full_risk, Group(bl.BUY_AND_HOLD_FULL, buy, rule="buy")))
     notes[bl.BUY_AND_HOLD_FULL] = (
         "Buy at the first tradable open with all the equity and hold: the model's risk config with "
         "max_position=1, fixed_size=1 (the order is scaled to the cash, so fees come out of the position), "
         "kelly off, stop_loss=take_profit=trailing_stop=0 and daily_loss_limit=0." + spot_note)
-    plans.append((spot_cfg, risk_cfg, Group(bl.BUY_AND_HOLD_SIZED, buy)))
+    plans.append((spot_cfg, risk_cfg, Group(bl.BUY_AND_HOLD_SIZED, buy, rule="buy")))
     notes[bl.BUY_AND_HOLD_SIZED] = ("open_long whenever flat and allowed, under the model's own risk config "
                                     "(per-trade cap, Kelly, stops, targets, daily loss limit)." + spot_note)
-    plans.append((spot_cfg, risk_cfg, Group(bl.MA_CROSSOVER, ma_policy)))
+    plans.append((spot_cfg, risk_cfg, Group(bl.MA_CROSSOVER, ma_policy, rule="ma")))
     notes[bl.MA_CROSSOVER] = (f"Long while the {bl.MA_FAST}-bar mean of the closes of bars <= t is above the "
                               f"{bl.MA_SLOW}-bar mean (open when allowed, close when it falls to or below); the "
                               "model's risk config." + spot_note)
     if seeds:
-        plans.append((env_cfg, risk_cfg, Group(bl.RANDOM_VALID, random_policy, copies=len(seeds))))
+        plans.append((env_cfg, risk_cfg, Group(bl.RANDOM_VALID, random_policy, copies=len(seeds), rule="random")))
         notes[bl.RANDOM_VALID] = (f"Uniform over the valid actions, the mean over seeds {list(seeds)} "
                                   "(a seeded torch.Generator each).")
 
+    return plans, notes
+
+
+def _grouped(market: MarketTensors, window: tuple[int, int], plans: list[tuple[EnvConfig, RiskConfig, Group]],
+             strategy_params: StrategyParams | None, record: bool) -> tuple[dict, dict, list[int]]:
+    """The plans stepped as one batch per distinct (environment config, risk config), each group's policy
+    called for its rows."""
     # one batch per distinct (environment config, risk config)
     batches: list[tuple[EnvConfig, RiskConfig, list[Group]]] = []
     for cfg, risk, group in plans:
@@ -175,6 +216,11 @@ def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors
         if record:
             curves.update(out["curves"])
             bar_ms = out["bar_ms"]
+    return results, curves, bar_ms
+
+
+def _baseline_report(results: dict, curves: dict, bar_ms: list[int], notes: dict[str, str], seeds: tuple[int, ...],
+                     record: bool) -> dict:
     if seeds:
         results[bl.RANDOM_VALID]["seeds"] = [int(s) for s in seeds]
     report = {"agent": results.pop(AGENT, None),
@@ -265,7 +311,236 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
     if observer is not None:
         observer(env, None)
 
-    st = env.stats
+    return _summarise(market, window, strategy_params, groups, spans, env.stats, equity, held, traded, record)
+
+
+def fused_pass_possible(market: MarketTensors, configs: list[EnvConfig]) -> bool:
+    """Rows of several configs can step in one pass of the fused CPU kernel: the market is on the CPU, every
+    config leaves the kernel to "auto" (the kernel the environment picks on the CPU) and uses one precision."""
+    return (market.prices.device.type == "cpu" and fused_portfolio.available()
+            and all(c.kernel == "auto" for c in configs) and len({c.precision for c in configs}) == 1
+            and len({(c.fee, c.slippage_bps, c.initial_equity, c.drawdown_penalty) for c in configs}) == 1)
+
+
+class BatchDecisions:
+    """Every row's action at one bar, for a batch whose rows belong to several policies (the groups, laid out
+    one after the other: copies x pairs rows each): the agent's rows by one call of its greedy policy, the
+    baselines' rules vectorised over their rows (flat holds; cash plus lending LENDs where allowed; buy-and-hold
+    OPEN_LONGs where allowed; the crossover OPEN_LONGs where its signal holds and CLOSEs where it does not),
+    and the random rows from draws made for the whole window at once (the same numbers each seeded generator
+    gives step by step). Call it with the observation and mask at step k; it returns actions [B, P]."""
+
+    def __init__(self, groups: list[Group], spans: list[slice], env: BatchedTradingEnv, n_steps: int, *,
+                 model: torch.nn.Module | None = None, margin: float = 0.0, signal: Tensor | None = None,
+                 seeds: tuple[int, ...] = ()) -> None:
+        from nexlify.env.layout import CLOSE, LEND, OPEN_LONG
+
+        B, P, dev = env.B, env.P, env.device
+        self.model, self.margin = model, margin
+        self.agent = next((rows for g, rows in zip(groups, spans) if g.rule == "model"), None)
+        self.random = next((rows for g, rows in zip(groups, spans) if g.rule == "random"), None)
+        # the action each rule row wants at each step; taken where the mask allows it, else hold
+        want = torch.full((n_steps, B, P), HOLD, dtype=torch.int64, device=dev)
+        for g, rows in zip(groups, spans):
+            if g.rule == "lend":
+                want[:, rows] = LEND
+            elif g.rule == "buy":
+                want[:, rows] = OPEN_LONG
+            elif g.rule == "ma":
+                bars = env.start[rows].unsqueeze(0) + torch.arange(n_steps, device=dev).unsqueeze(1)  # [n, rows]
+                sig = signal[bars.unsqueeze(-1), env._pair_bp[rows].unsqueeze(0)]  # the signal at each decision bar
+                want[:, rows] = torch.where(sig, OPEN_LONG, CLOSE)
+            elif g.rule not in ("hold", "model", "random"):
+                raise ValueError(f"no vectorised rule {g.rule!r} for group {g.name}")
+        # numpy from here on: a decision step reads the kernel's mask (a numpy buffer) and writes int64 actions;
+        # on arrays this small numpy's calls cost a few microseconds less than torch's
+        A = env.mask.shape[-1]
+        flat_rows = (torch.arange(B * P, device=dev) * A).view(1, B, P)
+        self.want = want.numpy()  # [n, B, P]
+        self.want_at = (flat_rows + want).numpy()  # where in the flattened mask each wanted action sits
+        self.draws = None
+        if self.random is not None:
+            n_rows = self.random.stop - self.random.start
+            per_seed = n_rows // len(seeds)
+            gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
+            # [n, rows, P]: torch.rand draws in order, so a window's draws at once are the steps' draws one by one
+            self.draws = torch.cat([torch.rand((n_steps, per_seed, P), device=dev, generator=g) for g in gens],
+                                   1).numpy()
+        self.out = np.empty((B, P), dtype=np.int64)
+        self.out_t = torch.from_numpy(self.out)
+        self.q = _q_function(model) if model is not None else None
+
+    def __call__(self, obs: Tensor, mask: Tensor, k: int) -> Tensor:
+        m = mask.numpy()
+        act = self.out
+        np.copyto(act, np.where(m.reshape(-1)[self.want_at[k]], self.want[k], HOLD))
+        if self.random is not None:
+            rows = self.random
+            act[rows] = _kth_valid(m[rows], self.draws[k])
+        if self.agent is not None:
+            rows = self.agent
+            q = self.q(obs[rows])
+            act[rows] = hold_unless_margin(torch.where(mask[rows], q, NEG_INF), self.margin).numpy()
+        return self.out_t
+
+
+def _q_function(model: torch.nn.Module) -> Callable[[Tensor], Tensor]:
+    """model's forward; for a DuelingQNet its layers called directly (the same operations, in the same order,
+    without nn.Module's per-call work: a tenth of a millisecond a step when the batch is a few rows)."""
+    from torch.nn import functional as F
+
+    from nexlify.agent.dqn import DuelingQNet
+
+    torso = list(getattr(model, "torso", []))
+    plain = (type(model) is DuelingQNet and len(torso) % 2 == 0
+             and all(type(a) is torch.nn.Linear and type(b) is torch.nn.ReLU for a, b in zip(torso[::2], torso[1::2])))
+    if not plain:
+        return model
+    layers = [(a.weight, a.bias) for a in torso[::2]]
+    value, advantage = (model.value.weight, model.value.bias), (model.advantage.weight, model.advantage.bias)
+
+    def q(x: Tensor) -> Tensor:
+        for w, b in layers:
+            x = torch.relu(F.linear(x, w, b))
+        adv = F.linear(x, *advantage)
+        return F.linear(x, *value) + adv - adv.mean(dim=-1, keepdim=True)
+
+    return q
+
+
+def _kth_valid(mask: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """nexlify.agent.dqn.random_valid_actions with its uniform draws given, in numpy (the same arithmetic: the
+    float32 draw times the float32 count, truncated)."""
+    count = mask.sum(-1, dtype=np.int32)
+    k = np.minimum((draw * count.astype(np.float32)).astype(np.int32), count - 1) + 1
+    rank = mask.cumsum(-1, dtype=np.int32)
+    return ((rank == k[..., None]) & mask).argmax(-1)
+
+
+def step_bar(env: BatchedTradingEnv, obs: Tensor, decide: Callable[[Tensor, Tensor, int], Tensor],
+             k: int) -> tuple[Tensor, Tensor, bool, Tensor]:
+    """One bar for a batch of rows: the policy decides at the close of bar t on the observation and mask
+    (decide(obs, mask, k), e.g. a BatchDecisions), the environment fills at t+1. Returns (observation at t+1,
+    reward, done, the actions taken)."""
+    actions = decide(obs, env.mask, k)
+    obs, reward, done = env.step(actions)
+    return obs, reward, done, actions
+
+
+def _one_pass(market: MarketTensors, window: tuple[int, int], plans: list[tuple[EnvConfig, RiskConfig, Group]],
+              strategy_params: StrategyParams | None, record: bool, *, model: torch.nn.Module | None = None,
+              margin: float = 0.0, seeds: tuple[int, ...] = (), observer: Observer | None = None) -> dict:
+    """Every plan's rows (copies x pairs each) stepped in ONE pass of the fused CPU kernel: one environment
+    laid out for all the strategies any plan uses, each row with its own config's parameters (costs, risk rules,
+    strategy switches) and starting from the state its own config's reset gives, the kernel's arguments bound
+    once (FusedPortfolioStep.bind), the decisions made by BatchDecisions. The numbers are those of each plan
+    stepped alone (_grouped; the tests compare them). Returns what _simulate returns."""
+    i0, i1 = window
+    n_steps = i1 - i0
+    n_pairs = len(market.pairs)
+    device = market.prices.device
+    groups = [g for _, _, g in plans]
+    spans, cols, first = [], [], 0
+    for g in groups:
+        spans.append(slice(first, first + g.copies * n_pairs))
+        cols += list(range(n_pairs)) * g.copies
+        first += g.copies * n_pairs
+    B = first
+    pair_idx = torch.tensor(cols, dtype=torch.int64, device=device).unsqueeze(1)
+    start = torch.full((B,), i0 - 1, dtype=torch.int64, device=device)
+    base_cfg, base_risk = plans[0][0], plans[0][1]
+    strategies = list(base_cfg.strategies)
+    for cfg, _, _ in plans:
+        strategies += [s for s in cfg.strategies if s not in strategies]
+    union = replace(base_cfg, strategies=strategies)
+    env = BatchedTradingEnv(market, pair_idx, start, n_steps, union, base_risk, strategy_params)
+    fused = env._fused
+    if fused is None or any(r.kelly_window != base_risk.kelly_window for _, r, _ in plans):
+        raise ValueError("the one pass needs the fused CPU kernel and one Kelly window")
+    # each plan's rows start where its own config's reset leaves them, and step with its parameters
+    names = (fused_portfolio.SLOT_FLOATS + fused_portfolio.SLOT_INTS + fused_portfolio.SLOT_BOOLS
+             + fused_portfolio.EPISODE_FLOATS + fused_portfolio.EPISODE_INTS + fused_portfolio.EPISODE_F64)
+    state = {n: fused_portfolio._state_attr(env, n).clone() for n in names}
+    mask, blocked, obs = env.mask.clone(), env.blocked.clone(), env.observe().clone()
+    ring, head, pnl = env.trade_ring.clone(), env.trade_head.clone(), env.stats.pnl_rows.clone()
+    for (cfg, risk, _), rows in zip(plans, spans):
+        own = BatchedTradingEnv(market, pair_idx[rows], start[rows], n_steps, cfg, risk, strategy_params)
+        for n in names:
+            state[n][..., rows] = fused_portfolio._state_attr(own, n)
+        mask[rows], blocked[rows], obs[rows] = own.mask, own.blocked, own.observe()
+        ring[rows], head[rows], pnl[:, rows] = own.trade_ring, own.trade_head, own.stats.pnl_rows
+        fused.set_row_params(rows, own._fused)
+    fused_portfolio._set_state(env, list(state.items()))
+    env.mask, env.blocked, env.trade_ring, env.trade_head = mask, blocked, ring, head
+    env.stats.pnl_rows = pnl
+    fused.bind(env)
+
+    decide = BatchDecisions(groups, spans, env, n_steps, model=model, margin=margin,
+                            signal=bl.ma_long_signal(market.prices[..., 3]), seeds=seeds)
+    # what each step leaves, read from the kernel's packed outputs (numpy views, no tensor op per step): equity,
+    # cash, the Aave interest so far and the slots' holdings; the exposure and turnover are computed after the loop
+    fp = fused_portfolio
+    full = env._fused.groups is fp.GROUPS
+    slot_rows = np.array([fp.UNITS, fp.STAKED, fp.UNBONDING, fp.LP_L, fp.LENT] if full else [fp.UNITS])
+    ef_rows = np.array([fp.EQUITY, fp.CASH])
+    ef_h = np.empty((n_steps + 1, B, 2), dtype=fused._packed["ef"].dtype)  # equity, cash
+    interest_h = np.empty((n_steps + 1, B), dtype=np.float64)
+    slots_h = np.empty((n_steps + 1, B, len(slot_rows), env.P), dtype=fused._packed["sf"].dtype)
+    book_h = np.zeros((n_steps + 1, B, env.P), dtype=np.bool_)
+    pnl_rows = env.stats.pnl_rows.numpy()  # the kernel adds to it in place
+
+    def keep(k: int) -> None:
+        packed = fused._packed
+        np.take(packed["ef"], ef_rows, axis=1, out=ef_h[k])
+        np.take(packed["sf"], slot_rows, axis=1, out=slots_h[k])
+        if full:
+            book_h[k] = packed["sb"][:, fp.BOOK]
+        interest_h[k] = pnl_rows[_INTEREST]
+
+    keep(0)
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+    try:
+        for k in range(n_steps):
+            actions = decide(obs, env.mask, k)
+            if observer is not None:
+                observer(env, actions)
+            obs, _, _ = env.step(actions)
+            keep(k + 1)
+    finally:
+        if model is not None:
+            model.train(was_training)
+    if observer is not None:
+        observer(env, None)
+    equity = torch.from_numpy(ef_h[..., 0]).to(torch.float64)
+    equity[0] = float(env.stats.initial_equity)
+    slots = torch.from_numpy(slots_h[1:])  # [n, B, rows, P]
+    no = torch.zeros((n_steps, B), dtype=torch.bool)
+    if full:
+        units, staked, unbonding, lp, lent = slots.unbind(2)
+        coins = staked + unbonding
+        held = torch.stack([(units + staked + unbonding > 0).any(-1), (coins > 0).any(-1), (lp > 0).any(-1),
+                            (lent > 0).any(-1), torch.from_numpy(book_h[1:]).any(-1)], 1)
+        lent_sum = torch.from_numpy(slots_h[:, :, 4]).sum(-1).to(torch.float64)  # [n+1, B]
+    else:
+        held = torch.stack([(slots[:, :, 0] > 0).any(-1), no, no, no, no], 1)
+        lent_sum = torch.zeros((n_steps + 1, B), dtype=torch.float64)
+    # the cash that went into or came out of positions at each bar, lending excluded (see _simulate), summed in
+    # bar order
+    cash = torch.from_numpy(ef_h[..., 1]).to(torch.float64)
+    interest = torch.from_numpy(interest_h)
+    dc, dl, di = cash[1:] - cash[:-1], lent_sum[1:] - lent_sum[:-1], interest[1:] - interest[:-1]
+    traded = (dc + dl - di).abs().cumsum(0)[-1]
+    return _summarise(market, window, strategy_params, groups, spans, env.stats, equity, held, traded, record)
+
+
+def _summarise(market: MarketTensors, window: tuple[int, int], strategy_params: StrategyParams | None,
+               groups: list[Group], spans: list[slice], st, equity: Tensor, held: Tensor, traded: Tensor,
+               record: bool) -> dict:
+    """Each group's metrics from what the steps recorded: equity [n+1, B], held [n, kinds, B], traded [B]."""
+    i0, i1 = window
+    n_pairs = len(market.pairs)
     bar_returns = (equity[1:] / equity[:-1] - 1.0).cpu().numpy()  # [n_steps, B]
     risk_free = riskless_return(market, window, strategy_params or StrategyParams())
     exposure = held.to(torch.float64).mean(0)  # [kinds, B]

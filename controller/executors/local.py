@@ -53,7 +53,8 @@ def worker_command() -> list[str]:
 
 
 def default_parallel() -> int:
-    """One run per CUDA device where there are any, else one per core. The devices are counted by a child
+    """One run per CUDA device where there are any, else one per CPU this process may use (its affinity, capped by
+    its cgroup's CPU quota: a container under a CPU limit counts its limit, not the machine's cores). The devices are counted by a child
     process (nexlify.probe): the controller imports no torch."""
     from nexlify.errors import NexlifyError
     from nexlify.probe import probe
@@ -64,7 +65,9 @@ def default_parallel() -> int:
         gpus = 0
     if gpus > 0:
         return gpus
-    return max(1, len(os.sched_getaffinity(0)))
+    from nexlify.cpus import available_cpus  # affinity capped by the cgroup's CPU quota (a container's limit)
+
+    return available_cpus()
 
 
 @dataclass

@@ -35,7 +35,7 @@ def _cuda_kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_
     if b < sf.shape[0]:
         episode_step(b, (actions, mask, pair, t), (prices, tradable_tab, features, day, n_cols, n_bars),
                      (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
-                      transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm,
+                      transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm[b],
                      (o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask), (fs, ks, acts))
 
 

@@ -1000,7 +1000,7 @@ def carry_state(b, sf, si, sb, o_sf, o_si, o_sb, spot_alone):
     for r in range(sf.shape[1]):
         for p in range(n_pairs):
             o_sf[b, r, p] = sf[b, r, p]
-    if not spot_alone:
+    if si.shape[1] > 0:  # the strategies' rows are laid out (a batch with a strategy on in any of its rows)
         for p in range(n_pairs):
             o_si[b, RELEASE, p], o_si[b, TR_DUE, p] = si[b, RELEASE, p], si[b, TR_DUE, p]
             o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
@@ -1090,11 +1090,13 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
     """One step for every episode b (see BatchedTradingEnv._advance). sf/si/sb are the
     slot state [B, rows, P], ef/ei/e64 the episode state [B, rows]; o_* are written whole, and so are obs
     [B, P, O] and o_mask [B, P, A]; stake_growth .. transfer_bars are constants per market column; fs
-    [B, N_SCRATCH, P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch."""
+    [B, N_SCRATCH, P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch; prm [B, PARAMS] holds each
+    episode's parameters (its costs, risk rules and strategy switches: rows of several configs may step in one
+    pass)."""
     for b in numba.prange(sf.shape[0]):
         episode_step(b, (actions, mask, pair, t), (prices, tradable_tab, features, day, n_cols, n_bars),
                      (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
-                      transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm,
+                      transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm[b],
                      (o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask), (fs, ks, acts))
 
 
@@ -1124,7 +1126,26 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
             _compiled[key] = numba.njit(cache=True, **options)(function)
         except RuntimeError:  # no writable cache location: compile in every process
             _compiled[key] = numba.njit(cache=False, **options)(function)
+        _say_if_compiling(_compiled[key], flavour)
     return _compiled[key]
+
+
+COMPILE_SECONDS = "20-60 s on a quiet laptop core, minutes on a busy one"  # the serial build, measured in docs/speed.md
+
+
+def _say_if_compiling(dispatcher: Any, flavour: str) -> None:
+    """One line before a kernel that is not in numba's disk cache compiles (the first run after an install or an
+    upgrade), so a first run does not sit silent: what is compiling, about how long, and where it is cached."""
+    cache = getattr(dispatcher, "_cache", None)
+    index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+    if index is not None and Path(index).exists():
+        return
+    import structlog
+
+    where = getattr(cache, "_cache_path", None)
+    structlog.get_logger("nexlify.env").info(
+        "kernel_compiling", kernel=f"environment step ({flavour})", about=COMPILE_SECONDS,
+        cached_in=str(where) if where else "nowhere writable: set NUMBA_CACHE_DIR to keep it")
 
 
 @functools.cache
@@ -1253,11 +1274,95 @@ class FusedPortfolioStep:
             "lp_min_close": sp.lp.min_close_value_usd, "max_withdrawal_share": sp.arbitrage.max_withdrawal_share,
             "max_idle_share": sp.aave.max_idle_share, "lend_sweep": sp.aave.sweep,
         }
+        # one row per episode (the same for all here; set_row_params gives rows other configs' parameters)
         self.params = array(torch.tensor([float(values[name]) for name in PARAMS], dtype=torch.float64,
-                                         device=env.device))
+                                         device=env.device).expand(B, len(PARAMS)).contiguous())
         self.groups = GROUPS if tb.any else SPOT_GROUPS
         self._views: list[tuple[str, torch.Tensor]] = []  # the tensors the last step gave the environment
         self._packed: dict[str, Any] = {}
+        self._bound: list[tuple] | None = None  # see bind
+        self._side = 0
+
+    def set_row_params(self, rows: slice, other: "FusedPortfolioStep") -> None:
+        """Episodes `rows` step with `other`'s parameters (its costs, risk rules and strategy switches): rows of
+        several configs in one pass. Their strategies must be laid out here (this batch's strategies include
+        theirs), and their state set as their own environment's reset left it."""
+        self.params[rows] = other.params[0]
+
+    def bind(self, env: Env) -> None:
+        """Binds the kernel's arguments once for the rest of the episode (CPU kernel): two sets of packed state,
+        mask and outputs that the steps write in turn, so a step copies in its actions and calls the kernel, with
+        no argument built anew. The environment's tensors are views of the set last written, as with advance.
+        Anything that replaces the environment's state (reset, copy_step_state) ends the binding."""
+        if self.target != "cpu":
+            return
+        state = self._pack(env)
+        B, P = env.B, env.P
+        sets = [state, {group: np.empty_like(array) for group, array in state.items()}]
+        masks = [as_numpy(env.mask).copy(), np.empty(tuple(env.mask.shape), dtype=np.bool_)]
+        blocked = [as_numpy(env.blocked).copy(), np.empty((B,), dtype=np.bool_)]
+        obs = [np.empty((B, P, env.obs_size), dtype=np.float32) for _ in range(2)]
+        reward = [np.empty((B, P), dtype=np.float32) for _ in range(2)]
+        self._actions = np.zeros((B, P), dtype=np.int64)
+        self._t = as_numpy(env.t).copy()
+        carried = (env.trade_ring.numpy(), env.trade_head.numpy(), env.stats.pnl_rows.numpy())
+        bound = []
+        for side in (0, 1):
+            i, o = sets[side], sets[1 - side]
+            arguments = (
+                self._actions, masks[side], self.pair, self._t, self.prices, self.tradable, self.features, self.day,
+                self.n_cols, self.n_bars, self.floats, self.flags, self.bar_tab, *self.column_constants,
+                i["sf"], i["si"], i["sb"], i["ef"], i["ei"], i["e64"], blocked[side], *carried,
+                self.params, o["sf"], o["si"], o["sb"], o["ef"], o["ei"], o["e64"],
+                blocked[1 - side], reward[side], obs[side], masks[1 - side], *self.scratch)
+            views = []
+            for group, names in self.groups:
+                rows = torch.from_numpy(o[group]).unbind(1)
+                views += list(zip(names, (r.t() for r in rows) if o[group].ndim == 3 else rows))
+            written = (torch.from_numpy(blocked[1 - side]), torch.from_numpy(masks[1 - side]),
+                       torch.from_numpy(obs[side]), torch.from_numpy(reward[side]))
+            # _set_state's assignments, sorted once: the environment's attributes, the statistics', the Kelly sums
+            plain = {n: v for n, v in views if not n.startswith(("stats.", "kelly"))}
+            stats = {n[len("stats."):]: v for n, v in views if n.startswith("stats.")}
+            stats["equity"] = plain["equity"]
+            kelly = tuple(v for n, v in views if n.startswith("kelly"))
+            bound.append((arguments, (views, plain, stats, kelly), o, written, i["ei"]))
+        self._bound, self._side = bound, 0
+        self._actions_t = torch.from_numpy(self._actions)
+        # the input set of the first step: the environment's tensors become its views (the packed copy)
+        views = []
+        for group, names in self.groups:
+            rows = torch.from_numpy(state[group]).unbind(1)
+            views += list(zip(names, (r.t() for r in rows) if state[group].ndim == 3 else rows))
+        _set_state(env, views)
+        env.blocked, env.mask = torch.from_numpy(blocked[0]), torch.from_numpy(masks[0])
+        self._views, self._packed = views, state
+        self._expect = (env.mask, env.equity)
+
+    def _advance_bound(self, env: Env, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        arguments, (views, plain, stats, kelly), outputs, (o_blocked, mask, obs, reward), ei = self._bound[self._side]
+        self._actions_t.copy_(actions)
+        np.copyto(self._t, ei[:, T_BAR])
+        if self.parallel:
+            numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+        self.kernel(*arguments)
+        env.__dict__.update(plain)  # _set_state's work: none of these names is a property
+        env.stats.__dict__.update(stats)
+        env.kelly_sums = kelly
+        env.blocked, env.mask = o_blocked, mask
+        env._strategy_rows_stale = True
+        self._views, self._packed = views, outputs
+        self._expect = (mask, env.equity)
+        self._side = 1 - self._side
+        return obs, reward
+
+    def _still_bound(self, env: Env) -> bool:
+        """The environment holds the mask and equity the last bound step (or bind) gave it: nothing replaced its
+        state since."""
+        if self._bound is not None and env.mask is self._expect[0] and env.equity is self._expect[1]:
+            return True
+        self._bound = None
+        return False
 
     def _pack(self, env: Env) -> dict[str, Any]:
         """The packed state: last step's arrays while the environment holds their views, else stacked anew."""
@@ -1322,6 +1427,8 @@ class FusedPortfolioStep:
         return arguments, outputs, (written["o_blocked"], written["mask"], written["obs"], written["reward"])
 
     def advance(self, env: Env, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._bound is not None and self._still_bound(env):
+            return self._advance_bound(env, actions)
         arguments, outputs, written = self.arguments(env, actions)
         if self.target == "cuda":  # every array a tensor on the device: nothing is copied to or from the host
             from nexlify.env import fused_cuda  # numba-cuda: the optional extra `gpu`
