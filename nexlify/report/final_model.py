@@ -49,20 +49,17 @@ def _plain(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_result(compute, out_json: str) -> int:
+    """The report's child processes end here: `compute()`'s result as JSON in `out_json`, exit code 0; a
+    NexlifyError as one JSON `failed` event on stderr (which controller.report relays as its error), exit
+    code 2 for bad input, 1 otherwise."""
     from nexlify import logs
     from nexlify.errors import InputError, NexlifyError
 
-    parser = argparse.ArgumentParser(prog="python -m nexlify.report.final_model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model")
-    parser.add_argument("data_dir")
-    parser.add_argument("out_json")
-    parser.add_argument("--name", default=None, help="the model's name in error messages (default: MODEL)")
-    args = parser.parse_args(argv)
     logs.configure("json")
     try:
-        result = evaluate_final_model(args.model, args.data_dir, args.name or args.model)
-        with open(args.out_json, "w", encoding="utf-8") as fh:
+        result = compute()
+        with open(out_json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, default=_plain)
     except NexlifyError as exc:
         import structlog
@@ -70,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger("nexlify.report").error("failed", error=str(exc))
         return 2 if isinstance(exc, InputError) else 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nexlify.report.final_model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("data_dir")
+    parser.add_argument("out_json")
+    parser.add_argument("--name", default=None, help="the model's name in error messages (default: MODEL)")
+    args = parser.parse_args(argv)
+    return write_result(lambda: evaluate_final_model(args.model, args.data_dir, args.name or args.model), args.out_json)
 
 
 if __name__ == "__main__":

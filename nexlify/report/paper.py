@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 
 SESSION_TITLE = "The paper session (simulated)"
@@ -135,31 +134,14 @@ def paper_report(url: str) -> dict:
                       "book_equity": lines[-1][2]["book_equity"]}}
 
 
-def _plain(obj):
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from nexlify import logs
-    from nexlify.errors import InputError, NexlifyError
+    from nexlify.report.final_model import write_result
 
     parser = argparse.ArgumentParser(prog="python -m nexlify.report.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("output")
     parser.add_argument("out_json")
     args = parser.parse_args(argv)
-    logs.configure("json")
-    try:
-        result = paper_report(args.output)
-        with open(args.out_json, "w", encoding="utf-8") as fh:
-            json.dump(result, fh, default=_plain)
-    except NexlifyError as exc:
-        import structlog
-
-        structlog.get_logger("nexlify.report").error("failed", error=str(exc))
-        return 2 if isinstance(exc, InputError) else 1
-    return 0
+    return write_result(lambda: paper_report(args.output), args.out_json)
 
 
 if __name__ == "__main__":
