@@ -266,6 +266,18 @@ def hold_unless_margin(q: Tensor, margin: float) -> Tensor:
     return torch.where(gap >= margin, best, torch.full_like(best, HOLD))
 
 
+def _rows(groups: list[Group], n_pairs: int, i0: int, device) -> tuple[list[slice], Tensor, Tensor]:
+    """The batch's rows: each group's span (its copies x pairs, one pair per portfolio), every row's pair
+    index [B, 1] and its start bar (the bar before the window's first) [B]."""
+    spans, cols, first = [], [], 0
+    for g in groups:
+        spans.append(slice(first, first + g.copies * n_pairs))
+        cols += list(range(n_pairs)) * g.copies
+        first += g.copies * n_pairs
+    pair_idx = torch.tensor(cols, dtype=torch.int64, device=device).unsqueeze(1)
+    return spans, pair_idx, torch.full((first,), i0 - 1, dtype=torch.int64, device=device)
+
+
 def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig, risk_cfg: RiskConfig,
               strategy_params: StrategyParams | None, groups: list[Group], record: bool,
               observer: Observer | None = None) -> dict:
@@ -277,14 +289,8 @@ def _simulate(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig
     n_steps = i1 - i0
     n_pairs = len(market.pairs)
     device = market.prices.device
-    spans, cols, first = [], [], 0
-    for g in groups:
-        spans.append(slice(first, first + g.copies * n_pairs))
-        cols += list(range(n_pairs)) * g.copies
-        first += g.copies * n_pairs
-    B = first
-    pair_idx = torch.tensor(cols, dtype=torch.int64, device=device).unsqueeze(1)
-    start = torch.full((B,), i0 - 1, dtype=torch.int64, device=device)
+    spans, pair_idx, start = _rows(groups, n_pairs, i0, device)
+    B = pair_idx.shape[0]
     env = BatchedTradingEnv(market, pair_idx, start, n_steps, env_cfg, risk_cfg, strategy_params)
     obs = env.reset()
     e0 = float(env.stats.initial_equity)
@@ -440,14 +446,8 @@ def _one_pass(market: MarketTensors, window: tuple[int, int], plans: list[tuple[
     n_pairs = len(market.pairs)
     device = market.prices.device
     groups = [g for _, _, g in plans]
-    spans, cols, first = [], [], 0
-    for g in groups:
-        spans.append(slice(first, first + g.copies * n_pairs))
-        cols += list(range(n_pairs)) * g.copies
-        first += g.copies * n_pairs
-    B = first
-    pair_idx = torch.tensor(cols, dtype=torch.int64, device=device).unsqueeze(1)
-    start = torch.full((B,), i0 - 1, dtype=torch.int64, device=device)
+    spans, pair_idx, start = _rows(groups, n_pairs, i0, device)
+    B = pair_idx.shape[0]
     base_cfg, base_risk = plans[0][0], plans[0][1]
     strategies = list(base_cfg.strategies)
     for cfg, _, _ in plans:
