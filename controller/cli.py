@@ -26,6 +26,7 @@ import structlog
 
 from controller.backtest_run import add_parser as add_backtest_parser
 from controller.bench_learn import add_parser as add_bench_learn_parser
+from controller.paper.cli import add_parser as add_paper_parser
 from controller.config import MAX_EPISODES, PipelineConfig, quick_test_preset
 from nexlify import logs
 from nexlify.cli import add_commands as add_trainer_commands
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=cmd_config_show)
 
     add_trainer_commands(sub, bench_extra=lambda bench_sub: add_bench_learn_parser(bench_sub, _add_pipeline_args))
+    add_paper_parser(sub)
     evaluate = sub.choices["evaluate"]
     evaluate.set_defaults(handler=_model_from_store(evaluate.get_default("handler")))
     _escape_help_percent(parser)

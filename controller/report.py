@@ -1,7 +1,7 @@
 """report.html of a pipeline output (a folder or s3://): written after the summary, and rebuilt by
 `nexlify report OUTPUT`. An output holding a paper session (`nexlify paper`'s session.json) gets the same
 page for the session: its verdict, the agent's equity from the journal beside the baselines over the same
-bars (nexlify.report.paper, in a child process like the final model's evaluation).
+bars (controller.paper.report, in a child process like the final model's evaluation).
 
 Everything comes from the output itself, through its store: the summary and the state (runs, scores,
 decisions), each run's TensorBoard event file (training curves), and the final model and the data
@@ -31,7 +31,7 @@ log = structlog.get_logger("nexlify.report")
 REPORT_KEY = "report.html"
 SUMMARY_KEY = "complete_training_summary.json"  # controller.pipeline's keys (it imports this module lazily)
 STATE_KEY = "pipeline_state.json"
-PAPER_HEADER_KEY = "session.json"  # nexlify.paper.journal.HEADER_KEY (that module imports torch)
+PAPER_HEADER_KEY = "session.json"  # controller.paper.journal.HEADER_KEY (that module imports torch)
 REPORT_SCRATCH_PREFIX = "nexlify-report-"  # + <pid>-: the model and data copies, removed by the next report if left
 
 
@@ -215,9 +215,9 @@ def _child(module: str, args: list[str], what: str) -> dict:
 
 
 def paper_data(store: Store) -> dict:
-    """The page's data for the paper session in the output (nexlify.report.paper)."""
+    """The page's data for the paper session in the output (controller.paper.report)."""
     root = store.url(PAPER_HEADER_KEY)[:-len(PAPER_HEADER_KEY)].rstrip("/")
-    return _child("nexlify.report.paper", [root], "the paper session's replay")
+    return _child("controller.paper.report", [root], "the paper session's replay")
 
 
 def final_model_evaluation(store: Store, summary: dict) -> dict:

@@ -20,10 +20,12 @@ import pytest
 import controller
 from tests.pipeline_support import REPO, TINY, child_env, error_lines, non_json_lines, read_json, run_cli
 
-# every module of the controller but the worker (`nexlify worker train`: a process of its own, it trains)
+# every module of the controller but the processes of their own that step a model: the worker (`nexlify worker
+# train`), the paper trader's service and journal (`nexlify paper`) and a paper session's replay for the report
+TORCH_PROCESSES = ("controller.worker", "controller.__main__", "controller.paper.service", "controller.paper.journal",
+                   "controller.paper.report")
 CONTROLLER_MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(controller.__path__, "controller.")
-    if m.name not in ("controller.worker", "controller.__main__"))
+    m.name for m in pkgutil.walk_packages(controller.__path__, "controller.") if m.name not in TORCH_PROCESSES)
 # the nexlify modules the controller process uses besides (on demand, inside functions)
 NEXLIFY_MODULES = ["nexlify.cli", "nexlify.config", "nexlify.configtools", "nexlify.data.prepare", "nexlify.probe",
                    "nexlify.report", "nexlify.report.page", "nexlify.report.final_model", "nexlify.tb",

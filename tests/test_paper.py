@@ -31,7 +31,7 @@ from nexlify.errors import InputError
 from nexlify.evaluate_cmd import _greedy_model, _market_window, evaluate_checkpoint
 from nexlify.evaluation import evaluate_policy
 from nexlify.features import WARMUP_BARS, Normalizer
-from nexlify.paper.service import PaperService
+from controller.paper.service import PaperService
 from nexlify.paper.settings import PaperSettings
 from nexlify.paper.trader import warmup_bars
 from tests.fake_exchange import TF_MS, FakeBinance
@@ -313,7 +313,7 @@ def test_metrics_and_health(model, tmp_path):
     with replay() as fake:
         service = PaperService(model, str(out), settings(fake, until="2025-05-15T06:00", metrics_port=0))
         service.run()
-        from nexlify.paper.service import serve
+        from controller.paper.service import serve
 
         server = serve(service.metrics, service.health, "127.0.0.1", 0)
         port = server.server_address[1]

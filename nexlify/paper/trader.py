@@ -22,7 +22,7 @@ The warm-up anchor is WARMUP_DAYS days before the open of bar D+1, as `nexlify e
 WARMUP_DAYS before --start: the features, so the observations, decisions and fills, are `nexlify
 evaluate`'s on the same candles (tests/test_paper.py holds them to it bar for bar).
 
-Each bar yields one journal line (a dict; nexlify.paper.journal writes it): the candles, the fills of the
+Each bar yields one journal line (a dict; controller.paper.journal writes it): the candles, the fills of the
 step, each pair's equity, the observation's sha256, the Q-values, the valid actions and the action.
 """
 

@@ -29,7 +29,7 @@ def evaluation(model: torch.nn.Module, tensors: MarketTensors, windows: dict[str
     (nexlify.evaluation.evaluate_with_baselines: the agent's, and every baseline's with its per-bar curve).
     `evaluated`: that evaluation's result per window when the caller already has it (with its curves);
     `traces`: what the agent did per window when it was not the greedy policy stepped here (a paper
-    session's replayed journal, nexlify.report.paper), its metrics included."""
+    session's replayed journal, controller.paper.report), its metrics included."""
     from nexlify.evaluation import evaluate_with_baselines
     from nexlify.report.trace import buy_and_hold_curves, trace_policy
 

@@ -2,7 +2,7 @@
 over the same bars. Like nexlify.report.final_model it needs torch and runs as a process of its own, so the
 controller, which draws the page, never imports torch (controller.report starts it and reads its JSON).
 
-    python -m nexlify.report.paper OUTPUT OUT_JSON
+    python -m controller.paper.report OUTPUT OUT_JSON
 
 OUTPUT: the session's output (a folder or s3://bucket/prefix holding session.json and journal/); OUT_JSON:
 where the page's data is written (the verdict, the evaluation section, the session's facts).
@@ -41,8 +41,8 @@ def paper_report(url: str) -> dict:
     from nexlify.evaluation import evaluate_with_baselines, riskless_return
     from nexlify.metrics import average_metrics, pair_metrics, return_moments, sharpe_vs_lending
     from nexlify.paper.feed import NO_CANDLE
-    from nexlify.paper.journal import HEADER_KEY, Journal
-    from nexlify.paper.service import load_model
+    from controller.paper.journal import HEADER_KEY, Journal
+    from controller.paper.service import load_model
     from nexlify.paper.trader import PaperTrader, canonical_json
     from nexlify.report import evaluation
     from nexlify.report.trace import Recorder
@@ -137,7 +137,7 @@ def paper_report(url: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from nexlify.report.final_model import write_result
 
-    parser = argparse.ArgumentParser(prog="python -m nexlify.report.paper", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m controller.paper.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("output")
     parser.add_argument("out_json")
     args = parser.parse_args(argv)

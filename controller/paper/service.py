@@ -29,13 +29,13 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from controller.lease import open_lease
+from controller.paper.journal import Journal, snapshot_key
 from controller.stores import is_s3_url, open_store, read_url_bytes
 from controller.stores.base import StoreKeyMissing
 from nexlify import checkpoint
 from nexlify.data.timeframes import iso_utc, parse_utc_ms
 from nexlify.errors import InputError, TemporaryError
 from nexlify.paper.feed import NO_CANDLE, Feed
-from nexlify.paper.journal import Journal, snapshot_key
 from nexlify.paper.settings import PaperSettings
 from nexlify.paper.trader import PaperTrader, canonical_json
 
