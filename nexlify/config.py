@@ -294,7 +294,7 @@ class TrainConfig:
     lending: LendingConfig = section(LendingConfig)
     arbitrage: ArbitrageConfig = section(ArbitrageConfig)
     device: str = setting("auto", "torch device: auto picks cuda when present", choices=("auto", "cpu", "cuda"))
-    threads: int = setting(1, "torch CPU threads per run (small networks run fastest on one)", lo=1, hi=256)
+    threads: int = setting(1, "torch CPU threads per run (small networks run fastest on one); a Kubernetes worker uses its CPU request instead", lo=1, hi=256)
 
     def strategy_params(self) -> StrategyParams:
         """The strategy sections as the environment takes them (validated: InputError on a bad value)."""

@@ -284,7 +284,9 @@ def test_manifest_runs_the_same_worker_args_with_labels_policy_and_hardening():
     [container] = pod["containers"]
     assert container["name"] == "worker" and container["image"] == IMAGE
     assert container["command"] == ["nexlify"]
-    assert container["args"] == spec.worker_args() == [
+    # the worker's threads come from its CPU request (1 by default)
+    assert container["args"] == spec.worker_args() + ["--threads", "1"]
+    assert spec.worker_args() == [
         "worker", "train", "--run-key", "init-2", "--seed", "1042", "--episodes", "8",
         "--config", "s3://bucket/p/pipeline_config.json", "--data-snapshot", "s3://bucket/p/data",
         "--out", "s3://bucket/p/initial_runs/run_2", "--checkpoint-every", "4"]
@@ -295,6 +297,24 @@ def test_manifest_runs_the_same_worker_args_with_labels_policy_and_hardening():
     assert env == {"NEXLIFY_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1", "TMPDIR": "/tmp", "HOME": "/tmp"}
     assert "envFrom" not in container  # no Secret named: IRSA / workload identity
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+
+
+@pytest.mark.parametrize("request_, threads", [
+    ("1", ["--threads", "1"]), ("2", ["--threads", "2"]), ("1500m", ["--threads", "2"]), ("250m", ["--threads", "1"]),
+    ("2000m", ["--threads", "2"]), ("2.5", ["--threads", "3"]), ("", []),
+])
+def test_manifest_worker_threads_follow_the_cpu_request(request_, threads):
+    """A pod's threads are the CPUs its request reserves, rounded up (nexlify.cpus.cpus_of_request); no request
+    leaves the config's threads alone (no flag)."""
+    spec = dummy_spec("init-1", seed=42)
+    job = job_manifest(spec, k8s_settings(cpu_request=request_), "3f2a9c1e")
+    assert kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == spec.worker_args() + threads
+
+
+def test_manifest_refuses_a_cpu_request_that_is_not_a_cpu_count():
+    with pytest.raises(InputError, match=r"--cpu-request '4Gi': accepted: a CPU quantity"):
+        job_manifest(dummy_spec("init-1", seed=42), k8s_settings(cpu_request="4Gi"), "3f2a9c1e")
 
 
 def test_manifest_variants_gpu_placement_kueue_secret_owner_validate_strictly():
@@ -326,6 +346,7 @@ def test_manifest_variants_gpu_placement_kueue_secret_owner_validate_strictly():
     [container] = pod["containers"]
     assert container["resources"] == {"requests": {"cpu": "4", "memory": "16Gi"},
                                       "limits": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "2"}}
+    assert container["args"][-2:] == ["--threads", "4"]  # the request, not the limit
     assert container["envFrom"] == [{"secretRef": {"name": "nexlify-s3"}}]
     assert {"name": "AWS_ENDPOINT_URL", "value": "http://seaweedfs.storage:8333"} in container["env"]
     assert not any("AWS_SECRET" in json.dumps(e) for e in container["env"])  # never a credential inline
@@ -747,7 +768,7 @@ def test_quick_pipeline_through_the_fake_cluster_matches_the_local_executor(s3, 
         if key == "retrain-1":
             best = summary["initial_runs"][summary["best_initial_run"] - 1]["model_path"]
             expected += ["--init-from", f"{output}/{best}"]
-        assert args == expected
+        assert args == expected + ["--threads", "1"]  # from the default CPU request of 1
         event = created[key]
         assert (event["pipeline"], event["phase"], event["seed"], event["job"]) == (pid, phase, seed, name)
         assert event["logs"] == f"kubectl logs -f job/{name} -n {NAMESPACE}"

@@ -18,6 +18,7 @@ from typing import Any
 
 from controller.config import KubernetesConfig
 from controller.executors.base import RunSpec
+from nexlify.cpus import cpus_of_request
 from nexlify.errors import InputError
 
 MAX_NAME = 63  # a Job name is used as a pod label value (batch.kubernetes.io/job-name): at most 63
@@ -152,6 +153,24 @@ def _resources(cfg: KubernetesConfig) -> dict[str, dict[str, str]]:
     return out
 
 
+def _worker_threads(cfg: KubernetesConfig) -> int | None:
+    """The worker's CPU threads from its CPU request (nexlify.cpus.cpus_of_request: "1" -> 1, "1500m" -> 2): the
+    CPUs the scheduler reserves for the pod, so a worker never starts more threads than it was given, nor
+    fewer. None without a request: the config's `threads` then stands."""
+    if not cfg.cpu_request:
+        return None
+    quantity = _quantity(cfg.cpu_request, "--cpu-request")
+    try:
+        return cpus_of_request(quantity)
+    except ValueError:
+        raise InputError(f"--cpu-request {quantity!r}: accepted: a CPU quantity such as 500m, 1 or 2") from None
+
+
+def _threads_args(cfg: KubernetesConfig) -> list[str]:
+    threads = _worker_threads(cfg)
+    return [] if threads is None else ["--threads", str(threads)]
+
+
 def _env(cfg: KubernetesConfig) -> list[dict[str, Any]]:
     """Plain settings of the worker (no secrets: those come with `_env_from`)."""
     env: list[dict[str, Any]] = [
@@ -189,7 +208,7 @@ def _pod_spec(spec: RunSpec, cfg: KubernetesConfig) -> dict[str, Any]:
         "image": cfg.image,
         "imagePullPolicy": cfg.image_pull_policy,
         "command": list(WORKER_COMMAND),
-        "args": spec.worker_args(),
+        "args": spec.worker_args() + _threads_args(cfg),
         "env": _env(cfg),
         **({"envFrom": _env_from(cfg)} if cfg.s3_secret else {}),
         "resources": _resources(cfg),
