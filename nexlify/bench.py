@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 
 from nexlify.agent.dqn import random_valid_actions
+from nexlify.busy import busy_core as start_busy_core
 from nexlify.config import EnvConfig, TrainConfig
 from nexlify.configtools import validate_tree
 from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv
@@ -34,7 +36,7 @@ def _setup(pairs: list[str], device: str, threads: int, strategies: list[str] | 
 
 def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = TrainConfig.threads,
               strategies: list[str] | None = None, precision: str = EnvConfig.precision, policy: str = "valid",
-              kernel: str = EnvConfig.kernel, compile_step: bool = False) -> dict:
+              kernel: str = EnvConfig.kernel, compile_step: bool = False, busy_core: bool = False) -> dict:
     """Random actions for `steps` steps of `batch_size` episodes; env steps = episodes x steps.
 
     compile_step: the tensor step (kernel "torch") compiled with torch.compile (Inductor: C++ on the CPU,
@@ -47,7 +49,10 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
 
     Episodes start at the first bar where every pair has the second venue (Coinbase's history starts on
     2024-04-18), for spot-only runs too, so that figures with and without strategies cover the same bars
-    and the arbitrage strategy really trades."""
+    and the arbitrage strategy really trades.
+
+    busy_core: the measured steps run with one CPU of this process's affinity kept busy by a spinning process
+    (nexlify.busy), as on a shared machine; the JSON's `busy_core` names that CPU (null: a quiet run)."""
     cfg, market, windows = _setup(pairs, device, threads, strategies, precision, kernel)
     dev = resolve_device(device)
     raw = market_features(market)
@@ -76,15 +81,29 @@ def bench_env(pairs: list[str], batch_size: int, steps: int, device: str = "cpu"
     run(min(20, steps))  # warm-up: allocator, caches (and torch.compile's compilation)
     _sync(dev)
     warmup = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.process_time()
-    run(steps)
-    _sync(dev)
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    with _busy(busy_core) as busy:
+        t0, c0 = time.perf_counter(), time.process_time()
+        run(steps)
+        _sync(dev)
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     return {"bench": "env", "pairs": n_pairs, "batch_size": batch_size, "steps": steps, "device": str(dev),
             "threads": threads, "strategies": ",".join(cfg.env.strategies), "precision": precision,
-            "policy": policy, "kernel": _kernel_name(env, compile_step), "warmup_s": round(warmup, 1),
+            "policy": policy, "kernel": _kernel_name(env, compile_step), "busy_core": _busy_cpu(busy),
+            "warmup_s": round(warmup, 1),
             "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
             "env_steps_per_s": round(batch_size * steps / seconds)}
+
+
+def _busy(on: bool):
+    """A busy core for the block (nexlify.busy.busy_core), or nothing."""
+    return start_busy_core() if on else nullcontext()
+
+
+def _busy_cpu(busy) -> int | str | None:
+    """The JSON's `busy_core`: the CPU kept busy, "unpinned" where the platform cannot pin, null when quiet."""
+    if busy is None:
+        return None
+    return "unpinned" if busy.cpu is None else busy.cpu
 
 
 def _kernel_name(env: BatchedTradingEnv, compile_step: bool) -> str:
@@ -102,15 +121,17 @@ def _first_second_venue_bar(cfg: TrainConfig, market) -> int:
 
 
 def bench_train(pairs: list[str], batch_size: int, steps: int, device: str = "cpu", threads: int = TrainConfig.threads,
-                strategies: list[str] | None = None, kernel: str = EnvConfig.kernel) -> dict:
-    """One round of `batch_size` episodes of `steps` steps, acting, storing and learning as in training."""
+                strategies: list[str] | None = None, kernel: str = EnvConfig.kernel, busy_core: bool = False) -> dict:
+    """One round of `batch_size` episodes of `steps` steps, acting, storing and learning as in training.
+    busy_core: as bench_env's, for the whole round."""
     cfg, market, windows = _setup(pairs, device, threads, strategies, kernel=kernel)
     cfg.env.num_envs = batch_size
     cfg.env.episode_bars = steps + 1
-    out = train_run(cfg, market, windows, seed=0, episodes=batch_size)
+    with _busy(busy_core) as busy:
+        out = train_run(cfg, market, windows, seed=0, episodes=batch_size)
     t = out.timings
     return {"bench": "train", "pairs": len(market.pairs), "batch_size": batch_size, "steps": steps,
-            "device": t.get("device", str(resolve_device(device))), "threads": threads,
+            "device": t.get("device", str(resolve_device(device))), "threads": threads, "busy_core": _busy_cpu(busy),
             "strategies": ",".join(cfg.env.strategies), "seconds": t["train_s"],
             "grad_steps": out.agent.grad_steps, "train_env_steps_per_s": round(t["train_env_steps_per_s"])}
 

@@ -82,6 +82,9 @@ def add_commands(sub: argparse._SubParsersAction, bench_extra=None) -> None:
                            help="accounting precision of the environment")
             b.add_argument("--policy", default="valid", choices=("valid", "uniform"),
                            help="random valid actions, or uniform over all actions (invalid ones act as hold)")
+        b.add_argument("--busy-core", action="store_true",
+                       help="measure with one CPU of this process's kept busy by a spinning process beside it, as on a "
+                            "shared machine (stopped when the measurement ends)")
         b.add_argument("--json", action="store_true")
         b.set_defaults(handler=cmd_bench_env if name == "env" else cmd_bench_train)
     b = bench_sub.add_parser("eval", help="evaluation policy-steps per second (the agent and every baseline), beside "
@@ -173,7 +176,7 @@ def cmd_bench_env(args: argparse.Namespace) -> int:
 
     _check_bench(args)
     result = bench_env(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args),
-                       args.precision, args.policy, args.kernel)
+                       args.precision, args.policy, args.kernel, busy_core=args.busy_core)
     _print_bench(result, args.json)
     return 0
 
@@ -183,7 +186,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     _check_bench(args)
     result = bench_train(args.pairs, args.batch_size, args.steps, args.device, args.threads, _strategies(args),
-                         args.kernel)
+                         args.kernel, busy_core=args.busy_core)
     _print_bench(result, args.json)
     return 0
 
