@@ -33,13 +33,14 @@ LABEL org.opencontainers.image.title="nexlify-train" \
       org.opencontainers.image.source="https://github.com/nexlify/nexlify-train" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
 
-# Caches (torch, pip, numba's compiled kernel) go to /tmp: the chart mounts an emptyDir there and makes
-# / read-only.
+# Caches (torch, pip) go to /tmp: the chart mounts an emptyDir there and makes / read-only. numba's kernels
+# are compiled at the build into NUMBA_CACHE_DIR, owned by the image's user; where / is read-only, the first
+# kernel copies them into $XDG_CACHE_HOME/numba (nexlify.env.fused_portfolio.seed_cache_dir) and uses them there.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     XDG_CACHE_HOME=/tmp/.cache \
-    NUMBA_CACHE_DIR=/tmp/.cache/numba \
+    NUMBA_CACHE_DIR=/home/nexlify/.cache/numba \
     NEXLIFY_LOG_FORMAT=auto \
     PATH=/opt/nexlify/bin:${PATH}
 
@@ -61,6 +62,13 @@ RUN groupadd --gid 10001 nexlify \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/nexlify --shell /usr/sbin/nologin nexlify
 USER 10001:10001
 WORKDIR /home/nexlify
+
+# The environment's kernels compiled now, as the user that runs them, so that no run starts with minutes of
+# compiling: the serial build (one thread, the default) and the threaded one (--threads > 1, 4,096 episodes or
+# more), on the bundled candles. numba's cache is per CPU model: a node with another CPU compiles once more.
+RUN nexlify bench env --pairs BTC/USDT --batch-size 1 --steps 1 --json > /dev/null \
+    && nexlify bench env --pairs BTC/USDT --batch-size 4096 --steps 1 --threads 2 --json > /dev/null \
+    && test -n "$(find "${NUMBA_CACHE_DIR}" -name '*.nbi' -print -quit)"
 
 ENTRYPOINT ["nexlify"]
 CMD ["--help"]

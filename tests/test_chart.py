@@ -608,6 +608,14 @@ def test_dockerfile_passes_hadolint_and_keeps_its_promises() -> None:
     assert "pip wheel --no-cache-dir --no-deps" in text
     assert "--no-deps -r /tmp/requirements-docker.txt" in text
     assert not re.search(r"(?i)(secret|password|token|access_key)\s*=", text)
+    # the kernels are compiled at the build, as the image's user, into a cache folder that user owns (not under
+    # /tmp, which the chart hides under an emptyDir), the serial and the threaded build
+    cache = re.search(r"NUMBA_CACHE_DIR=(\S+)", text).group(1)
+    assert cache.startswith("/home/nexlify/") and not cache.startswith("/tmp")
+    after_user = text.split("USER 10001:10001", 1)[1]
+    compile_step = re.search(r"^RUN nexlify bench env .*?(?<!\\)$", after_user, re.MULTILINE | re.DOTALL).group(0)
+    assert "--batch-size 1 " in compile_step and "--batch-size 4096 " in compile_step and "--threads 2" in compile_step
+    assert "NUMBA_CACHE_DIR" in compile_step  # the build fails if nothing was cached
 
 
 def test_docker_requirements_pin_pyproject_dependencies_in_range() -> None:

@@ -39,7 +39,11 @@ import ast
 import functools
 import hashlib
 import importlib.util
+import os
+import shutil
+import tempfile
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1111,6 +1115,9 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
     running side by side must not have idle pool threads spinning on each other's cores."""
     key = (name, parallel)
     if key not in _compiled:
+        seeded = seed_cache_dir(numba.config.CACHE_DIR, user_cache_dir())
+        if seeded is not None:
+            numba.config.CACHE_DIR = seeded
         # numba's cache tells entries apart by the function's name, not by the `parallel` flag, and checks only
         # the kernel's own file for changes, not those of the rules it inlines or the constants it compiles in
         # (the layout, the tables' rows): each build gets a name of its own that carries a digest of the
@@ -1128,6 +1135,34 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
             _compiled[key] = numba.njit(cache=False, **options)(function)
         _say_if_compiling(_compiled[key], flavour)
     return _compiled[key]
+
+
+def user_cache_dir() -> Path:
+    """numba's folder in the user's cache directory ($XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "numba"
+
+
+def _writable(folder: str | Path) -> bool:
+    """numba's own test of a cache folder: a temporary file can be made in it."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def seed_cache_dir(cache_dir: str | None, user_cache: Path, writable: Callable[[str | Path], bool] = _writable) -> str | None:
+    """Where numba should cache when $NUMBA_CACHE_DIR holds kernels it may not write to (an image's kernels,
+    compiled at its build, under a read-only root filesystem): numba skips a cache folder it cannot write to and
+    would compile anew, so the folder is copied once into the user's writable cache, whose path is returned.
+    None: nothing to do (no such folder, or it is writable), or no writable copy could be made."""
+    if not cache_dir or not os.path.isdir(cache_dir) or writable(cache_dir):
+        return None
+    try:
+        shutil.copytree(cache_dir, user_cache, dirs_exist_ok=True)
+    except OSError:
+        return None
+    return str(user_cache) if writable(user_cache) else None
 
 
 COMPILE_SECONDS = "20-60 s on a quiet laptop core, minutes on a busy one"  # the serial build, measured in docs/speed.md
