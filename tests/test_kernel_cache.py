@@ -24,6 +24,16 @@ def test_read_only_image_cache_is_copied_into_the_user_cache(tmp_path):
     assert (user / "sub" / "kernel.nbc").read_bytes() == b"code"
 
 
+def test_files_already_in_the_user_cache_are_kept(tmp_path):
+    """An index the user's cache holds (kernels compiled there since) is not overwritten by the image's."""
+    image, user = _kernels(tmp_path / "image"), tmp_path / "home" / "numba"
+    (user / "sub").mkdir(parents=True)
+    (user / "sub" / "kernel.nbi").write_bytes(b"index with more signatures")
+    assert seed_cache_dir(str(image), user, writable=lambda f: str(f) != str(image)) == str(user)
+    assert (user / "sub" / "kernel.nbi").read_bytes() == b"index with more signatures"
+    assert (user / "sub" / "kernel.nbc").read_bytes() == b"code"
+
+
 def test_writable_missing_or_unset_cache_is_left_alone(tmp_path):
     image, user = _kernels(tmp_path / "image"), tmp_path / "home" / "numba"
     assert seed_cache_dir(str(image), user, writable=lambda f: True) is None  # numba writes there itself

@@ -1154,12 +1154,18 @@ def _writable(folder: str | Path) -> bool:
 def seed_cache_dir(cache_dir: str | None, user_cache: Path, writable: Callable[[str | Path], bool] = _writable) -> str | None:
     """Where numba should cache when $NUMBA_CACHE_DIR holds kernels it may not write to (an image's kernels,
     compiled at its build, under a read-only root filesystem): numba skips a cache folder it cannot write to and
-    would compile anew, so the folder is copied once into the user's writable cache, whose path is returned.
-    None: nothing to do (no such folder, or it is writable), or no writable copy could be made."""
+    would compile anew, so its files are copied into the user's writable cache, whose path is returned; a file
+    already there is kept (it may hold kernels compiled there since). None: nothing to do (no such folder, or
+    it is writable), or no writable copy could be made."""
     if not cache_dir or not os.path.isdir(cache_dir) or writable(cache_dir):
         return None
+
+    def copy_new(src: str, dst: str) -> None:
+        if not os.path.exists(dst):
+            shutil.copy2(src, dst)
+
     try:
-        shutil.copytree(cache_dir, user_cache, dirs_exist_ok=True)
+        shutil.copytree(cache_dir, user_cache, copy_function=copy_new, dirs_exist_ok=True)
     except OSError:
         return None
     return str(user_cache) if writable(user_cache) else None
