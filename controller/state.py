@@ -31,6 +31,11 @@ def retrain_run_key(iteration: int) -> str:
     return f"retrain-{iteration}"
 
 
+# A run's digests, written only once known, so that a state written before they existed (or by a run
+# without them) writes back byte for byte.
+_DIGESTS = ("result_sha256", "model_sha256")
+
+
 class _Record:
     """to_dict / from_dict for a flat record: its fields in declaration order, then the keys it did not
     know (`extra`)."""
@@ -44,7 +49,8 @@ class _Record:
         return self.extra.get("excess_moments")
 
     def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}  # type: ignore[arg-type]
+        out = {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
+               if f.name != "extra" and not (f.name in _DIGESTS and getattr(self, f.name) is None)}
         out.update(self.extra)
         return out
 
