@@ -134,3 +134,31 @@ def make_env(market: MarketTensors, risk_cfg: RiskConfig, env_cfg: EnvConfig | N
 def actions(*per_pair: int, episodes: int = 1) -> torch.Tensor:
     """An action tensor [episodes, P] with the same action per pair in every episode."""
     return torch.tensor([list(per_pair)] * episodes, dtype=torch.int64)
+
+
+def write_untrained_model(folder, pairs: Sequence[str], hold_margin: float | None = None) -> str:
+    """An untrained network (seed 0) whose spot-only config trades `pairs` with data ending 2025-04-01 (the
+    bundled sample runs to 2025-06-01), saved as folder/model.pt; `hold_margin` the config's, when given."""
+    from nexlify import checkpoint
+    from nexlify.agent.dqn import DuelingQNet
+    from nexlify.config import TrainConfig
+    from nexlify.configtools import to_dict
+    from nexlify.env.batched import N_ACTIONS, observation_size
+
+    cfg = TrainConfig()
+    cfg.data.pairs, cfg.data.start, cfg.data.end, cfg.data.val_days = list(pairs), "2025-01-01", "2025-04-01", 10
+    cfg.env.strategies = ["spot"]
+    if hold_margin is not None:
+        cfg.agent.hold_margin = hold_margin
+    data = load_market("binance", cfg.data.pairs, start=cfg.data.start, end=cfg.data.end)
+    raw = market_features(data)
+    normalizer = Normalizer.fit(raw, WARMUP_BARS, 1000)
+    torch.manual_seed(0)
+    net = DuelingQNet(observation_size(raw.shape[-1]), N_ACTIONS, cfg.agent.hidden)
+    state = {"model_state_dict": net.state_dict(), "target_model_state_dict": net.state_dict(),
+             "optimizer_state_dict": {}}
+    ckpt = checkpoint.build_checkpoint(state, config=to_dict(cfg), normalizer=normalizer.to_dict(), episodes_trained=0,
+                                       seed=0, metrics={})
+    path = folder / "model.pt"
+    path.write_bytes(checkpoint.to_bytes(ckpt))
+    return str(path)

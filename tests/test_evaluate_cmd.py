@@ -6,40 +6,17 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
 from nexlify import baselines as bl
-from nexlify import checkpoint
-from nexlify.agent.dqn import DuelingQNet
 from nexlify.config import TrainConfig
-from nexlify.configtools import to_dict
-from nexlify.data.candles import bundled_dir, load_market
-from nexlify.env.batched import N_ACTIONS, observation_size
-from nexlify.env.market import market_features
+from nexlify.data.candles import bundled_dir
 from nexlify.errors import InputError
 from nexlify.evaluate_cmd import evaluate_checkpoint, render_table
-from nexlify.features import WARMUP_BARS, Normalizer
-from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
+from tests.helpers_market import one_torch_thread, write_untrained_model  # noqa: F401 (fixture)
 
 
 def write_model(folder, pairs: list[str]) -> str:
-    """An untrained network whose config trades `pairs` with data ending 2025-04-01 (the bundled sample runs to
-    2025-06-01)."""
-    cfg = TrainConfig()
-    cfg.data.pairs, cfg.data.start, cfg.data.end, cfg.data.val_days = list(pairs), "2025-01-01", "2025-04-01", 10
-    cfg.env.strategies = ["spot"]
-    data = load_market("binance", cfg.data.pairs, start=cfg.data.start, end=cfg.data.end)
-    raw = market_features(data)
-    normalizer = Normalizer.fit(raw, WARMUP_BARS, 1000)
-    torch.manual_seed(0)
-    net = DuelingQNet(observation_size(raw.shape[-1]), N_ACTIONS, cfg.agent.hidden)
-    state = {"model_state_dict": net.state_dict(), "target_model_state_dict": net.state_dict(),
-             "optimizer_state_dict": {}}
-    ckpt = checkpoint.build_checkpoint(state, config=to_dict(cfg), normalizer=normalizer.to_dict(), episodes_trained=0,
-                                       seed=0, metrics={})
-    path = folder / "model.pt"
-    path.write_bytes(checkpoint.to_bytes(ckpt))
-    return str(path)
+    return write_untrained_model(folder, pairs)
 
 
 @pytest.fixture(scope="module")

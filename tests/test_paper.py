@@ -17,15 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from nexlify import checkpoint
-from nexlify.agent.dqn import DuelingQNet
-from nexlify.config import TrainConfig
-from nexlify.configtools import to_dict
 from nexlify.data.candles import load_market
 from nexlify.data.timeframes import iso_utc, parse_utc_ms
-from nexlify.env.batched import ACTION_NAMES, N_ACTIONS, observation_size
+from nexlify.env.batched import ACTION_NAMES
 from nexlify.env.market import market_features
 from nexlify.errors import InputError
 from nexlify.evaluate_cmd import _greedy_model, _market_window, evaluate_checkpoint
@@ -35,7 +31,7 @@ from controller.paper.service import PaperService
 from nexlify.paper.settings import PaperSettings
 from nexlify.paper.trader import warmup_bars
 from tests.fake_exchange import TF_MS, FakeBinance
-from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
+from tests.helpers_market import one_torch_thread, write_untrained_model  # noqa: F401 (fixture)
 
 PAIRS = ["BTC/USDT", "ETH/USDT"]
 CANDLES = ("2025-05-01", "2025-05-20")  # bundled candles the replay serves
@@ -47,21 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_model(folder: Path, pairs: list[str] = PAIRS) -> str:
-    cfg = TrainConfig()
-    cfg.data.pairs, cfg.data.start, cfg.data.end, cfg.data.val_days = list(pairs), "2025-01-01", "2025-04-01", 10
-    cfg.env.strategies = ["spot"]
-    cfg.agent.hold_margin = MARGIN
-    data = load_market("binance", cfg.data.pairs, start=cfg.data.start, end=cfg.data.end)
-    normalizer = Normalizer.fit(market_features(data), WARMUP_BARS, 1000)
-    torch.manual_seed(0)
-    net = DuelingQNet(observation_size(len(normalizer.features)), N_ACTIONS, cfg.agent.hidden)
-    state = {"model_state_dict": net.state_dict(), "target_model_state_dict": net.state_dict(),
-             "optimizer_state_dict": {}}
-    ckpt = checkpoint.build_checkpoint(state, config=to_dict(cfg), normalizer=normalizer.to_dict(), episodes_trained=0,
-                                       seed=0, metrics={})
-    path = folder / "model.pt"
-    path.write_bytes(checkpoint.to_bytes(ckpt))
-    return str(path)
+    return write_untrained_model(folder, pairs, hold_margin=MARGIN)
 
 
 def replay(**faults) -> FakeBinance:
