@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-# Spins while the process that started it (argv[1]) is its parent; checks about every 0.05 s of spinning.
-SPIN = "import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n    for _ in range(200_000):\n        pass\n"
+# Says it is up (one line), then spins while the process that started it (argv[1]) is its parent; checks
+# about every 0.05 s of spinning.
+SPIN = ("import os, sys\nparent = int(sys.argv[1])\nprint('spinning', flush=True)\nwhile os.getppid() == parent:\n"
+        "    for _ in range(200_000):\n        pass\n")
 STOP_TIMEOUT_S = 5.0
 
 
@@ -35,14 +37,17 @@ def busy_cpu(affinity: set[int]) -> int:
 def busy_core() -> Iterator[BusyCore]:
     """Run the block with one CPU of this process's affinity kept busy by a spinning child process."""
     proc = subprocess.Popen([sys.executable, "-c", SPIN, str(os.getpid())], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         cpu = None
         if hasattr(os, "sched_setaffinity"):
             cpu = busy_cpu(os.sched_getaffinity(0))
             os.sched_setaffinity(proc.pid, {cpu})
+        if proc.stdout.readline().strip() != "spinning":  # the measurement starts with the core already busy
+            raise RuntimeError(f"the busy-core spinner (pid {proc.pid}) did not start")
         yield BusyCore(pid=proc.pid, cpu=cpu)
     finally:
+        proc.stdout.close()
         proc.terminate()
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
