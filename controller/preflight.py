@@ -59,6 +59,13 @@ def checks(cfg: PipelineConfig) -> list[tuple[str, Callable[[], str]]]:
     return items
 
 
+def _nearest_existing(path: str) -> str:
+    """`path` or its nearest ancestor that exists: where a missing output folder would be created."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def check_local_output(output: str) -> None:
     """A local output that cannot be a folder (a file, or under one) refused before anything loads: InputError."""
     from controller.stores import is_s3_url
@@ -69,9 +76,7 @@ def check_local_output(output: str) -> None:
     folder = os.path.abspath(output)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise InputError(f"--output {output} is a file, not a folder; accepted: a folder path or s3://bucket/prefix")
-    parent = os.path.dirname(folder)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = _nearest_existing(os.path.dirname(folder))
     if not os.path.isdir(parent):
         raise InputError(f"--output {output}: {parent} is a file, not a folder; accepted: a folder path")
 
@@ -116,9 +121,7 @@ def _creatable_folder(folder: str) -> str:
     nothing, so a run refused for bad input leaves no empty folder behind."""
     if os.path.exists(folder):
         raise NexlifyError(f"output {folder} is a file, not a folder; accepted: a folder path or s3://bucket/prefix")
-    parent = os.path.dirname(folder)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = _nearest_existing(os.path.dirname(folder))
     if not os.path.isdir(parent):
         raise NexlifyError(f"output {folder}: {parent} is a file, not a folder; accepted: a folder path")
     if not os.access(parent, os.W_OK | os.X_OK):
