@@ -28,6 +28,8 @@ def add_commands(sub: argparse._SubParsersAction, bench_extra=None) -> None:
                     "else the end of the checkpoint's validation window)")
     # cpu unless asked (unlike the config's `device`, auto): the choices are the config's
     ev.add_argument("--device", default="cpu", choices=_choices(TrainConfig, "device"))
+    ev.add_argument("--threads", type=int, help="torch CPU threads (default: the checkpoint's threads setting, as its "
+                    "pipeline validated with; one is fastest for evaluation's small batches)")
     ev.add_argument("--hold-margin", type=float, metavar="Q", help="the greedy policy's hold margin (agent."
                     "hold_margin; default: the checkpoint's; 0 = plain argmax)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -114,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     seen: dict = {}
     report = evaluate_checkpoint(args.model, pairs=args.pairs, exchange=args.exchange, data_dir=args.data_dir,
                                  start=args.start, end=args.end, device=args.device, hold_margin=args.hold_margin,
-                                 record=args.record or bool(args.report),
+                                 record=args.record or bool(args.report), threads=args.threads,
                                  inspect=(lambda *a: seen.update(args=a)) if args.report else None)
     if args.report:
         from nexlify.report import evaluation_page

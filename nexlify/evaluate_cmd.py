@@ -27,7 +27,7 @@ WARMUP_DAYS = WARMUP_BARS // 24 + 2
 def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exchange: str | None = None,
                         data_dir: str | None = None, start: str | None = None, end: str | None = None,
                         device: str = "cpu", hold_margin: float | None = None, record: bool = False,
-                        inspect=None) -> dict:
+                        inspect=None, threads: int | None = None) -> dict:
     """The checkpoint's greedy policy on a window: "agent" (metrics), "baselines" ({name: metrics}, see
     nexlify.evaluation), "baseline_notes", "buy_and_hold" (per pair, no fees), the window and, with `record`,
     "curves" (per-bar equity and positions of the agent and every baseline).
@@ -35,10 +35,12 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     Window: --start and --end; --start alone runs to the end of the data; neither is the checkpoint's own
     validation window (val_days before its test window). `hold_margin` replaces the checkpoint's
     agent.hold_margin (None: keep it). inspect(model, tensors, window, cfg), when given, is called with what
-    was evaluated (the report draws it)."""
+    was evaluated (the report draws it). `threads`: torch's CPU threads (None: the checkpoint's `threads`, as
+    its pipeline validated with; see set_threads)."""
     dev = resolve_device(device)
     ckpt = checkpoint.load(model_path, map_location=dev)
     cfg = checkpoint.train_config(ckpt, model_path)
+    set_threads(cfg.threads if threads is None else threads)
     if hold_margin is not None:
         leaf = leaf_index(TrainConfig)["hold_margin"]
         check_leaf(leaf, coerce(leaf, hold_margin, "--hold-margin"))
@@ -69,6 +71,18 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     return report
 
 
+def set_threads(threads: int) -> None:
+    """torch's CPU threads for an evaluation. Its batches are a few dozen rows, for which one thread is the
+    fastest by far: on a 2-core machine with other work on it a 3-row Q-network call took 0.5 ms of CPU with
+    two threads and 0.01 ms with one. The pipeline's validation runs with its config's `threads`, so the same
+    count gives the same numbers."""
+    import torch
+
+    if threads < 1:
+        raise InputError(f"--threads {threads}: accepted: a whole number of threads >= 1")
+    torch.set_num_threads(threads)
+
+
 def model_verdict(report: dict) -> dict:
     """The verdict (nexlify.verdict) on one model evaluated alone: its return beside cash plus lending's on
     the same window, its Sharpe in excess of lending and the deflated Sharpe for the one model tried."""
@@ -81,17 +95,19 @@ def model_verdict(report: dict) -> dict:
 
 
 def evaluate_models(model_paths: list[str], *, start: str, end: str, data_dir: str | None = None,
-                    device: str = "cpu") -> list[dict]:
+                    device: str = "cpu", threads: int | None = None) -> list[dict]:
     """Each checkpoint's greedy policy alone (no baselines) on [start, end), in the environment it was
     trained in: {"model": path, "agent": metrics as evaluate_checkpoint's}. The candles are read once, with
     the first checkpoint's data settings; every checkpoint must trade the same pairs on the same exchange
-    and timeframe (one pipeline's models do), else InputError."""
+    and timeframe (one pipeline's models do), else InputError. `threads`: as evaluate_checkpoint's (None: each
+    checkpoint's own)."""
     dev = resolve_device(device)
     out: list[dict] = []
     market = window = first = raw = None
     for path in model_paths:
         ckpt = checkpoint.load(path, map_location=dev)
         cfg = checkpoint.train_config(ckpt, path)
+        set_threads(cfg.threads if threads is None else threads)
         d = cfg.data
         what = (d.exchange, tuple(d.pairs), d.timeframe)
         if market is None:

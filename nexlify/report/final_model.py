@@ -32,6 +32,7 @@ def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
 
     ckpt = checkpoint.load(model_path, map_location=torch.device("cpu"), name=name)
     cfg = checkpoint.train_config(ckpt, name)
+    torch.set_num_threads(cfg.threads)  # as the pipeline's validation ran (nexlify.evaluate_cmd.set_threads)
     market, windows = prepare_data(cfg, data_dir)
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), "cpu")
     model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden)
