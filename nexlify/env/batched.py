@@ -184,6 +184,9 @@ class BatchedTradingEnv:
         self.B, self.P = pair_idx.shape
         self.start = start.to(self.device)
         self._start_host = start.cpu().numpy().astype("int64")  # bar of each episode, known without a sync
+        # every episode starting at one bar (an evaluation's rows): the host flags read one bar, not B
+        first = int(self._start_host[0]) if self._start_host.size else 0
+        self._one_start = first if bool((self._start_host == first).all()) else None
         self.n_steps = int(n_steps)
         if int(start.max()) + self.n_steps >= market.n_bars:
             raise ValueError("episodes run past the end of the market data")
@@ -616,7 +619,12 @@ class BatchedTradingEnv:
         """What the strategy tables tell the host about step k (bar t -> t+1) without asking the device."""
         if not self.arb_on:
             return NO_FLAGS
-        tb, bar = self._tables, self._start_host + k
+        tb = self._tables
+        if self._one_start is not None:
+            bar = self._one_start + k
+            return HostFlags(may_fund=bool(tb.bar_has_mask[bar]), may_fill=bool(tb.bar_has_fill[bar + 1]),
+                             transfers=k <= self._transfers_until, edge_next=bool(tb.bar_has_mask[bar + 1]))
+        bar = self._start_host + k
         return HostFlags(may_fund=bool(tb.bar_has_mask[bar].any()), may_fill=bool(tb.bar_has_fill[bar + 1].any()),
                          transfers=k <= self._transfers_until, edge_next=bool(tb.bar_has_mask[bar + 1].any()))
 
