@@ -46,7 +46,8 @@ CONFIG_KEY = "pipeline_config.json"
 DATA_PREFIX = "data"
 LOG_KEY = "training.log"  # controller.run publishes it
 REPLACED_PREFIX = ".replaced-"  # --force moves another pipeline's results here until a new model exists
-LAYOUT_PREFIXES = (f"{DATA_PREFIX}/", "initial_runs/", "retraining/")  # what a pipeline writes besides its files
+BASELINES_PREFIX = "baselines"  # the runs' stored baselines (controller.worker.SnapshotBaselines)
+LAYOUT_PREFIXES = (f"{DATA_PREFIX}/", f"{BASELINES_PREFIX}/", "initial_runs/", "retraining/")  # what a pipeline writes besides its files
 
 
 class Pipeline:

@@ -32,6 +32,8 @@ REPORT_KEY = "report.html"
 SUMMARY_KEY = "complete_training_summary.json"  # controller.pipeline's keys (it imports this module lazily)
 STATE_KEY = "pipeline_state.json"
 PAPER_HEADER_KEY = "session.json"  # controller.paper.journal.HEADER_KEY (that module imports torch)
+BASELINES_FOLDER = "baselines"  # nexlify.report.final_model's (that module imports torch)
+BASELINES_DIR = "baselines"  # the pipeline's stored baselines (controller.pipeline.BASELINES_PREFIX)
 REPORT_SCRATCH_PREFIX = "nexlify-report-"  # + <pid>-: the model and data copies, removed by the next report if left
 
 
@@ -232,8 +234,26 @@ def final_model_evaluation(store: Store, summary: dict) -> dict:
             _download_checked(store, f["key"], local, f.get("sha256"), "the summary's data snapshot")
         model_path = os.path.join(tmp, "model.pt")
         _download_checked(store, model_key(summary), model_path, summary.get("final_model_sha256"), "the summary")
-        return _child("nexlify.report.final_model", ["--name", store.url(model_key(summary)), model_path, data_dir],
-                      "the final model's evaluation")
+        # the baselines the runs stored beside the snapshot: the child reuses them and adds those it computes,
+        # which go back into the output, so the next report reads them too
+        stored = os.path.join(data_dir, BASELINES_FOLDER)
+        os.mkdir(stored)
+        had = set()
+        for key in store.list(f"{BASELINES_DIR}/"):
+            name = key.rsplit("/", 1)[-1]
+            if name.endswith(".json"):
+                store.download_file(key, os.path.join(stored, name))
+                had.add(name)
+        out = _child("nexlify.report.final_model", ["--name", store.url(model_key(summary)), model_path, data_dir],
+                     "the final model's evaluation")
+        for name in sorted(set(os.listdir(stored)) - had):
+            with open(os.path.join(stored, name), "rb") as fh:
+                blob = fh.read()
+            try:
+                store.write_bytes(f"{BASELINES_DIR}/{name}", blob)
+            except OSError as exc:  # a read-only output still gets its report; the next one computes them again
+                log.warning("baselines_not_stored", url=store.url(f"{BASELINES_DIR}/{name}"), error=str(exc))
+        return out
 
 
 def _download_checked(store: Store, key: str, local: str, want: str | None, recorded_in: str) -> None:

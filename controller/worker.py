@@ -157,6 +157,30 @@ def fetch_snapshot(data_url: str, cfg: TrainConfig, into: str) -> str:
     return into
 
 
+BASELINES_PREFIX = "baselines"  # in the pipeline's output, beside data/ (controller.pipeline.BASELINES_PREFIX)
+
+
+class SnapshotBaselines:
+    """The baselines of a pipeline's windows, kept in its output beside its data snapshot
+    (baselines/<key>.json, key: nexlify.evaluation.baselines_key): the first run that validates on a window
+    computes them, every other run and the report read them. The output is the snapshot folder's parent
+    (data_url is <output>/data). An object that cannot be read as JSON counts as absent (computed again)."""
+
+    def __init__(self, data_url: str) -> None:
+        self.store = open_store(data_url.rstrip("/").rsplit("/", 1)[0] or "/")
+
+    def get(self, key: str) -> dict | None:
+        try:
+            value = json.loads(self.store.read_bytes(f"{BASELINES_PREFIX}/{key}.json"))
+        except (StoreKeyMissing, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def put(self, key: str, value: dict) -> None:
+        self.store.write_bytes(f"{BASELINES_PREFIX}/{key}.json", json.dumps(value).encode())
+        log.info("baselines_stored", key=key, url=self.store.url(f"{BASELINES_PREFIX}/{key}.json"))
+
+
 def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_url: str | None = None,
                overrides: dict | None = None, data_url: str | None = None, init_from: str | None = None,
                checkpoint_every: int) -> int:
@@ -221,6 +245,7 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                     on_checkpoint=lambda state: (outputs.save_torch(RESUME, with_events(state)),
                                                  log.info("checkpoint_saved", episodes_done=state["episodes_done"])),
                     on_round=on_round, on_step=progress.step, should_stop=lambda: stop["requested"],
+                    baselines=SnapshotBaselines(data_url) if data_url else None,
                 )
             except Preempted as exc:
                 if exc.state is not None:

@@ -169,7 +169,9 @@ def bench_eval(pairs: list[str], bars: int, threads: int = TrainConfig.threads, 
     n = i1 - i0
     out = {"bench": "eval", "pairs": len(market.pairs), "bars": n, "rows": rows, "threads": threads,
            "strategies": ",".join(cfg.env.strategies), "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
-           "policy_steps_per_s": round(rows * n / seconds)}
+           "policy_steps_per_s": round(rows * n / seconds),
+           # per CPU-second: what a shared machine's load does not change as much as the wall time
+           "policy_steps_per_cpu_s": round(rows * n / cpu_seconds) if cpu_seconds > 0 else None}
     if grouped:
         g_seconds, g_cpu = timed(evaluate_with_baselines_grouped)
         out.update({"grouped_seconds": round(g_seconds, 3), "grouped_cpu_seconds": round(g_cpu, 3),

@@ -117,11 +117,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(args.model, pairs=args.pairs, exchange=args.exchange, data_dir=args.data_dir,
                                  start=args.start, end=args.end, device=args.device, hold_margin=args.hold_margin,
                                  record=args.record or bool(args.report), threads=args.threads,
+                                 trace=bool(args.report),
                                  inspect=(lambda *a: seen.update(args=a)) if args.report else None)
     if args.report:
         from nexlify.report import evaluation_page
 
-        evaluation_page(args.report, report, *seen["args"])
+        evaluation_page(args.report, report, *seen["args"], trace=report.pop("trace"))
         if not args.record:
             report.pop("curves", None)  # drawn in the page; printed with --record only
     print(json.dumps(report, indent=2) if args.json else render_table(report))

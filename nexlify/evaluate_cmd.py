@@ -27,7 +27,7 @@ WARMUP_DAYS = WARMUP_BARS // 24 + 2
 def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exchange: str | None = None,
                         data_dir: str | None = None, start: str | None = None, end: str | None = None,
                         device: str = "cpu", hold_margin: float | None = None, record: bool = False,
-                        inspect=None, threads: int | None = None) -> dict:
+                        inspect=None, threads: int | None = None, trace: bool = False) -> dict:
     """The checkpoint's greedy policy on a window: "agent" (metrics), "baselines" ({name: metrics}, see
     nexlify.evaluation), "baseline_notes", "buy_and_hold" (per pair, no fees), the window and, with `record`,
     "curves" (per-bar equity and positions of the agent and every baseline).
@@ -36,7 +36,8 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     validation window (val_days before its test window). `hold_margin` replaces the checkpoint's
     agent.hold_margin (None: keep it). inspect(model, tensors, window, cfg), when given, is called with what
     was evaluated (the report draws it). `threads`: torch's CPU threads (None: the checkpoint's `threads`, as
-    its pipeline validated with; see set_threads)."""
+    its pipeline validated with; see set_threads). `trace`: also record what the agent did bar by bar in the
+    same pass ("trace": nexlify.report.trace's, for the page; implies the curves)."""
     dev = resolve_device(device)
     ckpt = checkpoint.load(model_path, map_location=dev)
     cfg = checkpoint.train_config(ckpt, model_path)
@@ -50,8 +51,16 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
                                          market_pairs=_market_pairs(ckpt, cfg))
     i0 = window[0]
     tensors, model = _greedy_model(ckpt, cfg, market, dev, raw)
-    evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
-                                        margin=cfg.agent.hold_margin, record=record)
+    agent_trace = None
+    if trace:
+        from nexlify.report.trace import trace_with_baselines
+
+        evaluated, agent_trace = trace_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
+                                                      margin=cfg.agent.hold_margin)
+        record = True
+    else:
+        evaluated = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
+                                            margin=cfg.agent.hold_margin, record=record)
     if inspect is not None:
         inspect(model, tensors, window, cfg)
     report = {
@@ -68,6 +77,8 @@ def evaluate_checkpoint(model_path: str, *, pairs: list[str] | None = None, exch
     report["verdict"] = model_verdict(report)
     if record:
         report["curves"] = evaluated["curves"]
+    if agent_trace is not None:
+        report["trace"] = agent_trace
     return report
 
 

@@ -36,8 +36,11 @@ With `record=True` each policy also returns its per-bar equity curve and positio
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -108,19 +111,117 @@ def evaluate_policy(model: torch.nn.Module, market: MarketTensors, window: tuple
 def evaluate_with_baselines(model: torch.nn.Module | None, market: MarketTensors, window: tuple[int, int],
                             env_cfg: EnvConfig, risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None,
                             *, margin: float, record: bool = False,
-                            seeds: tuple[int, ...] = bl.RANDOM_SEEDS) -> dict:
+                            seeds: tuple[int, ...] = bl.RANDOM_SEEDS, observer: Observer | None = None) -> dict:
     """The agent (greedy `model` with hold margin `margin`; None: baselines only) and every baseline of
     nexlify.baselines over the same window, in the same environment. Returns {"agent": metrics (as
     evaluate_policy), "baselines": {name: metrics}, "baseline_notes": {name: what it does and what was
-    changed for it}} and, with `record`, "curves": {"bar_ms": [...], name: {...}} (see `_curves`)."""
+    changed for it}} and, with `record`, "curves": {"bar_ms": [...], name: {...}} (see `_curves`).
+    `observer` sees every step of the agent's batch as evaluate_policy's does; the agent's portfolios are
+    its first rows, one per pair (agent_rows), so a report's trace comes from the pass that gave the metrics."""
     _check_window(window)
     plans, notes = _plans(model, market, env_cfg, risk_cfg, margin, seeds)
+    if observer is not None and model is None:
+        raise ValueError("an observer watches the agent's rows: it needs a model")
     if fused_pass_possible(market, [cfg for cfg, _, _ in plans]):
-        out = _one_pass(market, window, plans, strategy_params, record, model=model, margin=margin, seeds=seeds)
+        out = _one_pass(market, window, plans, strategy_params, record, model=model, margin=margin, seeds=seeds,
+                        observer=observer)
         results, curves, bar_ms = out["results"], out["curves"], out["bar_ms"]
     else:
-        results, curves, bar_ms = _grouped(market, window, plans, strategy_params, record)
+        results, curves, bar_ms = _grouped(market, window, plans, strategy_params, record, observer)
     return _baseline_report(results, curves, bar_ms, notes, seeds, record)
+
+
+BASELINES_VERSION = 1  # raised whenever a baseline's rule or metric changes: older stored baselines are not reused
+
+
+class BaselineStore(Protocol):
+    """Where a pipeline keeps the baselines of its windows (controller.worker's is the output's data snapshot
+    folder): get(key) -> the stored JSON object or None; put(key, object)."""
+
+    def get(self, key: str) -> dict | None: ...
+
+    def put(self, key: str, value: dict) -> None: ...
+
+
+def baselines_key(market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig, risk_cfg: RiskConfig,
+                  strategy_params: StrategyParams | None, seeds: tuple[int, ...] = bl.RANDOM_SEEDS) -> str:
+    """A digest of everything the baselines of a window depend on: the candles (prices, volume, tradability,
+    the second venue's, the timestamps), the window, the environment, risk and strategy configs (the lending
+    rate's path included) and the random baseline's seeds. Not the model and not the features: no baseline
+    reads an observation. The same data snapshot, window and config give the same key; any change, another."""
+    params = strategy_params or StrategyParams()
+    what = {"version": BASELINES_VERSION, "pairs": list(market.pairs), "window": [int(window[0]), int(window[1])],
+            "env": asdict(env_cfg), "risk": asdict(risk_cfg), "params": asdict(params), "seeds": [int(x) for x in seeds]}
+    h = hashlib.sha256(json.dumps(what, sort_keys=True, default=repr).encode())
+    arrays = [market.timestamps, market.prices, market.volume, market.tradable, market.venue2_prices,
+              market.venue2_available]
+    if params.aave.utilization_csv is not None:  # the file's numbers, not its name
+        arrays.append(aave.utilization_path(params.aave, torch.as_tensor(np.asarray(market.timestamps))))
+    for array in arrays:
+        if array is not None:
+            h.update(np.ascontiguousarray(array.cpu().numpy() if isinstance(array, Tensor) else array).tobytes())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def evaluate_with_stored_baselines(model: torch.nn.Module, market: MarketTensors, window: tuple[int, int],
+                                   env_cfg: EnvConfig, risk_cfg: RiskConfig,
+                                   strategy_params: StrategyParams | None, store: BaselineStore | None, *,
+                                   margin: float, record: bool = False, observer: Observer | None = None,
+                                   seeds: tuple[int, ...] = bl.RANDOM_SEEDS) -> dict:
+    """evaluate_with_baselines's result, the baselines computed once per data snapshot, window and config:
+    read from `store` under baselines_key when it holds them (then only the agent is stepped), else stepped
+    with the agent in one pass and put there (with their curves, so a report can draw them). The numbers are
+    the same either way (the agent's rows step alone as they do beside the baselines). store None: no reuse."""
+    if store is None:
+        return evaluate_with_baselines(model, market, window, env_cfg, risk_cfg, strategy_params, margin=margin,
+                                       record=record, seeds=seeds, observer=observer)
+    key = baselines_key(market, window, env_cfg, risk_cfg, strategy_params, seeds)
+    stored = store.get(key)
+    if stored is not None and stored.get("key") == key:
+        agent = evaluate_policy(model, market, window, env_cfg, risk_cfg, strategy_params, margin=margin,
+                                record=record, observer=observer)
+        out = {"agent": agent, "baselines": stored["baselines"], "baseline_notes": stored["baseline_notes"]}
+        if record:
+            curves = agent.pop("curves")
+            out["curves"] = {**stored["curves"], AGENT: {k: v for k, v in curves.items() if k != "bar_ms"}}
+        return out
+    out = evaluate_with_baselines(model, market, window, env_cfg, risk_cfg, strategy_params, margin=margin,
+                                  record=True, seeds=seeds, observer=observer)
+    curves = out["curves"] if record else out.pop("curves")
+    store.put(key, {"key": key, "baselines": out["baselines"], "baseline_notes": out["baseline_notes"],
+                    "curves": {k: v for k, v in curves.items() if k != AGENT}})
+    return out
+
+
+class FolderBaselines:
+    """A BaselineStore in a local folder: <folder>/<key>.json (a pipeline's stored baselines copied beside
+    its data snapshot for the report). A file that cannot be read as JSON counts as absent: recomputed."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def get(self, key: str) -> dict | None:
+        import os
+
+        try:
+            with open(os.path.join(self.folder, f"{key}.json"), encoding="utf-8") as fh:
+                value = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def put(self, key: str, value: dict) -> None:
+        import os
+
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, f"{key}.json"), "w", encoding="utf-8") as fh:
+            json.dump(value, fh)
+
+
+def agent_rows(market: MarketTensors) -> slice:
+    """The agent's rows in evaluate_with_baselines's batch (what its observer sees): the first, one per pair."""
+    return slice(0, len(market.pairs))
 
 
 @torch.no_grad()
@@ -195,9 +296,10 @@ def _plans(model: torch.nn.Module | None, market: MarketTensors, env_cfg: EnvCon
 
 
 def _grouped(market: MarketTensors, window: tuple[int, int], plans: list[tuple[EnvConfig, RiskConfig, Group]],
-             strategy_params: StrategyParams | None, record: bool) -> tuple[dict, dict, list[int]]:
+             strategy_params: StrategyParams | None, record: bool,
+             observer: Observer | None = None) -> tuple[dict, dict, list[int]]:
     """The plans stepped as one batch per distinct (environment config, risk config), each group's policy
-    called for its rows."""
+    called for its rows; `observer` watches the first batch (the agent's, its rows first)."""
     # one batch per distinct (environment config, risk config)
     batches: list[tuple[EnvConfig, RiskConfig, list[Group]]] = []
     for cfg, risk, group in plans:
@@ -210,8 +312,8 @@ def _grouped(market: MarketTensors, window: tuple[int, int], plans: list[tuple[E
     results: dict[str, dict] = {}
     curves: dict[str, dict] = {}
     bar_ms: list[int] = []
-    for cfg, risk, groups in batches:
-        out = _simulate(market, window, cfg, risk, strategy_params, groups, record)
+    for i, (cfg, risk, groups) in enumerate(batches):
+        out = _simulate(market, window, cfg, risk, strategy_params, groups, record, observer if i == 0 else None)
         results.update(out["results"])
         if record:
             curves.update(out["curves"])
@@ -472,6 +574,8 @@ def _one_pass(market: MarketTensors, window: tuple[int, int], plans: list[tuple[
     n_pairs = len(market.pairs)
     device = market.prices.device
     groups = [g for _, _, g in plans]
+    if observer is not None and groups[0].rule != "model":
+        raise ValueError("the observer watches the agent's rows, the first of the pass")
     spans, pair_idx, start = _rows(groups, n_pairs, i0, device)
     B = pair_idx.shape[0]
     base_cfg, base_risk = plans[0][0], plans[0][1]

@@ -27,7 +27,7 @@ from nexlify.data.candles import MarketData, Windows
 from nexlify.data.prepare import attach_second_venue, prepare_data  # noqa: F401 (re-exported)
 from nexlify.env.batched import N_ACTIONS, STATE_NAMES, BatchedTradingEnv, observation_size
 from nexlify.env.market import MarketTensors, market_features
-from nexlify.evaluation import evaluate_with_baselines
+from nexlify.evaluation import BaselineStore, evaluate_with_stored_baselines
 from nexlify.features import WARMUP_BARS, Normalizer
 
 
@@ -89,13 +89,15 @@ def train_run(
     on_round: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    baselines: BaselineStore | None = None,
 ) -> RunOutput:
     """Train for `episodes` episodes from scratch, from `init` (a checkpoint to continue from), or from
     `resume` (this run's own resume state), then validate greedily on windows.val.
 
     `on_checkpoint` gets the resume state every `checkpoint_every` episodes (0: never before the end); the
     caller says how often (the pipeline's setting is PipelineConfig.checkpoint_every), so it is needed with
-    `on_checkpoint` and means nothing without it."""
+    `on_checkpoint` and means nothing without it. `baselines`: where the pipeline keeps its windows' baselines
+    (nexlify.evaluation.evaluate_with_stored_baselines; None: computed here)."""
     if on_checkpoint is not None and checkpoint_every is None:
         raise TypeError("train_run: on_checkpoint needs checkpoint_every")
     # --- seeding and threads: everything random flows from `seed`
@@ -198,9 +200,11 @@ def train_run(
     # --- validation (and the held-out test window, when configured)
     t_val = time.perf_counter()
     margin = cfg.agent.hold_margin
-    val = evaluate_with_baselines(agent.model, tensors, windows.val, cfg.env, cfg.risk, strategy_params, margin=margin)
-    test = (evaluate_with_baselines(agent.model, tensors, windows.test, cfg.env, cfg.risk, strategy_params,
-                                    margin=margin)
+    # the baselines once per pipeline: read from `baselines` when an earlier run of it stored them
+    val = evaluate_with_stored_baselines(agent.model, tensors, windows.val, cfg.env, cfg.risk, strategy_params,
+                                         baselines, margin=margin)
+    test = (evaluate_with_stored_baselines(agent.model, tensors, windows.test, cfg.env, cfg.risk, strategy_params,
+                                           baselines, margin=margin)
             if windows.test else None)
     val_metrics = val["agent"]
     test_metrics = test["agent"] if test is not None else None

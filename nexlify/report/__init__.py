@@ -23,24 +23,32 @@ if TYPE_CHECKING:  # this package stays torch-free: the controller draws pages (
 
 def evaluation(model: torch.nn.Module, tensors: MarketTensors, windows: dict[str, tuple[int, int]], cfg: TrainConfig,
                evaluated: dict[str, dict] | None = None, title: str = "The final model",
-               traces: dict[str, dict] | None = None) -> dict:
+               traces: dict[str, dict] | None = None, stored_baselines=None) -> dict:
     """{"title", "windows": {name: ...}} for each named window (e.g. validation, test): the trace of what the
     agent did bar by bar (nexlify.report.trace), with the metrics of the evaluation itself
     (nexlify.evaluation.evaluate_with_baselines: the agent's, and every baseline's with its per-bar curve).
-    `evaluated`: that evaluation's result per window when the caller already has it (with its curves);
-    `traces`: what the agent did per window when it was not the greedy policy stepped here (a paper
-    session's replayed journal, controller.paper.report), its metrics included."""
-    from nexlify.evaluation import evaluate_with_baselines
-    from nexlify.report.trace import buy_and_hold_curves, trace_policy
+    The trace is recorded in the pass that gives those metrics (trace_with_baselines): the agent is stepped
+    once. `evaluated`: that evaluation's result per window when the caller already has it (with its curves),
+    then with its trace in `traces` (`nexlify evaluate --report` records it in its pass); `traces`: what the
+    agent did per window, its metrics included (also a paper session's replayed journal,
+    controller.paper.report). A window given `evaluated` without a trace is stepped again for the trace.
+    `stored_baselines`: the pipeline's stored baselines (nexlify.evaluation.BaselineStore), reused when there."""
+    from nexlify.report.trace import buy_and_hold_curves, trace_policy, trace_with_baselines
 
     out = {}
     for name, window in windows.items():
         ev = (evaluated or {}).get(name)
-        if ev is None:
+        trace = (traces or {}).get(name)
+        if ev is None and trace is None:
+            ev, trace = trace_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
+                                             margin=cfg.agent.hold_margin, baselines=stored_baselines)
+            trace["trace_metrics"] = trace["metrics"]  # the trace's stepping is the evaluation's own
+        elif ev is None:
+            from nexlify.evaluation import evaluate_with_baselines
+
             ev = evaluate_with_baselines(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
                                          margin=cfg.agent.hold_margin, record=True)
-        trace = (traces or {}).get(name)
-        if trace is None:
+        elif trace is None:
             trace = trace_policy(model, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(),
                                  margin=cfg.agent.hold_margin)
             trace["trace_metrics"] = trace.pop("metrics")
@@ -89,15 +97,20 @@ def render(data: dict) -> str:
 
 
 def evaluation_page(path: str, result: dict, model: torch.nn.Module, tensors: MarketTensors, window: tuple[int, int],
-                    cfg: TrainConfig) -> None:
+                    cfg: TrainConfig, trace: dict | None = None) -> None:
     """`nexlify evaluate --report FILE.html`: the evaluation section for `result` (evaluate_checkpoint's, with
-    its curves: record=True) alone."""
+    its curves: record=True) alone; `trace`: the agent's trace recorded in the same pass (evaluate_checkpoint's
+    trace=True; None: stepped again)."""
     from nexlify.errors import InputError
 
     w = result["window"]
+    traces = None
+    if trace is not None:
+        trace["trace_metrics"] = trace["metrics"]
+        traces = {"window": trace}
     data = {"title": f"nexlify evaluation of {result['model']}",
             "evaluation": evaluation(model, tensors, {"window": window}, cfg, {"window": result},
-                                     title=f"{result['model']} on {w['start']} .. {w['end']}")}
+                                     title=f"{result['model']} on {w['start']} .. {w['end']}", traces=traces)}
     try:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(render(data))

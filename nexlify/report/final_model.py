@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+BASELINES_FOLDER = "baselines"  # in DATA_DIR: the baselines the pipeline's runs stored (controller.report copies them)
 
 
 def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
     """The final model over the validation and test windows of the snapshot in data_dir, with the model's
-    own config and normaliser."""
+    own config and normaliser; the baselines the pipeline's runs stored (copied into data_dir/baselines,
+    nexlify.evaluation.FolderBaselines) are reused, the others computed and left there."""
     import torch
 
     from nexlify import checkpoint
@@ -27,6 +31,7 @@ def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
     from nexlify.data.prepare import prepare_data
     from nexlify.env.batched import N_ACTIONS, observation_size
     from nexlify.env.market import MarketTensors
+    from nexlify.evaluation import FolderBaselines
     from nexlify.features import Normalizer
     from nexlify.report import evaluation
 
@@ -40,7 +45,8 @@ def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
     named = {"validation": windows.val}
     if windows.test:
         named["test"] = windows.test
-    return evaluation(model, tensors, named, cfg, title="The final model on the validation and test windows")
+    return evaluation(model, tensors, named, cfg, title="The final model on the validation and test windows",
+                      stored_baselines=FolderBaselines(os.path.join(data_dir, BASELINES_FOLDER)))
 
 
 def _plain(obj):

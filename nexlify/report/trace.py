@@ -21,7 +21,7 @@ from nexlify.data.timeframes import iso_utc
 from nexlify.env import risk
 from nexlify.env.batched import CLOSE, OPEN_LONG, PNL_SOURCES, BatchedTradingEnv
 from nexlify.env.market import MarketTensors
-from nexlify.evaluation import evaluate_policy
+from nexlify.evaluation import BaselineStore, agent_rows, evaluate_policy, evaluate_with_stored_baselines
 from nexlify.metrics import sharpe_from_sums
 from nexlify.report.metrics import max_drawdown, tear_sheet
 from nexlify.strategies.params import StrategyParams
@@ -42,34 +42,52 @@ def trace_policy(model: torch.nn.Module, market: MarketTensors, window: tuple[in
     return rec.trace(market, window, metrics, env_cfg, risk_cfg)
 
 
+@torch.no_grad()
+def trace_with_baselines(model: torch.nn.Module, market: MarketTensors, window: tuple[int, int], env_cfg: EnvConfig,
+                         risk_cfg: RiskConfig, strategy_params: StrategyParams | None = None, *,
+                         margin: float, baselines: BaselineStore | None = None) -> tuple[dict, dict]:
+    """nexlify.evaluation.evaluate_with_baselines (with its curves) and trace_policy's trace of the agent from
+    the same pass: (evaluation, trace), the trace's "metrics" the evaluation's agent metrics. One stepping of
+    the agent, not two. `baselines`: where the pipeline stored its windows' baselines
+    (evaluate_with_stored_baselines), read instead of stepped when they are there."""
+    rec = Recorder(agent_rows(market))
+    evaluated = evaluate_with_stored_baselines(model, market, window, env_cfg, risk_cfg, strategy_params, baselines,
+                                               margin=margin, record=True, observer=rec)
+    return evaluated, rec.trace(market, window, evaluated["agent"], env_cfg, risk_cfg)
+
+
 class Recorder:
     """The observer that records a policy's steps (evaluate_policy's `observer`; the paper report replays a
     session's journal through it): called with the environment before each step and the actions that step
-    takes, and once after the last step with None."""
+    takes, and once after the last step with None. `rows`: the policy's rows of the batch, one per pair
+    (None: all of them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: slice | None = None) -> None:
+        self.rows = slice(None) if rows is None else rows
         self.rec: dict[str, list] = {k: [] for k in ("equity", "holding", "action", "entry", "highest", "pnl",
                                                      *EXPOSURES)}
 
     def __call__(self, env: BatchedTradingEnv, actions: torch.Tensor | None) -> None:
         """The state before each step (and after the last one), and the action each step takes."""
-        rec = self.rec
+        rec, r = self.rec, self.rows
         if actions is not None:
-            valid = env.mask.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-            rec["action"].append(torch.where(valid, actions, 0)[:, 0].clone())
-        eq = env.stats.equity.to(torch.float64).clone()
+            valid = env.mask[r].gather(-1, actions[r].unsqueeze(-1)).squeeze(-1)
+            rec["action"].append(torch.where(valid, actions[r], 0)[:, 0].clone())
+        eq = env.stats.equity[r].to(torch.float64).clone()
         rec["equity"].append(eq)
-        rec["holding"].append(env.in_position[:, 0].clone())
-        rec["entry"].append(env.entry[:, 0].to(torch.float64).clone())
-        rec["highest"].append(env.highest[:, 0].to(torch.float64).clone())
-        rec["pnl"].append(env.stats.pnl_rows.to(torch.float64).clone())
-        close = env.close_now[:, 0].to(torch.float64)
-        arb = env.arb_inventory
+        rec["holding"].append(env.in_position[r, 0].clone())
+        rec["entry"].append(env.entry[r, 0].to(torch.float64).clone())
+        rec["highest"].append(env.highest[r, 0].to(torch.float64).clone())
+        rec["pnl"].append(env.stats.pnl_rows[:, r].to(torch.float64).clone())
+        close_now = env.close_now[r]
+        close = close_now[:, 0].to(torch.float64)
+        arb = {k: v[r] for k, v in env.arb_inventory.items()}
         arb_value = (arb["quote_a"] + arb["quote_b"] + arb["transit_quote"].abs()
-                     + (arb["coin_a"] + arb["coin_b"] + arb["transit_coin"].abs()) * env.close_now)[:, 0]
-        held = {"spot": env.units[:, 0] * close,
-                "staking": (env.staked_units + env.unbonding_units)[:, 0] * close,
-                "lp": (env.lp_value + env.lp_fees_accrued)[:, 0], "lending": env.lent[:, 0], "arbitrage": arb_value}
+                     + (arb["coin_a"] + arb["coin_b"] + arb["transit_coin"].abs()) * close_now)[:, 0]
+        held = {"spot": env.units[r, 0] * close,
+                "staking": (env.staked_units[r] + env.unbonding_units[r])[:, 0] * close,
+                "lp": (env.lp_value[r] + env.lp_fees_accrued[r])[:, 0], "lending": env.lent[r, 0],
+                "arbitrage": arb_value}
         for name in EXPOSURES:
             rec[name].append(held[name].to(torch.float64) / eq)
 
