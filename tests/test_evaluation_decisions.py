@@ -55,3 +55,18 @@ def test_greedy_actions_match_the_torch_rule_on_random_q():
     mask[..., HOLD] = True
     for margin in (0.0, 0.05, 0.3):
         assert np.array_equal(greedy_actions(q, mask, margin), _torch_rule(q, mask, margin))
+
+
+def test_evaluation_threads_are_set_and_a_bad_count_is_refused_in_one_line():
+    from nexlify.errors import InputError
+    from nexlify.evaluate_cmd import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(InputError, match=r"^--threads 0: accepted: a whole number of threads >= 1$"):
+            set_threads(0)
+        assert torch.get_num_threads() == 1  # refused before anything changed
+    finally:
+        torch.set_num_threads(before)

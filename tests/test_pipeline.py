@@ -256,6 +256,13 @@ def test_output_layout(out, summary):
     for it in summary["retraining_iterations"]:
         folder = f"retraining/iteration_{it['iteration']}"
         expected |= {f"{folder}/result.json", f"{folder}/{EVENTS_FILE}", it["model_path"]}
+    # the baselines of the validation and test windows, computed once for the pipeline and stored under the
+    # digest of what they depend on (controller.worker.SnapshotBaselines)
+    stored = {n for n in names if n.startswith("baselines/")}
+    assert len(stored) == 1 + (summary["data"]["test"] is not None)
+    for n in stored:
+        assert read_json(out / n)["key"] == n[len("baselines/"):-len(".json")]
+    expected |= stored
     assert names == expected  # nothing else: no resume.pt left behind, no temporary files
 
     assert read_json(out / "pipeline_state.json")["phase"] == "DONE"
