@@ -14,7 +14,10 @@ is then tested on the later planted window [TEST_START, TEST_END) by nexlify.eva
 (`nexlify evaluate`'s code), and the family's oracle (nexlify.oracles) is stepped on the same window in the
 same environment, risk config and costs. A row reads: agent, oracle and cash-plus-lending test returns
 (mean over pairs, %), and captured = (agent - lending) / (oracle - lending) (blank when the oracle does not
-beat lending there). The control row has no oracle of its own: it shows the agent against lending.
+beat lending there), and the Q-gap seen (nexlify.oracles.q_gap_by_signal): along the agent's greedy path, the
+mean Q-gap open_long - hold on the bars where the oracle wants in, less that on the others, in the learner's
+reward units. It separates "the network sees the edge" (> 0) from "it trades it" (captured). The control
+row has no oracle of its own: it shows the agent against lending.
 
 Rerunning the same command reuses every finished test_result.json whose pipeline config hash matches, and
 an interrupted pipeline resumes itself (controller.pipeline).
@@ -183,7 +186,11 @@ def run_market(cfg: PipelineConfig, root: Path, family: str, strength: float, se
 
     def inspect(model, tensors, window, tcfg) -> None:
         if family != CONTROL:
+            from nexlify.oracles import q_gap_by_signal
+
             seen.update(oracle_returns(family, tensors, window, tcfg))
+            seen["q_gap"] = q_gap_by_signal(model, family, tensors, window, tcfg.env, tcfg.risk,
+                                            tcfg.strategy_params(), margin=tcfg.agent.hold_margin)
 
     ev = evaluate_checkpoint(summary["final_model_path"], pairs=mcfg.train.data.pairs,
                              exchange=mcfg.train.data.exchange, data_dir=str(data), start=TEST_START, end=TEST_END,
@@ -194,7 +201,10 @@ def run_market(cfg: PipelineConfig, root: Path, family: str, strength: float, se
     row = {"market": name, "family": family, "strength": strength, "seed": seed, "agent": agent["avg_return"],
            "lending": lending, "oracle": oracle, "captured": captured(agent["avg_return"], oracle, lending),
            "agent_trades": agent["total_trades"], "agent_exposure": agent["exposure"],
-           "oracle_trades": seen.get("oracle_trades"), "val_return": (summary.get("selection") or {}).get("val_return"),
+           "oracle_trades": seen.get("oracle_trades"),
+           "q_gap_seen": (seen.get("q_gap") or {}).get("seen"),
+           "q_gap_signal": (seen.get("q_gap") or {}).get("gap_signal"),
+           "q_gap_other": (seen.get("q_gap") or {}).get("gap_other"), "val_return": (summary.get("selection") or {}).get("val_return"),
            "seconds": round(time.perf_counter() - t0, 1)}
     result_path.write_text(json.dumps({"config_hash": mhash, "window": [TEST_START, TEST_END], "row": row,
                                        "evaluation": {"agent": {k: v for k, v in agent.items() if k != "per_pair"},
@@ -234,7 +244,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["market"] for r in rows):
         rs = [r for r in rows if r["market"] == name]
         out.append({"market": name, "seeds": [r["seed"] for r in rs],
-                    **{k: _median([r[k] for r in rs]) for k in ("agent", "oracle", "lending", "captured")},
+                    **{k: _median([r.get(k) for r in rs])
+                       for k in ("agent", "oracle", "lending", "captured", "q_gap_seen")},
                     "captured_each": [r["captured"] for r in rs]})
     return out
 
@@ -246,12 +257,13 @@ def _fmt(v, pct: bool = False) -> str:
 
 
 def render(summary: list[dict]) -> str:
-    lines = ["| market | seeds | agent | oracle | cash+lending | captured (median) | captured per seed |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| market | seeds | agent | oracle | cash+lending | captured (median) | captured per seed | Q-gap seen |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in summary:
+        gap = s.get("q_gap_seen")
         lines.append(f"| {s['market']} | {len(s['seeds'])} | {_fmt(s['agent'], True)} | {_fmt(s['oracle'], True)} | "
                      f"{_fmt(s['lending'], True)} | {_fmt(s['captured'])} | "
-                     f"{' '.join(_fmt(c) for c in s['captured_each'])} |")
+                     f"{' '.join(_fmt(c) for c in s['captured_each'])} | {'-' if gap is None else f'{gap:+.4f}'} |")
     return "\n".join(lines)
 
 

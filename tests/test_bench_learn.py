@@ -21,10 +21,16 @@ def test_captured(agent, oracle, lending, expected):
 
 def test_summary_takes_medians_over_seeds():
     rows = [{"market": "calendar-1", "seed": s, "agent": a, "oracle": 5.0, "lending": 1.0,
-             "captured": bl.captured(a, 5.0, 1.0)} for s, a in ((1, 1.0), (2, 3.0), (3, 5.0))]
+             "captured": bl.captured(a, 5.0, 1.0), "q_gap_seen": g}
+            for s, a, g in ((1, 1.0, 0.004), (2, 3.0, -0.001), (3, 5.0, 0.01))]
     (s,) = bl.summarize(rows)
     assert s["agent"] == 3.0 and s["captured"] == 0.5 and s["captured_each"] == [0.0, 0.5, 1.0]
-    assert "| calendar-1 | 3 | +3.00% | +5.00% | +1.00% | 0.50 | 0.00 0.50 1.00 |" in bl.render([s])
+    assert s["q_gap_seen"] == 0.004
+    assert "| calendar-1 | 3 | +3.00% | +5.00% | +1.00% | 0.50 | 0.00 0.50 1.00 | +0.0040 |" in bl.render([s])
+    # rows written before the Q-gap was recorded, and the control, have none
+    (c,) = bl.summarize([{"market": "control", "seed": 1, "agent": 0.5, "oracle": None, "lending": 1.0,
+                          "captured": None}])
+    assert c["q_gap_seen"] is None and bl.render([c]).endswith("| - |")
 
 
 @pytest.mark.parametrize("argv, message", [

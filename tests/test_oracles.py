@@ -12,8 +12,8 @@ from nexlify.data.candles import load_market
 from nexlify.env.layout import CLOSE, HOLD, OPEN_LONG
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.evaluation import evaluate_rules, evaluate_with_baselines
-from nexlify.features import WARMUP_BARS, Normalizer
-from nexlify.oracles import long_signal, oracle_policy
+from nexlify.features import FEATURE_NAMES, WARMUP_BARS, Normalizer
+from nexlify.oracles import long_signal, oracle_policy, q_gap_by_signal
 from nexlify.strategies.params import StrategyParams
 from tests.helpers_market import flat, make_env, make_market, one_torch_thread, quiet_risk  # noqa: F401
 
@@ -60,3 +60,34 @@ def test_rules_step_like_the_baselines(market):
     assert got["oracle"]["total_trades"] > 0  # the regime flips inside a month of real candles
     with torch.no_grad():
         assert torch.equal(long_signal("vol_regime", market), long_signal("vol_regime", market))
+
+
+class _HourGap(torch.nn.Module):
+    """Q-values whose gap open_long - hold is the observation's (normalised) hour_cos minus 100: never worth an
+    entry, so the policy stays flat and every tradable bar may open."""
+
+    def forward(self, obs):
+        q = torch.full((*obs.shape[:-1], 11), -1e3)
+        q[..., HOLD] = 0.0
+        q[..., OPEN_LONG] = obs[..., FEATURE_NAMES.index("hour_cos")] - 100.0
+        return q
+
+
+def test_q_gap_by_signal_splits_the_gap_by_the_oracles_wish(market):
+    """The gap averaged over the bars where the calendar oracle wants in (the next bar's hour in 0..11 UTC) and
+    over the others, computed here from the features and the clock: the decisions of a window [i0, i1) are at
+    the closes of bars i0-1 .. i1-2."""
+    window = (400, 700)
+    got = q_gap_by_signal(_HourGap(), "calendar", market, window, EnvConfig(), RiskConfig(), StrategyParams(),
+                          margin=0.02)
+    t = torch.arange(window[0] - 1, window[1] - 1)
+    hour_next = (torch.as_tensor(market.timestamps[t.numpy() + 1]) // 3_600_000) % 24
+    wants = hour_next < 12
+    gap = market.features[t, :, FEATURE_NAMES.index("hour_cos")].to(torch.float64) - 100.0  # [bars, pairs]
+    tradable = market.tradable[t]
+    on, off = gap[wants.unsqueeze(-1) & tradable], gap[~wants.unsqueeze(-1) & tradable]
+    assert got["bars_signal"] == on.numel() and got["bars_other"] == off.numel()
+    assert got["gap_signal"] == pytest.approx(float(on.mean()), abs=1e-5)
+    assert got["gap_other"] == pytest.approx(float(off.mean()), abs=1e-5)
+    assert got["seen"] == pytest.approx(float(on.mean() - off.mean()), abs=1e-5)
+    assert got["seen"] > 0.5  # hour_cos is highest around midnight, inside the wanted hours

@@ -1171,7 +1171,10 @@ def seed_cache_dir(cache_dir: str | None, user_cache: Path, writable: Callable[[
     return str(user_cache) if writable(user_cache) else None
 
 
-COMPILE_SECONDS = "20-60 s on a quiet laptop core, minutes on a busy one"  # the serial build, measured in docs/speed.md
+# about how long a build takes, measured in docs/speed.md ("First run"): the serial build 20-60 s on a quiet core;
+# the threaded one took 200 s in CI on a quiet 2-core machine and over half an hour on a heavily loaded one
+COMPILE_SECONDS = {"serial": "20-60 s on a quiet laptop core, minutes on a busy one",
+                   "threaded": "3-4 minutes on a quiet 2-core machine, much longer on a busy one"}
 
 
 def _say_if_compiling(dispatcher: Any, flavour: str) -> None:
@@ -1185,7 +1188,7 @@ def _say_if_compiling(dispatcher: Any, flavour: str) -> None:
 
     where = getattr(cache, "_cache_path", None)
     structlog.get_logger("nexlify.env").info(
-        "kernel_compiling", kernel=f"environment step ({flavour})", about=COMPILE_SECONDS,
+        "kernel_compiling", kernel=f"environment step ({flavour})", about=COMPILE_SECONDS[flavour],
         cached_in=str(where) if where else "nowhere writable: set NUMBA_CACHE_DIR to keep it")
 
 
