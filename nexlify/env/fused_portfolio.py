@@ -42,6 +42,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -1133,7 +1134,8 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
             _compiled[key] = numba.njit(cache=True, **options)(function)
         except RuntimeError:  # no writable cache location: compile in every process
             _compiled[key] = numba.njit(cache=False, **options)(function)
-        _say_if_compiling(_compiled[key], flavour)
+        announced = _say_if_compiling(_compiled[key], flavour)
+        announce_slow_compiles(_compiled[key], flavour, announced=announced)
     return _compiled[key]
 
 
@@ -1177,19 +1179,55 @@ COMPILE_SECONDS = {"serial": "20-60 s on a quiet laptop core, minutes on a busy 
                    "threaded": "3-4 minutes on a quiet 2-core machine, much longer on a busy one"}
 
 
-def _say_if_compiling(dispatcher: Any, flavour: str) -> None:
+def _say_if_compiling(dispatcher: Any, flavour: str) -> bool:
     """One line before a kernel that is not in numba's disk cache compiles (the first run after an install or an
-    upgrade), so a first run does not sit silent: what is compiling, about how long, and where it is cached."""
+    upgrade), so a first run does not sit silent: what is compiling, about how long, and where it is cached.
+    Returns whether it said so."""
     cache = getattr(dispatcher, "_cache", None)
     index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
     if index is not None and Path(index).exists():
-        return
+        return False
+    _say_compiling(dispatcher, flavour)
+    return True
+
+
+def _say_compiling(dispatcher: Any, flavour: str, **extra: Any) -> None:
     import structlog
 
-    where = getattr(cache, "_cache_path", None)
+    where = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
     structlog.get_logger("nexlify.env").info(
         "kernel_compiling", kernel=f"environment step ({flavour})", about=COMPILE_SECONDS[flavour],
-        cached_in=str(where) if where else "nowhere writable: set NUMBA_CACHE_DIR to keep it")
+        cached_in=str(where) if where else "nowhere writable: set NUMBA_CACHE_DIR to keep it", **extra)
+
+
+COMPILE_NOTICE_AFTER_S = 5.0  # a load from numba's disk cache takes about a second (more on a busy machine); a compile, far longer
+
+
+def announce_slow_compiles(dispatcher: Any, flavour: str, *, announced: bool = False,
+                           after_s: float = COMPILE_NOTICE_AFTER_S) -> None:
+    """Say so when a call of `dispatcher` is still compiling after `after_s` seconds. The cache's index can exist
+    and still lack the argument types of this call (another precision, another layout of the strategies): numba
+    then compiles a new specialisation, for minutes, which the check of _say_if_compiling cannot see before the
+    call. numba's dispatcher calls its `_compile_for_args` only for argument types it holds no compiled code for
+    in this process (a load from the disk cache included, about a second), so a timer started there fires on a
+    compile (or on a load slowed past `after_s` by a busy machine), and a call that finds its code costs nothing. Nothing is said when `announced` (the same compile was already
+    announced by _say_if_compiling) for the first compile."""
+    original = dispatcher._compile_for_args
+    quiet_first = [announced]
+
+    def compile_for_args(*args: Any, **kws: Any) -> Any:
+        if quiet_first[0]:
+            quiet_first[0] = False
+            return original(*args, **kws)
+        timer = threading.Timer(after_s, _say_compiling, (dispatcher, flavour), {"new_argument_types": True})
+        timer.daemon = True
+        timer.start()
+        try:
+            return original(*args, **kws)
+        finally:
+            timer.cancel()
+
+    dispatcher._compile_for_args = compile_for_args
 
 
 @functools.cache
