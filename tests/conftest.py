@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -64,30 +65,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # ---- the environment's CPU kernel under pytest-xdist -------------------------------------------
 
 
-@pytest.fixture(scope="session", autouse=True)
-def kernels_compiled_once(tmp_path_factory) -> None:
+def pytest_sessionstart(session: pytest.Session) -> None:
     """Under `pytest -n N` (as .ci/run runs): each build of the environment's CPU kernel is compiled by one
-    worker, into numba's disk cache, before the tests start. Without this, the workers and the pipeline workers
-    that tests start as processes begin on a cold cache at the same moment and each compiles the kernel anew.
+    worker, into numba's disk cache, before the worker collects its tests. Without this, the workers and the
+    pipeline workers that tests start as processes begin on a cold cache at the same moment and each compiles
+    the kernel anew.
 
     The serial build in float64 (what every training run steps) comes first: the first worker compiles it, and
     every worker waits for it. A worker that finds it taken compiles another meanwhile instead of waiting idle:
     the threaded build (the large-batch tests of tests/test_env_fused.py step it), the serial one in float32.
     A plain session compiles each where it is first used, as before.
 
-    This is numba's own cache, used as a product run uses it (same builds, same signatures): a kernel that
-    does not compile fails here, and with it every test of the worker, with numba's error."""
+    This runs at the session's start, not in a fixture: a cold compile takes minutes on a loaded machine, which
+    must not count against the first test's timeout. It is numba's own cache, used as a product run uses it
+    (same builds, same signatures): a kernel that does not compile stops the worker with numba's error."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         return
-    from tests.pipeline_support import once_per_session
+    from tests.pipeline_support import locked_once
 
+    shared = Path(session.config.option.basetemp).parent  # xdist: <session folder>/popen-<worker>
     for name, threads, precision in (("kernel-serial", 1, "float64"), ("kernel-threaded", 2, "float64"),
                                      ("kernel-serial-float32", 1, "float32")):
-        with once_per_session(tmp_path_factory, name, wait=False) as held:
+        with locked_once(shared, name, wait=False) as held:
             if held is not None and not held[1].exists():
                 _step_the_kernel(threads, precision)
                 held[1].write_text("compiled\n")
-    with once_per_session(tmp_path_factory, "kernel-serial") as (_, done):
+    with locked_once(shared, "kernel-serial") as (_, done):
         if not done.exists():  # the worker compiling it failed: compile here, to fail with numba's error
             _step_the_kernel(1, "float64")
             done.write_text("compiled\n")

@@ -275,20 +275,27 @@ class Reference:
 
 
 @contextlib.contextmanager
-def once_per_session(tmp_path_factory, name: str, wait: bool = True) -> Iterator:
+def once_per_session(tmp_path_factory, name: str) -> Iterator[tuple[Path, Path]]:
     """A folder for work done once per test session, and the file that marks it done: (folder, marker).
 
     In a plain session, a fresh temporary folder. Under pytest-xdist every worker is a process of its own with
-    its own temporary folder, all inside one folder of the session: there the folder is shared, and held under
-    an exclusive lock while the caller works in it, so the first worker does the work and the others find the
-    marker written when they get the lock. wait=False: None instead of waiting when another worker holds it."""
+    its own temporary folder, all inside one folder of the session: there the folder is shared (locked_once)."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         base = tmp_path_factory.mktemp(name)
         yield base, base / ".done"
         return
-    base = tmp_path_factory.getbasetemp().parent / name
+    with locked_once(tmp_path_factory.getbasetemp().parent, name) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def locked_once(shared: Path, name: str, wait: bool = True) -> Iterator:
+    """(shared/name, its marker file), held under an exclusive lock while the caller works in it: the first
+    process does the work and writes the marker, the others find it when they get the lock. wait=False: None
+    instead of waiting when another process holds it."""
+    base = shared / name
     base.mkdir(exist_ok=True)
-    with open(base.parent / f"{name}.lock", "a") as lock:
+    with open(shared / f"{name}.lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
