@@ -7,7 +7,9 @@ so a SIGKILL is a real one and the PDEATHSIG of its workers is exercised for rea
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -15,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,20 +252,56 @@ def read_json(path: Path) -> dict:
 
 
 class Reference:
-    """One uninterrupted tiny pipeline in a local folder, run once per test session and shared."""
+    """One uninterrupted tiny pipeline in a local folder, run once per test session and shared (by every worker
+    of a `pytest -n N` session too: the first to need it runs it under a lock, the others wait and read it)."""
 
     _cache: dict[str, object] = {}
 
     @classmethod
     def get(cls, tmp_path_factory) -> Path:
         if "out" not in cls._cache:
-            base = tmp_path_factory.mktemp("reference")
-            out = base / "out"
-            log_path = base / "train.log"
-            proc = start_cli(train_args(str(out)), log_path)
-            rc = finish(proc, log_path)
+            with once_per_session(tmp_path_factory, "reference") as (base, done):
+                out = base / "out"
+                log_path = base / "train.log"
+                if not done.exists():
+                    rc = finish(start_cli(train_args(str(out)), log_path), log_path)
+                    done.write_text(str(rc))
+                rc = int(done.read_text())
             cls._cache["out"] = out
             cls._cache["error"] = None if rc == 0 else f"reference pipeline failed ({rc}):\n{tail(log_path)}"
         if cls._cache["error"]:  # failed once: every user fails at once, without running it again
             raise AssertionError(cls._cache["error"])
         return cls._cache["out"]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def once_per_session(tmp_path_factory, name: str) -> Iterator[tuple[Path, Path]]:
+    """A folder for work done once per test session, and the file that marks it done: (folder, marker).
+
+    In a plain session, a fresh temporary folder. Under pytest-xdist every worker is a process of its own with
+    its own temporary folder, all inside one folder of the session: there the folder is shared (locked_once)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        base = tmp_path_factory.mktemp(name)
+        yield base, base / ".done"
+        return
+    with locked_once(tmp_path_factory.getbasetemp().parent, name) as held:
+        yield held
+
+
+@contextlib.contextmanager
+def locked_once(shared: Path, name: str, wait: bool = True) -> Iterator:
+    """(shared/name, its marker file), held under an exclusive lock while the caller works in it: the first
+    process does the work and writes the marker, the others find it when they get the lock. wait=False: None
+    instead of waiting when another process holds it."""
+    base = shared / name
+    base.mkdir(exist_ok=True)
+    with open(shared / f"{name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        try:
+            yield base, base / ".done"
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

