@@ -162,3 +162,21 @@ def write_untrained_model(folder, pairs: Sequence[str], hold_margin: float | Non
     path = folder / "model.pt"
     path.write_bytes(checkpoint.to_bytes(ckpt))
     return str(path)
+
+
+def bundled_two_pairs() -> MarketTensors:
+    """BTC/USDT and ETH/USDT of the bundled sample, 2025-01-01 .. 2025-03-01, normalised on bars up to 800 (the
+    evaluation tests step windows after that)."""
+    data = load_market("binance", ["BTC/USDT", "ETH/USDT"], start="2025-01-01", end="2025-03-01")
+    raw = market_features(data)
+    return MarketTensors.build(data, Normalizer.fit(raw, WARMUP_BARS, 800), "cpu", raw)
+
+
+def untrained_qnet(market: MarketTensors, seed: int):
+    """A Q-network of the default shape for `market`'s features, initialised from `seed`."""
+    from nexlify.agent.dqn import DuelingQNet
+    from nexlify.config import TrainConfig
+    from nexlify.env.batched import N_ACTIONS, observation_size
+
+    torch.manual_seed(seed)
+    return DuelingQNet(observation_size(market.n_features), N_ACTIONS, TrainConfig().agent.hidden)

@@ -13,30 +13,25 @@ import torch
 
 from nexlify import baselines as bl
 from nexlify.agent.dqn import DuelingQNet, random_valid_actions
-from nexlify.config import ALL_STRATEGIES, EnvConfig, RiskConfig, TrainConfig
-from nexlify.data.candles import load_market
+from nexlify.config import ALL_STRATEGIES, EnvConfig, RiskConfig
 from nexlify.env import fused_portfolio
-from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv, observation_size
-from nexlify.env.market import MarketTensors, market_features
+from nexlify.env.batched import BatchedTradingEnv
+from nexlify.env.market import MarketTensors
 from nexlify.evaluation import (AGENT, BatchDecisions, Group, _simulate, evaluate_policy, evaluate_with_baselines,
                                 evaluate_with_baselines_grouped, fused_pass_possible, step_bar)
-from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.strategies.params import StrategyParams
-from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
+from tests.helpers_market import bundled_two_pairs, one_torch_thread, untrained_qnet  # noqa: F401
 
 WINDOW = (1000, 1240)
 
 
 @pytest.fixture(scope="module")
 def market() -> MarketTensors:
-    data = load_market("binance", ["BTC/USDT", "ETH/USDT"], start="2025-01-01", end="2025-03-01")
-    raw = market_features(data)
-    return MarketTensors.build(data, Normalizer.fit(raw, WARMUP_BARS, 800), "cpu", raw)
+    return bundled_two_pairs()
 
 
 def _model(market: MarketTensors) -> DuelingQNet:
-    torch.manual_seed(0)
-    return DuelingQNet(observation_size(market.n_features), N_ACTIONS, TrainConfig().agent.hidden)
+    return untrained_qnet(market, 0)
 
 
 def _leaves(tree, path: str = "") -> dict:

@@ -6,32 +6,25 @@ And a pipeline's baselines stored once per data, window and config, then read (e
 from __future__ import annotations
 
 import pytest
-import torch
 
 from nexlify.agent.dqn import DuelingQNet
-from nexlify.config import ALL_STRATEGIES, EnvConfig, RiskConfig, TrainConfig
-from nexlify.data.candles import load_market
-from nexlify.env.batched import N_ACTIONS, observation_size
-from nexlify.env.market import MarketTensors, market_features
+from nexlify.config import ALL_STRATEGIES, EnvConfig, RiskConfig
+from nexlify.env.market import MarketTensors
 from nexlify.evaluation import FolderBaselines, baselines_key, evaluate_with_baselines, evaluate_with_stored_baselines
-from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.report.trace import trace_policy, trace_with_baselines
 from nexlify.strategies.params import StrategyParams
-from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
+from tests.helpers_market import bundled_two_pairs, one_torch_thread, untrained_qnet  # noqa: F401
 
 WINDOW = (1000, 1240)
 
 
 @pytest.fixture(scope="module")
 def market() -> MarketTensors:
-    data = load_market("binance", ["BTC/USDT", "ETH/USDT"], start="2025-01-01", end="2025-03-01")
-    raw = market_features(data)
-    return MarketTensors.build(data, Normalizer.fit(raw, WARMUP_BARS, 800), "cpu", raw)
+    return bundled_two_pairs()
 
 
 def _model(market: MarketTensors) -> DuelingQNet:
-    torch.manual_seed(1)
-    return DuelingQNet(observation_size(market.n_features), N_ACTIONS, TrainConfig().agent.hidden)
+    return untrained_qnet(market, 1)
 
 
 def test_the_trace_from_the_evaluations_pass_is_the_agents_own(market):
