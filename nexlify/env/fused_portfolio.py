@@ -1200,7 +1200,8 @@ def _say_compiling(dispatcher: Any, flavour: str, **extra: Any) -> None:
         cached_in=str(where) if where else "nowhere writable: set NUMBA_CACHE_DIR to keep it", **extra)
 
 
-COMPILE_NOTICE_AFTER_S = 5.0  # a load from numba's disk cache takes about a second (more on a busy machine); a compile, far longer
+# a load from numba's disk cache takes about a second (more on a busy machine); a compile, far longer
+COMPILE_NOTICE_AFTER_S = 5.0
 
 
 def announce_slow_compiles(dispatcher: Any, flavour: str, *, announced: bool = False,
@@ -1210,8 +1211,8 @@ def announce_slow_compiles(dispatcher: Any, flavour: str, *, announced: bool = F
     then compiles a new specialisation, for minutes, which the check of _say_if_compiling cannot see before the
     call. numba's dispatcher calls its `_compile_for_args` only for argument types it holds no compiled code for
     in this process (a load from the disk cache included, about a second), so a timer started there fires on a
-    compile (or on a load slowed past `after_s` by a busy machine), and a call that finds its code costs nothing. Nothing is said when `announced` (the same compile was already
-    announced by _say_if_compiling) for the first compile."""
+    compile (or on a load slowed past `after_s` by a busy machine), and a call that finds its code costs nothing.
+    Nothing is said for the first compile when `announced` (_say_if_compiling already announced it)."""
     original = dispatcher._compile_for_args
     quiet_first = [announced]
 
