@@ -75,9 +75,9 @@ class PipelineConfig:
     train: TrainConfig = section(TrainConfig, inline=True)
     seed: int = setting(42, "seed of the first initial run; run i uses seed + 1000*i", lo=0, hi=MAX_PIPELINE_SEED)
     initial_runs: int = setting(3, "independent initial runs (multi-start)", lo=1, hi=64)
-    initial_episodes: int = setting(1000, "episodes per initial run (an episode is env.episode_bars bars)", lo=1,
+    initial_episodes: int = setting(2048, "episodes per initial run (an episode is env.episode_bars bars)", lo=1,
                                     hi=MAX_EPISODES)
-    retrain_episodes: int = setting(400, "episodes per retraining iteration", lo=1, hi=MAX_EPISODES)
+    retrain_episodes: int = setting(1024, "episodes per retraining iteration", lo=1, hi=MAX_EPISODES)
     improvement_threshold: float = setting(1.0, "minimum improvement in % that keeps retraining going", lo=0.0,
                                           hi=1e6)
     patience: int = setting(3, "retraining iterations without improvement before stopping", lo=1, hi=1000)
@@ -125,6 +125,7 @@ def quick_test_preset() -> dict:
         "initial_episodes": 32,
         "retrain_episodes": 16,
         "num_envs": 16,
+        "batch_size": 256,  # 16 new transitions a step: a 1,024 batch would replay each one 64 times
         "episode_bars": 1500,
         "checkpoint_every": 16,
     }

@@ -79,7 +79,7 @@ class EnvConfig:
                                 "window (0 = the whole window, every episode the same pass)", lo=0, hi=10_000_000)
     drawdown_penalty: float = setting(0.0, "reward penalty per unit of new drawdown (0 = pure log-equity reward)", lo=0.0,
                                      hi=1000.0)
-    num_envs: int = setting(32, "training episodes stepped together as one batch, each at its own random offset "
+    num_envs: int = setting(256, "training episodes stepped together as one batch, each at its own random offset "
                             "(0 = all of a run's episodes, up to 1024)", lo=0, hi=65536)
     precision: str = setting("float64", "accounting precision: float64 (exact) or float32 (faster)",
                              choices=("float64", "float32"))
@@ -255,16 +255,16 @@ class AgentConfig:
     """Double DQN with a dueling head and n-step returns, one network shared by all pairs."""
 
     hidden: int = setting(64, "units per hidden layer", lo=8, hi=4096)
-    gamma: float = setting(0.99, "discount per bar", lo=0.0, hi=1.0)
-    n_step: int = setting(3, "n-step return length", lo=1, hi=64)
+    gamma: float = setting(0.9, "discount per bar: 0.9 weighs about the next ten bars, long enough for an edge held for hours to pay a round trip's costs; 0.99 buried edges of that size in the noise of a hundred bars (docs/planted-edges.md)", lo=0.0, hi=1.0)
+    n_step: int = setting(6, "n-step return length: rewards summed before the target network's estimate is used", lo=1, hi=64)
     learning_rate: float = setting(5e-4, "Adam learning rate", lo=0.0, lo_open=True, hi=1.0)
-    batch_size: int = setting(256, "transitions per gradient step", lo=1, hi=65536)
+    batch_size: int = setting(1024, "transitions per gradient step", lo=1, hi=65536)
     buffer_size: int = setting(200_000, "replay capacity in transitions (one per pair and episode and bar)", lo=1,
                                hi=100_000_000)
     learning_starts: int = setting(5_000, "transitions collected before the first gradient step", lo=0,
                                    hi=100_000_000)
     train_every: int = setting(1, "batched environment steps per gradient step", lo=1, hi=100_000)
-    target_update: int = setting(500, "gradient steps between target-network copies", lo=1, hi=10_000_000)
+    target_update: int = setting(250, "gradient steps between target-network copies", lo=1, hi=10_000_000)
     grad_clip: float = setting(10.0, "max gradient norm", lo=0.0, lo_open=True, hi=1e6)
     eps_start: float = setting(1.0, "initial exploration rate of a fresh run", lo=0.0, hi=1.0)
     eps_end: float = setting(0.05, "final exploration rate", lo=0.0, hi=1.0)
