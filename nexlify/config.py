@@ -255,8 +255,11 @@ class AgentConfig:
     """Double DQN with a dueling head and n-step returns, one network shared by all pairs."""
 
     hidden: int = setting(64, "units per hidden layer", lo=8, hi=4096)
-    gamma: float = setting(0.9, "discount per bar: 0.9 weighs about the next ten bars, long enough for an edge held for hours to pay a round trip's costs; 0.99 buried edges of that size in the noise of a hundred bars (docs/planted-edges.md)", lo=0.0, hi=1.0)
-    n_step: int = setting(6, "n-step return length: rewards summed before the target network's estimate is used", lo=1, hi=64)
+    gamma: float = setting(0.9, "discount per bar: 0.9 weighs about the next ten bars, long enough for an edge held "
+                           "for hours to pay a round trip's costs; 0.99 buried edges of that size in the noise of a "
+                           "hundred bars (docs/planted-edges.md)", lo=0.0, hi=1.0)
+    n_step: int = setting(6, "n-step return length: rewards summed before the target network's estimate is used",
+                          lo=1, hi=64)
     learning_rate: float = setting(5e-4, "Adam learning rate", lo=0.0, lo_open=True, hi=1.0)
     batch_size: int = setting(1024, "transitions per gradient step", lo=1, hi=65536)
     buffer_size: int = setting(200_000, "replay capacity in transitions (one per pair and episode and bar)", lo=1,
