@@ -2,27 +2,32 @@
 planted drift as a plain forecast of the return from the next open over H bars (in the learner's units for a 5 %
 position), without reinforcement-learning targets?
 
-    PYTHONPATH=. python tools/supervised-probe.py DATA_DIR H LEARNING_RATE STEPS BATCH
+    PYTHONPATH=. python tools/supervised-probe.py DATA_DIR FAMILY H LEARNING_RATE STEPS BATCH
 
-DATA_DIR: a planted calendar folder of `nexlify bench learn`. Trains on [2023-06-01, 2025-03-01) (normaliser
-fitted there; labels end inside it), reports on the quarter after it, [2025-03-01, 2025-06-01): the forecast's IC and its mean on the bars
-where the calendar oracle wants in less elsewhere, beside the realised difference. Figures:
-docs/planted-edges.md.
+DATA_DIR: a planted folder of `nexlify bench learn`, FAMILY its plant. Trains on [2023-06-01, 2025-03-01)
+(normaliser fitted there; labels end inside it), reports on the quarter after it, [2025-03-01, 2025-06-01): the
+forecast's IC, and its mean on the bars where the family's oracle wants in (nexlify.oracles.long_signal) less
+elsewhere, beside the realised difference. Figures: docs/planted-edges.md.
 """
 import sys, numpy as np, torch
 from nexlify.config import TrainConfig
 from nexlify.data.prepare import prepare_data
-from nexlify.env.market import market_features
+from nexlify.env.market import MarketTensors, market_features
+from nexlify.oracles import long_signal
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.agent.dqn import DuelingQNet
 torch.manual_seed(0)
-data, H, lr, steps, bs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+data, family = sys.argv[1], sys.argv[2]
+H, lr, steps, bs = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 cfg = TrainConfig(); cfg.data.pairs = ["BTC/USDT", "ETH/USDT"]; cfg.data.data_dir = data
 cfg.data.start, cfg.data.end, cfg.data.val_days = "2023-06-01", "2025-06-01", 90
 market, windows = prepare_data(cfg)
 raw = market_features(market)
 t0, t1 = max(windows.train[0], WARMUP_BARS), windows.train[1]
-X = Normalizer.fit(raw, t0, t1).apply(raw)  # [T, P, F]
+normalizer = Normalizer.fit(raw, t0, t1)
+X = normalizer.apply(raw)  # [T, P, F]
+# the oracle's wish at the close of bar t, for the bars from t+1 on: [T, P]
+wish_all = long_signal(family, MarketTensors.build(market, normalizer, "cpu", raw)).numpy()
 lc = np.log(market.close)
 # target at bar t: log return from the open of t+1 (the fill) to the close of t+H, times 0.05 * 100
 lo = np.log(market.open)
@@ -30,11 +35,10 @@ T = lc.shape[0]
 y = np.full(lc.shape, np.nan)
 y[: T - H] = (lc[H:] - lo[1: T - H + 1]) * 5.0
 def rows(a, b):
-    xs, ys = X[a:b].reshape(-1, X.shape[-1]), y[a:b].reshape(-1)
-    ok = np.isfinite(ys); return torch.tensor(xs[ok]), torch.tensor(ys[ok], dtype=torch.float32)
-xtr, ytr = rows(t0, t1 - H)
-xva, yva = rows(windows.val[0], windows.val[1] - H)
-hour = ((market.timestamps // 3_600_000) % 24)
+    xs, ys, ws = X[a:b].reshape(-1, X.shape[-1]), y[a:b].reshape(-1), wish_all[a:b].reshape(-1)
+    ok = np.isfinite(ys); return torch.tensor(xs[ok]), torch.tensor(ys[ok], dtype=torch.float32), ws[ok]
+xtr, ytr, _ = rows(t0, t1 - H)
+xva, yva, wish = rows(windows.val[0], windows.val[1] - H)
 net = DuelingQNet(X.shape[-1], 1, 64)
 opt = torch.optim.Adam(net.parameters(), lr=lr)
 g = torch.Generator().manual_seed(0)
@@ -43,10 +47,7 @@ for s in range(steps):
     loss = torch.nn.functional.smooth_l1_loss(net(xtr[i]).squeeze(1), ytr[i])
     opt.zero_grad(); loss.backward(); opt.step()
 with torch.no_grad():
-    pv = net(xva).squeeze(1).numpy(); pt = net(xtr[:200000]).squeeze(1).numpy()
+    pv = net(xva).squeeze(1).numpy()
 ic = np.corrcoef(pv, yva.numpy())[0, 1]
-# the plant's own wish on val bars (calendar: hour of bar t+1 in [0,12))
-hv = np.repeat(hour[windows.val[0]:windows.val[1] - H], 2)
-wish = ((hv + 1) % 24) < 12
 print(f"H={H} lr={lr} steps={steps} bs={bs} val IC={ic:.3f} pred sd={pv.std():.4f} pred wish-nowish={pv[wish].mean()-pv[~wish].mean():.4f} "
       f"true y wish-nowish={yva.numpy()[wish].mean()-yva.numpy()[~wish].mean():.4f} y sd={yva.numpy().std():.4f}")
