@@ -31,10 +31,11 @@ from nexlify.config import TrainConfig
 from nexlify.configtools import apply_mapping, leaf_index, load_yaml, to_dict, validate_tree
 from nexlify.data.candles import candle_filename
 from nexlify.data.second_venue import second_venue_pair
+from nexlify.device import resolve_device
 from nexlify.errors import InputError, NonFiniteError
 from nexlify.logs import BAR_FORMAT
 from nexlify.tb import EVENTS_FILE, RunBoard
-from nexlify.training import Preempted, prepare_data, resolve_device, train_run
+from nexlify.training import Preempted, prepare_data, train_run
 
 from controller.scratch import SCRATCH_PREFIX, clean_stale_scratch  # noqa: F401 (re-exported)
 from controller.stores import StoreKeyMissing, open_store

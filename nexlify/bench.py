@@ -15,7 +15,8 @@ from nexlify.env.batched import N_ACTIONS, BatchedTradingEnv
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.data.second_venue import load_second_venue
-from nexlify.training import prepare_data, resolve_device, train_run
+from nexlify.device import resolve_device
+from nexlify.training import prepare_data, train_run
 
 
 def _setup(pairs: list[str], device: str, threads: int, strategies: list[str] | None = None,

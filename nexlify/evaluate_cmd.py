@@ -18,7 +18,7 @@ from nexlify.configtools import check_leaf, coerce, leaf_index
 from nexlify.errors import InputError
 from nexlify.evaluation import buy_and_hold, evaluate_policy, evaluate_with_baselines
 from nexlify.features import MARKET_FEATURES, WARMUP_BARS, Normalizer, compute_features
-from nexlify.training import resolve_device
+from nexlify.device import resolve_device
 from nexlify.verdict import verdict
 
 WARMUP_DAYS = WARMUP_BARS // 24 + 2

@@ -28,7 +28,7 @@ def describe(name: str) -> dict:
         import torch
     except Exception as exc:  # noqa: BLE001 - reported as the torch row's failure
         return {"torch_error": f"torch cannot be imported: {type(exc).__name__}: {exc}"}
-    from nexlify.training import resolve_device
+    from nexlify.device import resolve_device
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     out: dict = {"torch": f"{torch.__version__}, {torch.get_num_threads()} threads", "cuda_devices": cuda}

@@ -22,6 +22,7 @@ from nexlify import finite
 from nexlify.agent.dqn import DQNAgent
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
+from nexlify.device import resolve_device
 from nexlify.data.candles import MarketData, Windows
 # the data preparation lives in nexlify.data.prepare (torch-free, shared with the controller)
 from nexlify.data.prepare import attach_second_venue, prepare_data  # noqa: F401 (re-exported)
@@ -40,16 +41,6 @@ class Preempted(Exception):
     def __init__(self, state: dict | None) -> None:
         super().__init__("training stopped by a termination signal")
         self.state = state
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from nexlify.errors import InputError
-
-        raise InputError("--device cuda: no CUDA device is available here; accepted: auto, cpu")
-    return torch.device(name)
 
 
 @dataclass
