@@ -329,7 +329,8 @@ def render_table(rows: list[dict], agg: dict) -> str:
             f"{'exposure':>8}")
     head += "".join(f"  {name[:18]:>18}" for name in names)
     lines = ["walk-forward: agent on each fold's test window; baselines as return % / Sharpe (Sharpe: annualised, "
-             "in excess of cash plus lending's return)", head]
+             "of each pair's hourly return in excess of cash plus lending's, averaged over the pairs; a verdict "
+             "below takes the whole book's hourly excess, so the two can differ, even in sign)", head]
     for r in rows:
         a = r["agent"]
         line = (f"{r['fold']:>4}  {r['train_start'][:10] + ' .. ' + r['train_end'][:10]:<23}  "
