@@ -6,7 +6,8 @@ DATA_DIR: a planted folder of `nexlify bench learn` (<output>/data/<family>-<str
 It trains one `nexlify.training.train_run` (BTC/USDT and ETH/USDT, every strategy, [2023-06-01, 2025-03-01),
 the last 90 days validating) with the defaults overridden by key=value (any AgentConfig, EnvConfig or
 RiskConfig field: n_step=12, kelly=false; eval_<key>=value changes the evaluation's config only, e.g.
-eval_kelly=true; ema=TAU also keeps a Polyak average of the weights and evaluates that). Then, on the
+eval_kelly=true; ema=TAU also keeps a Polyak average of the weights and evaluates that; wd=X trains with
+AdamW's decoupled weight decay X instead of Adam). Then, on the
 validation quarter and the later test quarter [2025-03-01, 2025-06-01): the greedy policy at hold margins
 0 .. 0.04 (return %, trades, exposure), the family's oracle and cash plus lending under the same config, and
 the Q-gap open_long - hold on the bars where a slot is flat, split by the oracle's wish (as
@@ -39,7 +40,16 @@ def apply(cfg, kvs, over):
             val = (v.lower() in ("1", "true")) if isinstance(cur, bool) else type(cur)(v)
             setattr(sec, k, val); over[k] = val
 ema = [float(kv[4:]) for kv in sys.argv[5:] if kv.startswith("ema=")]
-apply(cfg, [kv for kv in sys.argv[5:] if not kv.startswith(("eval_", "ema="))], over)
+wd = [float(kv[3:]) for kv in sys.argv[5:] if kv.startswith("wd=")]
+apply(cfg, [kv for kv in sys.argv[5:] if not kv.startswith(("eval_", "ema=", "wd="))], over)
+if wd:
+    from nexlify.agent import dqn as _dqn
+    over["weight_decay"] = wd[0]
+    _init = _dqn.DQNAgent.__init__
+    def init(self, *a, **k):
+        _init(self, *a, **k)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate, weight_decay=wd[0])
+    _dqn.DQNAgent.__init__ = init
 if ema:
     from nexlify.agent import dqn as _dqn
     tau = ema[0]; over["ema"] = tau

@@ -4,16 +4,24 @@ position), without reinforcement-learning targets?
 
     PYTHONPATH=. python tools/supervised-probe.py DATA_DIR FAMILY H LEARNING_RATE STEPS BATCH
 
-DATA_DIR: a planted folder of `nexlify bench learn`, FAMILY its plant. Trains on [2023-06-01, 2025-03-01)
-(normaliser fitted there; labels end inside it), reports on the quarter after it, [2025-03-01, 2025-06-01): the
+DATA_DIR: a planted folder of `nexlify bench learn`, FAMILY its plant (control: the unplanted candles, where the
+wish split uses the calendar rule's hours and the rules are given in points against lending). Trains on
+[2023-06-01, 2025-03-03) (normaliser fitted there; labels end inside it), reports on the 90 days after it,
+[2025-03-03, 2025-06-01): the
 forecast's IC, and its mean on the bars where the family's oracle wants in (nexlify.oracles.long_signal) less
-elsewhere, beside the realised difference. Figures: docs/planted-edges.md.
+elsewhere, beside the realised difference and over the forecast's spread. Then the forecast traded as a rule
+on that quarter (enter when it exceeds IN, close when it falls below OUT, for a few IN/OUT pairs), stepped by
+nexlify.evaluation.evaluate_rules beside cash plus lending and the oracle, in the same environment:
+captured = (rule - lending) / (oracle - lending), and the rule's trades. Figures: docs/planted-edges.md.
 """
 import sys, numpy as np, torch
 from nexlify.config import TrainConfig
 from nexlify.data.prepare import prepare_data
 from nexlify.env.market import MarketTensors, market_features
-from nexlify.oracles import long_signal
+from nexlify.oracles import long_signal, oracle_policy
+from nexlify.evaluation import evaluate_rules
+from nexlify import baselines as bl
+from nexlify.env.layout import CLOSE, HOLD, OPEN_LONG
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.agent.dqn import DuelingQNet
 torch.manual_seed(0)
@@ -27,7 +35,9 @@ t0, t1 = max(windows.train[0], WARMUP_BARS), windows.train[1]
 normalizer = Normalizer.fit(raw, t0, t1)
 X = normalizer.apply(raw)  # [T, P, F]
 # the oracle's wish at the close of bar t, for the bars from t+1 on: [T, P]
-wish_all = long_signal(family, MarketTensors.build(market, normalizer, "cpu", raw)).numpy()
+tensors = MarketTensors.build(market, normalizer, "cpu", raw)
+plant = "calendar" if family == "control" else family  # the control has no edge: any rule's hours split it
+wish_all = long_signal(plant, tensors).numpy()
 lc = np.log(market.close)
 # target at bar t: log return from the open of t+1 (the fill) to the close of t+H, times 0.05 * 100
 lo = np.log(market.open)
@@ -51,3 +61,23 @@ with torch.no_grad():
 ic = np.corrcoef(pv, yva.numpy())[0, 1]
 print(f"H={H} lr={lr} steps={steps} bs={bs} val IC={ic:.3f} pred sd={pv.std():.4f} pred wish-nowish={pv[wish].mean()-pv[~wish].mean():.4f} "
       f"true y wish-nowish={yva.numpy()[wish].mean()-yva.numpy()[~wish].mean():.4f} y sd={yva.numpy().std():.4f}")
+print(f"forecast over its spread (wish - elsewhere) / sd: {(pv[wish].mean() - pv[~wish].mean()) / pv.std():.2f}")
+with torch.no_grad():
+    forecast = net(torch.tensor(X.reshape(-1, X.shape[-1]))).reshape(X.shape[:2])  # [T, P], at the close of bar t
+def forecast_rule(enter, leave):
+    def act(obs, mask, env, rows):
+        f = forecast[env.t[rows].unsqueeze(-1), env._pair_bp[rows]]
+        a = torch.where((f > enter) & mask[..., OPEN_LONG], OPEN_LONG, torch.full(mask.shape[:-1], HOLD))
+        return torch.where((f < leave) & mask[..., CLOSE], CLOSE, a)
+    return act
+rules = {"lend": lambda obs, mask, env, rows: bl.take_lend(mask), "oracle": oracle_policy(plant, tensors)}
+pairs = ((0.0, 0.0), (0.01, -0.01), (0.015, -0.015), (0.02, -0.02), (0.01, -0.02), (0.02, -0.01), (0.03, -0.03))
+rules.update({f"in {a} out {b}": forecast_rule(a, b) for a, b in pairs})
+env_cfg, _ = bl.with_strategy(cfg.env, "lending")
+rr = evaluate_rules(tensors, windows.val, env_cfg, cfg.risk, cfg.strategy_params(), rules)
+lend, orc = rr.pop("lend")["avg_return"], rr.pop("oracle")
+def score(r):  # captured, or points against lending on the control
+    return r["avg_return"] - lend if family == "control" else (r["avg_return"] - lend) / (orc["avg_return"] - lend)
+print(f"test quarter: lending {lend:.3f} %, oracle {orc['avg_return']:.3f} % ({orc['total_trades']} trades); forecast rules "
+      f"{'points against lending' if family == 'control' else 'captured'} (trades): "
+      + ", ".join(f"{k}: {score(r):+.2f} ({r['total_trades']})" for k, r in rr.items()))
