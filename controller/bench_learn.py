@@ -110,7 +110,7 @@ def _tensors(cfg, data_dir: Path, start: str, end: str):
 
 def oracle_returns(family: str, tensors, window, train_cfg) -> dict:
     """The family's oracle and cash plus lending over `window` in train_cfg's environment: mean returns over
-    the pairs (%) and the oracle's trades."""
+    the pairs (%) and the oracle's trades. The control (CONTROL) has no oracle: lending alone."""
     from dataclasses import replace as dc_replace
 
     from nexlify import baselines as bl
@@ -118,11 +118,15 @@ def oracle_returns(family: str, tensors, window, train_cfg) -> dict:
     from nexlify.oracles import oracle_policy
 
     env_cfg, _ = bl.with_strategy(train_cfg.env, "lending")
-    rules = {"oracle": oracle_policy(family, tensors),
-             "cash_plus_lending": lambda obs, mask, env, rows: bl.take_lend(mask)}
+    rules = {"cash_plus_lending": lambda obs, mask, env, rows: bl.take_lend(mask)}
+    if family != CONTROL:
+        rules["oracle"] = oracle_policy(family, tensors)
     out = evaluate_rules(tensors, window, dc_replace(env_cfg), train_cfg.risk, train_cfg.strategy_params(), rules)
+    lending = {"lending": out["cash_plus_lending"]["avg_return"]}
+    if family == CONTROL:
+        return lending
     return {"oracle": out["oracle"]["avg_return"], "oracle_trades": out["oracle"]["total_trades"],
-            "oracle_exposure": out["oracle"]["exposure"], "lending": out["cash_plus_lending"]["avg_return"]}
+            "oracle_exposure": out["oracle"]["exposure"], **lending}
 
 
 def oracle_table(cfg: PipelineConfig, families: list[str], strengths: list[float], root: Path,

@@ -45,3 +45,19 @@ def test_bad_flags_one_line_exit_2(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_oracle_returns_of_the_control_is_lending_alone_the_same_as_beside_an_oracle():
+    """The control has no oracle: oracle_returns gives cash plus lending alone, the very number it gives beside
+    a family's oracle on the same window (the rules are rows of one pass; lending's does not depend on them)."""
+    from nexlify.config import TrainConfig
+    from nexlify.data.candles import bundled_dir
+
+    cfg = TrainConfig()
+    cfg.data.pairs = ["BTC/USDT"]
+    tensors, window = bl._tensors(cfg, bundled_dir(), "2025-05-01", "2025-05-15")
+    control = bl.oracle_returns(bl.CONTROL, tensors, window, cfg)
+    family = bl.oracle_returns("calendar", tensors, window, cfg)
+    assert set(control) == {"lending"}
+    assert control["lending"] == family["lending"] > 0
+    assert family["oracle_trades"] > 0

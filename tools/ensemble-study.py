@@ -14,9 +14,8 @@ from nexlify.config import TrainConfig
 from nexlify.data.prepare import prepare_data
 from nexlify.training import train_run
 from nexlify.evaluate_cmd import _market_window, _greedy_model
-from nexlify.evaluation import evaluate_policy, evaluate_rules
-from nexlify import baselines as bl
-from nexlify.oracles import oracle_policy
+from nexlify.evaluation import evaluate_policy
+from controller.bench_learn import oracle_returns
 data, family, episodes = sys.argv[1], sys.argv[2], int(sys.argv[3]); seeds = [int(s) for s in sys.argv[4:]]
 cfg = TrainConfig(); cfg.data.pairs = ["BTC/USDT", "ETH/USDT"]; cfg.data.data_dir = data
 cfg.data.start, cfg.data.end, cfg.data.val_days, cfg.data.test_days = "2023-06-01", "2025-03-01", 90, 0
@@ -44,9 +43,7 @@ for wname, (s, e) in {"val": ("2024-12-01", "2025-03-01"), "test": ("2025-03-01"
         for mg in (0.0, 0.01, 0.02):
             r = evaluate_policy(m, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), margin=mg)
             res[f"{wname}_{name}_m{mg}"] = (round(r["avg_return"], 3), r["total_trades"])
-    env_cfg, _ = bl.with_strategy(cfg.env, "lending")
-    rules = {"lend": lambda obs, mask, env, rows: bl.take_lend(mask)}
-    if family != "control": rules["oracle"] = oracle_policy(family, tensors)
-    rr = evaluate_rules(tensors, window, env_cfg, cfg.risk, cfg.strategy_params(), rules)
-    for k in rr: res[f"{wname}_{k}"] = round(rr[k]["avg_return"], 3)
+    rr = oracle_returns(family, tensors, window, cfg)
+    res[f"{wname}_lend"] = round(rr["lending"], 3)
+    if "oracle" in rr: res[f"{wname}_oracle"] = round(rr["oracle"], 3)
 print("RESULT " + json.dumps(res), flush=True)

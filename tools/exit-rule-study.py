@@ -13,9 +13,8 @@ RESULT: per window, model, exit rule and margin (return %, trades, exposure). Fi
 import glob, json, sys, torch
 from nexlify.config import TrainConfig
 from nexlify.evaluate_cmd import _market_window, _greedy_model
-from nexlify.evaluation import evaluate_policy, evaluate_rules
-from nexlify import baselines as bl
-from nexlify.oracles import oracle_policy
+from nexlify.evaluation import evaluate_policy
+from controller.bench_learn import oracle_returns
 from nexlify.env.layout import CLOSE, HOLD
 data, family, paths = sys.argv[1], sys.argv[2], sorted(glob.glob(sys.argv[3]))
 cfg = TrainConfig(); cfg.data.pairs = ["BTC/USDT", "ETH/USDT"]; cfg.data.data_dir = data
@@ -48,9 +47,7 @@ for wname, (s, e) in {"val": ("2024-12-01", "2025-03-01"), "test": ("2025-03-01"
             for mg in (0.0, 0.01, 0.02):
                 r = evaluate_policy(policy, tensors, window, cfg.env, cfg.risk, cfg.strategy_params(), margin=mg)
                 res[f"{wname}_{name}_x{x}_m{mg}"] = (round(r["avg_return"], 3), r["total_trades"], round(r["exposure"], 3))
-    env_cfg, _ = bl.with_strategy(cfg.env, "lending")
-    rules = {"lend": lambda obs, mask, env, rows: bl.take_lend(mask)}
-    if family != "control": rules["oracle"] = oracle_policy(family, tensors)
-    rr = evaluate_rules(tensors, window, env_cfg, cfg.risk, cfg.strategy_params(), rules)
-    for k in rr: res[f"{wname}_{k}"] = round(rr[k]["avg_return"], 3)
+    rr = oracle_returns(family, tensors, window, cfg)
+    res[f"{wname}_lend"] = round(rr["lending"], 3)
+    if "oracle" in rr: res[f"{wname}_oracle"] = round(rr["oracle"], 3)
 print("RESULT " + json.dumps(res), flush=True)
