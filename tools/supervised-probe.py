@@ -2,7 +2,7 @@
 planted drift as a plain forecast of the return from the next open over H bars (in the learner's units for a 5 %
 position), without reinforcement-learning targets?
 
-    PYTHONPATH=. python tools/supervised-probe.py DATA_DIR FAMILY H LEARNING_RATE STEPS BATCH
+    PYTHONPATH=. python tools/supervised-probe.py DATA_DIR FAMILY H LEARNING_RATE STEPS BATCH [SEED]
 
 DATA_DIR: a planted folder of `nexlify bench learn`, FAMILY its plant (control: the unplanted candles, where the
 wish split uses the calendar rule's hours and the rules are given in points against lending). Trains on
@@ -24,9 +24,10 @@ from nexlify import baselines as bl
 from nexlify.env.layout import CLOSE, HOLD, OPEN_LONG
 from nexlify.features import WARMUP_BARS, Normalizer
 from nexlify.agent.dqn import DuelingQNet
-torch.manual_seed(0)
 data, family = sys.argv[1], sys.argv[2]
 H, lr, steps, bs = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+seed = int(sys.argv[7]) if len(sys.argv) > 7 else 0  # the network's initial weights and the batches drawn
+torch.manual_seed(seed)
 cfg = TrainConfig(); cfg.data.pairs = ["BTC/USDT", "ETH/USDT"]; cfg.data.data_dir = data
 cfg.data.start, cfg.data.end, cfg.data.val_days = "2023-06-01", "2025-06-01", 90
 market, windows = prepare_data(cfg)
@@ -51,7 +52,7 @@ xtr, ytr, _ = rows(t0, t1 - H)
 xva, yva, wish = rows(windows.val[0], windows.val[1] - H)
 net = DuelingQNet(X.shape[-1], 1, 64)
 opt = torch.optim.Adam(net.parameters(), lr=lr)
-g = torch.Generator().manual_seed(0)
+g = torch.Generator().manual_seed(seed)
 for s in range(steps):
     i = torch.randint(0, len(xtr), (bs,), generator=g)
     loss = torch.nn.functional.smooth_l1_loss(net(xtr[i]).squeeze(1), ytr[i])
