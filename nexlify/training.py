@@ -22,10 +22,10 @@ from nexlify import finite
 from nexlify.agent.dqn import DQNAgent
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
-from nexlify.device import resolve_device
 from nexlify.data.candles import MarketData, Windows
 # the data preparation lives in nexlify.data.prepare (torch-free, shared with the controller)
 from nexlify.data.prepare import attach_second_venue, prepare_data  # noqa: F401 (re-exported)
+from nexlify.device import resolve_device
 from nexlify.env.batched import N_ACTIONS, STATE_NAMES, BatchedTradingEnv, observation_size
 from nexlify.env.market import MarketTensors, market_features
 from nexlify.evaluation import BaselineStore, evaluate_with_stored_baselines
