@@ -169,7 +169,7 @@ metadata:
   labels:
     {{- include "nexlify-train.selectorLabels" (dict "ctx" . "component" "controller") | nindent 4 }}
     app.kubernetes.io/part-of: nexlify-train
-    nexlify.io/config-hash: {{ include "nexlify-train.configHash" . }}
+    nexlify.io/config-hash: {{ include "nexlify-train.configHash" . | quote }}
     {{- with .Values.controller.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
