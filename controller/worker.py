@@ -20,13 +20,14 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import structlog
 import torch
 
 import nexlify
 from nexlify import checkpoint, finite
+from nexlify.agent.forecast import ForecastAgent
 from nexlify.config import TrainConfig
 from nexlify.configtools import apply_mapping, leaf_index, load_yaml, to_dict, validate_tree
 from nexlify.data.candles import candle_filename
@@ -222,7 +223,8 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                 resume = None
             if resume is not None:
                 log.info("run_resumed", episodes_done=int(resume["episodes_done"]))
-            log.info("run_started", episodes=episodes, pairs=cfg.data.pairs, device=str(device),
+            log.info("run_started", algorithm=cfg.agent.algorithm,
+                     episodes=episodes if cfg.agent.algorithm == "dqn" else None, pairs=cfg.data.pairs, device=str(device),
                      init_from=init_from, train_bars=windows.train[1] - windows.train[0],
                      val_bars=windows.val[1] - windows.val[0])
             progress = _Progress(episodes)
@@ -292,6 +294,8 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                 "episodes_trained": output.episodes_trained,
                 "episodes_total": previous_episodes + output.episodes_trained,
                 "timings": output.timings,
+                # the forecast learner's fit: its steps, and its holdout loss beside forecasting zero's
+                "forecast_fit": asdict(output.agent.fit) if isinstance(output.agent, ForecastAgent) else None,
                 "device": str(device),
                 "versions": versions(),
             }

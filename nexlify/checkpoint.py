@@ -22,7 +22,8 @@ from nexlify.configtools import apply_mapping
 from nexlify.errors import InputError
 
 FORMAT_VERSION = 1
-REQUIRED_KEYS = ("model_state_dict", "target_model_state_dict", "optimizer_state_dict", "config", "normalizer",
+# (a DQN checkpoint also holds target_model_state_dict; the forecast learner has no target network)
+REQUIRED_KEYS = ("model_state_dict", "optimizer_state_dict", "config", "normalizer",
                  "episodes_trained", "seed", "metrics", "format_version")
 
 
@@ -134,14 +135,17 @@ def train_config(ckpt: dict, name: str) -> TrainConfig:
     """The TrainConfig a checkpoint was trained with: its stored `config` over today's defaults, with the
     environment rules it was trained under kept. A config stored before `lending.sweep` existed lent by
     hand (LEND / WITHDRAW), so it reads as sweep false, not today's default; one stored before
-    `agent.hold_margin` existed acted on the plain argmax, so it reads as margin 0."""
+    `agent.hold_margin` existed acted on the plain argmax, so it reads as margin 0; one stored before
+    `agent.algorithm` existed is a Q-network, so it reads as dqn whatever today's default."""
     stored = dict(ckpt["config"])
     lending = stored.get("lending")
     if isinstance(lending, dict) and "sweep" not in lending:
         stored["lending"] = {**lending, "sweep": False}
     agent = stored.get("agent")
     if isinstance(agent, dict) and "hold_margin" not in agent:
-        stored["agent"] = {**agent, "hold_margin": 0.0}
+        stored["agent"] = agent = {**agent, "hold_margin": 0.0}
+    if isinstance(agent, dict) and "algorithm" not in agent:
+        stored["agent"] = {**agent, "algorithm": "dqn"}
     cfg = TrainConfig()
     apply_mapping(cfg, stored, f"checkpoint {name}")
     return cfg

@@ -252,8 +252,15 @@ class ArbitrageConfig:
 
 @dataclass
 class AgentConfig:
-    """Double DQN with a dueling head and n-step returns, one network shared by all pairs."""
+    """The learner, one network shared by all pairs: a Double DQN with a dueling head and n-step returns
+    (nexlify.agent.dqn), or a forecast of the next bars' return traded with a band (nexlify.agent.forecast).
+    Both decide by the same greedy rule with the hold margin."""
 
+    algorithm: str = setting("dqn", "the learner: dqn (Q-values learned from the environment's rewards) or forecast "
+                             "(the return over forecast_horizon bars learned from the candles, stopped early on the "
+                             "training window's last forecast_holdout_days, traded long while it beats the hold "
+                             "margin; it does not use the episodes, exploration or replay settings)",
+                             choices=("dqn", "forecast"))
     hidden: int = setting(64, "units per hidden layer", lo=8, hi=4096)
     gamma: float = setting(0.9, "discount per bar: 0.9 weighs about the next ten bars, long enough for an edge held "
                            "for hours to pay a round trip's costs; 0.99 buried edges of that size in the noise of a "
@@ -280,6 +287,17 @@ class AgentConfig:
                                  "this, in the rewards' units (percent of equity at reward_scale 100), else it holds: "
                                  "a guard against trading on noise in the Q-values (0 = plain argmax; training's "
                                  "exploration and targets never use it)", lo=0.0, hi=1e6)
+    forecast_horizon: int = setting(4, "forecast: bars from the next open over which the return is forecast", lo=1,
+                                    hi=720)
+    forecast_holdout_days: int = setting(90, "forecast: the training window's last days, on which the fit is stopped "
+                                         "early before it is refitted on the whole window", lo=1, hi=3650)
+    forecast_batch_size: int = setting(256, "forecast: rows (bar and pair) per gradient step", lo=1, hi=65536)
+    forecast_eval_every: int = setting(50, "forecast: gradient steps between two measurements of the holdout loss",
+                                       lo=1, hi=1_000_000)
+    forecast_patience: int = setting(10, "forecast: measurements without a lower holdout loss before the fit stops",
+                                     lo=1, hi=100_000)
+    forecast_max_steps: int = setting(5000, "forecast: at most this many gradient steps before the refit", lo=0,
+                                      hi=10_000_000)
     reward_scale: float = setting(100.0, "the learner's rewards are the environment's (log-equity change per slot) "
                                   "times this: 100 puts them in percent of equity, so that Q-values of a few "
                                   "tenths separate instead of hiding in float noise at 1e-4", lo=0.0, lo_open=True,

@@ -10,9 +10,8 @@ from nexlify.baselines import CASH_PLUS_LENDING
 from nexlify.data.candles import load_market, normalize_pair
 from nexlify.data.prepare import attach_second_venue
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
-from nexlify.env.batched import N_ACTIONS, observation_size
 from nexlify.env.market import MarketTensors
-from nexlify.agent.dqn import DuelingQNet
+from nexlify.agent import build_model
 from nexlify.config import TrainConfig
 from nexlify.configtools import check_leaf, coerce, leaf_index
 from nexlify.errors import InputError
@@ -196,9 +195,9 @@ def _asked(start: str | None, end: str | None) -> str:
 
 def _greedy_model(ckpt: dict, cfg, market, dev, raw_features=None):
     """The market's tensors under the checkpoint's normaliser (from `raw_features` when given, else computed),
-    and its Q-network with its weights."""
+    and its policy network (Q-network or forecast) with its weights."""
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), dev, raw_features)
-    model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden).to(dev)
+    model = build_model(cfg.agent, tensors.n_features).to(dev)
     model.load_state_dict(ckpt["model_state_dict"])
     return tensors, model
 

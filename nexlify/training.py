@@ -19,16 +19,20 @@ import numpy as np
 import torch
 
 from nexlify import finite
+from nexlify.agent import forecast_units
 from nexlify.agent.dqn import DQNAgent
+from nexlify.agent.forecast import ForecastAgent, forward_log_returns
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
 from nexlify.data.candles import MarketData, Windows
 # the data preparation lives in nexlify.data.prepare (torch-free, shared with the controller)
 from nexlify.data.prepare import attach_second_venue, prepare_data  # noqa: F401 (re-exported)
+from nexlify.data.timeframes import MS_PER_DAY
 from nexlify.device import resolve_device
 from nexlify.env.batched import N_ACTIONS, STATE_NAMES, BatchedTradingEnv, observation_size
 from nexlify.env.market import MarketTensors, market_features
-from nexlify.evaluation import BaselineStore, evaluate_with_stored_baselines
+from nexlify.errors import InputError, NonFiniteError
+from nexlify.evaluation import BaselineStore, evaluate_policy, evaluate_with_stored_baselines
 from nexlify.features import WARMUP_BARS, Normalizer
 
 
@@ -109,6 +113,19 @@ def train_run(
     n_pairs = len(market.pairs)
     strategy_params = cfg.strategy_params()
 
+    if cfg.agent.algorithm == "forecast":
+        agent, fit_seconds = _fit_forecast(cfg, market, tensors, train_start, train_end, seed=seed, init=init,
+                                           device=device, should_stop=should_stop)
+        if on_step is not None:
+            on_step(1, 1)
+        # its training figure: the refitted policy's return on the training window's last days (the holdout)
+        holdout = (max(train_start, _days_back(market, train_end, cfg.agent.forecast_holdout_days)), train_end)
+        own = evaluate_policy(agent.model, tensors, holdout, cfg.env, cfg.risk, strategy_params,
+                              margin=cfg.agent.hold_margin)
+        return _validated(cfg, agent, tensors, windows, normalizer, strategy_params, baselines, t_begin=t_begin,
+                          train_seconds=fit_seconds, env_steps=0, episodes_done=episodes,
+                          train_returns=[own["avg_return"]], last_round=[own["avg_return"]])
+
     # --- agent
     agent = DQNAgent(observation_size(tensors.n_features), N_ACTIONS, cfg.agent, device, seed)
     if init is not None:
@@ -188,7 +205,17 @@ def train_run(
             on_checkpoint(last_state)
     train_seconds = time.perf_counter() - t_train
 
-    # --- validation (and the held-out test window, when configured)
+    last_round = train_returns[-min(len(train_returns), num_envs):] if train_returns else [0.0]
+    return _validated(cfg, agent, tensors, windows, normalizer, strategy_params, baselines, t_begin=t_begin,
+                      train_seconds=train_seconds, env_steps=env_steps, episodes_done=episodes_done,
+                      train_returns=train_returns, last_round=last_round)
+
+
+def _validated(cfg: TrainConfig, agent, tensors: MarketTensors, windows: Windows, normalizer: Normalizer,
+               strategy_params, baselines: BaselineStore | None, *, t_begin: float, train_seconds: float,
+               env_steps: int, episodes_done: int, train_returns: list[float], last_round: list[float]) -> RunOutput:
+    """The trained agent's greedy policy on the validation window (and the test window, when configured),
+    beside the baselines, as the run's output."""
     t_val = time.perf_counter()
     margin = cfg.agent.hold_margin
     # the baselines once per pipeline: read from `baselines` when an earlier run of it stored them
@@ -201,7 +228,6 @@ def train_run(
     test_metrics = test["agent"] if test is not None else None
     val_seconds = time.perf_counter() - t_val
     total_seconds = time.perf_counter() - t_begin
-    last_round = train_returns[-min(len(train_returns), num_envs):] if train_returns else [0.0]
     return RunOutput(
         agent=agent, normalizer=normalizer, val_metrics=val_metrics, test_metrics=test_metrics,
         val_baselines=val["baselines"], test_baselines=test["baselines"] if test is not None else None,
@@ -211,3 +237,53 @@ def train_run(
                  "total_s": round(total_seconds, 3), "env_steps": env_steps,
                  "train_env_steps_per_s": round(env_steps / train_seconds, 1) if train_seconds > 0 else None},
     )
+
+
+def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, train_start: int, train_end: int, *,
+                  seed: int, init: dict | None, device: torch.device,
+                  should_stop: Callable[[], bool] | None) -> tuple[ForecastAgent, float]:
+    """The forecast learner's training (nexlify.agent.forecast): rows are (bar, pair) of the training window,
+    features the normalised market features at the bar's close, labels the log return from the next open over
+    forecast_horizon bars in the learner's units, every label ending inside the window. The last
+    forecast_holdout_days stop the fit early (their rows' labels start after the fit rows' end); then it is
+    refitted on every row. Returns the agent and the seconds it took."""
+    a = cfg.agent
+    t0 = time.perf_counter()
+    agent = ForecastAgent(tensors.n_features, a.hidden, a.learning_rate, device, seed)
+    if init is not None:
+        agent.load_state_dict(init)
+    h = a.forecast_horizon
+    y = forward_log_returns(market.open, market.close, h) * forecast_units(a, cfg.risk)
+    x = tensors.features
+    last = train_end - h  # the last row's label ends at the close of bar train_end - 1
+    split = _days_back(market, train_end, a.forecast_holdout_days)
+    if last - split < 1 or split - h - train_start < 1:
+        raise InputError(f"the training window ({train_end - train_start} bars) is too short for forecast_holdout_days "
+                         f"{a.forecast_holdout_days} and forecast_horizon {h}; accepted: a holdout and a horizon that "
+                         "leave rows to fit on both sides")
+
+    def rows(t0_: int, t1_: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = x[t0_:t1_].reshape(-1, x.shape[-1])
+        ys = torch.as_tensor(y[t0_:t1_].reshape(-1), dtype=torch.float32, device=x.device)
+        return xs, ys
+
+    x_fit, y_fit = rows(train_start, split - h)
+    x_hold, y_hold = rows(split, last)
+    x_all, y_all = rows(train_start, last)
+    for name, v in (("features", x_all), ("labels", y_all)):
+        if not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"the forecast's training {name} hold a non-finite value", quantity=name)
+    try:
+        agent.train(x_fit, y_fit, x_hold, y_hold, x_all, y_all, batch_size=a.forecast_batch_size,
+                    eval_every=a.forecast_eval_every, patience=a.forecast_patience, max_steps=a.forecast_max_steps,
+                    should_stop=should_stop)
+    except InterruptedError:
+        raise Preempted(None) from None
+    finite.check_parameters(agent.model, step=agent.grad_steps, seed=seed)
+    return agent, time.perf_counter() - t0
+
+
+def _days_back(market: MarketData, end: int, days: int) -> int:
+    """The first bar of the last `days` whole days before bar `end` (exclusive), by timestamps."""
+    ts = np.asarray(market.timestamps, dtype=np.int64)
+    return int(np.searchsorted(ts, ts[end - 1] + market.timeframe_ms - days * MS_PER_DAY))

@@ -1,3 +1,22 @@
-from nexlify.agent.dqn import DQNAgent, DuelingQNet
+from torch import nn
 
-__all__ = ["DQNAgent", "DuelingQNet"]
+from nexlify.agent.dqn import DQNAgent, DuelingQNet
+from nexlify.agent.forecast import ForecastAgent, ForecastNet
+from nexlify.config import AgentConfig, RiskConfig
+from nexlify.env.layout import N_ACTIONS, observation_size
+
+__all__ = ["DQNAgent", "DuelingQNet", "ForecastAgent", "ForecastNet", "build_model", "forecast_units"]
+
+
+def forecast_units(agent_cfg: AgentConfig, risk_cfg: RiskConfig) -> float:
+    """The forecast's units: a log return times this is percent of equity at the size a trade opens with (the
+    fixed size, capped by the per-trade cap), the learner's reward units at reward_scale 100."""
+    return agent_cfg.reward_scale * min(risk_cfg.fixed_size, risk_cfg.max_position)
+
+
+def build_model(agent_cfg: AgentConfig, n_features: int) -> nn.Module:
+    """The policy network of `agent_cfg.algorithm` for `n_features` market features, untrained: what a
+    checkpoint's model_state_dict loads into (evaluate, the report, paper trading)."""
+    if agent_cfg.algorithm == "forecast":
+        return ForecastNet(n_features, agent_cfg.hidden)
+    return DuelingQNet(observation_size(n_features), N_ACTIONS, agent_cfg.hidden)

@@ -35,12 +35,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from nexlify.agent.dqn import DuelingQNet
+from nexlify.agent import build_model
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
 from nexlify.data.candles import normalize_pair
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, timeframe_ms
-from nexlify.env.batched import ACTION_NAMES, HOLD, N_ACTIONS, BatchedTradingEnv, observation_size
+from nexlify.env.batched import ACTION_NAMES, HOLD, N_ACTIONS, BatchedTradingEnv
 from nexlify.env.fused_portfolio import copy_step_state
 from nexlify.env.market import MarketTensors
 from nexlify.errors import InputError
@@ -100,7 +100,7 @@ class PaperTrader:
                              f"more than the {WARMUP_BARS}-bar feature warm-up; accepted: 1h or shorter")
         self.normalizer = Normalizer.from_dict(ckpt["normalizer"])
         n_features = len(self.normalizer.features)
-        self.model = DuelingQNet(observation_size(n_features), N_ACTIONS, cfg.agent.hidden).to(self.device)
+        self.model = build_model(cfg.agent, n_features).to(self.device)
         self.model.load_state_dict(ckpt["model_state_dict"])
         self.model.eval()
         self.policy = greedy_policy(self.model, cfg.agent.hold_margin)

@@ -27,9 +27,8 @@ def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
     import torch
 
     from nexlify import checkpoint
-    from nexlify.agent.dqn import DuelingQNet
+    from nexlify.agent import build_model
     from nexlify.data.prepare import prepare_data
-    from nexlify.env.batched import N_ACTIONS, observation_size
     from nexlify.env.market import MarketTensors
     from nexlify.evaluation import FolderBaselines
     from nexlify.features import Normalizer
@@ -40,7 +39,7 @@ def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
     torch.set_num_threads(cfg.threads)  # as the pipeline's validation ran (nexlify.evaluate_cmd.set_threads)
     market, windows = prepare_data(cfg, data_dir)
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), "cpu")
-    model = DuelingQNet(observation_size(tensors.n_features), N_ACTIONS, cfg.agent.hidden)
+    model = build_model(cfg.agent, tensors.n_features)
     model.load_state_dict(ckpt["model_state_dict"])
     named = {"validation": windows.val}
     if windows.test:

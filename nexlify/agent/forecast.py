@@ -1,0 +1,173 @@
+"""The forecast learner: a network forecasts a pair's return over the next few bars, and the greedy policy
+trades it with a band.
+
+Why (docs/planted-edges.md): for an edge that persists over hours, the Q-gap open_long - hold is the value
+of entering now against an hour later, about one bar of drift, and it hides in the Q-values' noise. A
+forecast of the position's return over `horizon` bars, trained lightly on the training window and stopped
+early on its last days, separates the bars worth holding from the rest, and a band (enter above the margin,
+leave below minus the margin) trades it about as often as the edge asks.
+
+The network reads one slot's market features (the first `n_features` of its observation, never the slot's
+or the portfolio's state), so one network serves every pair, as the Q-network does. Its forward returns
+action scores in the Q-network's units, so that every reader of a policy (evaluation, the report, the
+backtest, paper trading) takes its decisions by the same greedy rule with the hold margin
+(nexlify.evaluation.hold_unless_margin):
+
+    hold       0
+    open_long  forecast            (the position's expected gain over the horizon)
+    close      -forecast           (the loss that staying would expect)
+    others     -1 (never above hold: the forecast learner trades spot; the sweep lends idle cash)
+
+The forecast is in the learner's reward units: the log return from the next open over `horizon` bars, times
+`units` = reward_scale x the fixed size (percent of equity at the size a trade opens with), so the hold
+margin means what it means for the Q-network. With the defaults (margin 0.02) the policy enters when it
+forecasts +0.4 % over four bars, about the round trip's 0.3 % of costs, and leaves below -0.4 %.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nexlify.env.layout import CLOSE, HOLD, N_ACTIONS, OPEN_LONG
+from nexlify.errors import NonFiniteError
+
+NEVER = -1.0  # the score of the actions the forecast learner does not take: below hold's 0 at any margin
+
+
+class ForecastNet(nn.Module):
+    """MLP on a slot's market features -> the forecast; forward(obs) -> the action scores above."""
+
+    def __init__(self, n_features: int, hidden: int) -> None:
+        super().__init__()
+        self.n_features = n_features
+        self.torso = nn.Sequential(
+            nn.Linear(n_features, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, 1)
+        # an untrained forecast is exactly 0 (never trades): the fit starts from "no edge", and early stopping
+        # keeps that start when no step forecasts the holdout better than it
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forecast(self, features: Tensor) -> Tensor:
+        """[..., n_features] normalised market features -> [...] forecast in the learner's units."""
+        return self.head(self.torso(features)).squeeze(-1)
+
+    def forward(self, obs: Tensor) -> Tensor:
+        f = self.forecast(obs[..., : self.n_features])
+        scores = torch.full((*f.shape, N_ACTIONS), NEVER, dtype=f.dtype, device=f.device)
+        scores[..., HOLD] = 0.0
+        scores[..., OPEN_LONG] = f
+        scores[..., CLOSE] = -f
+        return scores
+
+
+def forward_log_returns(open_: np.ndarray, close: np.ndarray, horizon: int) -> np.ndarray:
+    """[T, P] the label of bar t: log(close[t + horizon]) - log(open[t + 1]), the return of a position filled at
+    the next open and marked at the close `horizon` bars on; NaN where t + horizon is past the series."""
+    y = np.full(close.shape, np.nan)
+    n = close.shape[0] - horizon
+    if n > 0:
+        y[:n] = np.log(close[horizon:]) - np.log(open_[1: n + 1])
+    return y
+
+
+@dataclass
+class ForecastFit:
+    """What train_forecast did: the steps of the final fit, where the holdout loss was lowest, and that loss
+    beside the loss of forecasting zero on the same rows (the fit is worth something only below it)."""
+
+    steps: int
+    best_step: int
+    holdout_loss: float
+    holdout_loss_zero: float
+    rows_fit: int
+    rows_holdout: int
+
+
+class ForecastAgent:
+    """The forecast learner's state: the network, its optimiser and generator (the DQNAgent's interface that
+    the pipeline uses: model, state_dict, load_state_dict, grad_steps)."""
+
+    def __init__(self, n_features: int, hidden: int, learning_rate: float, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.model = ForecastNet(n_features, hidden).to(device)
+        self.learning_rate = learning_rate
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.grad_steps = 0
+        self.fit: ForecastFit | None = None
+
+    def state_dict(self) -> dict:
+        return {"model_state_dict": self.model.state_dict(), "optimizer_state_dict": self.optimizer.state_dict(),
+                "grad_steps": self.grad_steps}
+
+    def load_state_dict(self, state: dict, *, with_optimizer: bool = True) -> None:
+        self.model.load_state_dict(state["model_state_dict"])
+        if with_optimizer and "optimizer_state_dict" in state:
+            self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.grad_steps = int(state.get("grad_steps", 0))
+
+    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
+        return F.smooth_l1_loss(self.model.forecast(x), y)
+
+    def _steps(self, x: Tensor, y: Tensor, n: int, batch_size: int) -> None:
+        for _ in range(n):
+            i = torch.randint(0, x.shape[0], (batch_size,), device=x.device, generator=self.generator)
+            loss = self._loss(x[i], y[i])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.grad_steps += 1
+
+    def train(self, x_fit: Tensor, y_fit: Tensor, x_hold: Tensor, y_hold: Tensor, x_all: Tensor, y_all: Tensor, *,
+              batch_size: int, eval_every: int, patience: int, max_steps: int,
+              should_stop=None) -> ForecastFit:
+        """Early stopping, then a refit: train on (x_fit, y_fit), measuring the loss on (x_hold, y_hold) every
+        `eval_every` steps (step 0 included: the starting weights), until it has not improved for `patience`
+        measurements or `max_steps`; then train again from the starting weights and optimiser on all rows
+        (x_all, y_all) for the best step count scaled by the rows (the same passes over the data). Labels are
+        in the learner's units. `should_stop()` is asked between measurements (a preemption)."""
+        start = {k: v.clone() for k, v in self.model.state_dict().items()}
+        start_opt = self.optimizer.state_dict()
+        start_gen = self.generator.get_state()
+        start_steps = self.grad_steps
+
+        def holdout_loss() -> float:
+            with torch.no_grad():
+                return float(self._loss(x_hold, y_hold))
+
+        best, best_step, since, step = holdout_loss(), 0, 0, 0
+        while step < max_steps and since < patience:
+            if should_stop is not None and should_stop():
+                raise InterruptedError
+            n = min(eval_every, max_steps - step)
+            self._steps(x_fit, y_fit, n, batch_size)
+            step += n
+            loss = holdout_loss()
+            if not np.isfinite(loss):
+                raise NonFiniteError(f"the forecast's holdout loss is {loss} at gradient step {step}",
+                                     quantity="forecast holdout loss", step=step)
+            if loss < best:
+                best, best_step, since = loss, step, 0
+            else:
+                since += 1
+        # the refit on every row, from the same start
+        self.model.load_state_dict(start)
+        self.optimizer.load_state_dict(start_opt)
+        self.generator.set_state(start_gen)
+        self.grad_steps = start_steps
+        steps = round(best_step * x_all.shape[0] / max(1, x_fit.shape[0]))
+        self._steps(x_all, y_all, steps, batch_size)
+        with torch.no_grad():
+            zero = float(F.smooth_l1_loss(torch.zeros_like(y_hold), y_hold))
+        self.fit = ForecastFit(steps=steps, best_step=best_step, holdout_loss=best, holdout_loss_zero=zero,
+                               rows_fit=int(x_fit.shape[0]), rows_holdout=int(x_hold.shape[0]))
+        return self.fit

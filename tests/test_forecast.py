@@ -1,0 +1,176 @@
+"""The forecast learner (nexlify.agent.forecast): its labels, its scores and the greedy rule on them, early
+stopping and the refit, and one training run on the bundled candles through nexlify.training.train_run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nexlify import checkpoint
+from nexlify.agent import build_model, forecast_units
+from nexlify.agent.dqn import DuelingQNet
+from nexlify.agent.forecast import NEVER, ForecastAgent, ForecastNet, forward_log_returns
+from nexlify.config import TrainConfig
+from nexlify.configtools import to_dict
+from nexlify.env.layout import CLOSE, HOLD, LEND, N_ACTIONS, OPEN_LONG
+from nexlify.evaluation import hold_unless_margin
+from nexlify.training import prepare_data, train_run
+from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
+
+
+def test_labels_are_the_return_from_the_next_open_over_the_horizon():
+    open_ = np.array([[10.0], [11.0], [12.0], [13.0], [14.0]])
+    close = np.array([[10.5], [11.5], [12.5], [13.5], [14.5]])
+    y = forward_log_returns(open_, close, 2)
+    # bar 0: filled at open[1] = 11, marked at close[2] = 12.5; bar 2: open[3] = 13 to close[4] = 14.5
+    assert y[0, 0] == pytest.approx(math.log(12.5 / 11.0))
+    assert y[1, 0] == pytest.approx(math.log(13.5 / 12.0))
+    assert y[2, 0] == pytest.approx(math.log(14.5 / 13.0))
+    assert np.isnan(y[3:, 0]).all()  # their horizon is past the series
+    assert np.isnan(forward_log_returns(open_, close, 5)).all()
+
+
+def _net_forecasting(values: list[float]) -> ForecastNet:
+    """A ForecastNet on one feature whose forecast is the feature itself (for x >= 0, through the ReLUs)."""
+    net = ForecastNet(1, 8)
+    with torch.no_grad():
+        for layer in (net.torso[0], net.torso[2]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+            layer.weight[0, 0] = 1.0
+        net.head.weight.zero_()
+        net.head.weight[0, 0] = 1.0
+    net.requires_grad_(False)
+    assert torch.equal(net.forecast(torch.tensor(values).unsqueeze(-1)), torch.tensor(values))
+    return net
+
+
+@pytest.mark.parametrize("forecast, in_position, margin, expected", [
+    (0.03, False, 0.02, OPEN_LONG),  # beats hold by more than the margin: enter
+    (0.015, False, 0.02, HOLD),      # a gain inside the margin: stay out
+    (0.015, False, 0.0, OPEN_LONG),  # margin 0 is the plain argmax
+    (0.0, False, 0.0, HOLD),         # a tie with hold holds (argmax takes the first, hold)
+    (0.03, True, 0.02, HOLD),        # in a position (no entry allowed) a gain keeps it
+    (0.015, True, 0.02, HOLD),       # a small gain or loss inside the band keeps it
+])
+def test_scores_trade_the_forecast_with_a_band(forecast, in_position, margin, expected):
+    net = _net_forecasting([forecast])
+    obs = torch.tensor([[forecast, 123.0, -4.0]])  # the slot's state after the market feature is never read
+    scores = net(obs)
+    assert scores.shape == (1, N_ACTIONS)
+    assert scores[0, HOLD] == 0.0 and scores[0, OPEN_LONG] == pytest.approx(forecast)
+    assert scores[0, CLOSE] == pytest.approx(-forecast) and scores[0, LEND] == NEVER
+    mask = torch.zeros((1, N_ACTIONS), dtype=torch.bool)
+    mask[0, HOLD] = mask[0, LEND] = True
+    mask[0, CLOSE if in_position else OPEN_LONG] = True
+    assert int(hold_unless_margin(torch.where(mask, scores, -1e9), margin)[0]) == expected
+
+
+def test_a_position_closes_when_the_forecast_falls_below_minus_the_margin():
+    net = _net_forecasting([0.0])
+    net.head.weight[0, 0] = -1.0  # the forecast is now minus the feature
+    scores = net(torch.tensor([[0.03], [0.01]]))  # forecasts -0.03 and -0.01
+    assert scores[:, OPEN_LONG].tolist() == pytest.approx([-0.03, -0.01])
+    mask = torch.zeros((2, N_ACTIONS), dtype=torch.bool)
+    mask[:, HOLD] = mask[:, CLOSE] = True
+    assert hold_unless_margin(torch.where(mask, scores, -1e9), 0.02).tolist() == [CLOSE, HOLD]
+
+
+def test_an_untrained_forecast_is_zero_and_never_trades():
+    net = ForecastNet(5, 16).requires_grad_(False)
+    obs = torch.linspace(-3, 3, 40).reshape(8, 5)
+    assert torch.equal(net.forecast(obs), torch.zeros(8))
+    assert torch.equal(hold_unless_margin(net(obs), 0.0), torch.full((8,), HOLD))
+
+
+def _rows(label) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features: the bundled BTC/USDT closes' hourly log returns over 2024 (scaled to unit size), and labels
+    made from them by `label` (a known rule, so the fit has a right answer)."""
+    cfg = TrainConfig()
+    cfg.data.pairs = ["BTC/USDT"]
+    cfg.data.start, cfg.data.end = "2024-01-01", "2024-07-01"
+    market, _ = prepare_data(cfg)
+    r = np.diff(np.log(market.close[:, 0]))
+    x = torch.tensor(r / r.std(), dtype=torch.float32).unsqueeze(-1)
+    return x, label(x[:, 0])
+
+
+def _split(x, y, n_fit):
+    return x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:], x, y
+
+
+def test_no_step_beats_a_zero_label_so_the_fit_keeps_its_zero_start():
+    x, y = _rows(torch.zeros_like)
+    agent = ForecastAgent(1, 8, 5e-3, torch.device("cpu"), seed=0)
+    fit = agent.train(*_split(x, y, 3000), batch_size=64, eval_every=10, patience=3, max_steps=200)
+    # step 0 forecasts 0 and its loss is exactly 0; training only moves away from it
+    assert (fit.best_step, fit.steps, fit.holdout_loss, fit.holdout_loss_zero) == (0, 0, 0.0, 0.0)
+    assert agent.grad_steps == 0
+    assert torch.equal(agent.model.forecast(x), torch.zeros(len(x)))
+
+
+def test_early_stopping_then_a_refit_on_every_row():
+    x, y = _rows(lambda v: 0.05 * v)  # a label the network can learn exactly
+    torch.manual_seed(0)  # the initial weights (train_run's seeding block does this)
+    agent = ForecastAgent(1, 8, 5e-3, torch.device("cpu"), seed=0)
+    fit = agent.train(*_split(x, y, 3000), batch_size=64, eval_every=10, patience=3, max_steps=300)
+    assert fit.best_step > 0 and fit.holdout_loss < fit.holdout_loss_zero / 4
+    assert (fit.rows_fit, fit.rows_holdout) == (3000, len(x) - 3000)
+    # the refit trains for the best step count scaled by the rows: the same passes over the data
+    assert fit.steps == round(fit.best_step * len(x) / 3000) == agent.grad_steps
+    # deterministic: the same seed gives the same weights
+    torch.manual_seed(0)
+    again = ForecastAgent(1, 8, 5e-3, torch.device("cpu"), seed=0)
+    again.train(*_split(x, y, 3000), batch_size=64, eval_every=10, patience=3, max_steps=300)
+    assert all(torch.equal(a, b) for a, b in zip(agent.model.state_dict().values(),
+                                                  again.model.state_dict().values()))
+
+
+def _config() -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.data.pairs = ["BTC/USDT", "ETH/USDT"]
+    cfg.data.start, cfg.data.end, cfg.data.val_days = "2024-06-01", "2025-06-01", 60
+    cfg.agent.algorithm = "forecast"
+    cfg.agent.forecast_holdout_days = 60
+    cfg.device = "cpu"
+    return cfg
+
+
+def test_a_forecast_run_on_the_bundled_candles_round_trips_through_a_checkpoint(tmp_path):
+    cfg = _config()
+    market, windows = prepare_data(cfg)
+    out = train_run(cfg, market, windows, seed=3, episodes=8)
+    fit = out.agent.fit
+    assert type(out.agent.model) is ForecastNet and out.timings["env_steps"] == 0
+    assert fit.steps == out.agent.grad_steps and fit.holdout_loss <= fit.holdout_loss_zero
+    assert math.isfinite(out.val_metrics["avg_return"]) and math.isfinite(out.train_return)
+    assert out.agent.model.forecast(torch.zeros(1, out.agent.model.n_features)).isfinite().all()
+    # labels in the learner's units: percent of equity at the fixed 5 % size
+    assert forecast_units(cfg.agent, cfg.risk) == 100 * 0.05
+    # the checkpoint rebuilds the same network by its config, and reads as forecast
+    ckpt = checkpoint.build_checkpoint(out.agent.state_dict(), config=to_dict(cfg), normalizer=out.normalizer.to_dict(),
+                                       episodes_trained=out.episodes_trained, seed=3, metrics=out.val_metrics)
+    checkpoint.save(ckpt, tmp_path / "m.pt")
+    loaded = checkpoint.load(tmp_path / "m.pt")
+    cfg2 = checkpoint.train_config(loaded, "m.pt")
+    assert cfg2.agent.algorithm == "forecast"
+    model = build_model(cfg2.agent, out.agent.model.n_features)
+    model.load_state_dict(loaded["model_state_dict"])
+    obs = torch.linspace(-2, 2, 3 * model.n_features).reshape(3, -1)
+    assert torch.equal(model(obs), out.agent.model(obs))
+    # the same seed, data and config: the same weights and the same validation
+    again = train_run(cfg, market, windows, seed=3, episodes=8)
+    assert again.val_metrics["avg_return"] == out.val_metrics["avg_return"]
+    assert all(torch.equal(a, b) for a, b in zip(again.agent.model.state_dict().values(),
+                                                  out.agent.model.state_dict().values()))
+
+
+def test_a_checkpoint_from_before_the_algorithm_setting_reads_as_dqn():
+    stored = to_dict(TrainConfig())
+    del stored["agent"]["algorithm"]
+    cfg = checkpoint.train_config({"config": stored}, "old.pt")
+    assert cfg.agent.algorithm == "dqn"
+    assert type(build_model(cfg.agent, 4)) is DuelingQNet
