@@ -256,7 +256,7 @@ class AgentConfig:
     (nexlify.agent.dqn), or a forecast of the next bars' return traded with a band (nexlify.agent.forecast).
     Both decide by the same greedy rule with the hold margin."""
 
-    algorithm: str = setting("dqn", "the learner: dqn (Q-values learned from the environment's rewards) or forecast "
+    algorithm: str = setting("forecast", "the learner: dqn (Q-values learned from the environment's rewards) or forecast "
                              "(the return over forecast_horizon bars learned from the candles, stopped early on the "
                              "training window's last forecast_holdout_days, traded long while it beats the hold "
                              "margin; it does not use the episodes, exploration or replay settings)",
@@ -287,10 +287,15 @@ class AgentConfig:
                                  "this, in the rewards' units (percent of equity at reward_scale 100), else it holds: "
                                  "a guard against trading on noise in the Q-values (0 = plain argmax; training's "
                                  "exploration and targets never use it)", lo=0.0, hi=1e6)
-    forecast_horizon: int = setting(4, "forecast: bars from the next open over which the return is forecast", lo=1,
-                                    hi=720)
+    forecast_horizon: int = setting(8, "forecast: bars from the next open over which the return is forecast (8 "
+                                    "captured more of every planted edge than 4: docs/planted-edges.md)", lo=1, hi=720)
     forecast_holdout_days: int = setting(90, "forecast: the training window's last days, on which the fit is stopped "
                                          "early before it is refitted on the whole window", lo=1, hi=3650)
+    forecast_min_t: float = setting(2.0, "forecast: the fit trades only when its early-stopped weights forecast the "
+                                    "holdout better than forecasting zero by at least this t-statistic (Newey-West over "
+                                    "the horizon); else its forecast is set to zero and the policy holds cash, lent: a "
+                                    "fit that cannot show an edge on unseen days invents none (0 = always trade the fit)",
+                                    lo=0.0, hi=100.0)
     forecast_batch_size: int = setting(256, "forecast: rows (bar and pair) per gradient step", lo=1, hi=65536)
     forecast_eval_every: int = setting(50, "forecast: gradient steps between two measurements of the holdout loss",
                                        lo=1, hi=1_000_000)

@@ -246,7 +246,8 @@ def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, 
     features the normalised market features at the bar's close, labels the log return from the next open over
     forecast_horizon bars in the learner's units, every label ending inside the window. The last
     forecast_holdout_days stop the fit early (their rows' labels start after the fit rows' end); then it is
-    refitted on every row. Returns the agent and the seconds it took."""
+    refitted on every row, and silenced (forecast zero, no trades) unless the early-stopped fit beat forecasting
+    zero on the holdout by forecast_min_t. Returns the agent and the seconds it took."""
     a = cfg.agent
     t0 = time.perf_counter()
     agent = ForecastAgent(tensors.n_features, a.hidden, a.learning_rate, device, seed)
@@ -276,9 +277,12 @@ def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, 
     try:
         agent.train(x_fit, y_fit, x_hold, y_hold, x_all, y_all, batch_size=a.forecast_batch_size,
                     eval_every=a.forecast_eval_every, patience=a.forecast_patience, max_steps=a.forecast_max_steps,
-                    should_stop=should_stop)
+                    rows_per_bar=x.shape[1], lag=h, should_stop=should_stop)
     except InterruptedError:
         raise Preempted(None) from None
+    if agent.fit.holdout_t < a.forecast_min_t:  # no evidence of an edge on unseen days: trade none
+        agent.silence()
+        agent.fit.silenced = True
     finite.check_parameters(agent.model, step=agent.grad_steps, seed=seed)
     return agent, time.perf_counter() - t0
 

@@ -30,6 +30,9 @@ TINY = [
     "--initial-runs", "2", "--initial-episodes", "8", "--retrain-episodes", "8", "--num-envs", "4",
     "--episode-bars", "300", "--max-iterations", "2", "--checkpoint-every", "4",
     "--learning-starts", "256", "--batch-size", "64",
+    # the Q-learner: its runs train in rounds, so a run can be stopped and resumed in the middle (the forecast
+    # learner's pipeline: tests/test_pipeline_cli.py's quick test)
+    "--algorithm", "dqn",
     # spot only: the layout checks below list the primary's files; the second venue's snapshot (arbitrage)
     # is checked in tests/test_strategies_env.py
     "--strategies", "spot",

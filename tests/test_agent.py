@@ -262,6 +262,7 @@ def test_network_shape_does_not_depend_on_the_number_of_pairs():
     and a pair's validation metrics are the same whether it is evaluated beside the others or alone
     (each pair trades its own portfolio)."""
     cfg = TrainConfig()
+    cfg.agent.algorithm = "dqn"
     cfg.data.val_days = 5
     cfg.env.episode_bars = 120
     cfg.env.num_envs = 2

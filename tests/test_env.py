@@ -330,6 +330,7 @@ def test_gap_bar_triggers_no_stop_and_cancels_a_close(rules, gap_bar, after_bar,
 
 def small_config() -> TrainConfig:
     cfg = TrainConfig()
+    cfg.agent.algorithm = "dqn"
     cfg.data.pairs = ["BTC/USDT"]
     cfg.data.val_days = 10
     cfg.env.episode_bars = 300

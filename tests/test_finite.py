@@ -227,6 +227,7 @@ def tiny_train_config() -> TrainConfig:
     cfg.env.strategies = ["spot"]
     cfg.env.episode_bars, cfg.env.num_envs = 200, 2
     cfg.agent.learning_starts, cfg.agent.batch_size, cfg.agent.train_every = 32, 16, 1
+    cfg.agent.algorithm = "dqn"  # the checks inside the Q-learner's loop
     return cfg
 
 

@@ -12,7 +12,7 @@ import torch
 from nexlify import checkpoint
 from nexlify.agent import build_model, forecast_units
 from nexlify.agent.dqn import DuelingQNet
-from nexlify.agent.forecast import NEVER, ForecastAgent, ForecastNet, forward_log_returns
+from nexlify.agent.forecast import NEVER, ForecastAgent, ForecastNet, forward_log_returns, gain_t_stat
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
 from nexlify.env.layout import CLOSE, HOLD, LEND, N_ACTIONS, OPEN_LONG
@@ -135,6 +135,7 @@ def _config() -> TrainConfig:
     cfg.data.start, cfg.data.end, cfg.data.val_days = "2024-06-01", "2025-06-01", 60
     cfg.agent.algorithm = "forecast"
     cfg.agent.forecast_holdout_days = 60
+    cfg.agent.forecast_min_t = 0.0  # trade whatever it fits (the gate: its own test below)
     cfg.device = "cpu"
     return cfg
 
@@ -166,6 +167,29 @@ def test_a_forecast_run_on_the_bundled_candles_round_trips_through_a_checkpoint(
     assert again.val_metrics["avg_return"] == out.val_metrics["avg_return"]
     assert all(torch.equal(a, b) for a, b in zip(again.agent.model.state_dict().values(),
                                                   out.agent.model.state_dict().values()))
+
+
+def test_a_fit_short_of_the_t_threshold_is_silenced_and_holds_cash_lent():
+    cfg = _config()
+    cfg.agent.forecast_min_t = 100.0  # no fit shows that much
+    market, windows = prepare_data(cfg)
+    out = train_run(cfg, market, windows, seed=3, episodes=8)
+    assert out.agent.fit.silenced and out.agent.fit.holdout_t < 100.0
+    assert torch.equal(out.agent.model.forecast(torch.ones(4, out.agent.model.n_features)), torch.zeros(4))
+    assert out.val_metrics["total_trades"] == 0
+    assert out.val_metrics["avg_return"] == pytest.approx(out.val_baselines["cash_plus_lending"]["avg_return"],
+                                                          abs=1e-9)
+
+
+@pytest.mark.parametrize("gain, lag, expected", [
+    ([1.0, 3.0], 0, 2.0 / math.sqrt(1.0 / 2)),  # mean 2, variance 1, n 2
+    # mean 2.5, variance 1.25, lag-1 autocovariance 1.25 / 4 at Bartlett weight 1/2: 1.5625; 2.5 / sqrt(1.5625 / 4)
+    ([1.0, 2.0, 3.0, 4.0], 1, 4.0),
+    ([0.0, 0.0, 0.0], 2, 0.0),  # no spread (a forecast of zero): no evidence
+    ([-1.0, -3.0], 0, -2.0 / math.sqrt(1.0 / 2)),  # a loss is a negative t
+])
+def test_gain_t_stat_by_hand(gain, lag, expected):
+    assert gain_t_stat(np.array(gain), lag) == pytest.approx(expected)
 
 
 def test_a_checkpoint_from_before_the_algorithm_setting_reads_as_dqn():

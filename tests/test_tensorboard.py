@@ -21,7 +21,7 @@ from tests.helpers_market import one_torch_thread  # noqa: F401  (autouse fixtur
 
 TINY = {"pairs": ["BTC/USDT"], "start": "2025-01-01", "end": "2025-06-01", "val_days": 20, "test_days": 10,
         "num_envs": 2, "episode_bars": 200, "learning_starts": 64, "batch_size": 32, "strategies": ["spot"],
-        "device": "cpu"}
+        "device": "cpu", "algorithm": "dqn"}  # the Q-learner: its rounds and gradient steps make the curves
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,21 @@ def forward_log_returns(open_: np.ndarray, close: np.ndarray, horizon: int) -> n
     return y
 
 
+def gain_t_stat(gain: np.ndarray, lag: int) -> float:
+    """The t-statistic of the mean of a series of per-bar loss gains, with the Newey-West (Bartlett kernel)
+    variance over `lag` bars: consecutive labels share all but one bar of their horizon, so neighbouring
+    gains are correlated and a plain t would overstate the evidence. 0 for a series without spread (e.g. a
+    forecast of exactly zero, whose gain is 0 on every bar)."""
+    n = len(gain)
+    d = gain - gain.mean()
+    var = float(d @ d) / n
+    for k in range(1, min(lag, n - 1) + 1):
+        var += 2.0 * (1.0 - k / (lag + 1)) * float(d[k:] @ d[:-k]) / n
+    if n < 2 or var <= 0.0:
+        return 0.0
+    return float(gain.mean() / np.sqrt(var / n))
+
+
 @dataclass
 class ForecastFit:
     """What train_forecast did: the steps of the final fit, where the holdout loss was lowest, and that loss
@@ -87,8 +102,10 @@ class ForecastFit:
     best_step: int
     holdout_loss: float
     holdout_loss_zero: float
+    holdout_t: float  # the t-statistic of the holdout gain over zero (gain_t_stat); 0 when no step beat zero
     rows_fit: int
     rows_holdout: int
+    silenced: bool = False  # holdout_t fell short of AgentConfig.forecast_min_t: the forecast was set to zero
 
 
 class ForecastAgent:
@@ -115,6 +132,12 @@ class ForecastAgent:
             self.optimizer.load_state_dict(state["optimizer_state_dict"])
         self.grad_steps = int(state.get("grad_steps", 0))
 
+    def silence(self) -> None:
+        """Forecast zero everywhere from now on (the head's weights and bias zeroed): the policy never trades."""
+        with torch.no_grad():
+            self.model.head.weight.zero_()
+            self.model.head.bias.zero_()
+
     def _loss(self, x: Tensor, y: Tensor) -> Tensor:
         return F.smooth_l1_loss(self.model.forecast(x), y)
 
@@ -128,13 +151,17 @@ class ForecastAgent:
             self.grad_steps += 1
 
     def train(self, x_fit: Tensor, y_fit: Tensor, x_hold: Tensor, y_hold: Tensor, x_all: Tensor, y_all: Tensor, *,
-              batch_size: int, eval_every: int, patience: int, max_steps: int,
+              batch_size: int, eval_every: int, patience: int, max_steps: int, rows_per_bar: int = 1, lag: int = 0,
               should_stop=None) -> ForecastFit:
         """Early stopping, then a refit: train on (x_fit, y_fit), measuring the loss on (x_hold, y_hold) every
         `eval_every` steps (step 0 included: the starting weights), until it has not improved for `patience`
         measurements or `max_steps`; then train again from the starting weights and optimiser on all rows
         (x_all, y_all) for the best step count scaled by the rows (the same passes over the data). Labels are
-        in the learner's units. `should_stop()` is asked between measurements (a preemption)."""
+        in the learner's units. `should_stop()` is asked between measurements (a preemption).
+
+        The fit also records the t-statistic of the early-stopped weights' holdout gain over forecasting zero
+        (gain_t_stat): the holdout rows come `rows_per_bar` to a bar (the pairs), summed per bar, and their
+        labels overlap over `lag` bars (the horizon)."""
         start = {k: v.clone() for k, v in self.model.state_dict().items()}
         start_opt = self.optimizer.state_dict()
         start_gen = self.generator.get_state()
@@ -145,6 +172,7 @@ class ForecastAgent:
                 return float(self._loss(x_hold, y_hold))
 
         best, best_step, since, step = holdout_loss(), 0, 0, 0
+        best_state = start
         while step < max_steps and since < patience:
             if should_stop is not None and should_stop():
                 raise InterruptedError
@@ -157,8 +185,15 @@ class ForecastAgent:
                                      quantity="forecast holdout loss", step=step)
             if loss < best:
                 best, best_step, since = loss, step, 0
+                best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
             else:
                 since += 1
+        # how sure the gain over forecasting zero is, for the early-stopped weights on the holdout
+        self.model.load_state_dict(best_state)
+        with torch.no_grad():
+            gain = (F.smooth_l1_loss(torch.zeros_like(y_hold), y_hold, reduction="none")
+                    - F.smooth_l1_loss(self.model.forecast(x_hold), y_hold, reduction="none"))
+        t = gain_t_stat(gain.double().cpu().numpy().reshape(-1, rows_per_bar).sum(1), lag)
         # the refit on every row, from the same start
         self.model.load_state_dict(start)
         self.optimizer.load_state_dict(start_opt)
@@ -169,5 +204,5 @@ class ForecastAgent:
         with torch.no_grad():
             zero = float(F.smooth_l1_loss(torch.zeros_like(y_hold), y_hold))
         self.fit = ForecastFit(steps=steps, best_step=best_step, holdout_loss=best, holdout_loss_zero=zero,
-                               rows_fit=int(x_fit.shape[0]), rows_holdout=int(x_hold.shape[0]))
+                               holdout_t=t, rows_fit=int(x_fit.shape[0]), rows_holdout=int(x_hold.shape[0]))
         return self.fit
