@@ -197,8 +197,7 @@ def _greedy_model(ckpt: dict, cfg, market, dev, raw_features=None):
     """The market's tensors under the checkpoint's normaliser (from `raw_features` when given, else computed),
     and its policy network (Q-network or forecast) with its weights."""
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), dev, raw_features)
-    model = build_model(cfg.agent, tensors.n_features).to(dev)
-    model.load_state_dict(ckpt["model_state_dict"])
+    model = build_model(cfg.agent, tensors.n_features, ckpt["model_state_dict"]).to(dev)
     return tensors, model
 
 

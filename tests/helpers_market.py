@@ -148,6 +148,7 @@ def write_untrained_model(folder, pairs: Sequence[str], hold_margin: float | Non
     cfg = TrainConfig()
     cfg.data.pairs, cfg.data.start, cfg.data.end, cfg.data.val_days = list(pairs), "2025-01-01", "2025-04-01", 10
     cfg.env.strategies = ["spot"]
+    cfg.agent.algorithm = "dqn"  # an untrained Q-network trades (an untrained forecast never does)
     if hold_margin is not None:
         cfg.agent.hold_margin = hold_margin
     data = load_market("binance", cfg.data.pairs, start=cfg.data.start, end=cfg.data.end)

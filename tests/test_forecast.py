@@ -16,6 +16,7 @@ from nexlify.agent.forecast import NEVER, ForecastAgent, ForecastNet, forward_lo
 from nexlify.config import TrainConfig
 from nexlify.configtools import to_dict
 from nexlify.env.layout import CLOSE, HOLD, LEND, N_ACTIONS, OPEN_LONG
+from nexlify.errors import InputError
 from nexlify.evaluation import hold_unless_margin
 from nexlify.training import prepare_data, train_run
 from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
@@ -198,3 +199,12 @@ def test_a_checkpoint_from_before_the_algorithm_setting_reads_as_dqn():
     cfg = checkpoint.train_config({"config": stored}, "old.pt")
     assert cfg.agent.algorithm == "dqn"
     assert type(build_model(cfg.agent, 4)) is DuelingQNet
+
+
+def test_weights_of_the_other_learner_are_a_clear_input_error():
+    cfg = TrainConfig()
+    cfg.agent.algorithm = "dqn"
+    q_weights = build_model(cfg.agent, 4).state_dict()
+    cfg.agent.algorithm = "forecast"
+    with pytest.raises(InputError, match="do not fit a forecast network of 64 hidden units on 4 features"):
+        build_model(cfg.agent, 4, q_weights)

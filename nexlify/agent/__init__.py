@@ -4,6 +4,7 @@ from nexlify.agent.dqn import DQNAgent, DuelingQNet
 from nexlify.agent.forecast import ForecastAgent, ForecastNet
 from nexlify.config import AgentConfig, RiskConfig
 from nexlify.env.layout import N_ACTIONS, observation_size
+from nexlify.errors import InputError
 
 __all__ = ["DQNAgent", "DuelingQNet", "ForecastAgent", "ForecastNet", "build_model", "forecast_units"]
 
@@ -14,9 +15,19 @@ def forecast_units(agent_cfg: AgentConfig, risk_cfg: RiskConfig) -> float:
     return agent_cfg.reward_scale * min(risk_cfg.fixed_size, risk_cfg.max_position)
 
 
-def build_model(agent_cfg: AgentConfig, n_features: int) -> nn.Module:
-    """The policy network of `agent_cfg.algorithm` for `n_features` market features, untrained: what a
-    checkpoint's model_state_dict loads into (evaluate, the report, paper trading)."""
+def build_model(agent_cfg: AgentConfig, n_features: int, weights: dict | None = None) -> nn.Module:
+    """The policy network of `agent_cfg.algorithm` for `n_features` market features (evaluate, the report,
+    paper trading), with `weights` (a checkpoint's model_state_dict) loaded when given: InputError when they
+    do not fit that network."""
     if agent_cfg.algorithm == "forecast":
-        return ForecastNet(n_features, agent_cfg.hidden)
-    return DuelingQNet(observation_size(n_features), N_ACTIONS, agent_cfg.hidden)
+        model: nn.Module = ForecastNet(n_features, agent_cfg.hidden)
+    else:
+        model = DuelingQNet(observation_size(n_features), N_ACTIONS, agent_cfg.hidden)
+    if weights is not None:
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError:
+            raise InputError(f"the checkpoint's weights do not fit a {agent_cfg.algorithm} network of {agent_cfg.hidden} "
+                             f"hidden units on {n_features} features; accepted: a checkpoint whose config names the "
+                             "learner and the size it was trained with") from None
+    return model

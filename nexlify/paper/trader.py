@@ -100,8 +100,7 @@ class PaperTrader:
                              f"more than the {WARMUP_BARS}-bar feature warm-up; accepted: 1h or shorter")
         self.normalizer = Normalizer.from_dict(ckpt["normalizer"])
         n_features = len(self.normalizer.features)
-        self.model = build_model(cfg.agent, n_features).to(self.device)
-        self.model.load_state_dict(ckpt["model_state_dict"])
+        self.model = build_model(cfg.agent, n_features, ckpt["model_state_dict"]).to(self.device)
         self.model.eval()
         self.policy = greedy_policy(self.model, cfg.agent.hold_margin)
         self.checkpoint_sha256 = checkpoint_sha256

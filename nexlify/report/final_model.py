@@ -39,8 +39,7 @@ def evaluate_final_model(model_path: str, data_dir: str, name: str) -> dict:
     torch.set_num_threads(cfg.threads)  # as the pipeline's validation ran (nexlify.evaluate_cmd.set_threads)
     market, windows = prepare_data(cfg, data_dir)
     tensors = MarketTensors.build(market, Normalizer.from_dict(ckpt["normalizer"]), "cpu")
-    model = build_model(cfg.agent, tensors.n_features)
-    model.load_state_dict(ckpt["model_state_dict"])
+    model = build_model(cfg.agent, tensors.n_features, ckpt["model_state_dict"])
     named = {"validation": windows.val}
     if windows.test:
         named["test"] = windows.test
