@@ -15,8 +15,8 @@ is then tested on the later planted window [TEST_START, TEST_END) by nexlify.eva
 same environment, risk config and costs. A row reads: agent, oracle and cash-plus-lending test returns
 (mean over pairs, %), and captured = (agent - lending) / (oracle - lending) (blank when the oracle does not
 beat lending there), and the Q-gap seen (nexlify.oracles.q_gap_by_signal): along the agent's greedy path, the
-mean Q-gap open_long - hold on the bars where the oracle wants in, less that on the others, in the learner's
-reward units. It separates "the network sees the edge" (> 0) from "it trades it" (captured). The control
+mean Q-gap open_long - hold (for the forecast learner: its forecast) on the bars where the oracle wants in,
+less that on the others, in the learner's reward units. It separates "the network sees the edge" (> 0) from "it trades it" (captured). The control
 row has no oracle of its own: it shows the agent against lending.
 
 Rerunning the same command reuses every finished test_result.json whose pipeline config hash matches, and

@@ -453,7 +453,8 @@ class Pipeline:
         runs = self.state.initial_runs
         for i, spec in enumerate(specs, start=1):
             runs[str(i)] = _run_entry(i, spec, results[spec.run_key], f"initial_runs/run_{i}")
-        best_id = rules.select_best([(int(k), v.val_score) for k, v in runs.items()])
+        best_id = rules.select_best([(int(k), v.val_score) for k, v in runs.items()],
+                                    {int(k): _trails(v.val_metrics, v.val_baselines) for k, v in runs.items()})
         for i, spec in enumerate(specs, start=1):
             e = runs[str(i)]
             m = e.val_metrics
@@ -489,7 +490,9 @@ class Pipeline:
             score = result["val_score"]
             decision = rules.decide(score, best.score, st.patience_count, k,
                                     threshold=cfg.improvement_threshold, patience=cfg.patience,
-                                    max_iterations=cfg.max_iterations)
+                                    max_iterations=cfg.max_iterations,
+                                    trails=_trails(_avg_metrics(result["val_metrics"]), result.get("val_baselines")),
+                                    best_trails=self._best_trails())
             entry = Iteration(
                 iteration=k, seed=seed, score=score, improvement_pct=decision.improvement_pct,
                 metrics=_avg_metrics(result["val_metrics"]), per_pair=result["val_metrics"].get("per_pair"),
@@ -512,6 +515,17 @@ class Pipeline:
                      patience=decision.patience_count, decision=rules.describe(decision, cfg.patience),
                      stop_reason=decision.stop_reason)
         st.timings["retraining_s"] = st.timings.get("retraining_s", 0.0) + round(time.perf_counter() - t0, 3)
+
+    def _best_trails(self) -> bool:
+        """Whether the best model so far trails cash plus lending on validation (its recorded entry)."""
+        st = self.state
+        for e in st.initial_runs.values():
+            if e.model_key == st.best.model_key:
+                return _trails(e.val_metrics, e.val_baselines)
+        for it in st.retraining:
+            if it.model_path == st.best.model_key:
+                return _trails(it.metrics, it.val_baselines)
+        return False
 
     # --------------------------------------------------------------------------------------- summary
 
@@ -585,6 +599,11 @@ class DamagedFile(PermanentError):
     def __init__(self, url: str, what: str) -> None:
         super().__init__(f"{url} is damaged: {what}")
         self.url = url
+
+
+def _trails(val_metrics: dict, val_baselines: dict | None) -> bool:
+    """controller.rules.trails_lending of a run's validation averages and baselines."""
+    return rules.trails_lending(val_metrics.get("avg_return"), val_baselines)
 
 
 def _run_entry(run_id: int, spec: RunSpec, result: dict, output: str) -> InitialRun:

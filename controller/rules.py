@@ -2,6 +2,11 @@
 
 Because they depend only on scores already written to the state, a resumed pipeline makes exactly the
 decisions an uninterrupted one made.
+
+Cash plus lending first: a candidate whose validation return trails what cash plus lending earned on the
+same window ranks below every candidate that does not, whatever the guide's score says (the score rewards
+the win rate of trades, so a book that lost money on 24 % winners outscored one that held cash, lent, and
+earned the lending rate). Between two candidates on the same side of lending the score decides.
 """
 
 from __future__ import annotations
@@ -40,9 +45,23 @@ class Decision:
     stop_reason: str | None
 
 
+def trails_lending(val_return: float | None, val_baselines: dict | None) -> bool:
+    """Whether a validation return is below cash plus lending's on the same window (False when either is not
+    recorded: results of older versions)."""
+    lending = (val_baselines or {}).get("cash_plus_lending") or {}
+    if val_return is None or lending.get("avg_return") is None:
+        return False
+    return val_return < lending["avg_return"]
+
+
 def decide(score: float, best: float, patience_count: int, iteration: int, *, threshold: float, patience: int,
-           max_iterations: int) -> Decision:
+           max_iterations: int, trails: bool = False, best_trails: bool = False) -> Decision:
     """One retraining iteration's verdict.
+
+    `trails` / `best_trails`: whether this iteration's / the best's validation return trails cash plus lending
+    (trails_lending). When exactly one of them does, that decides: an iteration that trails where the best
+    did not is no improvement; one that does not trail where the best did is a new best (and continues).
+    Otherwise, by the improvement of the score:
 
     - improvement <= 0: no new best; the patience counter grows; stop when it reaches `patience`.
     - improvement >= threshold: new best, counter reset, continue.
@@ -50,12 +69,14 @@ def decide(score: float, best: float, patience_count: int, iteration: int, *, th
     - otherwise continuing, stop anyway at `max_iterations`.
     (A non-positive improvement never counts as one, so with threshold 0 an equal score uses patience.)
     """
-    imp = improvement_pct(score, best)
-    if imp <= 0:
+    imp = improvement_pct(score, best)  # recorded as it is, whatever decides
+    by_lending = trails != best_trails and not math.isnan(score)
+    better = (not trails) if by_lending else imp > 0
+    if not better:
         count = patience_count + 1
         stop = PATIENCE_EXHAUSTED if count >= patience else None
         decision = Decision(imp, False, count, stop)
-    elif imp >= threshold:
+    elif imp >= threshold or by_lending:
         decision = Decision(imp, True, 0, None)
     else:
         decision = Decision(imp, True, patience_count, IMPROVEMENT_BELOW_THRESHOLD)
@@ -71,16 +92,18 @@ def describe(decision: Decision, patience: int) -> str:
     return f"{text}, stop: {decision.stop_reason}" if decision.stop_reason else text
 
 
-def select_best(scores: list[tuple[int, float]]) -> int:
-    """The run id with the highest validation score; ties go to the lower run id.
+def select_best(scores: list[tuple[int, float]], trails: dict[int, bool] | None = None) -> int:
+    """The run id with the highest validation score among those that do not trail cash plus lending (`trails`:
+    run id -> trails_lending; none when absent), else among all; ties go to the lower run id.
 
     NaN scores rank below every real score, so a degenerate run is chosen only when no run has one."""
     if not scores:
         raise ValueError("no scores to select from")
+    trails = trails or {}
 
-    def rank(item: tuple[int, float]) -> tuple[bool, float, int]:
+    def rank(item: tuple[int, float]) -> tuple[bool, bool, float, int]:
         run_id, score = item
-        return (math.isnan(score), 0.0 if math.isnan(score) else -score, run_id)
+        return (math.isnan(score), trails.get(run_id, False), 0.0 if math.isnan(score) else -score, run_id)
 
     return min(scores, key=rank)[0]
 

@@ -2,8 +2,9 @@
 functions of recorded numbers (each run's result.json, through the pipeline state).
 
 - Every candidate (each initial run, each retraining iteration) with its validation return and Sharpe
-  beside the guide's score, which alone decides the selection (controller.rules). The score is a
-  selection score, not a return.
+  beside the guide's score, which decides the selection among the candidates on the same side of cash plus
+  lending (controller.rules: one that trails lending on validation ranks below one that does not). The
+  score is a selection score, not a return.
 - For the selected model: the verdict (nexlify.verdict, the one rule every surface shows): does its
   validation return beat cash plus lending's on the same window, in the same environment; its Sharpe in
   excess of lending; and the deflated Sharpe ratio (Bailey & Lopez de Prado 2014) of that excess Sharpe

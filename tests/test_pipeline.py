@@ -275,21 +275,29 @@ def test_output_layout(out, summary):
 def test_decisions_match_the_rules_on_the_recorded_scores(out, summary):
     cfg = summary["config"]
     state = read_json(out / "pipeline_state.json")
-    best_id = rules.select_best([(r["run_id"], r["val_score"]) for r in summary["initial_runs"]])
+    def trails(metrics: dict, entry: dict) -> bool:  # the state keeps each run's baselines on validation
+        return rules.trails_lending(metrics["avg_return"], entry["val_baselines"])
+
+    runs = state["initial_runs"]
+    best_id = rules.select_best([(r["run_id"], r["val_score"]) for r in summary["initial_runs"]],
+                                {r["run_id"]: trails(r["val_metrics"], runs[str(r["run_id"])]) for r in summary["initial_runs"]})
     assert summary["best_initial_run"] == best_id
     best_score = summary["best_initial_score"]
     best_model = summary["initial_runs"][best_id - 1]["model_path"]
+    best_trails = trails(summary["initial_runs"][best_id - 1]["val_metrics"], runs[str(best_id)])
     count, stop = 0, None
     for it, recorded in zip(summary["retraining_iterations"], state["retraining"]):
         # every iteration continued from the best model at its time (the init_from chain)
         assert recorded["continued_from"] == best_model
         assert read_json(out / f"retraining/iteration_{it['iteration']}/result.json")["init_from"] == str(out / best_model)
+        it_trails = trails(it["metrics"], recorded)
         d = rules.decide(it["score"], best_score, count, it["iteration"], threshold=cfg["improvement_threshold"],
-                         patience=cfg["patience"], max_iterations=cfg["max_iterations"])
+                         patience=cfg["patience"], max_iterations=cfg["max_iterations"], trails=it_trails,
+                         best_trails=best_trails)
         assert it["improvement_pct"] == d.improvement_pct
         assert it["new_best"] == d.new_best
         if d.new_best:
-            best_score, best_model = it["score"], it["model_path"]
+            best_score, best_model, best_trails = it["score"], it["model_path"], it_trails
         count, stop = d.patience_count, d.stop_reason
         if stop is not None:
             break

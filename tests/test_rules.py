@@ -176,6 +176,46 @@ def test_select_best(scores, expected):
     assert rules.select_best(scores) == expected
 
 
+@pytest.mark.parametrize("scores, trails, expected", [
+    # the best score trails cash plus lending on validation, the other does not: the other
+    ([(1, 5.0), (2, 7.0)], {2: True}, 1),
+    ([(1, 5.0), (2, 7.0)], {1: False, 2: True}, 1),
+    ([(1, 5.0), (2, 7.0), (3, 6.0)], {2: True}, 3),  # among those that do not trail, the score
+    ([(1, 5.0), (2, 7.0)], {1: True, 2: True}, 2),   # all trail: the score decides among them
+    ([(1, 5.0), (2, 7.0)], {}, 2),                   # nothing recorded: the score alone
+    ([(1, math.nan), (2, 1.0)], {2: True}, 2),       # a NaN score still ranks last
+])
+def test_select_best_puts_cash_plus_lending_first(scores, trails, expected):
+    assert rules.select_best(scores, trails) == expected
+
+
+@pytest.mark.parametrize("score, best, trails, best_trails, expected", [
+    # a higher score that trails lending where the best did not: no improvement (reported as it is)
+    (110.0, 100.0, True, False, D(10.0, False, 1, None)),
+    # a lower score that does not trail where the best did: a new best, and the pipeline goes on
+    (90.0, 100.0, False, True, D(-10.0, True, 0, None)),
+    (100.5, 100.0, False, True, D(0.5, True, 0, None)),  # not stopped below the threshold either
+    (110.0, 100.0, True, True, D(10.0, True, 0, None)),   # both trail: the score decides
+    (99.0, 100.0, False, False, D(-1.0, False, 1, None)),
+    (math.nan, 100.0, False, True, D(-100.0, False, 1, None)),  # a NaN score: never a new best
+])
+def test_decide_puts_cash_plus_lending_first(score, best, trails, best_trails, expected):
+    got = rules.decide(score, best, 0, 1, threshold=1.0, patience=3, max_iterations=10, trails=trails,
+                       best_trails=best_trails)
+    assert got == expected
+
+
+@pytest.mark.parametrize("val_return, baselines, expected", [
+    (0.5, {"cash_plus_lending": {"avg_return": 0.86}}, True),
+    (0.86, {"cash_plus_lending": {"avg_return": 0.86}}, False),  # equal (a book that only lent): not below
+    (1.2, {"cash_plus_lending": {"avg_return": 0.86}}, False),
+    (0.5, None, False),  # not recorded (an older result): never counted as trailing
+    (None, {"cash_plus_lending": {"avg_return": 0.86}}, False),
+])
+def test_trails_lending(val_return, baselines, expected):
+    assert rules.trails_lending(val_return, baselines) is expected
+
+
 def test_select_best_of_nothing_is_an_error():
     with pytest.raises(ValueError):
         rules.select_best([])
