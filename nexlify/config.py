@@ -289,8 +289,9 @@ class AgentConfig:
                                  "exploration and targets never use it)", lo=0.0, hi=1e6)
     forecast_horizon: int = setting(8, "forecast: bars from the next open over which the return is forecast (8 "
                                     "captured more of every planted edge than 4: docs/planted-edges.md)", lo=1, hi=720)
-    forecast_holdout_days: int = setting(90, "forecast: the training window's last days, on which the fit is stopped "
-                                         "early before it is refitted on the whole window", lo=1, hi=3650)
+    forecast_holdout_days: int = setting(90, "forecast: the training window's last days (at most its last third), on "
+                                         "which the fit is stopped early before it is refitted on the whole window",
+                                         lo=1, hi=3650)
     forecast_min_t: float = setting(2.0, "forecast: the fit trades only when its early-stopped weights forecast the "
                                     "holdout better than forecasting zero by at least this t-statistic (Newey-West over "
                                     "the horizon); else its forecast is set to zero and the policy holds cash, lent: a "

@@ -119,7 +119,7 @@ def train_run(
         if on_step is not None:
             on_step(1, 1)
         # its training figure: the refitted policy's return on the training window's last days (the holdout)
-        holdout = (max(train_start, _days_back(market, train_end, cfg.agent.forecast_holdout_days)), train_end)
+        holdout = (_holdout_start(market, cfg.agent.forecast_holdout_days, train_start, train_end), train_end)
         own = evaluate_policy(agent.model, tensors, holdout, cfg.env, cfg.risk, strategy_params,
                               margin=cfg.agent.hold_margin)
         return _validated(cfg, agent, tensors, windows, normalizer, strategy_params, baselines, t_begin=t_begin,
@@ -257,7 +257,7 @@ def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, 
     y = forward_log_returns(market.open, market.close, h) * forecast_units(a, cfg.risk)
     x = tensors.features
     last = train_end - h  # the last row's label ends at the close of bar train_end - 1
-    split = _days_back(market, train_end, a.forecast_holdout_days)
+    split = _holdout_start(market, a.forecast_holdout_days, train_start, train_end)
     if last - split < 1 or split - h - train_start < 1:
         raise InputError(f"the training window ({train_end - train_start} bars) is too short for forecast_holdout_days "
                          f"{a.forecast_holdout_days} and forecast_horizon {h}; accepted: a holdout and a horizon that "
@@ -287,7 +287,10 @@ def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, 
     return agent, time.perf_counter() - t0
 
 
-def _days_back(market: MarketData, end: int, days: int) -> int:
-    """The first bar of the last `days` whole days before bar `end` (exclusive), by timestamps."""
+def _holdout_start(market: MarketData, days: int, start: int, end: int) -> int:
+    """The first bar of the forecast's holdout: the last `days` whole days before bar `end` (exclusive), by
+    timestamps, but at most the last third of the training window [start, end) (a short window keeps two
+    thirds to fit on)."""
     ts = np.asarray(market.timestamps, dtype=np.int64)
-    return int(np.searchsorted(ts, ts[end - 1] + market.timeframe_ms - days * MS_PER_DAY))
+    by_days = int(np.searchsorted(ts, ts[end - 1] + market.timeframe_ms - days * MS_PER_DAY))
+    return max(by_days, start + (2 * (end - start)) // 3)

@@ -228,6 +228,7 @@ def test_final_model_path_works_for_evaluate_from_another_folder(reference, tmp_
 WORKER = ["worker", "train", "--run-key", "init-1", "--seed", "7", "--episodes", "2", "--pairs", "BTC/USDT",
           "--start", "2025-03-01", "--end", "2025-06-01", "--val-days", "15", "--num-envs", "2",
           "--episode-bars", "200", "--learning-starts", "64", "--batch-size", "32", "--strategies", "spot",
+          "--algorithm", "dqn",  # the Q-learner reads a resume.pt; the forecast learner has none
           "--log-format", "json"]
 
 

@@ -62,6 +62,7 @@ QUICK_FLAGS = [
     "--initial-runs", "2", "--initial-episodes", "8", "--retrain-episodes", "4", "--num-envs", "4",
     "--episode-bars", "300", "--max-iterations", "1", "--checkpoint-every", "4",
     "--learning-starts", "256", "--batch-size", "64",
+    "--algorithm", "dqn",  # the Q-learner trains in rounds: an evicted worker resumes from its checkpoint
 ]
 PIPELINE_TIMEOUT_S = 240.0
 FAST_BACKOFF = lambda: Backoff(initial=0.05, cap=0.2, budget=20.0)  # noqa: E731 - a factory
