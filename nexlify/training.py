@@ -53,7 +53,7 @@ class RunOutput:
     normalizer: Normalizer
     val_metrics: dict
     train_return: float  # mean total return % of the last round's (exploring) episodes
-    episodes_trained: int
+    episodes_trained: int  # 0 for the forecast learner, which runs no episodes
     timings: dict
     train_returns: list[float] = field(default_factory=list)
     test_metrics: dict | None = None
@@ -123,7 +123,7 @@ def train_run(
         own = evaluate_policy(agent.model, tensors, holdout, cfg.env, cfg.risk, strategy_params,
                               margin=cfg.agent.hold_margin)
         return _validated(cfg, agent, tensors, windows, normalizer, strategy_params, baselines, t_begin=t_begin,
-                          train_seconds=fit_seconds, env_steps=0, episodes_done=episodes,
+                          train_seconds=fit_seconds, env_steps=0, episodes_done=0,  # it runs no episodes
                           train_returns=[own["avg_return"]], last_round=[own["avg_return"]])
 
     # --- agent

@@ -3,6 +3,7 @@ stopping and the refit, and one training run on the bundled candles through nexl
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ from nexlify.errors import InputError
 from nexlify.evaluation import hold_unless_margin
 from nexlify.training import prepare_data, train_run
 from tests.helpers_market import one_torch_thread  # noqa: F401 (fixture)
+from tests.pipeline_support import run_cli, train_args
 
 
 def test_labels_are_the_return_from_the_next_open_over_the_horizon():
@@ -146,7 +148,7 @@ def test_a_forecast_run_on_the_bundled_candles_round_trips_through_a_checkpoint(
     market, windows = prepare_data(cfg)
     out = train_run(cfg, market, windows, seed=3, episodes=8)
     fit = out.agent.fit
-    assert type(out.agent.model) is ForecastNet and out.timings["env_steps"] == 0
+    assert type(out.agent.model) is ForecastNet and out.timings["env_steps"] == 0 and out.episodes_trained == 0
     assert fit.steps == out.agent.grad_steps and fit.holdout_loss <= fit.holdout_loss_zero
     assert math.isfinite(out.val_metrics["avg_return"]) and math.isfinite(out.train_return)
     assert out.agent.model.forecast(torch.zeros(1, out.agent.model.n_features)).isfinite().all()
@@ -208,3 +210,26 @@ def test_weights_of_the_other_learner_are_a_clear_input_error():
     cfg.agent.algorithm = "forecast"
     with pytest.raises(InputError, match="do not fit a forecast network of 64 hidden units on 4 features"):
         build_model(cfg.agent, 4, q_weights)
+
+
+def test_a_pipeline_with_the_forecast_learner_runs_end_to_end(tmp_path):
+    """`nexlify train` with the forecast learner on the tests' small pipeline (one pair, seven months): every
+    run records its fit, runs no episodes, is silenced exactly when its holdout t falls short, and the
+    pipeline writes its summary, verdict and report."""
+    out = tmp_path / "out"
+    proc = run_cli(train_args(str(out), "--algorithm", "forecast"))  # the last flag wins over the preset's dqn
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "complete_training_summary.json").read_text())
+    assert summary["config"]["agent"]["algorithm"] == "forecast"
+    min_t = summary["config"]["agent"]["forecast_min_t"]
+    folders = [f"initial_runs/run_{r['run_id']}" for r in summary["initial_runs"]]
+    folders += [f"retraining/iteration_{it['iteration']}" for it in summary["retraining_iterations"]]
+    for folder in folders:
+        result = json.loads((out / folder / "result.json").read_text())
+        fit = result["forecast_fit"]
+        assert result["episodes_trained"] == 0 and result["timings"]["env_steps"] == 0
+        assert fit["silenced"] == (fit["holdout_t"] < min_t)
+        if fit["silenced"]:  # holds cash, lent: no trades on validation
+            assert result["val_metrics"]["total_trades"] == 0
+    assert summary["verdict"]["text"].startswith("Verdict")
+    assert (out / "report.html").stat().st_size > 0
