@@ -78,7 +78,7 @@ class InitialRun(_Record):
     run_id: int  # 1..initial_runs; also its key in PipelineState.initial_runs (as a string)
     seed: int  # controller.rules.initial_seed(seed, run_id)
     val_score: float  # the selection score on the validation window
-    train_return: float  # mean return % of the last training round's (exploring) episodes
+    train_return: float  # mean return % of the last training round's (exploring) episodes (forecast: its holdout days)
     val_metrics: dict  # the validation averages (pipeline._avg_metrics of the result's val_metrics)
     per_pair: dict | None  # validation metrics per pair
     model_key: str  # the run's model, relative to the output

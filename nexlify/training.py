@@ -52,7 +52,7 @@ class RunOutput:
     agent: DQNAgent
     normalizer: Normalizer
     val_metrics: dict
-    train_return: float  # mean total return % of the last round's (exploring) episodes
+    train_return: float  # mean total return % of the last round's (exploring) episodes; forecast: of its holdout days
     episodes_trained: int  # 0 for the forecast learner, which runs no episodes
     timings: dict
     train_returns: list[float] = field(default_factory=list)
