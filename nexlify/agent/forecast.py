@@ -20,8 +20,8 @@ backtest, paper trading) takes its decisions by the same greedy rule with the ho
 
 The forecast is in the learner's reward units: the log return from the next open over `horizon` bars, times
 `units` = reward_scale x the fixed size (percent of equity at the size a trade opens with), so the hold
-margin means what it means for the Q-network. With the defaults (margin 0.02) the policy enters when it
-forecasts +0.4 % over four bars, about the round trip's 0.3 % of costs, and leaves below -0.4 %.
+margin means what it means for the Q-network. With the defaults (margin 0.02, horizon 8) the policy enters when
+it forecasts +0.4 % over eight bars, about the round trip's 0.3 % of costs, and leaves below -0.4 %.
 """
 
 from __future__ import annotations
