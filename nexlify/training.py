@@ -114,8 +114,11 @@ def train_run(
     strategy_params = cfg.strategy_params()
 
     if cfg.agent.algorithm == "forecast":
-        agent, fit_seconds = _fit_forecast(cfg, market, tensors, train_start, train_end, seed=seed, init=init,
-                                           device=device, should_stop=should_stop)
+        # a forecast is fitted afresh from its own seed, also when the pipeline retrains from a best model
+        # (`init`): that model was refitted on its holdout days too, so continuing from it would make the
+        # holdout gate partly in-sample. Only `init`'s normaliser (fitted on the same training bars) is kept.
+        agent, fit_seconds = _fit_forecast(cfg, market, tensors, train_start, train_end, seed=seed, device=device,
+                                           should_stop=should_stop)
         if on_step is not None:
             on_step(1, 1)
         # its training figure: the refitted policy's return on the training window's last days (the holdout)
@@ -240,7 +243,7 @@ def _validated(cfg: TrainConfig, agent, tensors: MarketTensors, windows: Windows
 
 
 def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, train_start: int, train_end: int, *,
-                  seed: int, init: dict | None, device: torch.device,
+                  seed: int, device: torch.device,
                   should_stop: Callable[[], bool] | None) -> tuple[ForecastAgent, float]:
     """The forecast learner's training (nexlify.agent.forecast): rows are (bar, pair) of the training window,
     features the normalised market features at the bar's close, labels the log return from the next open over
@@ -251,8 +254,6 @@ def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, 
     a = cfg.agent
     t0 = time.perf_counter()
     agent = ForecastAgent(tensors.n_features, a.hidden, a.learning_rate, device, seed)
-    if init is not None:
-        agent.load_state_dict(init)
     h = a.forecast_horizon
     y = forward_log_returns(market.open, market.close, h) * forecast_units(a, cfg.risk)
     x = tensors.features

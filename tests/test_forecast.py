@@ -170,6 +170,16 @@ def test_a_forecast_run_on_the_bundled_candles_round_trips_through_a_checkpoint(
     assert again.val_metrics["avg_return"] == out.val_metrics["avg_return"]
     assert all(torch.equal(a, b) for a, b in zip(again.agent.model.state_dict().values(),
                                                   out.agent.model.state_dict().values()))
+    # a retraining run given this model (`init`) fits afresh from its own seed: its weights are a fresh seed-4
+    # fit's, never a continuation of a model that has seen the holdout (which would make the gate in-sample)
+    init = {**out.agent.state_dict(), "normalizer": out.normalizer.to_dict()}
+    retrained = train_run(cfg, market, windows, seed=4, episodes=8, init=init)
+    fresh = train_run(cfg, market, windows, seed=4, episodes=8)
+    assert retrained.agent.fit.holdout_t == fresh.agent.fit.holdout_t
+    assert all(torch.equal(a, b) for a, b in zip(retrained.agent.model.state_dict().values(),
+                                                  fresh.agent.model.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(retrained.agent.model.state_dict().values(),
+                                                      out.agent.model.state_dict().values()))
 
 
 def test_a_fit_short_of_the_t_threshold_is_silenced_and_holds_cash_lent():
