@@ -136,7 +136,8 @@ def train_config(ckpt: dict, name: str) -> TrainConfig:
     environment rules it was trained under kept. A config stored before `lending.sweep` existed lent by
     hand (LEND / WITHDRAW), so it reads as sweep false, not today's default; one stored before
     `agent.hold_margin` existed acted on the plain argmax, so it reads as margin 0; one stored before
-    `agent.algorithm` existed is a Q-network, so it reads as dqn whatever today's default."""
+    `agent.algorithm` existed is a Q-network, so it reads as dqn whatever today's default; a forecast stored
+    before `agent.forecast_members` existed is one network, so it reads as 1."""
     stored = dict(ckpt["config"])
     lending = stored.get("lending")
     if isinstance(lending, dict) and "sweep" not in lending:
@@ -145,7 +146,9 @@ def train_config(ckpt: dict, name: str) -> TrainConfig:
     if isinstance(agent, dict) and "hold_margin" not in agent:
         stored["agent"] = agent = {**agent, "hold_margin": 0.0}
     if isinstance(agent, dict) and "algorithm" not in agent:
-        stored["agent"] = {**agent, "algorithm": "dqn"}
+        stored["agent"] = agent = {**agent, "algorithm": "dqn"}
+    if isinstance(agent, dict) and "forecast_members" not in agent:
+        stored["agent"] = {**agent, "forecast_members": 1}
     cfg = TrainConfig()
     apply_mapping(cfg, stored, f"checkpoint {name}")
     return cfg

@@ -253,7 +253,7 @@ def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, 
     zero on the holdout by forecast_min_t. Returns the agent and the seconds it took."""
     a = cfg.agent
     t0 = time.perf_counter()
-    agent = ForecastAgent(tensors.n_features, a.hidden, a.learning_rate, device, seed)
+    agent = ForecastAgent(tensors.n_features, a.hidden, a.learning_rate, device, seed, a.forecast_members)
     h = a.forecast_horizon
     y = forward_log_returns(market.open, market.close, h) * forecast_units(a, cfg.risk)
     x = tensors.features

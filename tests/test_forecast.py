@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from nexlify import checkpoint
 from nexlify.agent import build_model, forecast_units
@@ -40,12 +41,10 @@ def _net_forecasting(values: list[float]) -> ForecastNet:
     """A ForecastNet on one feature whose forecast is the feature itself (for x >= 0, through the ReLUs)."""
     net = ForecastNet(1, 8)
     with torch.no_grad():
-        for layer in (net.torso[0], net.torso[2]):
+        for layer in net.members[0][0::2]:  # the three Linear layers
             layer.weight.zero_()
             layer.bias.zero_()
             layer.weight[0, 0] = 1.0
-        net.head.weight.zero_()
-        net.head.weight[0, 0] = 1.0
     net.requires_grad_(False)
     assert torch.equal(net.forecast(torch.tensor(values).unsqueeze(-1)), torch.tensor(values))
     return net
@@ -74,7 +73,7 @@ def test_scores_trade_the_forecast_with_a_band(forecast, in_position, margin, ex
 
 def test_a_position_closes_when_the_forecast_falls_below_minus_the_margin():
     net = _net_forecasting([0.0])
-    net.head.weight[0, 0] = -1.0  # the forecast is now minus the feature
+    net.members[0][-1].weight[0, 0] = -1.0  # the forecast is now minus the feature
     scores = net(torch.tensor([[0.03], [0.01]]))  # forecasts -0.03 and -0.01
     assert scores[:, OPEN_LONG].tolist() == pytest.approx([-0.03, -0.01])
     mask = torch.zeros((2, N_ACTIONS), dtype=torch.bool)
@@ -87,6 +86,50 @@ def test_an_untrained_forecast_is_zero_and_never_trades():
     obs = torch.linspace(-3, 3, 40).reshape(8, 5)
     assert torch.equal(net.forecast(obs), torch.zeros(8))
     assert torch.equal(hold_unless_margin(net(obs), 0.0), torch.full((8,), HOLD))
+
+
+def test_the_forecast_is_the_mean_of_the_members_and_silence_zeroes_each():
+    torch.manual_seed(0)
+    agent = ForecastAgent(3, 8, 1e-3, torch.device("cpu"), seed=0, members=3)
+    with torch.no_grad():  # give each member a different, non-zero forecast: member k forecasts (k + 1) * x0
+        for k, member in enumerate(agent.model.members):
+            for layer in member[0::2]:
+                layer.weight.zero_()
+                layer.bias.zero_()
+                layer.weight[0, 0] = 1.0
+            member[-1].weight[0, 0] = float(k + 1)
+    x = torch.tensor([[0.5, 9.0, -9.0], [2.0, 0.0, 0.0]])
+    assert torch.equal(agent.model.member_forecasts(x), torch.tensor([[0.5, 2.0], [1.0, 4.0], [1.5, 6.0]]))
+    assert torch.equal(agent.model.forecast(x), torch.tensor([1.0, 4.0]))  # (1 + 2 + 3) / 3 * x0
+    agent.silence()
+    assert torch.equal(agent.model.forecast(x), torch.zeros(2))
+
+
+def test_one_member_is_the_single_network_of_before_and_reads_its_checkpoints():
+    """A one-member ForecastNet draws the same initial weights as the single network it replaced (three
+    Linear layers in the same order), and a state dict in that network's layout (torso.0, torso.2, head)
+    loads into it unchanged; weights of one member do not fit five."""
+    torch.manual_seed(7)
+    net = ForecastNet(4, 8)
+    torch.manual_seed(7)
+    old = {"torso.0": nn.Linear(4, 8), "torso.2": nn.Linear(8, 8), "head": nn.Linear(8, 1)}
+    assert torch.equal(net.members[0][0].weight, old["torso.0"].weight)
+    assert torch.equal(net.members[0][2].bias, old["torso.2"].bias)
+    layout = {f"{name}.{p}": t for name, layer in old.items() for p, t in layer.state_dict().items()}
+    loaded = ForecastNet(4, 8)
+    loaded.load_state_dict(layout)
+    x = torch.linspace(-1, 1, 12).reshape(3, 4)
+    expected = old["head"](torch.relu(old["torso.2"](torch.relu(old["torso.0"](x))))).squeeze(-1)
+    assert torch.allclose(loaded.forecast(x), expected, atol=0, rtol=0)
+    stored = to_dict(TrainConfig())
+    del stored["agent"]["forecast_members"]  # a forecast checkpoint from before the ensemble
+    cfg = checkpoint.train_config({"config": stored}, "old.pt")
+    assert cfg.agent.forecast_members == 1
+    cfg.agent.hidden = 8
+    assert torch.equal(build_model(cfg.agent, 4, layout).forecast(x), loaded.forecast(x))
+    cfg.agent.forecast_members = 5
+    with pytest.raises(InputError, match=r"network \(5 members\) of 8 hidden units on 4 features"):
+        build_model(cfg.agent, 4, layout)
 
 
 def _rows(label) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +261,7 @@ def test_weights_of_the_other_learner_are_a_clear_input_error():
     cfg.agent.algorithm = "dqn"
     q_weights = build_model(cfg.agent, 4).state_dict()
     cfg.agent.algorithm = "forecast"
-    with pytest.raises(InputError, match="do not fit a forecast network of 64 hidden units on 4 features"):
+    with pytest.raises(InputError, match=r"do not fit a forecast network \(1 member\) of 64 hidden units on 4 features"):
         build_model(cfg.agent, 4, q_weights)
 
 

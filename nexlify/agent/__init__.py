@@ -20,14 +20,16 @@ def build_model(agent_cfg: AgentConfig, n_features: int, weights: dict | None = 
     paper trading), with `weights` (a checkpoint's model_state_dict) loaded when given: InputError when they
     do not fit that network."""
     if agent_cfg.algorithm == "forecast":
-        model: nn.Module = ForecastNet(n_features, agent_cfg.hidden)
+        model: nn.Module = ForecastNet(n_features, agent_cfg.hidden, agent_cfg.forecast_members)
     else:
         model = DuelingQNet(observation_size(n_features), N_ACTIONS, agent_cfg.hidden)
     if weights is not None:
         try:
             model.load_state_dict(weights)
         except RuntimeError:
-            raise InputError(f"the checkpoint's weights do not fit a {agent_cfg.algorithm} network of {agent_cfg.hidden} "
-                             f"hidden units on {n_features} features; accepted: a checkpoint whose config names the "
-                             "learner and the size it was trained with") from None
+            n = agent_cfg.forecast_members
+            members = f" ({n} member{'s' if n > 1 else ''})" if agent_cfg.algorithm == "forecast" else ""
+            raise InputError(f"the checkpoint's weights do not fit a {agent_cfg.algorithm} network{members} of "
+                             f"{agent_cfg.hidden} hidden units on {n_features} features; accepted: a checkpoint whose "
+                             "config names the learner and the size it was trained with") from None
     return model

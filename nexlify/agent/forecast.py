@@ -39,25 +39,43 @@ from nexlify.errors import NonFiniteError
 NEVER = -1.0  # the score of the actions the forecast learner does not take: below hold's 0 at any margin
 
 
-class ForecastNet(nn.Module):
-    """MLP on a slot's market features -> the forecast; forward(obs) -> the action scores above."""
+def _member(n_features: int, hidden: int) -> nn.Sequential:
+    """One forecaster: an MLP whose last layer starts at zero, so an untrained forecast is exactly 0 (never
+    trades): the fit starts from "no edge", and early stopping keeps that start when no step forecasts the
+    holdout better than it."""
+    net = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                        nn.Linear(hidden, 1))
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net
 
-    def __init__(self, n_features: int, hidden: int) -> None:
+
+class ForecastNet(nn.Module):
+    """`members` MLPs on a slot's market features, their forecasts averaged -> the action scores above.
+
+    The members start from their own random weights and draw their own batches, so the average keeps what
+    they agree on and cancels much of what each fitted to noise (an ensemble over initialisations)."""
+
+    def __init__(self, n_features: int, hidden: int, members: int = 1) -> None:
         super().__init__()
         self.n_features = n_features
-        self.torso = nn.Sequential(
-            nn.Linear(n_features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.ReLU(),
-        )
-        self.head = nn.Linear(hidden, 1)
-        # an untrained forecast is exactly 0 (never trades): the fit starts from "no edge", and early stopping
-        # keeps that start when no step forecasts the holdout better than it
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.members = nn.ModuleList(_member(n_features, hidden) for _ in range(members))
+
+    def member_forecasts(self, features: Tensor) -> Tensor:
+        """[..., n_features] -> [members, ...], each member's forecast."""
+        return torch.stack([m(features).squeeze(-1) for m in self.members])
 
     def forecast(self, features: Tensor) -> Tensor:
-        """[..., n_features] normalised market features -> [...] forecast in the learner's units."""
-        return self.head(self.torso(features)).squeeze(-1)
+        """[..., n_features] normalised market features -> [...] forecast in the learner's units (the members'
+        mean)."""
+        return self.member_forecasts(features).mean(0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        # a one-member checkpoint written before members existed named its layers torso.0, torso.2, head
+        for old, new in (("torso.0.", "members.0.0."), ("torso.2.", "members.0.2."), ("head.", "members.0.4.")):
+            for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, obs: Tensor) -> Tensor:
         f = self.forecast(obs[..., : self.n_features])
@@ -112,9 +130,10 @@ class ForecastAgent:
     """The forecast learner's state: the network, its optimiser and generator (the DQNAgent's interface that
     the pipeline uses: model, state_dict, load_state_dict, grad_steps)."""
 
-    def __init__(self, n_features: int, hidden: int, learning_rate: float, device: torch.device, seed: int) -> None:
+    def __init__(self, n_features: int, hidden: int, learning_rate: float, device: torch.device, seed: int,
+                 members: int = 1) -> None:
         self.device = device
-        self.model = ForecastNet(n_features, hidden).to(device)
+        self.model = ForecastNet(n_features, hidden, members).to(device)
         self.learning_rate = learning_rate
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=learning_rate)
         self.generator = torch.Generator(device=device)
@@ -133,18 +152,21 @@ class ForecastAgent:
         self.grad_steps = int(state.get("grad_steps", 0))
 
     def silence(self) -> None:
-        """Forecast zero everywhere from now on (the head's weights and bias zeroed): the policy never trades."""
+        """Forecast zero everywhere from now on (every member's last layer zeroed): the policy never trades."""
         with torch.no_grad():
-            self.model.head.weight.zero_()
-            self.model.head.bias.zero_()
+            for member in self.model.members:
+                member[-1].weight.zero_()
+                member[-1].bias.zero_()
 
     def _loss(self, x: Tensor, y: Tensor) -> Tensor:
         return F.smooth_l1_loss(self.model.forecast(x), y)
 
     def _steps(self, x: Tensor, y: Tensor, n: int, batch_size: int) -> None:
+        """n gradient steps; each member fits its own batch (its own loss: the members learn apart)."""
+        members = len(self.model.members)
         for _ in range(n):
-            i = torch.randint(0, x.shape[0], (batch_size,), device=x.device, generator=self.generator)
-            loss = self._loss(x[i], y[i])
+            i = torch.randint(0, x.shape[0], (members, batch_size), device=x.device, generator=self.generator)
+            loss = sum(F.smooth_l1_loss(m(x[i[k]]).squeeze(-1), y[i[k]]) for k, m in enumerate(self.model.members))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
