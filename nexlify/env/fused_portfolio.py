@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import ast
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -1215,20 +1216,63 @@ def announce_slow_compiles(dispatcher: Any, flavour: str, *, announced: bool = F
     Nothing is said for the first compile when `announced` (_say_if_compiling already announced it)."""
     original = dispatcher._compile_for_args
     quiet_first = [announced]
+    lock_path = _compile_lock_path(dispatcher)
 
     def compile_for_args(*args: Any, **kws: Any) -> Any:
         if quiet_first[0]:
             quiet_first[0] = False
-            return original(*args, **kws)
+            with compile_lock(lock_path, flavour):
+                return original(*args, **kws)
         timer = threading.Timer(after_s, _say_compiling, (dispatcher, flavour), {"new_argument_types": True})
         timer.daemon = True
         timer.start()
         try:
-            return original(*args, **kws)
+            with compile_lock(lock_path, flavour):
+                return original(*args, **kws)
         finally:
             timer.cancel()
 
     dispatcher._compile_for_args = compile_for_args
+
+
+def _compile_lock_path(dispatcher: Any) -> Path | None:
+    """The lock file beside the kernel's cache entries (None when it has no writable disk cache)."""
+    cache = getattr(dispatcher, "_cache", None)
+    where = getattr(cache, "_cache_path", None)
+    name = getattr(getattr(dispatcher, "py_func", None), "__qualname__", "kernel")
+    if not where or not os.path.isdir(where) or not _writable(where):
+        return None
+    return Path(where) / f"{name}.compile.lock"
+
+
+@contextlib.contextmanager
+def compile_lock(path: Path | None, flavour: str) -> Any:
+    """Hold an exclusive lock on `path` while compiling, so that processes starting side by side (a
+    pipeline's workers on a fresh install) compile a kernel once: the others wait, then numba's dispatcher
+    finds the first one's code in the disk cache (it looks there before it compiles) and loads it in about a
+    second, instead of each compiling for a minute on cores they share. No lock where there is no disk cache
+    or no POSIX file locks (each process compiles, as before)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            import structlog
+
+            structlog.get_logger("nexlify.env").info(
+                "kernel_compile_waiting", kernel=f"environment step ({flavour})",
+                why="another process is compiling it; its code is then loaded from the cache", lock=str(path))
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @functools.cache
