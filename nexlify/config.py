@@ -297,9 +297,10 @@ class AgentConfig:
                                     "the horizon); else its forecast is set to zero and the policy holds cash, lent: a "
                                     "fit that cannot show an edge on unseen days invents none (0 = always trade the fit)",
                                     lo=0.0, hi=100.0)
-    forecast_members: int = setting(1, "forecast: networks fitted side by side from their own random starts and "
+    forecast_members: int = setting(5, "forecast: networks fitted side by side from their own random starts and "
                                     "batches, their forecasts averaged (the holdout gate and the policy read the "
-                                    "average); 1 = a single network", lo=1, hi=64)
+                                    "average; 5 captured more of every planted edge than 1: docs/planted-edges.md); "
+                                    "1 = a single network", lo=1, hi=64)
     forecast_batch_size: int = setting(256, "forecast: rows (bar and pair) per gradient step", lo=1, hi=65536)
     forecast_eval_every: int = setting(50, "forecast: gradient steps between two measurements of the holdout loss",
                                        lo=1, hi=1_000_000)

@@ -261,7 +261,7 @@ def test_weights_of_the_other_learner_are_a_clear_input_error():
     cfg.agent.algorithm = "dqn"
     q_weights = build_model(cfg.agent, 4).state_dict()
     cfg.agent.algorithm = "forecast"
-    with pytest.raises(InputError, match=r"do not fit a forecast network \(1 member\) of 64 hidden units on 4 features"):
+    with pytest.raises(InputError, match=r"do not fit a forecast network \(5 members\) of 64 hidden units on 4 features"):
         build_model(cfg.agent, 4, q_weights)
 
 
