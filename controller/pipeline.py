@@ -483,8 +483,10 @@ class Pipeline:
             best = st.best
             seed = rules.retrain_seed(cfg.seed, cfg.initial_runs, k)
             output = f"retraining/iteration_{k}"
-            spec = self._spec(retrain_run_key(k), "retrain", seed, cfg.retrain_episodes, output,
-                              self.store.url(best.model_key))
+            # the Q-learner continues from the best model; the forecast learner fits afresh from the iteration's
+            # seed (continuing from a model refitted on its holdout would make its holdout gate in-sample)
+            init_from = self.store.url(best.model_key) if cfg.train.agent.algorithm == "dqn" else None
+            spec = self._spec(retrain_run_key(k), "retrain", seed, cfg.retrain_episodes, output, init_from)
             self._transition("RETRAINING", iteration=k)
             result = self._run_all([spec])[spec.run_key]
             score = result["val_score"]
@@ -498,7 +500,7 @@ class Pipeline:
                 metrics=_avg_metrics(result["val_metrics"]), per_pair=result["val_metrics"].get("per_pair"),
                 model_path=f"{output}/{result['model_file']}", train_return=result["train_return"],
                 new_best=decision.new_best, patience_count=decision.patience_count,
-                continued_from=best.model_key, test_metrics=result.get("test_metrics"),
+                continued_from=best.model_key if init_from else None, test_metrics=result.get("test_metrics"),
                 timings=result.get("timings"), device=result.get("device"), versions=result.get("versions"),
                 **_honesty_fields(result), **result.get("digests", {}),
             )

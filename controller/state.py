@@ -108,7 +108,7 @@ class Iteration(_Record):
     train_return: float  # mean return % of its last training round
     new_best: bool  # whether it became the best
     patience_count: int  # iterations without improvement after it
-    continued_from: str  # the model it started from (the best's model_key at that time)
+    continued_from: str | None  # the model it started from (the best's model_key then); None: fitted afresh (forecast)
     test_metrics: dict | None  # the test window's metrics, when configured
     timings: dict | None  # seconds and env steps of the run
     device: str | None = None  # what the run trained on

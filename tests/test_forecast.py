@@ -284,5 +284,8 @@ def test_a_pipeline_with_the_forecast_learner_runs_end_to_end(tmp_path):
         assert fit["silenced"] == (fit["holdout_t"] < min_t)
         if fit["silenced"]:  # holds cash, lent: no trades on validation
             assert result["val_metrics"]["total_trades"] == 0
+    # retraining fits afresh from its own seed: no iteration continues from a model
+    state = json.loads((out / "pipeline_state.json").read_text())
+    assert state["retraining"] and all(it["continued_from"] is None for it in state["retraining"])
     assert summary["verdict"]["text"].startswith("Verdict")
     assert (out / "report.html").stat().st_size > 0
