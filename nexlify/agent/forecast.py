@@ -1,5 +1,6 @@
-"""The forecast learner: a network forecasts a pair's return over the next few bars, and the greedy policy
-trades it with a band.
+"""The forecast learner: a few networks forecast a pair's return over the next few bars, their forecasts
+averaged (an ensemble over random starts: AgentConfig.forecast_members), and the greedy policy trades the
+average with a band.
 
 Why (docs/planted-edges.md): for an edge that persists over hours, the Q-gap open_long - hold is the value
 of entering now against an hour later, about one bar of drift, and it hides in the Q-values' noise. A
@@ -7,7 +8,7 @@ forecast of the position's return over `horizon` bars, trained lightly on the tr
 early on its last days, separates the bars worth holding from the rest, and a band (enter above the margin,
 leave below minus the margin) trades it about as often as the edge asks.
 
-The network reads one slot's market features (the first `n_features` of its observation, never the slot's
+Each network reads one slot's market features (the first `n_features` of its observation, never the slot's
 or the portfolio's state), so one network serves every pair, as the Q-network does. Its forward returns
 action scores in the Q-network's units, so that every reader of a policy (evaluation, the report, the
 backtest, paper trading) takes its decisions by the same greedy rule with the hold margin
