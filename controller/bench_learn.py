@@ -26,9 +26,11 @@ an interrupted pipeline resumes itself (controller.pipeline).
 oracle's and lending's return over the window given by --oracle-start/--oracle-end, which is how the
 reference strengths of nexlify.planted.REFERENCE_DRIFT were calibrated.
 
-The signal study's forecast policy (tools/signal-study.py) is not run here: it fits ridge forecasts per
-horizon over folds, a study of minutes per market, and stays a separate tool (pass it --data-dir of a
-planted folder).
+Per market (not per seed: it is deterministic) the signal study's forecast policy (nexlify.signal_policy)
+is stepped on the same test window: a ridge forecast of the agent's features, its horizon and entry chosen on
+the same validation window, fitted on the pipeline's training window, in the same environment. It separates
+"the signal is seen by a plain forecast" (its capture) from "the learner trades it" (the agent's).
+<output>/<family>-<strength>/signal_policy.json keeps it (recomputed when the config changes).
 """
 
 from __future__ import annotations
@@ -217,6 +219,42 @@ def run_market(cfg: PipelineConfig, root: Path, family: str, strength: float, se
     return row
 
 
+def signal_policy(cfg: PipelineConfig, root: Path, family: str, strength: float) -> dict:
+    """The signal study's forecast policy on one market (nexlify.signal_policy.choose_and_test): fitted on the
+    pipeline's training window, its choices made on the pipeline's validation window, tested on [TEST_START,
+    TEST_END); read back from the market's signal_policy.json when its config hash matches."""
+    name = market_name(family, strength)
+    path = root / name / "signal_policy.json"
+    key = pipeline_hash(cfg)
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("config_hash") == key:
+            return done["result"]
+    import numpy as np
+
+    from nexlify.data.candles import load_market
+    from nexlify.data.prepare import attach_second_venue
+    from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
+    from nexlify.env.market import MarketTensors
+    from nexlify.features import WARMUP_BARS, Normalizer, compute_features
+    from nexlify.signal_policy import choose_and_test
+
+    tcfg, data = cfg.train, planted_dir(root, family, strength)
+    market = load_market(tcfg.data.exchange, tcfg.data.pairs, tcfg.data.timeframe, str(data), TRAIN_START, TEST_END)
+    attach_second_venue(tcfg, market, str(data))
+    feats = compute_features(market.timestamps, market.open, market.high, market.low, market.close,
+                             market.volume, market.tradable).astype(np.float64)
+    # the policy reads its own forecasts, not the observations: any normaliser will do for the environment
+    tensors = MarketTensors.build(market, Normalizer.fit(feats, WARMUP_BARS, market.n_bars), "cpu", feats)
+    val_start = iso_utc(parse_utc_ms(TEST_START) - tcfg.data.val_days * MS_PER_DAY)
+    result = choose_and_test(feats, np.log(market.close), market.tradable, tensors, tcfg, WARMUP_BARS,
+                             market.index_of(val_start), market.index_of(TEST_START), market.n_bars)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config_hash": key, "result": result}, indent=2) + "\n")
+    log.info("signal_policy_tested", market=name, **result)
+    return result
+
+
 def run_bench(cfg: PipelineConfig, families: list[str], strengths: list[float], seeds: list[int], root: Path, *,
               control: bool = True, force: bool = False) -> dict:
     markets = [(f, s) for f in families for s in strengths] + ([(CONTROL, 0.0)] if control else [])
@@ -224,12 +262,14 @@ def run_bench(cfg: PipelineConfig, families: list[str], strengths: list[float], 
     report = {"complete": False, "train": [TRAIN_START, TEST_START], "test": [TEST_START, TEST_END],
               "pipeline_config_hash": pipeline_hash(cfg), "rows": rows}
     root.mkdir(parents=True, exist_ok=True)
+    signal = report["signal_policy"] = {}
     for family, strength in markets:
         for seed in seeds:
             rows.append(run_market(cfg, root, family, strength, seed, force=force))
             (root / BENCH_KEY).write_text(json.dumps(report, indent=2) + "\n")
+        signal[market_name(family, strength)] = signal_policy(cfg, root, family, strength)
     report["complete"] = True
-    report["summary"] = summarize(rows)
+    report["summary"] = summarize(rows, signal)
     (root / BENCH_KEY).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -242,15 +282,20 @@ def _median(values: list[float]) -> float | None:
     return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per market: the medians over its seeds of agent, oracle, lending and captured."""
+def summarize(rows: list[dict], signal: dict | None = None) -> list[dict]:
+    """Per market: the medians over its seeds of agent, oracle, lending and captured; beside them the signal
+    study's forecast policy (`signal`: market -> signal_policy), its return and its capture."""
     out = []
     for name in dict.fromkeys(r["market"] for r in rows):
         rs = [r for r in rows if r["market"] == name]
-        out.append({"market": name, "seeds": [r["seed"] for r in rs],
-                    **{k: _median([r.get(k) for r in rs])
-                       for k in ("agent", "oracle", "lending", "captured", "q_gap_seen")},
-                    "captured_each": [r["captured"] for r in rs]})
+        s = {"market": name, "seeds": [r["seed"] for r in rs],
+             **{k: _median([r.get(k) for r in rs]) for k in ("agent", "oracle", "lending", "captured", "q_gap_seen")},
+             "captured_each": [r["captured"] for r in rs]}
+        ridge = (signal or {}).get(name)
+        if ridge is not None:
+            s["signal_policy"] = ridge["return"]
+            s["signal_captured"] = captured(ridge["return"], s["oracle"], s["lending"])
+        out.append(s)
     return out
 
 
@@ -261,13 +306,15 @@ def _fmt(v, pct: bool = False) -> str:
 
 
 def render(summary: list[dict]) -> str:
-    lines = ["| market | seeds | agent | oracle | cash+lending | captured (median) | captured per seed | Q-gap seen |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| market | seeds | agent | oracle | cash+lending | captured (median) | captured per seed | Q-gap seen "
+             "| signal policy | its captured |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         gap = s.get("q_gap_seen")
         lines.append(f"| {s['market']} | {len(s['seeds'])} | {_fmt(s['agent'], True)} | {_fmt(s['oracle'], True)} | "
                      f"{_fmt(s['lending'], True)} | {_fmt(s['captured'])} | "
-                     f"{' '.join(_fmt(c) for c in s['captured_each'])} | {'-' if gap is None else f'{gap:+.4f}'} |")
+                     f"{' '.join(_fmt(c) for c in s['captured_each'])} | {'-' if gap is None else f'{gap:+.4f}'} | "
+                     f"{_fmt(s.get('signal_policy'), True)} | {_fmt(s.get('signal_captured'))} |")
     return "\n".join(lines)
 
 

@@ -26,11 +26,16 @@ def test_summary_takes_medians_over_seeds():
     (s,) = bl.summarize(rows)
     assert s["agent"] == 3.0 and s["captured"] == 0.5 and s["captured_each"] == [0.0, 0.5, 1.0]
     assert s["q_gap_seen"] == 0.004
-    assert "| calendar-1 | 3 | +3.00% | +5.00% | +1.00% | 0.50 | 0.00 0.50 1.00 | +0.0040 |" in bl.render([s])
+    assert "| calendar-1 | 3 | +3.00% | +5.00% | +1.00% | 0.50 | 0.00 0.50 1.00 | +0.0040 | - | - |" in bl.render([s])
+    # the signal study's policy beside it: its return and its capture of the same oracle's excess
+    (s,) = bl.summarize(rows, {"calendar-1": {"return": 2.0, "trades": 40, "horizon": 4, "entry_round_trips": 1.0}})
+    assert s["signal_policy"] == 2.0 and s["signal_captured"] == 0.25  # (2 - 1) / (5 - 1)
+    assert bl.render([s]).endswith("| +0.0040 | +2.00% | 0.25 |")
     # rows written before the Q-gap was recorded, and the control, have none
     (c,) = bl.summarize([{"market": "control", "seed": 1, "agent": 0.5, "oracle": None, "lending": 1.0,
-                          "captured": None}])
-    assert c["q_gap_seen"] is None and bl.render([c]).endswith("| - |")
+                          "captured": None}], {"control": {"return": 0.8}})
+    assert c["q_gap_seen"] is None and c["signal_captured"] is None
+    assert bl.render([c]).endswith("| - | +0.80% | - |")
 
 
 @pytest.mark.parametrize("argv, message", [

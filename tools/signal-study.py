@@ -1,4 +1,5 @@
-"""Is there a tradeable signal in the agent's observation at all? A supervised check beside the RL.
+"""Is there a tradeable signal in the agent's observation at all? A supervised check beside the RL (its pieces:
+nexlify.signal_policy, which `nexlify bench learn` also runs on each planted market).
 
 For each walk-forward fold (the test windows of `nexlify backtest --walk-forward --start 2022-06-01
 --end 2025-06-01 --train-days 730 --fold-days 90 --folds 4` unless told otherwise), a ridge regression of
@@ -36,66 +37,17 @@ from controller.backtest import WalkForwardConfig, plan_folds
 from nexlify.config import TrainConfig
 from nexlify.data.candles import load_market
 from nexlify.data.timeframes import MS_PER_DAY, iso_utc, parse_utc_ms
-from nexlify.env.batched import CLOSE, HOLD, OPEN_LONG
 from nexlify.env.market import MarketTensors
-from nexlify.evaluation import Group, _simulate, riskless_total_return
+from nexlify.evaluation import riskless_total_return
 from nexlify.features import FEATURE_NAMES, WARMUP_BARS, Normalizer, compute_features
+from nexlify.signal_policy import THRESHOLDS, Forecaster, round_trip_cost, rows, trade
 
-RIDGE = 1.0  # L2 penalty on the standardised features, per training row
-THRESHOLDS = (1.0, 1.5, 2.0, 3.0)  # entry: the prediction clears this many round trips (chosen on validation)
 TRADED_HORIZONS = (4, 24)
-
-
-def ridge_fit(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
-    """Weights (intercept last) of min |y - [x 1] w|^2 + lam * n * |w[:-1]|^2."""
-    xa = np.hstack([x, np.ones((len(x), 1))])
-    reg = lam * len(x) * np.eye(xa.shape[1])
-    reg[-1, -1] = 0.0
-    return np.linalg.solve(xa.T @ xa + reg, xa.T @ y)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Rank correlation (average ranks for ties)."""
     return float(np.corrcoef(pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy())[0, 1])
-
-
-def rows(feats: np.ndarray, logc: np.ndarray, tradable: np.ndarray, lo: int, hi: int, h: int):
-    """(features, forward h-bar log return) of every (bar, pair) in [lo, hi - h) tradable at both ends: the
-    last target ends at bar hi - 1, so nothing from [hi, ...) is seen."""
-    t = np.arange(lo, hi - h)
-    ok = tradable[t] & tradable[t + h]
-    return feats[t][ok], (logc[t + h] - logc[t])[ok]
-
-
-class Forecaster:
-    """Ridge forecast of the h-bar log return fitted on bars [lo, hi); `predict` standardises with the
-    training rows' statistics."""
-
-    def __init__(self, feats, logc, tradable, lo: int, hi: int, h: int):
-        x, self.y = rows(feats, logc, tradable, lo, hi, h)
-        self.mean, self.std = x.mean(axis=0), x.std(axis=0)
-        self.std[self.std == 0] = 1.0
-        self.w = ridge_fit(self._z(x), self.y, RIDGE)
-        self.fitted = self.predict(x)
-
-    def _z(self, x):
-        return (x - self.mean) / self.std
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self._z(x) @ self.w[:-1] + self.w[-1]
-
-
-def forecast_policy(pred: torch.Tensor, enter: float, leave: float):
-    """OPEN_LONG where the prediction at the decision bar is above `enter` (mask permitting), CLOSE where it
-    is below `leave`, else hold; `pred` [T, P] holds each bar's prediction from its own features."""
-
-    def act(obs, mask, env, rows_):
-        p = pred[env.t[rows_].unsqueeze(-1), env._pair_bp[rows_]]
-        out = torch.full(mask.shape[:-1], HOLD, dtype=torch.int64)
-        out = torch.where((p > enter) & mask[..., OPEN_LONG], OPEN_LONG, out)
-        return torch.where((p < leave) & mask[..., CLOSE], CLOSE, out)
-
-    return act
 
 
 def main() -> None:
@@ -113,7 +65,7 @@ def main() -> None:
 
     cfg = TrainConfig()
     params = cfg.strategy_params()
-    cost = 2.0 * (cfg.env.fee + cfg.env.slippage_bps * 1e-4)  # a round trip, as a log return (near enough)
+    cost = round_trip_cost(cfg)
     market = load_market(cfg.data.exchange, cfg.data.pairs, "1h", args.data_dir, args.start, args.end)
     feats = compute_features(market.timestamps, market.open, market.high, market.low, market.close,
                              market.volume, market.tradable).astype(np.float64)
@@ -123,12 +75,6 @@ def main() -> None:
     bar = lambda iso: int(np.searchsorted(ts, parse_utc_ms(iso)))  # noqa: E731 - the row of a fold date
     folds = plan_folds(args.start, args.end, WalkForwardConfig(fold_days=args.fold_days, folds=args.folds,
                                                                train_days=args.train_days), val_days=args.val_days)
-
-    def trade(fc: Forecaster, k: float, window: tuple[int, int]) -> dict:
-        pred = torch.as_tensor(fc.predict(feats))
-        group = Group("forecast", forecast_policy(pred, k * cost, -cost))
-        with torch.no_grad():
-            return _simulate(tensors, window, cfg.env, cfg.risk, params, [group], False)["results"]["forecast"]
 
     signal, traded = [], []
     for f in folds:  # the walk-forward's own fold dates (controller.backtest.plan_folds)
@@ -152,9 +98,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         for h in TRADED_HORIZONS:
             on_val = Forecaster(feats, logc, tradable, tr_lo, va_lo, h)
-            val = {k: trade(on_val, k, (va_lo, te_lo))["avg_return"] for k in THRESHOLDS}
+            val = {k: trade(on_val, feats, tensors, k, (va_lo, te_lo), cfg)["avg_return"] for k in THRESHOLDS}
             k = max(THRESHOLDS, key=lambda t: val[t])
-            res = trade(Forecaster(feats, logc, tradable, tr_lo, te_lo, h), k, (te_lo, te_hi))
+            res = trade(Forecaster(feats, logc, tradable, tr_lo, te_lo, h), feats, tensors, k, (te_lo, te_hi), cfg)
             row = {"fold": fold, "test": test, "h": h, "val_return": val, "chosen_k": k,
                    "test_return": res["avg_return"], "test_sharpe_vs_lending": res["avg_sharpe_vs_lending"],
                    "trades": res["total_trades"], "cash_plus_lending": lending}
