@@ -96,8 +96,8 @@ def choose_and_test(feats: np.ndarray, logc: np.ndarray, tradable: np.ndarray, t
     """The horizon and entry threshold with the best validation return ([val_lo, test_lo), forecasts fitted on
     [fit_lo, val_lo)), then the forecaster refitted on [fit_lo, test_lo) and traded over [test_lo, test_hi):
     its test return (mean over pairs, %), trades and the choice."""
-    val = {(h, k): trade(Forecaster(feats, logc, tradable, fit_lo, val_lo, h), feats, tensors, k, (val_lo, test_lo),
-                         cfg)["avg_return"]
+    on_val = {h: Forecaster(feats, logc, tradable, fit_lo, val_lo, h) for h in HORIZONS}  # one fit per horizon
+    val = {(h, k): trade(on_val[h], feats, tensors, k, (val_lo, test_lo), cfg)["avg_return"]
            for h in HORIZONS for k in THRESHOLDS}
     h, k = max(val, key=lambda hk: (val[hk], -hk[0], -hk[1]))  # ties: the shorter horizon, the lower entry
     res = trade(Forecaster(feats, logc, tradable, fit_lo, test_lo, h), feats, tensors, k, (test_lo, test_hi), cfg)
