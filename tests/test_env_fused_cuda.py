@@ -1,4 +1,4 @@
-"""The CUDA kernel (nexlify.env.fused_cuda: fused_portfolio.episode_step compiled by numba-cuda, one thread per
+"""The CUDA kernel (nexlify.env.fused_cuda: fused_portfolio.episode_steps compiled by numba-cuda, one thread per
 episode), checked without a GPU:
 
 - it compiles to PTX for an H200 (compute capability 9.0) from the same source as the CPU kernel, with no

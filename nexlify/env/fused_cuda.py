@@ -1,4 +1,4 @@
-"""The fused step on a CUDA GPU: nexlify.env.fused_portfolio's `episode_step`, the same Python source the CPU
+"""The fused step on a CUDA GPU: nexlify.env.fused_portfolio's `episode_steps`, the same Python source the CPU
 kernel runs, compiled by numba-cuda into one kernel with one thread per episode (the optional extra `gpu`:
 pip install 'nexlify-train[gpu]').
 
@@ -21,7 +21,7 @@ import torch
 from numba import cuda
 
 from nexlify.env import fused_portfolio
-from nexlify.env.fused_portfolio import episode_step
+from nexlify.env.fused_portfolio import episode_steps
 
 THREADS_PER_BLOCK = 128  # episodes per block; a thread keeps a few dozen float64 numbers in registers
 
@@ -33,10 +33,10 @@ def _cuda_kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_
     """fused_portfolio._kernel's arguments; thread b steps episode b."""
     b = cuda.grid(1)
     if b < sf.shape[0]:
-        episode_step(b, (actions, mask, pair, t), (prices, tradable_tab, features, day, n_cols, n_bars),
-                     (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
-                      transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm[b],
-                     (o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask), (fs, ks, acts))
+        episode_steps(b, b + 1, (actions, mask, pair, t), (prices, tradable_tab, features, day, n_cols, n_bars),
+                      (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
+                       transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm,
+                      (o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask), (fs, ks, acts))
 
 
 def simulated() -> bool:

@@ -9,9 +9,10 @@ serially; the loop over an episode's pairs is the short inner loop, in pair orde
 (entries are served in pair order under the concurrent-trade cap). In float32 the kernel computes in float64
 and stores float32, so the two agree to float32 rounding.
 
-The body for one episode is `episode_step`, written once: `_kernel` (the CPU's) calls it in its loop over the
-episodes, and nexlify.env.fused_cuda compiles the same function with numba-cuda into a CUDA kernel with one
-thread per episode. It allocates nothing, and the CPU kernel is compiled without reference counting.
+The body is `episode_steps`, one step of a range of episodes, written once: `_kernel` (the CPU's) calls it for
+ranges of the batch, and nexlify.env.fused_cuda compiles the same function with numba-cuda into a CUDA kernel with
+one thread per episode (a range of one). It allocates nothing, and the CPU kernel is compiled without reference
+counting.
 
 The tensor step (nexlify.env.batched) is the reference and this kernel is a transcription of it, block by
 block and operation by operation in the same order, one episode at a time: the open's releases and
@@ -151,6 +152,14 @@ def _jit_inline(function: Any) -> Any:
     inline="always" numba-cuda 0.30 fails to type the inlined calls, and without it the CPU kernel calls the
     rules instead of inlining them."""
     return numba.njit(inline="always", error_model="numpy")(function) if numba is not None else function
+
+
+def _jit_steps(function: Any) -> Any:
+    """episode_steps compiled as a function of its own, called by the CPU kernel (numba's inliner, the only way to
+    inline a call, costs time that grows with the callee's size times its number of blocks: see episode_steps).
+    Without reference counting, as the kernel: it allocates nothing. numba-cuda compiles the same Python source
+    into a device function for the CUDA kernel."""
+    return numba.njit(error_model="numpy", nogil=True, _nrt=False)(function) if numba is not None else function
 
 
 @_jit_inline
@@ -1012,14 +1021,17 @@ def carry_state(b, sf, si, sb, o_sf, o_si, o_sb, spot_alone):
             o_sb[b, PENDING, p], o_sb[b, BOOK, p] = sb[b, PENDING, p], sb[b, BOOK, p]
 
 
-@_jit_inline
-def episode_step(b, step_in, market, columns, state, prm, out, scratch):
-    """One step of episode b (see BatchedTradingEnv._advance): the body of both kernels, the CPU's (_kernel,
-    a loop over the episodes on numba's threads) and the GPU's (nexlify.env.fused_cuda, one CUDA thread per
-    episode), compiled from this one source. It allocates nothing (CUDA device code cannot): everything it
-    writes goes into the arrays it is given. The arguments are _kernel's, in its order, grouped in tuples (a
-    call with over 30 arguments compiles to a *args call, which numba cannot inline). The body is the list of
-    the bar's phases, each a function of its own, inlined."""
+@_jit_steps
+def episode_steps(lo, hi, step_in, market, columns, state, params, out, scratch):
+    """One step of episodes lo .. hi-1 (see BatchedTradingEnv._advance): the body of both kernels, the CPU's
+    (_kernel, ranges of EPISODES_PER_CALL episodes, on numba's threads) and the GPU's (nexlify.env.fused_cuda,
+    one CUDA thread per episode: the range b .. b), compiled from this one source. It allocates nothing (CUDA
+    device code cannot): everything it writes goes into the arrays it is given. The arguments are _kernel's, in
+    its order, grouped in tuples (a call with over 30 arguments compiles to a *args call); params holds every
+    episode's parameter row. The body is the list of the bar's phases, each a function of its own, inlined.
+    It is compiled as a function of its own (see _jit_steps), not inlined into the kernel: numba's inliner
+    copies a callee's IR block by block, each block with the whole of its variable scope, so inlining a
+    function this large cost half of the kernel's compile; a call per range of episodes costs nothing."""
     actions, mask, pair, t = step_in
     prices, tradable_tab, features, day, n_cols, n_bars = market
     (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
@@ -1027,66 +1039,74 @@ def episode_step(b, step_in, market, columns, state, prm, out, scratch):
     sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows = state
     o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask = out
     fs, ks, acts = scratch
-    spot_on, S, LP, LE, AR = prm[SPOT_ON] > 0, prm[STAKING_ON] > 0, prm[LP_ON] > 0, prm[LENDING_ON] > 0, prm[ARB_ON] > 0
-    spot_alone = not (S or LP or LE or AR)
-    f, k = fs[b], ks[b]
-    tb = t[b]
-    u = tb + 1
-    prev_eq = ef[b, EQUITY]
-    ds = prev_eq if day[u] != day[tb] else ef[b, DAY_START]
-    blk = blocked[b]
-    notional = ef[b, SIZE] * prev_eq
-    lp_notional = max(notional, prm[LP_MIN_NOTIONAL])  # an LP position is sized up to its minimum
-    carry_state(b, sf, si, sb, o_sf, o_si, o_sb, spot_alone)
+    for b in range(lo, hi):
+        prm = params[b]
+        spot_on, S, LP = prm[SPOT_ON] > 0, prm[STAKING_ON] > 0, prm[LP_ON] > 0
+        LE, AR = prm[LENDING_ON] > 0, prm[ARB_ON] > 0
+        spot_alone = not (S or LP or LE or AR)
+        f, k = fs[b], ks[b]
+        tb = t[b]
+        u = tb + 1
+        prev_eq = ef[b, EQUITY]
+        ds = prev_eq if day[u] != day[tb] else ef[b, DAY_START]
+        blk = blocked[b]
+        notional = ef[b, SIZE] * prev_eq
+        lp_notional = max(notional, prm[LP_MIN_NOTIONAL])  # an LP position is sized up to its minimum
+        carry_state(b, sf, si, sb, o_sf, o_si, o_sb, spot_alone)
 
-    # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
-    open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR)
+        # 0. What the open brings: unbonding lots that come free, transfers between the venues that land.
+        open_bar(b, u, actions, mask, pair, n_cols, tradable_tab, o_sf, o_si, o_sb, f, acts, S, AR)
 
-    # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
-    #    positions, arbitrage books and Aave supply; staking moves.
-    exits_at_open(b, u, n_cols, pair, prices, floats, flags, unbond_bars, acts, o_sf, o_si, o_sb, f, k, prm, S, LP,
-                  LE, AR)
+        # 1. Exits at the open: spot coins (a close unbonds staked coins, sold once free), then LP
+        #    positions, arbitrage books and Aave supply; staking moves.
+        exits_at_open(b, u, n_cols, pair, prices, floats, flags, unbond_bars, acts, o_sf, o_si, o_sb, f, k, prm, S, LP,
+                      LE, AR)
 
-    # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
-    #    LP positions and new arbitrage books, scaled down together when cash runs short.
-    open_trades, available = entry_room(b, u, n_cols, pair, flags, ef, acts, o_sf, o_sb, f, k, prm, S, LP, LE, AR,
-                                        blk)
-    scale = admit_entries(b, pair, withdrawal_fee, sf, f, k, prm, LP, AR, open_trades, available, notional,
-                          lp_notional)
-    fill_entries(b, u, n_cols, pair, prices, floats, withdrawal_fee, sf, o_sf, o_sb, f, k, prm, LP, AR, notional,
-                 lp_notional, scale)
+        # 2. Entries at the open, under the concurrent-trade cap, sized by Kelly or fixed size: spot trades,
+        #    LP positions and new arbitrage books, scaled down together when cash runs short.
+        open_trades, available = entry_room(b, u, n_cols, pair, flags, ef, acts, o_sf, o_sb, f, k, prm, S, LP, LE, AR,
+                                            blk)
+        scale = admit_entries(b, pair, withdrawal_fee, sf, f, k, prm, LP, AR, open_trades, available, notional,
+                              lp_notional)
+        fill_entries(b, u, n_cols, pair, prices, floats, withdrawal_fee, sf, o_sf, o_sb, f, k, prm, LP, AR, notional,
+                     lp_notional, scale)
 
-    # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
-    if AR:
-        arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
-                        o_sb, f, prm)
+        # 3. Arbitrage from the books at both venues' opens, then rebalancing of a book that ran low.
+        if AR:
+            arbitrage_fills(b, u, n_cols, pair, prices, floats, flags, withdrawal_fee, transfer_bars, acts, o_sf, o_si,
+                            o_sb, f, prm)
 
-    # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or (by
-    #    hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
-    if LE:
-        lend(b, ef, o_sf, f, acts, prm)
+        # 4. Lending: the sweep sets the supply to max_idle_share of the idle USDT left after the entries, or (by
+        #    hand) a LEND tops it up to that (the first LEND of the bar in pair order supplies it all).
+        if LE:
+            lend(b, ef, o_sf, f, acts, prm)
 
-    # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close; the rewards.
-    stops_and_marks(b, u, n_cols, pair, prices, floats, bar_tab, stake_growth, sf, o_sf, o_sb, f, k, prm, S, LP, LE,
-                    AR)
-    cash, equity, peak, drawdown, x = settle(b, sf, ef, o_sf, f, reward, prm, prev_eq, spot_alone)
+        # 5. Stops and targets inside bar t+1; 6. what the bar earns, everything marked at the close; the rewards.
+        stops_and_marks(b, u, n_cols, pair, prices, floats, bar_tab, stake_growth, sf, o_sf, o_sb, f, k, prm, S, LP, LE,
+                        AR)
+        cash, equity, peak, drawdown, x = settle(b, sf, ef, o_sf, f, reward, prm, prev_eq, spot_alone)
 
-    # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
-    new_head, n_win, n_loss, sum_win, sum_loss = bookkeeping(
-        b, u, ring, head, ef, ei, e64, o_ef, o_ei, o_e64, pnl_rows, f, k, spot_alone, prev_eq, cash, equity, peak,
-        drawdown, x, ds)
+        # 7. Bookkeeping: Kelly history (spot trades), episode statistics, PnL by source.
+        new_head, n_win, n_loss, sum_win, sum_loss = bookkeeping(
+            b, u, ring, head, ef, ei, e64, o_ef, o_ei, o_e64, pnl_rows, f, k, spot_alone, prev_eq, cash, equity, peak,
+            drawdown, x, ds)
 
-    # 8. The next bar's derived state (_refresh): Kelly size, daily-loss block, mask; then the observation.
-    size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, prm[KELLY_ON] > 0,
-                           prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
-                           prm[MAX_POSITION])
-    o_ef[b, SIZE] = size_b
-    blocked_b = entries_blocked(equity, ds, prm[DAILY_LOSS_LIMIT], day[min(u + 1, n_bars - 1)], day[u])
-    o_blocked[b] = blocked_b
-    open_trades = refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee,
-                               prm, spot_on, S, LP, LE, AR, equity, cash, size_b, blocked_b)
-    observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stake_apy_feature, prm, S, LP, LE, AR,
-            equity, cash, ds, size_b, open_trades)
+        # 8. The next bar's derived state (_refresh): Kelly size, daily-loss block, mask; then the observation.
+        size_b = position_size(n_win, n_loss, sum_win, sum_loss, new_head, prm[KELLY_ON] > 0,
+                               prm[KELLY_MIN_TRADES], prm[KELLY_FRACTION], prm[KELLY_FLOOR], prm[FIXED_SIZE],
+                               prm[MAX_POSITION])
+        o_ef[b, SIZE] = size_b
+        blocked_b = entries_blocked(equity, ds, prm[DAILY_LOSS_LIMIT], day[min(u + 1, n_bars - 1)], day[u])
+        o_blocked[b] = blocked_b
+        open_trades = refresh_mask(o_mask, b, u, n_cols, pair, o_sf, o_si, o_sb, flags, stakeable, withdrawal_fee,
+                                   prm, spot_on, S, LP, LE, AR, equity, cash, size_b, blocked_b)
+        observe(obs, b, u, n_cols, pair, features, o_sf, o_si, floats, bar_tab, stake_apy_feature, prm, S, LP, LE, AR,
+                equity, cash, ds, size_b, open_trades)
+
+
+# episodes per call of episode_steps from the CPU kernel: a call passes a few hundred words of array descriptors,
+# nothing beside 64 episodes' steps; the threaded build splits the ranges evenly between its threads
+EPISODES_PER_CALL = 64
 
 
 def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols, n_bars,
@@ -1098,12 +1118,15 @@ def _kernel(actions, mask, pair, t, prices, tradable_tab, features, day, n_cols,
     [B, P, O] and o_mask [B, P, A]; stake_growth .. transfer_bars are constants per market column; fs
     [B, N_SCRATCH, P], ks [B, N_FLAGS, P] (bool) and acts [B, P] are scratch; prm [B, PARAMS] holds each
     episode's parameters (its costs, risk rules and strategy switches: rows of several configs may step in one
-    pass)."""
-    for b in numba.prange(sf.shape[0]):
-        episode_step(b, (actions, mask, pair, t), (prices, tradable_tab, features, day, n_cols, n_bars),
-                     (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
-                      transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm[b],
-                     (o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask), (fs, ks, acts))
+    pass). The episodes go to episode_steps in ranges of EPISODES_PER_CALL, on numba's threads in the threaded
+    build."""
+    n = sf.shape[0]
+    for r in numba.prange((n + EPISODES_PER_CALL - 1) // EPISODES_PER_CALL):
+        episode_steps(r * EPISODES_PER_CALL, min(n, (r + 1) * EPISODES_PER_CALL), (actions, mask, pair, t),
+                      (prices, tradable_tab, features, day, n_cols, n_bars),
+                      (floats, flags, bar_tab, stake_growth, stake_apy_feature, unbond_bars, stakeable, withdrawal_fee,
+                       transfer_bars), (sf, si, sb, ef, ei, e64, blocked, ring, head, pnl_rows), prm,
+                      (o_sf, o_si, o_sb, o_ef, o_ei, o_e64, o_blocked, reward, obs, o_mask), (fs, ks, acts))
 
 
 _compiled: dict[tuple[str, bool], Any] = {}
@@ -1129,7 +1152,7 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
         function = types.FunctionType(kernel.__code__, kernel.__globals__, build)
         function.__qualname__ = build
         # _nrt=False: no reference counting. The kernel allocates nothing (its body is CUDA device code too), and
-        # the counts numba keeps on the arrays grouped into episode_step's tuples, per episode, halved its speed
+        # the counts numba keeps on the arrays grouped into episode_steps' tuples, per episode, halved its speed
         options = {"parallel": parallel, "nogil": True, "error_model": "numpy", "_nrt": False}
         try:
             _compiled[key] = numba.njit(cache=True, **options)(function)
@@ -1351,7 +1374,7 @@ SPOT_GROUPS = (("sf", SLOT_FLOATS[:N_SPOT_FLOATS]), ("si", ()), ("sb", SLOT_BOOL
 class FusedPortfolioStep:
     """Steps a BatchedTradingEnv with the fused kernel (tb: its strategy tables, every strategy off for spot
     alone); the environment's state tensors become views of the packed arrays the kernel writes (see the module
-    doc). target "cpu": the numba CPU kernel on numpy views of CPU tensors; "cuda": the same episode_step
+    doc). target "cpu": the numba CPU kernel on numpy views of CPU tensors; "cuda": the same episode_steps
     compiled by numba-cuda (nexlify.env.fused_cuda), on the tensors where they lie (a CUDA device, or CPU
     tensors under numba's CUDA simulator)."""
 
