@@ -48,6 +48,23 @@ def describe(name: str) -> dict:
 def probe(name: str) -> dict:
     """describe(name), computed in a child process (this one stays free of torch); NexlifyError with the
     child's last line when it fails."""
+    found = _ask_child(name)
+    _answers.append(found)
+    return found
+
+
+_answers: list[dict] = []  # every probe's answer in this process
+
+
+def cuda_devices() -> int:
+    """The CUDA devices torch sees: from a probe this process already ran (for any device name: the count is
+    the same), else from a probe of "auto". A child costs seconds (it imports torch); `nexlify train` asks
+    for the device in preflight, then for the count when sizing the local executor."""
+    found = next((a for a in _answers if "cuda_devices" in a), None) or probe("auto")
+    return int(found.get("cuda_devices") or 0)
+
+
+def _ask_child(name: str) -> dict:
     try:
         child = subprocess.run([sys.executable, "-m", "nexlify.probe", name], stdin=subprocess.DEVNULL,
                                capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)

@@ -57,10 +57,10 @@ def default_parallel() -> int:
     its cgroup's CPU quota: a container under a CPU limit counts its limit, not the machine's cores). The devices are counted by a child
     process (nexlify.probe): the controller imports no torch."""
     from nexlify.errors import NexlifyError
-    from nexlify.probe import probe
+    from nexlify.probe import cuda_devices
 
     try:
-        gpus = int(probe("auto").get("cuda_devices") or 0)
+        gpus = cuda_devices()
     except NexlifyError:  # torch unusable here: the workers will say so; size by the cores meanwhile
         gpus = 0
     if gpus > 0:
