@@ -1134,7 +1134,7 @@ PARALLEL_MIN_SLOTS = 4096  # below this many episode slots, threads cost more th
 
 
 def compiled(kernel: Any, name: str, parallel: bool) -> Any:
-    """`kernel` compiled on first use (5-20 s) and cached on disk where numba can write (next to this
+    """`kernel` compiled on first use (COMPILE_SECONDS) and cached on disk where numba can write (next to this
     file, else the user's cache directory, e.g. $XDG_CACHE_HOME/numba or $NUMBA_CACHE_DIR): later
     processes load it in about a second. The serial build starts no thread pool: one-thread workers
     running side by side must not have idle pool threads spinning on each other's cores."""
@@ -1197,10 +1197,10 @@ def seed_cache_dir(cache_dir: str | None, user_cache: Path, writable: Callable[[
     return str(user_cache) if writable(user_cache) else None
 
 
-# about how long a build takes, measured in docs/speed.md ("First run"): the serial build 20-60 s on a quiet core;
-# the threaded one took 200 s in CI on a quiet 2-core machine and over half an hour on a heavily loaded one
-COMPILE_SECONDS = {"serial": "20-60 s on a quiet laptop core, minutes on a busy one",
-                   "threaded": "3-4 minutes on a quiet 2-core machine, much longer on a busy one"}
+# about how long a build takes, measured in docs/speed.md ("First run"): on a quiet core of the 2-core machine the
+# serial build took 42 s and the threaded one 49 s (85 s and 235 s while the whole step was inlined into the kernel)
+COMPILE_SECONDS = {"serial": "about 40 s on a quiet core, minutes on a busy one",
+                   "threaded": "about 50 s on a quiet 2-core machine, minutes on a busy one"}
 
 
 def _say_if_compiling(dispatcher: Any, flavour: str) -> bool:
