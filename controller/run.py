@@ -21,7 +21,7 @@ def make_executor(cfg: PipelineConfig, pipeline_id: str, config_hash: str = ""):
         return KubernetesExecutor(cfg.kubernetes, pipeline_id=pipeline_id, config_hash=config_hash)
     from controller.executors.local import LocalExecutor
 
-    return LocalExecutor(cfg.parallel)
+    return LocalExecutor(cfg.parallel, algorithm=cfg.train.agent.algorithm)
 
 
 def run_pipeline(cfg: PipelineConfig, *, force: bool = False) -> dict:

@@ -34,7 +34,7 @@ from nexlify.data.candles import candle_filename
 from nexlify.data.second_venue import second_venue_pair
 from nexlify.device import resolve_device
 from nexlify.errors import InputError, NonFiniteError
-from nexlify.logs import BAR_FORMAT
+from nexlify.logs import bar_format
 from nexlify.tb import EVENTS_FILE, RunBoard
 from nexlify.training import Preempted, prepare_data, train_run
 
@@ -227,7 +227,7 @@ def run_worker(*, run_key: str, seed: int, episodes: int, out_url: str, config_u
                      episodes=episodes if cfg.agent.algorithm == "dqn" else None, pairs=cfg.data.pairs, device=str(device),
                      init_from=init_from, train_bars=windows.train[1] - windows.train[0],
                      val_bars=windows.val[1] - windows.val[0])
-            progress = _Progress(episodes)
+            progress = _Progress(episodes, cfg.agent.algorithm)
             # the run's TensorBoard curves: written here, uploaded into the run's folder with its checkpoints
             board = RunBoard(os.path.join(tmp, "tensorboard"), _events_of(resume))
 
@@ -341,9 +341,11 @@ def _plain(metrics: dict | None) -> dict | None:
 class _Progress:
     """A tqdm bar on a terminal (episodes done, ETA, the last round's mean episode return); otherwise a
     `training_progress` event every NEXLIFY_PROGRESS_SECONDS with the same numbers (the local executor
-    draws its bar per run from them)."""
+    draws its bar per run from them). The forecast learner runs no episodes: its share is that of its fit's
+    gradient steps, given in the same units (episodes_done of the run's episodes) so that one bar serves both,
+    drawn without the episode count (nexlify.logs.bar_format)."""
 
-    def __init__(self, episodes: int) -> None:
+    def __init__(self, episodes: int, algorithm: str = "dqn") -> None:
         self.bar = None
         self.episodes = episodes
         self.last_return: float | None = None
@@ -351,7 +353,7 @@ class _Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=episodes, desc="training", unit="ep", leave=False, bar_format=BAR_FORMAT)
+            self.bar = tqdm(total=episodes, desc="training", unit="ep", leave=False, bar_format=bar_format(algorithm))
 
     def step(self, done: int, total: int) -> None:
         episodes_done = round(self.episodes * done / max(total, 1), 1)

@@ -16,6 +16,13 @@ import structlog
 
 # A run's progress bar: name, share, bar, episodes done of all, time spent < time left, the last return.
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} ep [{elapsed}<{remaining}{postfix}]"
+# The forecast learner runs no episodes: its bar is the share of its fit's gradient steps (at most) done.
+FIT_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| fit [{elapsed}<{remaining}{postfix}]"
+
+
+def bar_format(algorithm: str) -> str:
+    """The progress bar's format for a run of `algorithm` (AgentConfig.algorithm)."""
+    return FIT_BAR_FORMAT if algorithm == "forecast" else BAR_FORMAT
 
 SECRET_WORDS = ("secret", "password", "token", "credential", "access_key")
 

@@ -118,7 +118,7 @@ def train_run(
         # (`init`): that model was refitted on its holdout days too, so continuing from it would make the
         # holdout gate partly in-sample. Only `init`'s normaliser (fitted on the same training bars) is kept.
         agent, fit_seconds = _fit_forecast(cfg, market, tensors, train_start, train_end, seed=seed, device=device,
-                                           should_stop=should_stop)
+                                           should_stop=should_stop, on_progress=on_step)
         if on_step is not None:
             on_step(1, 1)
         # its training figure: the refitted policy's return on the training window's last days (the holdout)
@@ -244,7 +244,8 @@ def _validated(cfg: TrainConfig, agent, tensors: MarketTensors, windows: Windows
 
 def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, train_start: int, train_end: int, *,
                   seed: int, device: torch.device,
-                  should_stop: Callable[[], bool] | None) -> tuple[ForecastAgent, float]:
+                  should_stop: Callable[[], bool] | None,
+                  on_progress: Callable[[int, int], None] | None = None) -> tuple[ForecastAgent, float]:
     """The forecast learner's training (nexlify.agent.forecast): rows are (bar, pair) of the training window,
     features the normalised market features at the bar's close, labels the log return from the next open over
     forecast_horizon bars in the learner's units, every label ending inside the window. The last
@@ -278,7 +279,7 @@ def _fit_forecast(cfg: TrainConfig, market: MarketData, tensors: MarketTensors, 
     try:
         agent.train(x_fit, y_fit, x_hold, y_hold, x_all, y_all, batch_size=a.forecast_batch_size,
                     eval_every=a.forecast_eval_every, patience=a.forecast_patience, max_steps=a.forecast_max_steps,
-                    rows_per_bar=x.shape[1], lag=h, should_stop=should_stop)
+                    rows_per_bar=x.shape[1], lag=h, should_stop=should_stop, on_progress=on_progress)
     except InterruptedError:
         raise Preempted(None) from None
     if agent.fit.holdout_t < a.forecast_min_t:  # no evidence of an edge on unseen days: trade none

@@ -175,6 +175,29 @@ def test_early_stopping_then_a_refit_on_every_row():
                                                   again.model.state_dict().values()))
 
 
+def test_the_fit_reports_its_steps_and_a_refit_in_pieces_is_the_same_refit():
+    x, y = _rows(lambda v: 0.05 * v)
+    torch.manual_seed(0)
+    agent = ForecastAgent(1, 8, 5e-3, torch.device("cpu"), seed=0)
+    heard: list[tuple[int, int]] = []
+    fit = agent.train(*_split(x, y, 3000), batch_size=64, eval_every=10, patience=3, max_steps=300,
+                      on_progress=lambda done, total: heard.append((done, total)))
+    # early stopping: after each measurement, the steps so far of the most the fit can take (300, then the refit
+    # of 300 steps scaled by the rows); then the refit every 10 steps, of the steps it will have taken
+    stopped = min(300, fit.best_step + 3 * 10)
+    most = 300 + round(300 * len(x) / 3000)
+    refit = [(stopped + min(d + 10, fit.steps), stopped + fit.steps) for d in range(0, fit.steps, 10)]
+    assert heard == [(s, most) for s in range(10, stopped + 1, 10)] + refit
+    assert heard[-1] == (stopped + fit.steps,) * 2
+    # the refit's steps taken in pieces are the steps taken in one call: the same draws, the same weights
+    one, pieces = (ForecastAgent(1, 8, 5e-3, torch.device("cpu"), seed=0) for _ in range(2))
+    pieces.model.load_state_dict(one.model.state_dict())
+    one._steps(x, y, 25, 64)
+    for n in (10, 10, 5):
+        pieces._steps(x, y, n, 64)
+    assert all(torch.equal(a, b) for a, b in zip(one.model.state_dict().values(), pieces.model.state_dict().values()))
+
+
 def _config() -> TrainConfig:
     cfg = TrainConfig()
     cfg.data.pairs = ["BTC/USDT", "ETH/USDT"]

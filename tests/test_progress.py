@@ -86,6 +86,18 @@ def test_a_runs_bar_follows_its_workers_events():
     bar.close()
 
 
+def test_a_forecast_runs_bar_shows_its_fits_share_not_episodes():
+    """The forecast learner runs no episodes: the worker gives its fit's share in the run's episode units and
+    the bar shows the share alone."""
+    assert logs.bar_format("dqn") == BAR_FORMAT
+    out = io.StringIO()
+    bar = tqdm(total=32, desc="init-1", file=out, bar_format=logs.bar_format("forecast"), mininterval=0)
+    _advance_bar(bar, {"percent": 12.5, "episodes_done": 4.0, "episodes": 32, "last_return": None})
+    line = segments(out.getvalue())[-1]
+    assert line.startswith("init-1:  12%|") and "| fit [" in line and " ep" not in line
+    bar.close()
+
+
 @pytest.mark.parametrize("score, best, count, iteration, expected", [
     (11.0, 10.0, 0, 1, "new best"),  # +10 % >= threshold 5 %
     (10.2, 10.0, 1, 1, "new best, stop: improvement_below_threshold"),  # +2 % < 5 %

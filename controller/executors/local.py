@@ -81,8 +81,10 @@ class _Run:
 
 
 class LocalExecutor:
-    def __init__(self, parallel: int = 0, *, extra_env: dict | None = None, progress: bool | None = None) -> None:
+    def __init__(self, parallel: int = 0, *, extra_env: dict | None = None, progress: bool | None = None,
+                 algorithm: str = "dqn") -> None:
         self.parallel = parallel or default_parallel()
+        self.algorithm = algorithm  # the runs' learner: their bars count episodes, or a fit's share
         self.extra_env = dict(extra_env or {})
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._runs: dict[str, _Run] = {}
@@ -143,10 +145,10 @@ class LocalExecutor:
         if self.progress:
             from tqdm import tqdm
 
-            from nexlify.logs import BAR_FORMAT
+            from nexlify.logs import bar_format
 
             run.bar = tqdm(total=run.spec.episodes, desc=run.spec.run_key, unit="ep", leave=False,
-                           position=position % self.parallel, bar_format=BAR_FORMAT)
+                           position=position % self.parallel, bar_format=bar_format(self.algorithm))
         run.relay = threading.Thread(target=self._relay, args=(run,), daemon=True)
         run.relay.start()
         log.info("run_started", run=run.spec.run_key, seed=run.spec.seed, phase=run.spec.phase,

@@ -175,7 +175,7 @@ class ForecastAgent:
 
     def train(self, x_fit: Tensor, y_fit: Tensor, x_hold: Tensor, y_hold: Tensor, x_all: Tensor, y_all: Tensor, *,
               batch_size: int, eval_every: int, patience: int, max_steps: int, rows_per_bar: int = 1, lag: int = 0,
-              should_stop=None) -> ForecastFit:
+              should_stop=None, on_progress=None) -> ForecastFit:
         """Early stopping, then a refit: train on (x_fit, y_fit), measuring the loss on (x_hold, y_hold) every
         `eval_every` steps (step 0 included: the starting weights), until it has not improved for `patience`
         measurements or `max_steps`; then train again from the starting weights and optimiser on all rows
@@ -184,7 +184,16 @@ class ForecastAgent:
 
         The fit also records the t-statistic of the early-stopped weights' holdout gain over forecasting zero
         (gain_t_stat): the holdout rows come `rows_per_bar` to a bar (the pairs), summed per bar, and their
-        labels overlap over `lag` bars (the horizon)."""
+        labels overlap over `lag` bars (the horizon).
+
+        `on_progress(done, total)` hears the gradient steps done after every measurement and every `eval_every`
+        steps of the refit: `total` is the most the fit can take (max_steps, then the refit's steps at most) until
+        the early stopping ends, then the steps it will have taken."""
+        refit_scale = x_all.shape[0] / max(1, x_fit.shape[0])
+
+        def progress(done: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(done, total)
         start = {k: v.clone() for k, v in self.model.state_dict().items()}
         start_opt = self.optimizer.state_dict()
         start_gen = self.generator.get_state()
@@ -211,6 +220,7 @@ class ForecastAgent:
                 best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
             else:
                 since += 1
+            progress(step, max_steps + round(max_steps * refit_scale))
         # how sure the gain over forecasting zero is, for the early-stopped weights on the holdout
         self.model.load_state_dict(best_state)
         with torch.no_grad():
@@ -222,8 +232,11 @@ class ForecastAgent:
         self.optimizer.load_state_dict(start_opt)
         self.generator.set_state(start_gen)
         self.grad_steps = start_steps
-        steps = round(best_step * x_all.shape[0] / max(1, x_fit.shape[0]))
-        self._steps(x_all, y_all, steps, batch_size)
+        steps = round(best_step * refit_scale)
+        for done in range(0, steps, eval_every):  # in pieces, to report progress: the same steps as in one call
+            n = min(eval_every, steps - done)
+            self._steps(x_all, y_all, n, batch_size)
+            progress(step + done + n, step + steps)
         with torch.no_grad():
             zero = float(F.smooth_l1_loss(torch.zeros_like(y_hold), y_hold))
         self.fit = ForecastFit(steps=steps, best_step=best_step, holdout_loss=best, holdout_loss_zero=zero,
