@@ -1158,8 +1158,7 @@ def compiled(kernel: Any, name: str, parallel: bool) -> Any:
             _compiled[key] = numba.njit(cache=True, **options)(function)
         except RuntimeError:  # no writable cache location: compile in every process
             _compiled[key] = numba.njit(cache=False, **options)(function)
-        announced = _say_if_compiling(_compiled[key], flavour)
-        announce_slow_compiles(_compiled[key], flavour, announced=announced)
+        announce_compiles(_compiled[key], flavour)
     return _compiled[key]
 
 
@@ -1203,16 +1202,11 @@ COMPILE_SECONDS = {"serial": "about 40 s on a quiet core, minutes on a busy one"
                    "threaded": "about 50 s on a quiet 2-core machine, minutes on a busy one"}
 
 
-def _say_if_compiling(dispatcher: Any, flavour: str) -> bool:
-    """One line before a kernel that is not in numba's disk cache compiles (the first run after an install or an
-    upgrade), so a first run does not sit silent: what is compiling, about how long, and where it is cached.
-    Returns whether it said so."""
+def _has_cache_index(dispatcher: Any) -> bool:
+    """numba's disk cache holds an index for the kernel (code for some argument types, maybe not these)."""
     cache = getattr(dispatcher, "_cache", None)
     index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
-    if index is not None and Path(index).exists():
-        return False
-    _say_compiling(dispatcher, flavour)
-    return True
+    return index is not None and Path(index).exists()
 
 
 def _say_compiling(dispatcher: Any, flavour: str, **extra: Any) -> None:
@@ -1228,32 +1222,32 @@ def _say_compiling(dispatcher: Any, flavour: str, **extra: Any) -> None:
 COMPILE_NOTICE_AFTER_S = 5.0
 
 
-def announce_slow_compiles(dispatcher: Any, flavour: str, *, announced: bool = False,
-                           after_s: float = COMPILE_NOTICE_AFTER_S) -> None:
-    """Say so when a call of `dispatcher` is still compiling after `after_s` seconds. The cache's index can exist
-    and still lack the argument types of this call (another precision, another layout of the strategies): numba
-    then compiles a new specialisation, for minutes, which the check of _say_if_compiling cannot see before the
-    call. numba's dispatcher calls its `_compile_for_args` only for argument types it holds no compiled code for
-    in this process (a load from the disk cache included, about a second), so a timer started there fires on a
-    compile (or on a load slowed past `after_s` by a busy machine), and a call that finds its code costs nothing.
-    Nothing is said for the first compile when `announced` (_say_if_compiling already announced it)."""
+def announce_compiles(dispatcher: Any, flavour: str, *, after_s: float = COMPILE_NOTICE_AFTER_S,
+                      in_cache: Callable[[Any], bool] = _has_cache_index) -> None:
+    """Compile `dispatcher` under the compile lock (compile_lock: processes side by side compile a kernel once)
+    and say so when it compiles, so that a first run does not sit silent. numba's dispatcher calls its
+    `_compile_for_args` only for argument types it holds no code for in this process; then, holding the lock:
+    - no index in the disk cache (`in_cache`; a first run after an install or an upgrade): it compiles, and one
+      line says so at once (what, about how long, where it is cached). A process that waited for another's
+      compile finds the index by then and says only that it waited (compile_lock);
+    - an index, which may still lack these argument types (another precision, another layout of the
+      strategies): numba loads the code in about a second or compiles a new specialisation, which cannot be
+      told before the call, so a timer says so if the call is still compiling after `after_s` seconds."""
     original = dispatcher._compile_for_args
-    quiet_first = [announced]
     lock_path = _compile_lock_path(dispatcher)
 
     def compile_for_args(*args: Any, **kws: Any) -> Any:
-        if quiet_first[0]:
-            quiet_first[0] = False
-            with compile_lock(lock_path, flavour):
+        with compile_lock(lock_path, flavour):
+            if not in_cache(dispatcher):
+                _say_compiling(dispatcher, flavour)
                 return original(*args, **kws)
-        timer = threading.Timer(after_s, _say_compiling, (dispatcher, flavour), {"new_argument_types": True})
-        timer.daemon = True
-        timer.start()
-        try:
-            with compile_lock(lock_path, flavour):
+            timer = threading.Timer(after_s, _say_compiling, (dispatcher, flavour), {"new_argument_types": True})
+            timer.daemon = True
+            timer.start()
+            try:
                 return original(*args, **kws)
-        finally:
-            timer.cancel()
+            finally:
+                timer.cancel()
 
     dispatcher._compile_for_args = compile_for_args
 
