@@ -359,7 +359,7 @@ class _Progress:
         episodes_done = round(self.episodes * done / max(total, 1), 1)
         if self.bar is not None:
             self.bar.update(max(0.0, episodes_done - self.bar.n))
-        elif time.monotonic() - self.last >= PROGRESS_SECONDS:
+        elif done >= total or time.monotonic() - self.last >= PROGRESS_SECONDS:  # the end always reaches the bar
             self.last = time.monotonic()
             log.info("training_progress", percent=round(100.0 * done / max(total, 1), 1),
                      episodes_done=episodes_done, episodes=self.episodes, last_return=self.last_return)

@@ -108,3 +108,21 @@ def test_a_forecast_runs_bar_shows_its_fits_share_not_episodes():
 def test_the_verdict_in_words(score, best, count, iteration, expected):
     d = rules.decide(score, best, count, iteration, threshold=5.0, patience=3, max_iterations=4)
     assert rules.describe(d, 3) == expected
+
+
+def test_a_workers_progress_events_are_spaced_but_the_end_always_goes_out(monkeypatch):
+    """Off a terminal the worker sends `training_progress` at most every NEXLIFY_PROGRESS_SECONDS, but the
+    last step always: the run's bar ends at 100 %, not where the last spaced event left it."""
+    from structlog.testing import capture_logs
+
+    from controller import worker
+
+    monkeypatch.setattr(worker, "PROGRESS_SECONDS", 3600.0)
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal: events, no bar
+    progress = worker._Progress(32, "forecast")
+    with capture_logs() as events:
+        progress.step(10, 100)
+        progress.step(91, 100)
+        progress.step(1, 1)
+    sent = [(e["percent"], e["episodes_done"]) for e in events if e["event"] == "training_progress"]
+    assert sent == [(100.0, 32.0)]
