@@ -24,6 +24,7 @@ def bar_format(algorithm: str) -> str:
     """The progress bar's format for a run of `algorithm` (AgentConfig.algorithm)."""
     return FIT_BAR_FORMAT if algorithm == "forecast" else BAR_FORMAT
 
+
 SECRET_WORDS = ("secret", "password", "token", "credential", "access_key")
 
 

@@ -194,6 +194,7 @@ class ForecastAgent:
         def progress(done: int, total: int) -> None:
             if on_progress is not None:
                 on_progress(done, total)
+
         start = {k: v.clone() for k, v in self.model.state_dict().items()}
         start_opt = self.optimizer.state_dict()
         start_gen = self.generator.get_state()
