@@ -198,6 +198,21 @@ def test_the_fit_reports_its_steps_and_a_refit_in_pieces_is_the_same_refit():
     assert all(torch.equal(a, b) for a, b in zip(one.model.state_dict().values(), pieces.model.state_dict().values()))
 
 
+def test_a_preemption_during_the_refit_stops_the_fit():
+    """should_stop is asked between the refit's pieces too: a preemption there ends the fit (the worker saves
+    nothing and the run starts over), not after the whole refit."""
+    x, y = _rows(lambda v: 0.05 * v)
+    torch.manual_seed(0)
+    agent = ForecastAgent(1, 8, 5e-3, torch.device("cpu"), seed=0)
+    heard: list[tuple[int, int]] = []
+    in_refit = lambda: bool(heard) and heard[-1][1] != 300 + round(300 * len(x) / 3000)  # noqa: E731
+    with pytest.raises(InterruptedError):
+        agent.train(*_split(x, y, 3000), batch_size=64, eval_every=10, patience=3, max_steps=300,
+                    should_stop=in_refit, on_progress=lambda done, total: heard.append((done, total)))
+    refit = [h for h in heard if h[1] != 300 + round(300 * len(x) / 3000)]
+    assert len(refit) == 1  # one piece of the refit, then the question, then the stop
+
+
 def _config() -> TrainConfig:
     cfg = TrainConfig()
     cfg.data.pairs = ["BTC/USDT", "ETH/USDT"]

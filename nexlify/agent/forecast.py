@@ -180,7 +180,8 @@ class ForecastAgent:
         `eval_every` steps (step 0 included: the starting weights), until it has not improved for `patience`
         measurements or `max_steps`; then train again from the starting weights and optimiser on all rows
         (x_all, y_all) for the best step count scaled by the rows (the same passes over the data). Labels are
-        in the learner's units. `should_stop()` is asked between measurements (a preemption).
+        in the learner's units. `should_stop()` is asked between measurements and between pieces of the refit (a
+        preemption).
 
         The fit also records the t-statistic of the early-stopped weights' holdout gain over forecasting zero
         (gain_t_stat): the holdout rows come `rows_per_bar` to a bar (the pairs), summed per bar, and their
@@ -235,6 +236,8 @@ class ForecastAgent:
         self.grad_steps = start_steps
         steps = round(best_step * refit_scale)
         for done in range(0, steps, eval_every):  # in pieces, to report progress: the same steps as in one call
+            if should_stop is not None and should_stop():
+                raise InterruptedError
             n = min(eval_every, steps - done)
             self._steps(x_all, y_all, n, batch_size)
             progress(step + done + n, step + steps)
