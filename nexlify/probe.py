@@ -10,7 +10,6 @@ the CUDA devices.
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -44,23 +43,22 @@ def describe(name: str) -> dict:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+_answers: dict[str, dict] = {}  # every probe's answer in this process, by device name
+
+
 def probe(name: str) -> dict:
-    """describe(name), computed in a child process (this one stays free of torch); NexlifyError with the
-    child's last line when it fails."""
-    found = _ask_child(name)
-    _answers.append(found)
-    return found
-
-
-_answers: list[dict] = []  # every probe's answer in this process
+    """describe(name), computed in a child process (this one stays free of torch) once per name and process;
+    NexlifyError with the child's last line when it fails."""
+    if name not in _answers:
+        _answers[name] = _ask_child(name)
+    return _answers[name]
 
 
 def cuda_devices() -> int:
     """The CUDA devices torch sees: from a probe this process already ran (for any device name: the count is
     the same), else from a probe of "auto". A child costs seconds (it imports torch); `nexlify train` asks
     for the device in preflight, then for the count when sizing the local executor."""
-    found = next((a for a in _answers if "cuda_devices" in a), None) or probe("auto")
+    found = next((a for a in _answers.values() if "cuda_devices" in a), None) or probe("auto")
     return int(found.get("cuda_devices") or 0)
 
 

@@ -19,11 +19,9 @@ def asked(monkeypatch) -> list[str]:
             return {"torch_error": "torch cannot be imported: ImportError: no"}
         return {"torch": "2.13.0, 2 threads", "cuda_devices": 2, "device": name}
 
-    probe_module.probe.cache_clear()
-    monkeypatch.setattr(probe_module, "_answers", [])
+    monkeypatch.setattr(probe_module, "_answers", {})
     monkeypatch.setattr(probe_module, "_ask_child", child)
-    yield names
-    probe_module.probe.cache_clear()
+    return names
 
 
 @pytest.mark.parametrize(("earlier", "children"), [
@@ -45,9 +43,9 @@ def test_a_name_is_asked_once(asked) -> None:
     assert asked == ["cpu"]
 
 
-def test_the_real_child_answers() -> None:
+def test_the_real_child_answers(monkeypatch) -> None:
     """One real child (imports torch): the CPU build on this machine sees no CUDA device."""
-    probe_module.probe.cache_clear()
+    monkeypatch.setattr(probe_module, "_answers", {})
     found = probe_module.probe("cpu")
     assert found["device"] == "cpu"
     assert found["torch"].startswith("2.")

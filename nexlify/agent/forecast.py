@@ -191,11 +191,7 @@ class ForecastAgent:
         steps of the refit: `total` is the most the fit can take (max_steps, then the refit's steps at most) until
         the early stopping ends, then the steps it will have taken."""
         refit_scale = x_all.shape[0] / max(1, x_fit.shape[0])
-
-        def progress(done: int, total: int) -> None:
-            if on_progress is not None:
-                on_progress(done, total)
-
+        progress = on_progress or (lambda done, total: None)
         start = {k: v.clone() for k, v in self.model.state_dict().items()}
         start_opt = self.optimizer.state_dict()
         start_gen = self.generator.get_state()
