@@ -559,6 +559,7 @@ def test_drop_watches_cuts_open_streams(fake_cluster: FakeCluster) -> None:
     thread.start()
     wait_for(lambda: fake_cluster.open_watches() == 1, what="watch open")
     assert fake_cluster.drop_watches() == 1
+    assert fake_cluster.open_watches() == 0  # a cut watch is not counted, even before its handler notices
     thread.join(5)
     assert not thread.is_alive() and len(outcome) == 1
     assert isinstance(outcome[0], urllib3.exceptions.ProtocolError)

@@ -523,22 +523,30 @@ def test_wait_survives_dropped_watches_and_410_gone(make_cluster, tmp_path):
     executor = KubernetesExecutor(k8s_settings(), pipeline_id="feed0001", backoff=FAST_BACKOFF)
     handle = executor.start(dummy_spec())
 
+    failures: list[BaseException] = []
+
     def disturb() -> None:
-        wait_for(lambda: cluster.open_watches() >= 1, what="the first watch")
-        wait_for(lambda: cluster.job(handle.job).get("status", {}).get("active"), what="the pod to run")
-        assert cluster.drop_watches() >= 1
-        wait_for(lambda: cluster.open_watches() >= 1, what="the watch to reconnect")
-        cluster.create_namespace("unrelated-write")  # history moves past what the executor has seen
-        cluster.compact_history()
-        assert cluster.drop_watches() >= 1  # the reconnect asks for a forgotten resourceVersion: 410
-        wait_for(lambda: cluster.open_watches() >= 1, what="the watch after the re-list")
-        gate.touch()
+        try:
+            wait_for(lambda: cluster.open_watches() >= 1, what="the first watch")
+            wait_for(lambda: cluster.job(handle.job).get("status", {}).get("active"), what="the pod to run")
+            assert cluster.drop_watches() >= 1
+            wait_for(lambda: cluster.open_watches() >= 1, what="the watch to reconnect")
+            cluster.create_namespace("unrelated-write")  # history moves past what the executor has seen
+            cluster.compact_history()
+            assert cluster.drop_watches() >= 1  # the reconnect asks for a forgotten resourceVersion: 410
+            wait_for(lambda: cluster.open_watches() >= 1, what="the watch after the re-list")
+        except BaseException as error:  # noqa: BLE001 - reported below, after the run is let go
+            failures.append(error)
+        finally:
+            gate.touch()  # the run ends either way, so a failed step fails the test instead of hanging it
 
     helper = threading.Thread(target=disturb, daemon=True)
     helper.start()
     with capture_logs() as logs:
         [outcome] = executor.wait([handle])
     helper.join(timeout=10)
+    if failures:
+        raise failures[0]
     assert outcome.succeeded, outcome.reason
     events = [e["event"] for e in logs]
     # the first drop reconnects from the last resourceVersion; after the compaction the fake answers the

@@ -134,9 +134,12 @@ class FakeHTTPServer(ThreadingHTTPServer):
             return len(self._watches)
 
     def drop_watches(self) -> int:
-        """Cut every open watch/follow connection mid-stream (no terminating chunk)."""
+        """Cut every open watch/follow connection mid-stream (no terminating chunk). A cut watch stops
+        counting in `open_watches` at once, before its handler thread has noticed: a test that waits for
+        the client to reconnect sees the new watch, never the one it cut."""
         with self._lock:
             watches = list(self._watches.items())
+            self._watches.clear()
         for conn, closing in watches:
             closing.set()
             try:
