@@ -435,7 +435,8 @@ class Pipeline:
 
         t0 = time.perf_counter()
         try:
-            url = write_report(self.store)
+            # the local executor's warm launcher (its imports done) forks the final model's evaluation
+            url = write_report(self.store, launcher=getattr(self.executor, "launcher", None))
         except Exception as exc:  # noqa: BLE001 - the summary is written; say what failed and go on
             log.error("report_failed", pipeline=self.pipeline_id, error=f"{type(exc).__name__}: {exc}")
             return

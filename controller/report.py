@@ -201,17 +201,26 @@ def training_curves(store: Store, runs: list[dict]) -> dict:
     return out
 
 
-def _child(module: str, args: list[str], what: str) -> dict:
+def _child(module: str, args: list[str], what: str, launcher=None) -> dict:
     """Run `python -m module *args OUT_JSON` (a torch process of the report), relay its events and return its
-    JSON; its error as ours (exit code 2: InputError). `what` names it in an error without a cause."""
+    JSON; its error as ours (exit code 2: InputError). `what` names it in an error without a cause. With a
+    launcher (a pipeline's workers', controller.executors.prefork), the process is forked from it, its
+    imports already done."""
     with scratch_dir(REPORT_SCRATCH_PREFIX) as tmp:
         out_path = os.path.join(tmp, "out.json")
-        child = subprocess.run([sys.executable, "-m", module, *args, out_path], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        cause = _relay_events(child.stderr, module)
-        if child.returncode != 0:
-            error = InputError if child.returncode == 2 else PermanentError
-            raise error(cause or f"{what} failed (exit code {child.returncode})")
+        if launcher is not None:
+            forked = launcher.spawn([*args, out_path], main=f"{module}:main")
+            with forked.stderr:
+                stderr = forked.stderr.read()
+            returncode = forked.wait()
+        else:
+            child = subprocess.run([sys.executable, "-m", module, *args, out_path], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            stderr, returncode = child.stderr, child.returncode
+        cause = _relay_events(stderr, module)
+        if returncode != 0:
+            error = InputError if returncode == 2 else PermanentError
+            raise error(cause or f"{what} failed (exit code {returncode})")
         with open(out_path, encoding="utf-8") as fh:
             return json.load(fh)
 
@@ -222,7 +231,7 @@ def paper_data(store: Store) -> dict:
     return _child("controller.paper.report", [root], "the paper session's replay")
 
 
-def final_model_evaluation(store: Store, summary: dict) -> dict:
+def final_model_evaluation(store: Store, summary: dict, launcher=None) -> dict:
     """The final model stepped through the pipeline's validation and test windows, on the output's own data
     snapshot and with the model's own config and normaliser. The stepping needs torch, so it runs in a
     process of its own (nexlify.report.final_model); the controller reads its JSON and relays its events."""
@@ -245,7 +254,7 @@ def final_model_evaluation(store: Store, summary: dict) -> dict:
                 store.download_file(key, os.path.join(stored, name))
                 had.add(name)
         out = _child("nexlify.report.final_model", ["--name", store.url(model_key(summary)), model_path, data_dir],
-                     "the final model's evaluation")
+                     "the final model's evaluation", launcher)
         for name in sorted(set(os.listdir(stored)) - had):
             with open(os.path.join(stored, name), "rb") as fh:
                 blob = fh.read()
@@ -313,7 +322,9 @@ def read_summary(store: Store) -> dict | None:
     return summary
 
 
-def build(store: Store) -> dict:
+def build(store: Store, launcher=None) -> dict:
+    """The page's data. launcher: where the final model's evaluation process is forked from (a pipeline's
+    controller.executors.prefork.Launcher), else it is a fresh process."""
     summary = read_summary(store)
     if summary is None:
         return paper_data(store)
@@ -323,12 +334,12 @@ def build(store: Store) -> dict:
         state = None
     p = pipeline_data(summary, state)
     return {"title": f"nexlify pipeline {summary['pipeline_id']}", "verdict": summary_verdict(summary), "pipeline": p,
-            "evaluation": final_model_evaluation(store, summary), "training": training_curves(store, p["runs"])}
+            "evaluation": final_model_evaluation(store, summary, launcher), "training": training_curves(store, p["runs"])}
 
 
-def write_report(store: Store) -> str:
-    """Build report.html from the output and write it there; returns its URL."""
+def write_report(store: Store, launcher=None) -> str:
+    """Build report.html from the output and write it there; returns its URL. launcher: as build's."""
     from nexlify.report import render
 
-    store.write_bytes(REPORT_KEY, render(build(store)).encode())
+    store.write_bytes(REPORT_KEY, render(build(store, launcher)).encode())
     return store.url(REPORT_KEY)

@@ -170,6 +170,32 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
+def descendants(pid: int) -> list[int]:
+    """Live processes under pid: its children, theirs, and so on."""
+    out, todo = [], children(pid)
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(children(child))
+    return sorted(out)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def workers(pid: int) -> list[int]:
+    """The worker processes of the controller pid: the children of its warm launcher
+    (controller.executors.prefork), or its own children where it starts them as fresh processes."""
+    out = []
+    for child in children(pid):
+        out.extend(children(child) if "controller.executors.prefork" in _cmdline(child) else [child])
+    return sorted(out)
+
+
 def alive(pid: int) -> bool:
     """True while pid runs (a zombie waiting to be reaped counts as gone)."""
     try:
@@ -181,18 +207,20 @@ def alive(pid: int) -> bool:
 
 
 def sigkill_pipeline(proc: subprocess.Popen) -> list[int]:
-    """kill -9 the controller; then every worker it had must exit by itself (PDEATHSIG) in time."""
-    workers = children(proc.pid)
+    """kill -9 the controller; then every process under it (the workers and their launcher) must exit by
+    itself (PDEATHSIG) in time. Returns the workers."""
+    running = workers(proc.pid)
+    under = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=10) == -signal.SIGKILL
     deadline = time.monotonic() + CHILD_EXIT_TIMEOUT_S
-    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+    while time.monotonic() < deadline and any(alive(pid) for pid in under):
         time.sleep(0.05)
-    survivors = [pid for pid in workers if alive(pid)]
+    survivors = [pid for pid in under if alive(pid)]
     for pid in survivors:  # clean up before failing, so a broken PDEATHSIG does not leak processes
         os.kill(pid, signal.SIGKILL)
-    assert not survivors, f"worker processes {survivors} kept running after the controller was killed"
-    return workers
+    assert not survivors, f"processes {survivors} kept running after the controller was killed"
+    return running
 
 
 # ---------------------------------------------------------------------------------------- summaries

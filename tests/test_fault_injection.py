@@ -329,7 +329,7 @@ def test_worker_failures_carry_their_cause_not_just_the_exit_code(monkeypatch, t
 
     kinds = iter(["disk-full", "crash"])
     monkeypatch.setattr(local, "worker_command", lambda: [sys.executable, "-c", FAILING_WORKER, next(kinds)])
-    executor = LocalExecutor(1, progress=False)
+    executor = LocalExecutor(1, progress=False, prefork=False)  # fresh processes: worker_command is what runs
     specs = [RunSpec(run_key=f"init-{i}", phase="initial", seed=i, episodes=1, config_url="c", data_url="d",
                      output_url=str(tmp_path / f"run{i}"), checkpoint_every=0) for i in (1, 2)]
     disk, crash = executor.wait([executor.start(spec) for spec in specs])

@@ -26,7 +26,6 @@ from tests.pipeline_support import (
     REPO,
     Reference,
     alive,
-    children,
     comparable,
     finish,
     folder_tree,
@@ -37,6 +36,7 @@ from tests.pipeline_support import (
     tail,
     train_args,
     wait_until,
+    workers,
 )
 
 SUMMARY = "complete_training_summary.json"
@@ -90,8 +90,8 @@ def test_stopped_at_five_points_and_resumed_ends_like_an_uninterrupted_run(refer
     resume_files = [out / f"initial_runs/run_{i}/resume.pt" for i in (1, 2)]
     wait_until(lambda: any(p.exists() for p in resume_files), proc, log_path, "an initial run's resume.pt")
     assert not (out / SUMMARY).exists()
-    workers = sigkill_pipeline(proc)
-    assert len(workers) == 2, f"expected two worker processes, saw {workers}"
+    killed = sigkill_pipeline(proc)
+    assert len(killed) == 2, f"expected two worker processes, saw {killed}"
     assert phase(out) == "INITIAL_RUNNING" and not (out / SUMMARY).exists()
     unfinished = [i for i in (1, 2) if not (out / f"initial_runs/run_{i}/result.json").exists()]
     assert unfinished, "both runs finished before the kill: the test did not interrupt anything"
@@ -118,8 +118,8 @@ def test_stopped_at_five_points_and_resumed_ends_like_an_uninterrupted_run(refer
     resume_1 = out / "retraining/iteration_1/resume.pt"
     wait_until(resume_1.exists, proc, log_path, "retraining iteration 1's resume.pt")
     assert not (out / SUMMARY).exists()
-    workers = sigkill_pipeline(proc)
-    assert len(workers) == 1
+    killed = sigkill_pipeline(proc)
+    assert len(killed) == 1
     events = events_of(log_path, offset)
     assert not [e for e in events if e["event"] == "run_started" and e.get("phase") == "initial"]
     state = read_json(out / "pipeline_state.json")
@@ -132,11 +132,11 @@ def test_stopped_at_five_points_and_resumed_ends_like_an_uninterrupted_run(refer
     proc = start_cli(args, log_path, own_session=True, env=pause_after_resume_env(tmp_path, seconds=3))
     resume_2 = out / "retraining/iteration_2/resume.pt"
     wait_until(resume_2.exists, proc, log_path, "retraining iteration 2's resume.pt")
-    workers = children(proc.pid)
-    assert len(workers) == 1
+    running = workers(proc.pid)
+    assert len(running) == 1
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
     assert finish(proc, log_path) == 130, tail(log_path)
-    assert not any(alive(pid) for pid in workers)  # the controller waited for its worker to stop
+    assert not any(alive(pid) for pid in running)  # the controller waited for its worker to stop
     events = events_of(log_path, offset)
     assert "retrain-1" in {e["run"] for e in events if e["event"] == "run_resumed"}
     assert (out / "retraining/iteration_1/result.json").exists() and not resume_1.exists()
@@ -194,11 +194,11 @@ def test_sigterm_stops_the_workers_saves_their_progress_and_publishes_the_log(tm
     proc = start_cli(train_args(str(out), "--max-iterations", "0"), log_path)
     resume_files = [out / f"initial_runs/run_{i}/resume.pt" for i in (1, 2)]
     wait_until(lambda: any(p.exists() for p in resume_files), proc, log_path, "an initial run's resume.pt")
-    workers = children(proc.pid)
-    assert len(workers) == 2
+    running = workers(proc.pid)
+    assert len(running) == 2
     os.kill(proc.pid, signal.SIGTERM)  # what `kill <pid>` and a Kubernetes pod deletion send
     assert finish(proc, log_path) == 143, tail(log_path)
-    assert not any(alive(pid) for pid in workers)
+    assert not any(alive(pid) for pid in running)
     assert "terminated" in tail(log_path).splitlines()[-1]
     published = log_events(out / "training.log")
     stopped = {e["run"] for e in published if e["event"] == "run_stopped"}

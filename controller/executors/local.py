@@ -1,50 +1,37 @@
-"""The embedded default: each run is a `nexlify worker train` child process on this machine.
+"""The embedded default: each run is a `nexlify worker train` process on this machine, forked from a warm
+launcher that has imported the worker's modules already (controller.executors.prefork; a fresh
+`python -m controller` process where the launcher cannot run).
 
 At most `parallel` workers run at once. Workers log JSON lines on stderr; the executor relays each
 event through the controller's logger (so it lands in the terminal and training.log alike) and turns
-their progress events into one progress bar per run on a terminal. Children get SIGTERM if the
-controller dies (Linux PDEATHSIG), which makes them save a resume checkpoint and exit, so a re-run
-of the pipeline never finds an orphan still writing to the same run.
+their progress events into one progress bar per run on a terminal. Workers get SIGTERM if the
+controller dies (Linux PDEATHSIG, through the launcher), which makes them save a resume checkpoint and
+exit, so a re-run of the pipeline never finds an orphan still writing to the same run.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import structlog
 
 from controller.executors.base import RunOutcome, RunSpec
+from controller.executors.prefork import Launcher, die_with_parent
+from controller.executors.prefork import supported as can_prefork
 
 log = structlog.get_logger("nexlify.executor.local")
 
-PR_SET_PDEATHSIG = 1
 _TRACEBACK_LAST = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*")
 STOP_GRACE_S = 60.0  # how long close() lets workers save their resume checkpoint after SIGTERM
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs in the child between fork and exec: SIGTERM when the controller dies (even by SIGKILL).
-
-    If the controller died before prctl took effect (between fork and here), no signal would ever
-    come, so the child checks that its parent is still the controller and stops itself otherwise.
-    Linux ties PDEATHSIG to the thread that forked: workers are launched from the thread that waits
-    for them."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-    if os.getppid() != parent_pid:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def worker_command() -> list[str]:
@@ -82,12 +69,31 @@ class _Run:
 
 class LocalExecutor:
     def __init__(self, parallel: int = 0, *, extra_env: dict | None = None, progress: bool | None = None,
-                 algorithm: str = "dqn") -> None:
-        self.parallel = parallel or default_parallel()
+                 algorithm: str = "dqn", prefork: bool = True) -> None:
+        """prefork: fork the workers from a launcher that has imported their modules already
+        (controller.executors.prefork; Linux), started here so that its imports overlap the controller's
+        start; False, or where it cannot run, each worker is a fresh `python -m controller` process."""
         self.algorithm = algorithm  # the runs' learner: their bars count episodes, or a fit's share
         self.extra_env = dict(extra_env or {})
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._runs: dict[str, _Run] = {}
+        self._launcher = Launcher(self._worker_env()) if prefork and can_prefork() else None
+        if self._launcher is not None:  # an executor dropped without close() takes its launcher with it
+            weakref.finalize(self, self._launcher.close)
+        self.parallel = parallel or default_parallel()  # after the launcher: its imports overlap the device probe
+
+    @property
+    def launcher(self) -> Launcher | None:
+        """The warm launcher, once its imports are done (None without one, or if it failed: then say so)."""
+        if self._launcher is not None and not self._launcher.ready():
+            self._drop_launcher(self._launcher.error)
+        return self._launcher
+
+    def _drop_launcher(self, reason: str | None) -> None:
+        assert self._launcher is not None
+        log.warning("worker_launcher_unavailable", reason=reason, fallback="each worker starts as a fresh process")
+        self._launcher.close()
+        self._launcher = None
 
     def start(self, spec: RunSpec) -> str:
         """Register a run; processes start in wait(), at most `parallel` at a time. Idempotent by run key."""
@@ -128,20 +134,34 @@ class LocalExecutor:
             if run.relay is not None:
                 run.relay.join(timeout=5)
             log.info("run_stopped", run=run.spec.run_key, exit_code=run.process.returncode)
+        if self._launcher is not None:
+            self._launcher.close()
+            self._launcher = None
 
     # -----------------------------------------------------------------------------------------------
 
-    def _launch(self, run: _Run, position: int) -> None:
+    def _worker_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
         env["NEXLIFY_LOG_FORMAT"] = "json"
         env["NEXLIFY_PROGRESS_SECONDS"] = "1" if self.progress else env.get("NEXLIFY_PROGRESS_SECONDS", "30")
-        argv = worker_command() + run.spec.worker_args()
-        # A session of its own: Ctrl-C on the terminal reaches only the controller, which then stops each
-        # worker with SIGTERM (a worker saves its resume checkpoint on SIGTERM, not on SIGINT).
-        run.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                       preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+        return env
+
+    def _launch(self, run: _Run, position: int) -> None:
+        launcher = self.launcher
+        if launcher is not None:
+            try:
+                run.process = launcher.spawn(run.spec.worker_args())
+            except OSError as error:  # the launcher died (killed, out of memory): fresh processes from now on
+                self._drop_launcher(str(error))
+                launcher = None
+        if launcher is None:
+            # A session of its own: Ctrl-C on the terminal reaches only the controller, which then stops each
+            # worker with SIGTERM (a worker saves its resume checkpoint on SIGTERM, not on SIGINT).
+            run.process = subprocess.Popen(worker_command() + run.spec.worker_args(), env=self._worker_env(),
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                           preexec_fn=functools.partial(die_with_parent, os.getpid()))
         if self.progress:
             from tqdm import tqdm
 

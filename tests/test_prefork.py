@@ -1,0 +1,114 @@
+"""The warm launcher (controller.executors.prefork): a forked worker behaves as a fresh `python -m` process
+would (its output, exit code, threads and atexit handlers, signals, its own session), and nothing outlives
+the launcher or the controller."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from controller.executors.prefork import Launcher, supported
+from tests.pipeline_support import REPO, alive
+
+pytestmark = pytest.mark.skipif(not supported(), reason="the launcher forks: Linux only")
+
+TARGETS = "tests.prefork_targets"
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    env = dict(os.environ, PYTHONPATH=str(REPO), NEXLIFY_LOG_FORMAT="json")
+    started = Launcher(env)
+    assert started.ready(), started.error
+    yield started
+    started.close()
+
+
+def without_timestamps(stderr: str) -> list[dict]:
+    events = [json.loads(line) for line in stderr.splitlines()]
+    for event in events:
+        event.pop("timestamp")
+    return events
+
+
+def run(launcher: Launcher, argv: list[str], main: str) -> tuple[int, str]:
+    forked = launcher.spawn(argv, main=main)
+    with forked.stderr:
+        err = forked.stderr.read()
+    return forked.wait(timeout=60), err
+
+
+def test_a_forked_worker_answers_bad_input_exactly_as_a_fresh_process(launcher, tmp_path):
+    args = ["worker", "train", "--episodes", "-3", "--out", str(tmp_path / "out")]
+    fresh = subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, NEXLIFY_LOG_FORMAT="json"), cwd=REPO)
+    code, err = run(launcher, args, "controller.cli:main")
+    assert fresh.returncode == 2 and "-3" in fresh.stderr
+    assert code == fresh.returncode
+    assert without_timestamps(err) == without_timestamps(fresh.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target, argv, code, last_line", [
+    ("exit_with", ["0"], 0, None),
+    ("exit_with", ["7"], 7, None),
+    ("raise_error", ["boom"], 1, "RuntimeError: boom"),  # the traceback, as the interpreter prints it
+    ("exit_with_message", ["no such model"], 1, "no such model"),  # sys.exit("...") prints it, exit code 1
+])
+def test_exit_codes_and_last_words_as_the_interpreter_gives_them(launcher, target, argv, code, last_line):
+    got, err = run(launcher, argv, f"{TARGETS}:{target}")
+    assert got == code
+    if last_line is None:
+        assert err == ""
+    else:
+        assert err.splitlines()[-1] == last_line
+        if target == "raise_error":
+            assert err.startswith("Traceback (most recent call last):")
+
+
+def test_on_exit_threads_are_joined_and_atexit_handlers_run(launcher, tmp_path):
+    marker = tmp_path / "late"
+    code, err = run(launcher, [str(marker)], f"{TARGETS}:late_thread_and_atexit")
+    assert code == 0 and marker.read_text() == "written"
+    assert err == "goodbye from atexit\n"
+
+
+def test_a_worker_has_its_own_session_and_ends_by_signal_with_its_code(launcher):
+    forked = launcher.spawn([], main=f"{TARGETS}:sleep_until_signalled")
+    assert forked.stderr.readline() == "sleeping\n"
+    assert os.getsid(forked.pid) == forked.pid  # Ctrl-C on the controller's terminal does not reach it
+    assert forked.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        forked.wait(timeout=0.2)
+    forked.terminate()
+    assert forked.wait(timeout=30) == -signal.SIGTERM  # as subprocess.Popen.returncode says it
+    forked.stderr.close()
+
+
+def test_a_killed_launcher_takes_its_workers_with_it():
+    own = Launcher(dict(os.environ, PYTHONPATH=str(REPO)))
+    assert own.ready(), own.error
+    forked = own.spawn([], main=f"{TARGETS}:sleep_until_signalled")
+    assert forked.stderr.readline() == "sleeping\n"
+    own.process.kill()  # SIGKILL: no cleanup; the worker's PDEATHSIG ends it
+    assert forked.wait(timeout=30) == -signal.SIGTERM
+    assert not alive(forked.pid)
+    with pytest.raises(OSError, match="launcher ended"):
+        own.spawn([], main=f"{TARGETS}:exit_with")
+    own.close()
+    forked.stderr.close()
+
+
+def test_closing_a_launcher_still_importing_does_not_wait_for_its_imports():
+    own = Launcher(dict(os.environ, PYTHONPATH=str(REPO)))
+    t0 = time.monotonic()
+    own.close()
+    assert time.monotonic() - t0 < 5
+    assert own.process.returncode == -signal.SIGKILL
+    own.close()  # twice: nothing happens
