@@ -350,6 +350,7 @@ class _Progress:
         self.episodes = episodes
         self.last_return: float | None = None
         self.last = time.monotonic()
+        self.ended = False  # the last step's event went out
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -359,8 +360,9 @@ class _Progress:
         episodes_done = round(self.episodes * done / max(total, 1), 1)
         if self.bar is not None:
             self.bar.update(max(0.0, episodes_done - self.bar.n))
-        elif done >= total or time.monotonic() - self.last >= PROGRESS_SECONDS:  # the end always reaches the bar
-            self.last = time.monotonic()
+        elif (done >= total and not self.ended) or (done < total and time.monotonic() - self.last >= PROGRESS_SECONDS):
+            self.last = time.monotonic()  # the end always reaches the bar, once
+            self.ended = done >= total
             log.info("training_progress", percent=round(100.0 * done / max(total, 1), 1),
                      episodes_done=episodes_done, episodes=self.episodes, last_return=self.last_return)
 
