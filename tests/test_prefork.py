@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from controller.executors.prefork import Launcher, supported
+from controller.executors.prefork import Launcher, gpu_device_nodes, supported
 from tests.pipeline_support import REPO, alive
 
-pytestmark = pytest.mark.skipif(not supported(), reason="the launcher forks: Linux only")
+forking = pytest.mark.skipif(not supported(), reason="the launcher forks: Linux without a GPU only")
 
 TARGETS = "tests.prefork_targets"
 
@@ -44,6 +44,7 @@ def run(launcher: Launcher, argv: list[str], main: str) -> tuple[int, str]:
     return forked.wait(timeout=60), err
 
 
+@forking
 def test_a_forked_worker_answers_bad_input_exactly_as_a_fresh_process(launcher, tmp_path):
     args = ["worker", "train", "--episodes", "-3", "--out", str(tmp_path / "out")]
     fresh = subprocess.run([sys.executable, "-m", "controller", *args], capture_output=True, text=True, timeout=120,
@@ -55,6 +56,7 @@ def test_a_forked_worker_answers_bad_input_exactly_as_a_fresh_process(launcher, 
     assert not (tmp_path / "out").exists()
 
 
+@forking
 @pytest.mark.parametrize("target, argv, code, last_line", [
     ("exit_with", ["0"], 0, None),
     ("exit_with", ["7"], 7, None),
@@ -72,6 +74,7 @@ def test_exit_codes_and_last_words_as_the_interpreter_gives_them(launcher, targe
             assert err.startswith("Traceback (most recent call last):")
 
 
+@forking
 def test_on_exit_threads_are_joined_and_atexit_handlers_run(launcher, tmp_path):
     marker = tmp_path / "late"
     code, err = run(launcher, [str(marker)], f"{TARGETS}:late_thread_and_atexit")
@@ -79,6 +82,7 @@ def test_on_exit_threads_are_joined_and_atexit_handlers_run(launcher, tmp_path):
     assert err == "goodbye from atexit\n"
 
 
+@forking
 def test_a_worker_has_its_own_session_and_ends_by_signal_with_its_code(launcher):
     forked = launcher.spawn([], main=f"{TARGETS}:sleep_until_signalled")
     assert forked.stderr.readline() == "sleeping\n"
@@ -91,6 +95,7 @@ def test_a_worker_has_its_own_session_and_ends_by_signal_with_its_code(launcher)
     forked.stderr.close()
 
 
+@forking
 def test_a_killed_launcher_takes_its_workers_with_it():
     own = Launcher(dict(os.environ, PYTHONPATH=str(REPO)))
     assert own.ready(), own.error
@@ -105,6 +110,7 @@ def test_a_killed_launcher_takes_its_workers_with_it():
     forked.stderr.close()
 
 
+@forking
 def test_closing_a_launcher_still_importing_does_not_wait_for_its_imports():
     own = Launcher(dict(os.environ, PYTHONPATH=str(REPO)))
     t0 = time.monotonic()
@@ -112,3 +118,44 @@ def test_closing_a_launcher_still_importing_does_not_wait_for_its_imports():
     assert time.monotonic() - t0 < 5
     assert own.process.returncode == -signal.SIGKILL
     own.close()  # twice: nothing happens
+
+
+@pytest.mark.parametrize("nodes, forks", [
+    ([], True),
+    (["null", "nvidiactl", "nvidia-uvm"], True),  # the driver's control nodes alone: no device
+    (["nvidia0"], False),
+    (["nvidiactl", "nvidia3"], False),
+    (["kfd"], False),  # AMD ROCm
+])
+def test_with_a_gpu_each_worker_is_a_fresh_process(tmp_path, nodes, forks):
+    for name in nodes:
+        (tmp_path / name).touch()
+    assert supported(str(tmp_path)) is forks
+    assert bool(gpu_device_nodes(str(tmp_path))) is not forks
+
+
+@forking
+def test_an_executor_whose_launcher_died_starts_fresh_processes_and_says_so(tmp_path):
+    """Both ways give a run the same outcome: here a config that does not exist (exit 2, its cause)."""
+    from structlog.testing import capture_logs
+
+    from controller.executors.base import RunSpec
+    from controller.executors.local import LocalExecutor
+
+    missing = str(tmp_path / "no-such-config.json")
+    outcomes = {}
+    for how in ("forked", "launcher killed"):
+        executor = LocalExecutor(1, progress=False)
+        assert executor._launcher is not None
+        if how == "launcher killed":
+            executor._launcher.process.kill()
+        spec = RunSpec(run_key="init-1", phase="initial", seed=1, episodes=1, config_url=missing,
+                       data_url=str(tmp_path / "data"), output_url=str(tmp_path / how / "run_1"), checkpoint_every=0)
+        with capture_logs() as logs:
+            [outcomes[how]] = executor.wait([executor.start(spec)])
+        executor.close()
+        warned = [e for e in logs if e["event"] == "worker_launcher_unavailable"]
+        assert len(warned) == (how == "launcher killed"), warned
+    forked, fresh = outcomes["forked"], outcomes["launcher killed"]
+    assert not forked.succeeded and forked.details["exit_code"] == 2 and missing in forked.reason
+    assert (fresh.succeeded, fresh.reason, fresh.details["exit_code"]) == (False, forked.reason, 2)

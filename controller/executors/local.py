@@ -1,6 +1,6 @@
 """The embedded default: each run is a `nexlify worker train` process on this machine, forked from a warm
 launcher that has imported the worker's modules already (controller.executors.prefork; a fresh
-`python -m controller` process where the launcher cannot run).
+`python -m controller` process where the launcher cannot run: not Linux, or a machine with a GPU).
 
 At most `parallel` workers run at once. Workers log JSON lines on stderr; the executor relays each
 event through the controller's logger (so it lands in the terminal and training.log alike) and turns
@@ -71,7 +71,7 @@ class LocalExecutor:
     def __init__(self, parallel: int = 0, *, extra_env: dict | None = None, progress: bool | None = None,
                  algorithm: str = "dqn", prefork: bool = True) -> None:
         """prefork: fork the workers from a launcher that has imported their modules already
-        (controller.executors.prefork; Linux), started here so that its imports overlap the controller's
+        (controller.executors.prefork; Linux without a GPU), started here so that its imports overlap the controller's
         start; False, or where it cannot run, each worker is a fresh `python -m controller` process."""
         self.algorithm = algorithm  # the runs' learner: their bars count episodes, or a fit's share
         self.extra_env = dict(extra_env or {})

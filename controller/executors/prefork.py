@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import glob
 import importlib
 import json
 import os
@@ -50,9 +51,19 @@ REAP_EVERY_S = 0.05  # how often the launcher looks for ended workers while no r
 PR_SET_PDEATHSIG = 1
 
 
-def supported() -> bool:
-    """fork, descriptor passing and PDEATHSIG: Linux."""
-    return sys.platform.startswith("linux") and hasattr(socket, "send_fds") and hasattr(os, "fork")
+GPU_DEVICE_NODES = ("nvidia[0-9]*", "kfd")  # NVIDIA's devices; AMD's ROCm compute device
+
+
+def gpu_device_nodes(dev: str = "/dev") -> list[str]:
+    """The GPU device nodes on this machine (no torch needed to look)."""
+    return sorted(path for pattern in GPU_DEVICE_NODES for path in glob.glob(os.path.join(dev, pattern)))
+
+
+def supported(dev: str = "/dev") -> bool:
+    """fork, descriptor passing and PDEATHSIG (Linux), and no GPU: a GPU driver set up before a fork is not
+    usable after it, so where a GPU may be used, each worker starts as a fresh process and inherits nothing."""
+    return (sys.platform.startswith("linux") and hasattr(socket, "send_fds") and hasattr(os, "fork")
+            and not gpu_device_nodes(dev))
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -213,9 +224,8 @@ class Launcher:
         """The launcher ended (closed, or killed): its workers got SIGTERM from PDEATHSIG and may still be
         saving their resume checkpoints. Each counts as ended only once its process is gone."""
         with self._answer:
-            if self._ready is None or self._ready:
-                self.error = self.error or "the worker launcher ended"
-            self._ready = self._ready or False
+            self.error = self.error or "the worker launcher ended"
+            self._ready = False
             orphans = list(self._workers.values())
             self._workers.clear()
             self._answer.notify_all()
