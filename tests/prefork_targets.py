@@ -17,6 +17,10 @@ def raise_error(argv: list[str]) -> int:
     raise RuntimeError(argv[0])
 
 
+def interrupted(argv: list[str]) -> int:
+    raise KeyboardInterrupt
+
+
 def exit_with_message(argv: list[str]) -> int:
     sys.exit(argv[0])
 

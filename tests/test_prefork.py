@@ -62,6 +62,7 @@ def test_a_forked_worker_answers_bad_input_exactly_as_a_fresh_process(launcher, 
     ("exit_with", ["7"], 7, None),
     ("raise_error", ["boom"], 1, "RuntimeError: boom"),  # the traceback, as the interpreter prints it
     ("exit_with_message", ["no such model"], 1, "no such model"),  # sys.exit("...") prints it, exit code 1
+    ("interrupted", [], -signal.SIGINT, "KeyboardInterrupt"),  # the interpreter dies by SIGINT
 ])
 def test_exit_codes_and_last_words_as_the_interpreter_gives_them(launcher, target, argv, code, last_line):
     got, err = run(launcher, argv, f"{TARGETS}:{target}")
@@ -70,7 +71,7 @@ def test_exit_codes_and_last_words_as_the_interpreter_gives_them(launcher, targe
         assert err == ""
     else:
         assert err.splitlines()[-1] == last_line
-        if target == "raise_error":
+        if target in ("raise_error", "interrupted"):
             assert err.startswith("Traceback (most recent call last):")
 
 

@@ -14,11 +14,13 @@ SOCK_SEQPACKET socket pair, one message per request or answer:
                             {"exited": PID, "code": CODE} when a worker ends (CODE as subprocess's
                             returncode: -N for signal N)
 
-A forked worker runs `controller.cli.main(argv)` as `python -m controller ARGV` would (or another module's
-`main(argv)`, as `python -m module ARGV` would: the report's evaluation of the final model): a session of its own,
-stdin and stdout on /dev/null, stderr on its pipe, SIGTERM when the launcher dies (PDEATHSIG), and on exit
-the interpreter's own shutdown (threads joined, atexit handlers run, streams flushed). The launcher itself
-gets SIGTERM when the controller dies, and starts no threads, so forking it is safe.
+A forked worker runs `controller.cli.main(argv)` as `python -m controller ARGV` would (or another
+module's `main(argv)` as `python -m module ARGV` would: the report's evaluation of the final model): a
+session of its own, stdin and stdout on /dev/null, stderr on its pipe, SIGTERM when the launcher dies
+(PDEATHSIG), and on exit the interpreter's own shutdown (threads joined, atexit handlers run, streams
+flushed). The launcher itself gets SIGTERM when the controller dies. It starts no thread of its own (the
+one OpenBLAS starts when numpy is imported handles a fork itself), runs no torch operation and touches no
+GPU (on a machine with one there is no launcher: see supported()), so forking it is safe.
 
 Workers are then the controller's grandchildren: the executor learns their ends from the launcher's
 messages (ForkedWorker below stands in for subprocess.Popen), and signals them by pid.
@@ -38,6 +40,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 
 # What a worker imports: its own modules before its first line, then on the way (torch.optim's optimizers
@@ -49,8 +52,6 @@ READY_TIMEOUT_S = 120.0  # the launcher's imports: 5 s on a quiet core, much lon
 SPAWN_TIMEOUT_S = 30.0
 REAP_EVERY_S = 0.05  # how often the launcher looks for ended workers while no request comes
 PR_SET_PDEATHSIG = 1
-
-
 GPU_DEVICE_NODES = ("nvidia[0-9]*", "kfd")  # NVIDIA's devices; AMD's ROCm compute device
 
 
@@ -119,16 +120,16 @@ class ForkedWorker:
 
 
 class Launcher:
-    """The controller's handle on the launcher process. start() returns at once; the first spawn() waits for
-    the launcher's imports. spawn() is called from one thread (the executor's), answers come on a thread."""
+    """The controller's handle on the launcher process. Making one returns at once; the first spawn() waits
+    for the launcher's imports. spawn() is called from one thread (the executor's); the launcher's answers
+    are read on a thread of their own."""
 
     def __init__(self, env: dict[str, str], parent_pid: int | None = None) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
-        self._lock = threading.Lock()
-        self._workers: dict[int, ForkedWorker] = {}
-        self._spawned: list[int] = []
-        self._answer = threading.Condition(self._lock)
+        self._workers: dict[int, ForkedWorker] = {}  # by pid, until the launcher says they ended
+        self._spawned: list[ForkedWorker] = []  # forked, not yet handed to spawn()'s caller
+        self._answer = threading.Condition()
         self._ready: bool | None = None
         self._forked = False
         self.error: str | None = None
@@ -167,8 +168,7 @@ class Launcher:
                     raise OSError(f"the worker launcher did not fork within {SPAWN_TIMEOUT_S:g} s")
                 if not self._spawned:
                     raise OSError(f"the worker launcher ended: {self.error}")
-                pid = self._spawned.pop(0)
-                worker = self._workers[pid]
+                worker = self._spawned.pop(0)  # it may have ended already: the object has its code
         except BaseException:
             os.close(read_fd)
             raise
@@ -210,9 +210,9 @@ class Launcher:
                     self._ready = bool(message["ready"])
                     self.error = message.get("error")
                 elif "spawned" in message:
-                    pid = int(message["spawned"])
-                    self._workers[pid] = ForkedWorker(pid, None)
-                    self._spawned.append(pid)
+                    worker = ForkedWorker(int(message["spawned"]), None)
+                    self._workers[worker.pid] = worker
+                    self._spawned.append(worker)
                 elif "exited" in message:
                     worker = self._workers.pop(int(message["exited"]), None)
                     if worker is not None:
@@ -236,8 +236,6 @@ class Launcher:
 
 def _wait_gone(pid: int) -> None:
     """Until pid (no child of ours: an orphan init reaps) no longer runs."""
-    import time
-
     while True:
         try:
             os.kill(pid, 0)
@@ -260,7 +258,8 @@ def _send(sock: socket.socket, message: dict) -> None:
 
 
 def _run_worker(argv: list[str], target: str) -> int:
-    """A worker's life after the fork, as `python -m module ARGV` would run it; returns its exit code."""
+    """A worker's life after the fork, as `python -m module ARGV` would run it; returns its exit code
+    (-SIGINT: it ended by an uncaught KeyboardInterrupt, which the interpreter turns into death by SIGINT)."""
     sys.argv = [sys.argv[0], *argv]
     code = 1
     try:
@@ -273,7 +272,7 @@ def _run_worker(argv: list[str], target: str) -> int:
             print(stop.code, file=sys.stderr)
     except KeyboardInterrupt:
         traceback.print_exc()
-        code = 128 + signal.SIGINT
+        code = -signal.SIGINT
     except BaseException:  # noqa: BLE001 - as the interpreter would: the traceback on stderr, exit code 1
         traceback.print_exc()
     try:
@@ -307,6 +306,9 @@ def _fork_worker(sock: socket.socket, argv: list[str], target: str, stderr_fd: i
         os.close(null)
         os.close(stderr_fd)
         code = _run_worker(argv, target)
+        if code < 0:
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
     finally:
         os._exit(code)
 
