@@ -160,3 +160,20 @@ def test_an_executor_whose_launcher_died_starts_fresh_processes_and_says_so(tmp_
     forked, fresh = outcomes["forked"], outcomes["launcher killed"]
     assert not forked.succeeded and forked.details["exit_code"] == 2 and missing in forked.reason
     assert (fresh.succeeded, fresh.reason, fresh.details["exit_code"]) == (False, forked.reason, 2)
+
+
+@forking
+def test_one_launcher_serves_a_process_while_the_workers_environment_stays_the_same():
+    from controller.executors import prefork
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    first = prefork.shared(env)
+    assert prefork.shared(dict(env)) is first  # the next fold's executor: the imports are done once
+    other = prefork.shared(dict(env, NEXLIFY_TEST_MARK="1"))
+    assert other is not first and first.process.poll() is not None  # the old one closed
+    other.process.kill()
+    other.process.wait()
+    third = prefork.shared(dict(env, NEXLIFY_TEST_MARK="1"))
+    assert third is not other and third.alive()  # a dead one is replaced
+    third.close()
+    assert not third.alive()

@@ -19,13 +19,13 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import structlog
 
 from controller.executors.base import RunOutcome, RunSpec
 from controller.executors.prefork import Launcher, die_with_parent
+from controller.executors.prefork import shared as shared_launcher
 from controller.executors.prefork import supported as can_prefork
 
 log = structlog.get_logger("nexlify.executor.local")
@@ -71,15 +71,14 @@ class LocalExecutor:
     def __init__(self, parallel: int = 0, *, extra_env: dict | None = None, progress: bool | None = None,
                  algorithm: str = "dqn", prefork: bool = True) -> None:
         """prefork: fork the workers from a launcher that has imported their modules already
-        (controller.executors.prefork; Linux without a GPU), started here so that its imports overlap the controller's
-        start; False, or where it cannot run, each worker is a fresh `python -m controller` process."""
+        (controller.executors.prefork; Linux without a GPU), started here so that its imports overlap the
+        controller's start, and kept for this process's next executor (the folds of a walk-forward; it ends
+        with the process); False, or where it cannot run, each worker is a fresh `python -m controller` process."""
         self.algorithm = algorithm  # the runs' learner: their bars count episodes, or a fit's share
         self.extra_env = dict(extra_env or {})
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._runs: dict[str, _Run] = {}
-        self._launcher = Launcher(self._worker_env()) if prefork and can_prefork() else None
-        if self._launcher is not None:  # an executor dropped without close() takes its launcher with it
-            weakref.finalize(self, self._launcher.close)
+        self._launcher = shared_launcher(self._worker_env()) if prefork and can_prefork() else None
         self.parallel = parallel or default_parallel()  # after the launcher: its imports overlap the device probe
 
     @property
@@ -134,9 +133,6 @@ class LocalExecutor:
             if run.relay is not None:
                 run.relay.join(timeout=5)
             log.info("run_stopped", run=run.spec.run_key, exit_code=run.process.returncode)
-        if self._launcher is not None:
-            self._launcher.close()
-            self._launcher = None
 
     # -----------------------------------------------------------------------------------------------
 

@@ -125,6 +125,7 @@ class Launcher:
     are read on a thread of their own."""
 
     def __init__(self, env: dict[str, str], parent_pid: int | None = None) -> None:
+        self.env = dict(env)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
         self._workers: dict[int, ForkedWorker] = {}  # by pid, until the launcher says they ended
@@ -141,6 +142,10 @@ class Launcher:
         theirs.close()
         self._reader = threading.Thread(target=self._read, name="prefork-launcher", daemon=True)
         self._reader.start()
+
+    def alive(self) -> bool:
+        """Not known to have failed or ended."""
+        return self._ready is not False and self.process.poll() is None and self._sock.fileno() >= 0
 
     def ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
         """Wait for the launcher's imports; False if they failed or it ended (self.error says why)."""
@@ -232,6 +237,33 @@ class Launcher:
         for worker in orphans:
             _wait_gone(worker.pid)
             worker.ended(-signal.SIGTERM)
+
+
+_shared: Launcher | None = None
+
+
+def shared(env: dict[str, str]) -> Launcher:
+    """This process's launcher for workers with environment `env`: the one already running when its
+    environment is the same (the folds of a walk-forward, the pipelines of a benchmark, one after another, pay
+    for the imports once), else a new one, the old one closed. The last one is closed when the process exits."""
+    global _shared
+    if _shared is not None and (_shared.env != env or not _shared.alive()):
+        _shared.close()
+        _shared = None
+    if _shared is None:
+        if not _exit_hook:
+            atexit.register(_close_shared)
+            _exit_hook.append(True)
+        _shared = Launcher(env)
+    return _shared
+
+
+_exit_hook: list[bool] = []
+
+
+def _close_shared() -> None:
+    if _shared is not None:
+        _shared.close()
 
 
 def _wait_gone(pid: int) -> None:
