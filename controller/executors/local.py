@@ -144,6 +144,13 @@ class LocalExecutor:
         return env
 
     def _launch(self, run: _Run, position: int) -> None:
+        if self.progress:  # the bar first: the first run's may wait for the launcher's imports
+            from tqdm import tqdm
+
+            from nexlify.logs import bar_format
+
+            run.bar = tqdm(total=run.spec.episodes, desc=run.spec.run_key, unit="ep", leave=False,
+                           position=position % self.parallel, bar_format=bar_format(self.algorithm))
         launcher = self.launcher
         if launcher is not None:
             try:
@@ -158,13 +165,6 @@ class LocalExecutor:
                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                            stderr=subprocess.PIPE, text=True, start_new_session=True,
                                            preexec_fn=functools.partial(die_with_parent, os.getpid()))
-        if self.progress:
-            from tqdm import tqdm
-
-            from nexlify.logs import bar_format
-
-            run.bar = tqdm(total=run.spec.episodes, desc=run.spec.run_key, unit="ep", leave=False,
-                           position=position % self.parallel, bar_format=bar_format(self.algorithm))
         run.relay = threading.Thread(target=self._relay, args=(run,), daemon=True)
         run.relay.start()
         log.info("run_started", run=run.spec.run_key, seed=run.spec.seed, phase=run.spec.phase,
