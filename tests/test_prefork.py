@@ -175,5 +175,14 @@ def test_one_launcher_serves_a_process_while_the_workers_environment_stays_the_s
     other.process.wait()
     third = prefork.shared(dict(env, NEXLIFY_TEST_MARK="1"))
     assert third is not other and third.alive()  # a dead one is replaced
-    third.close()
-    assert not third.alive()
+    assert third.ready(), third.error
+    sleeper = third.spawn([], main=f"{TARGETS}:sleep_until_signalled")
+    assert sleeper.stderr.readline() == "sleeping\n"
+    fourth = prefork.shared(env)  # another environment while a worker of the third still runs
+    assert fourth is not third and third.alive() and sleeper.poll() is None  # the third is left running
+    sleeper.terminate()
+    assert sleeper.wait(timeout=30) == -signal.SIGTERM
+    sleeper.stderr.close()
+    for launcher in (third, fourth):
+        launcher.close()
+        assert not launcher.alive()

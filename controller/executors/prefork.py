@@ -147,6 +147,11 @@ class Launcher:
         """Not known to have failed or ended."""
         return self._ready is not False and self.process.poll() is None and self._sock.fileno() >= 0
 
+    def busy(self) -> bool:
+        """Some worker it forked has not ended yet."""
+        with self._answer:
+            return bool(self._workers)
+
     def ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
         """Wait for the launcher's imports; False if they failed or it ended (self.error says why)."""
         with self._answer:
@@ -239,16 +244,25 @@ class Launcher:
             worker.ended(-signal.SIGTERM)
 
 
-_shared: Launcher | None = None
+_shared: Launcher | None = None  # shared()'s current launcher
+_retired: list[Launcher] = []  # launchers shared() replaced while their workers still ran
+_exit_hook: list[bool] = []  # _close_shared registered with atexit
 
 
 def shared(env: dict[str, str]) -> Launcher:
     """This process's launcher for workers with environment `env`: the one already running when its
     environment is the same (the folds of a walk-forward, the pipelines of a benchmark, one after another, pay
-    for the imports once), else a new one, the old one closed. The last one is closed when the process exits."""
+    for the imports once), else a new one; the old one is closed once no worker of it runs (another executor's
+    may). Those left are closed when the process exits."""
     global _shared
+    for retired in [r for r in _retired if not r.busy()]:  # their workers have ended since
+        retired.close()
+        _retired.remove(retired)
     if _shared is not None and (_shared.env != env or not _shared.alive()):
-        _shared.close()
+        if _shared.busy():  # another executor's workers still run from it
+            _retired.append(_shared)
+        else:
+            _shared.close()
         _shared = None
     if _shared is None:
         if not _exit_hook:
@@ -258,12 +272,10 @@ def shared(env: dict[str, str]) -> Launcher:
     return _shared
 
 
-_exit_hook: list[bool] = []
-
-
 def _close_shared() -> None:
-    if _shared is not None:
-        _shared.close()
+    for launcher in [*_retired, _shared]:
+        if launcher is not None:
+            launcher.close()
 
 
 def _wait_gone(pid: int) -> None:
