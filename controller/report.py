@@ -208,8 +208,13 @@ def _child(module: str, args: list[str], what: str, launcher=None) -> dict:
     imports already done."""
     with scratch_dir(REPORT_SCRATCH_PREFIX) as tmp:
         out_path = os.path.join(tmp, "out.json")
+        forked = None
         if launcher is not None:
-            forked = launcher.spawn([*args, out_path], main=f"{module}:main")
+            try:
+                forked = launcher.spawn([*args, out_path], main=f"{module}:main")
+            except OSError as exc:  # the launcher died: a fresh process does the same
+                log.warning("worker_launcher_unavailable", reason=str(exc), fallback="a fresh process")
+        if forked is not None:
             with forked.stderr:
                 stderr = forked.stderr.read()
             returncode = forked.wait()

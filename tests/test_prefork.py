@@ -186,3 +186,23 @@ def test_one_launcher_serves_a_process_while_the_workers_environment_stays_the_s
     for launcher in (third, fourth):
         launcher.close()
         assert not launcher.alive()
+
+
+@forking
+def test_the_reports_evaluation_falls_back_to_a_fresh_process_when_the_launcher_is_gone(tmp_path):
+    """A missing model: the evaluation process says so and exits 2, forked or not; a dead launcher changes
+    nothing but where the process comes from."""
+    from controller import report
+    from nexlify.errors import InputError
+
+    dead = Launcher(dict(os.environ, PYTHONPATH=str(REPO)))
+    dead.process.kill()
+    dead.process.wait()
+    args = [str(tmp_path / "no-model.pt"), str(tmp_path / "no-data")]
+    errors = []
+    for launcher in (dead, None):
+        with pytest.raises(InputError) as caught:
+            report._child("nexlify.report.final_model", args, "the final model's evaluation", launcher)
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1] and "no-model.pt" in errors[0]
+    dead.close()
