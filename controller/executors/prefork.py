@@ -124,7 +124,7 @@ class Launcher:
     for the launcher's imports. spawn() is called from one thread (the executor's); the launcher's answers
     are read on a thread of their own."""
 
-    def __init__(self, env: dict[str, str], parent_pid: int | None = None) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         self.env = dict(env)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._sock = ours
@@ -134,7 +134,7 @@ class Launcher:
         self._ready: bool | None = None
         self._forked = False
         self.error: str | None = None
-        parent = os.getpid() if parent_pid is None else parent_pid
+        parent = os.getpid()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "controller.executors.prefork", str(theirs.fileno())], env=env,
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -246,7 +246,6 @@ class Launcher:
 
 _shared: Launcher | None = None  # shared()'s current launcher
 _retired: list[Launcher] = []  # launchers shared() replaced while their workers still ran
-_exit_hook: list[bool] = []  # _close_shared registered with atexit
 
 
 def shared(env: dict[str, str]) -> Launcher:
@@ -265,13 +264,11 @@ def shared(env: dict[str, str]) -> Launcher:
             _shared.close()
         _shared = None
     if _shared is None:
-        if not _exit_hook:
-            atexit.register(_close_shared)
-            _exit_hook.append(True)
         _shared = Launcher(env)
     return _shared
 
 
+@atexit.register
 def _close_shared() -> None:
     for launcher in [*_retired, _shared]:
         if launcher is not None:
